@@ -1,0 +1,378 @@
+"""The Agent: dials the bridge, keeps the tunnel alive, serves streams from the home app.
+
+It reconnects forever after network loss or a bridge restart (exponential backoff with
+jitter, capped near a minute) and stops for good only when the bridge refuses its
+credentials or protocol: retrying those cannot help.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+import aiohttp
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
+from yarl import URL
+
+from .. import __version__
+from ..const import (
+    BACKOFF_INITIAL,
+    BACKOFF_MAX,
+    BACKOFF_RESET_AFTER,
+    CONNECT_PATH,
+    DEAD_AFTER,
+    DEFAULT_TUNNEL_NAME,
+    HANDSHAKE_TIMEOUT,
+    HEADER_AGENT_ID,
+    HEADER_PROTOCOL,
+    HEADER_TUNNEL,
+    HEARTBEAT_INTERVAL,
+    TUNNEL_MESSAGE_LIMIT,
+)
+from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
+from ..headers import is_tunnel_name
+from ..protocol.mux import SUPPORTED_VERSIONS, Multiplexer, Role
+from ..transport import HandshakeError, TunnelConnection, TunnelStream, WebsocketsFrameSocket
+from .upstream import Upstream, create_upstream_session
+
+__all__ = ["Agent", "AgentConfig", "AgentState", "Backoff", "bridge_connect_url"]
+
+_LOGGER = logging.getLogger("rproxy.agent")
+
+
+class AgentState(enum.StrEnum):
+    """What the agent is doing now."""
+
+    STOPPED = "stopped"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    WAITING = "waiting"  # lost the bridge, waiting before the next attempt
+    FAILED = "failed"  # refused for good (bad token, unsupported protocol)
+
+
+def bridge_connect_url(bridge: str) -> str:
+    """The WebSocket URL of a bridge's agent endpoint.
+
+    Accepts ``ws://``, ``wss://``, ``http://`` and ``https://`` base URLs (the seed system's
+    ``REMOTE_URL`` is an http URL).
+
+    Raises:
+        ConfigError: the URL is not one of those, or has no host.
+    """
+    url = URL(bridge.strip())
+    schemes = {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}
+    if url.scheme not in schemes or not url.host:
+        raise ConfigError(f"--bridge {bridge!r}: expected ws://, wss://, http:// or https:// with a host")
+    base = url.with_scheme(schemes[url.scheme]).with_query(None).with_fragment(None)
+    path = base.path.rstrip("/")
+    if not path.endswith(CONNECT_PATH):
+        path += CONNECT_PATH
+    return str(base.with_path(path))
+
+
+def _check_target(target: str) -> URL:
+    url = URL(target.strip())
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(f"--target {target!r}: expected an http:// or https:// URL with a host")
+    if url.query_string or url.fragment:
+        raise ConfigError(f"--target {target!r}: must not have a query or fragment")
+    return url
+
+
+@dataclass(slots=True)
+class AgentConfig:
+    """Settings of an agent; the CLI fills it from flags and environment."""
+
+    bridge: str
+    token: str
+    target: str
+    name: str = DEFAULT_TUNNEL_NAME
+    agent_id: str = field(default_factory=socket.gethostname)
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    dead_after: float = DEAD_AFTER
+    backoff_initial: float = BACKOFF_INITIAL
+    backoff_max: float = BACKOFF_MAX
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the first bad setting."""
+        bridge_connect_url(self.bridge)
+        _check_target(self.target)
+        if not self.token:
+            raise ConfigError("--token: an agent token is required")
+        if not is_tunnel_name(self.name):
+            raise ConfigError(f"--name {self.name!r}: use a lower-case DNS label (a-z, 0-9, -)")
+        if not self.agent_id or len(self.agent_id) > 128 or not self.agent_id.isprintable():
+            raise ConfigError(f"--agent-id {self.agent_id!r}: use 1-128 printable characters")
+
+
+class Backoff:
+    """Delays between reconnection attempts: doubling, capped, with jitter."""
+
+    def __init__(self, initial: float = BACKOFF_INITIAL, maximum: float = BACKOFF_MAX) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.attempt = 0
+
+    def next(self) -> float:
+        """The next delay: half fixed, half random, so a fleet of agents does not stampede."""
+        ceiling = min(self.maximum, self.initial * 2**self.attempt)
+        self.attempt = min(self.attempt + 1, 32)
+        return ceiling * (0.5 + 0.5 * random.random())
+
+    def reset(self) -> None:
+        """Start again from the initial delay."""
+        self.attempt = 0
+
+
+class _NoRedirects(ws_connect):
+    """The agent connects where it was configured to: a redirect is an error, not a hint."""
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
+
+
+class Agent:
+    """The home side of a tunnel.
+
+    Usage::
+
+        agent = Agent(AgentConfig(bridge="wss://bridge.example.com", token="...", target="http://127.0.0.1:8123"))
+        await agent.start()
+        ...
+        await agent.stop()
+
+    Args:
+        config: the settings.
+        session: an aiohttp session for requests to the home app. It must not decompress
+            bodies nor keep cookies (see ``create_upstream_session``); by default the agent
+            makes and closes its own.
+    """
+
+    def __init__(self, config: AgentConfig, *, session: aiohttp.ClientSession | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.connect_url = bridge_connect_url(config.bridge)
+        self.state = AgentState.STOPPED
+        self.public_url: str | None = None
+        self.last_error: str | None = None
+        self.connection: TunnelConnection | None = None
+        self.connected_since: float | None = None
+        self.reconnects = 0
+        self._session = session
+        self._owns_session = session is None
+        self._upstream: Upstream | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stream_tasks: set[asyncio.Task[None]] = set()
+        self._listeners: list[Callable[[Agent], None]] = []
+        self._connected = asyncio.Event()
+
+    # Public API.
+
+    async def start(self) -> None:
+        """Begin connecting in the background; returns at once."""
+        if self._task is not None:
+            return
+        if self._session is None:
+            self._session = create_upstream_session()
+        self._upstream = Upstream(self.config.target, self._session)
+        self._task = asyncio.create_task(self._run(), name=f"rproxy-agent {self.config.name}")
+
+    async def stop(self) -> None:
+        """Close the tunnel, cancel every request in flight, release the session."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+        self._set_state(AgentState.STOPPED)
+
+    async def wait(self) -> None:
+        """Run until stopped; raises AuthenticationError/RproxyConnectionError if refused for good."""
+        if self._task is None:
+            await self.start()
+        assert self._task is not None
+        await asyncio.shield(self._task)
+
+    async def wait_connected(self, timeout: float | None = None) -> str:
+        """Wait until the tunnel is up; return the public URL."""
+        async with asyncio.timeout(timeout):
+            await self._connected.wait()
+        return self.public_url or ""
+
+    def add_listener(self, callback: Callable[[Agent], None]) -> Callable[[], None]:
+        """Call ``callback(agent)`` on every state change; returns a function that removes it."""
+        self._listeners.append(callback)
+        return lambda: self._listeners.remove(callback)
+
+    @property
+    def active_streams(self) -> int:
+        """Visitor requests and WebSockets being served now."""
+        return len(self._stream_tasks)
+
+    @property
+    def requests_served(self) -> int:
+        """Streams served since start."""
+        return self._upstream.requests_served if self._upstream else 0
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # The connect loop.
+
+    async def _run(self) -> None:
+        backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)
+        while True:
+            self._set_state(AgentState.CONNECTING)
+            started = time.monotonic()
+            try:
+                await self._connect_once()
+            except (AuthenticationError, _FatalRefusal) as err:
+                self.last_error = str(err)
+                _LOGGER.error("%s", err)
+                self._set_state(AgentState.FAILED)
+                raise
+            except RproxyConnectionError as err:
+                self.last_error = str(err)
+            if time.monotonic() - started > BACKOFF_RESET_AFTER:
+                backoff.reset()
+            delay = backoff.next()
+            self._set_state(AgentState.WAITING)
+            _LOGGER.warning("bridge unavailable (%s); retrying in %.1fs", self.last_error, delay)
+            self.reconnects += 1
+            await asyncio.sleep(delay)
+
+    async def _connect_once(self) -> None:
+        config = self.config
+        headers = {
+            "Authorization": f"Bearer {config.token}",
+            HEADER_PROTOCOL: ",".join(map(str, sorted(SUPPORTED_VERSIONS))),
+            HEADER_TUNNEL: config.name,
+            HEADER_AGENT_ID: config.agent_id,
+        }
+        try:
+            ws = await _NoRedirects(
+                self.connect_url,
+                additional_headers=headers,
+                user_agent_header=f"rproxy-agent/{__version__}",
+                max_size=TUNNEL_MESSAGE_LIMIT,
+                ping_interval=None,
+                compression=None,
+                open_timeout=HANDSHAKE_TIMEOUT,
+                close_timeout=2,
+                proxy=None,
+            )
+        except InvalidStatus as err:
+            raise _refusal(err) from None
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as err:
+            raise RproxyConnectionError(_describe(err)) from None
+        remote = str(URL(self.connect_url).origin())
+        connection = TunnelConnection(
+            WebsocketsFrameSocket(ws, remote),
+            Multiplexer(Role.AGENT),
+            label=f"{config.name} via {remote}",
+            on_stream=self._serve_stream,
+            heartbeat_interval=config.heartbeat_interval,
+            dead_after=config.dead_after,
+        )
+        try:
+            settings = await connection.handshake(agent_id=config.agent_id, software=f"rproxy/{__version__}")
+        except HandshakeError as err:
+            await connection.close(err.error_code, str(err))
+            raise RproxyConnectionError(f"handshake failed: {err}") from None
+        except BaseException:
+            await connection.close()
+            raise
+        self.connection = connection
+        self.public_url = str(settings.get("public_url") or "") or None
+        self.connected_since = time.time()
+        self.last_error = None
+        self._connected.set()
+        self._set_state(AgentState.CONNECTED)
+        _LOGGER.info("tunnel %r is up: %s → %s", config.name, self.public_url or "(no public URL given)", config.target)
+        try:
+            await connection.run()
+        finally:
+            self.connection = None
+            self.connected_since = None
+            self._connected.clear()
+            await self._cancel_streams()
+        raise RproxyConnectionError(f"tunnel lost: {connection.close_reason or 'closed'}")
+
+    def _serve_stream(self, stream: TunnelStream) -> None:
+        assert self._upstream is not None
+        task = asyncio.create_task(self._upstream.serve(stream))
+        self._stream_tasks.add(task)
+        task.add_done_callback(self._stream_tasks.discard)
+
+    async def _cancel_streams(self) -> None:
+        tasks = list(self._stream_tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _set_state(self, state: AgentState) -> None:
+        if state is self.state:
+            return
+        self.state = state
+        for listener in list(self._listeners):
+            try:
+                listener(self)
+            except Exception:
+                _LOGGER.exception("agent state listener failed")
+
+
+class _FatalRefusal(RproxyConnectionError):
+    """The bridge refused in a way retrying cannot fix (protocol version, tunnel name)."""
+
+
+def _refusal(err: InvalidStatus) -> RproxyConnectionError:
+    response = err.response
+    status = response.status_code
+    body = bytes(response.body or b"").decode("utf-8", "replace").strip()[:200]
+    if status == 401:
+        return AuthenticationError("the bridge refused the agent token (401): check --token")
+    if status == 426:
+        return _FatalRefusal(f"the bridge does not speak this agent's protocol: {body or status}")
+    if status == 400:
+        return _FatalRefusal(f"the bridge refused the agent: {body or status}")
+    return RproxyConnectionError(f"the bridge answered HTTP {status}" + (f": {body}" if body else ""))
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, TimeoutError):
+        return "timed out connecting to the bridge"
+    if isinstance(err, OSError) and err.strerror:
+        return f"cannot connect to the bridge: {err.strerror}"
+    return f"cannot connect to the bridge: {err}"
+
+
+def _public_state(agent: Agent) -> dict[str, Any]:
+    """A snapshot of the agent for status displays."""
+    connection = agent.connection
+    return {
+        "state": agent.state.value,
+        "public_url": agent.public_url,
+        "connected_since": agent.connected_since,
+        "rtt": connection.rtt if connection else None,
+        "active_streams": agent.active_streams,
+        "requests_served": agent.requests_served,
+        "reconnects": agent.reconnects,
+        "last_error": agent.last_error,
+    }

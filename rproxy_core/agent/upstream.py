@@ -1,0 +1,220 @@
+"""The agent's side of a stream: one request to the home app, relayed back.
+
+The agent forwards to its configured target and nowhere else: the bridge supplies only the
+request target (path and query), which is joined to the target's origin and checked again
+after joining, so no request head can steer the agent to another host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from ..const import MAX_WEBSOCKET_MESSAGE, TARGET_CONNECT_TIMEOUT
+from ..exceptions import StreamResetError
+from ..headers import WEBSOCKET_HOP_HEADERS, strip_hop_by_hop
+from ..protocol.frames import ErrorCode, MessageKind, decode_code, encode_code, sendable_close_code
+from ..protocol.heads import KIND_WEBSOCKET, ResponseHead
+from ..transport import TunnelStream
+
+__all__ = ["Upstream", "create_upstream_session"]
+
+_LOGGER = logging.getLogger("rproxy.agent")
+
+#: Headers aiohttp's client adds on its own unless told not to; a relay adds none the visitor
+#: did not send.
+_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+def create_upstream_session(limit: int = 256) -> aiohttp.ClientSession:
+    """A client session fit for relaying.
+
+    Bodies pass through untouched (no decompression), cookies are never stored (visitors
+    must not share a jar), and no proxy settings from the environment are used.
+    """
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit, enable_cleanup_closed=False),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        trust_env=False,
+        read_bufsize=256 << 10,
+    )
+
+
+class Upstream:
+    """Serves tunnel streams by talking to the home app at ``target``.
+
+    Args:
+        target: base URL of the home app, e.g. ``http://127.0.0.1:8123`` (a path prefix is kept).
+        session: the client session to use (see :func:`create_upstream_session`).
+    """
+
+    def __init__(self, target: str | URL, session: aiohttp.ClientSession) -> None:
+        self.target = URL(target)
+        self._origin = self.target.origin()
+        self._prefix = self.target.raw_path.rstrip("/")
+        self._session = session
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=TARGET_CONNECT_TIMEOUT, sock_connect=TARGET_CONNECT_TIMEOUT)
+        self.requests_served = 0
+
+    def url_for(self, request_target: str) -> URL | None:
+        """The URL at the target for a visitor's request target, or None if it is not one."""
+        if not request_target.startswith("/") or any(c in request_target for c in "\r\n\t #"):
+            return None
+        try:
+            url = URL(str(self._origin) + self._prefix + request_target, encoded=True)
+        except ValueError:
+            return None
+        if url.origin() != self._origin:
+            return None
+        return url
+
+    async def serve(self, stream: TunnelStream) -> None:
+        """Answer one stream; never raises (failures become a RESET the bridge turns into 5xx)."""
+        url = self.url_for(stream.head.target)
+        if url is None:
+            stream.reset(ErrorCode.REQUEST_REJECTED, "request target not allowed")
+            return
+        try:
+            if stream.head.kind == KIND_WEBSOCKET:
+                await self._serve_websocket(stream, url)
+            else:
+                await self._serve_http(stream, url)
+        except StreamResetError:
+            pass  # the bridge cancelled (visitor gone, timeout) or the tunnel dropped
+        except aiohttp.ClientConnectorError as err:
+            _LOGGER.warning("cannot reach %s: %s", self._origin, err.os_error or err)
+            stream.reset(ErrorCode.TARGET_UNREACHABLE, "target unreachable")
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            stream.reset(ErrorCode.TARGET_TIMEOUT, "target timed out")
+        except (aiohttp.ClientError, ConnectionError) as err:
+            _LOGGER.info("request %s to the home app failed: %r", stream.head.request_id, err)
+            stream.reset(ErrorCode.TARGET_ERROR, "target failed")
+        except (ValueError, UnicodeError) as err:  # e.g. a header value aiohttp will not encode
+            _LOGGER.info("request %s rejected: %s", stream.head.request_id, err)
+            stream.reset(ErrorCode.REQUEST_REJECTED, "request cannot be forwarded")
+        finally:
+            self.requests_served += 1
+
+    def _request_headers(self, stream: TunnelStream, extra_drop: frozenset[str] = frozenset()) -> tuple[CIMultiDict[str], list[str]]:
+        headers = CIMultiDict(strip_hop_by_hop(stream.head.headers, extra_drop))
+        skip = [name for name in _AUTO_HEADERS if name not in headers]
+        return headers, skip
+
+    async def _serve_http(self, stream: TunnelStream, url: URL) -> None:
+        head = stream.head
+        headers, skip = self._request_headers(stream)
+        body = None if stream.at_eof else _request_body(stream)
+        async with self._session.request(
+            head.method,
+            url,
+            headers=headers,
+            skip_auto_headers=skip,
+            data=body,
+            allow_redirects=False,
+            timeout=self._timeout,
+        ) as response:
+            content = response.content
+            reply = ResponseHead(response.status, response.reason or "", strip_hop_by_hop(response.headers.items()))
+            if content.at_eof():
+                stream.send_reply(reply, end_stream=True)
+                return
+            stream.send_reply(reply)
+            while chunk := await content.readany():
+                await stream.write(chunk)
+            await stream.end()
+
+    async def _serve_websocket(self, stream: TunnelStream, url: URL) -> None:
+        headers, _ = self._request_headers(stream, WEBSOCKET_HOP_HEADERS | {"sec-websocket-protocol"})
+        offered = [
+            p.strip()
+            for k, v in stream.head.headers
+            if k.lower() == "sec-websocket-protocol"
+            for p in v.split(",")
+            if p.strip()
+        ]
+        try:
+            ws = await self._session.ws_connect(
+                url,
+                protocols=offered,
+                headers=headers,
+                autoping=False,
+                max_msg_size=MAX_WEBSOCKET_MESSAGE,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+                compress=0,
+            )
+        except aiohttp.WSServerHandshakeError as err:
+            # The home app answered the upgrade with an ordinary response (401, 404, ...).
+            stream.send_reply(ResponseHead(err.status or 502, err.message or ""), end_stream=True)
+            return
+        async with ws:
+            reply_headers = [("Sec-WebSocket-Protocol", ws.protocol)] if ws.protocol else []
+            stream.send_reply(ResponseHead(101, "Switching Protocols", reply_headers))
+            to_target = asyncio.create_task(_pump_to_target(stream, ws))
+            try:
+                await _pump_from_target(ws, stream)
+            finally:
+                if not to_target.done():
+                    with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                        async with asyncio.timeout(2):
+                            await asyncio.shield(to_target)
+                    to_target.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StreamResetError, aiohttp.ClientError, ConnectionError):
+                    await to_target
+
+
+async def _request_body(stream: TunnelStream) -> AsyncIterator[bytes | memoryview]:
+    while chunk := await stream.read():
+        yield chunk
+
+
+async def _pump_from_target(ws: aiohttp.ClientWebSocketResponse, stream: TunnelStream) -> None:
+    """Home app's messages → stream; its close code travels as a CLOSE message."""
+    while True:
+        msg = await ws.receive()
+        if msg.type is aiohttp.WSMsgType.TEXT:
+            await stream.send_message(MessageKind.TEXT, msg.data.encode())
+        elif msg.type is aiohttp.WSMsgType.BINARY:
+            await stream.send_message(MessageKind.BINARY, msg.data)
+        elif msg.type is aiohttp.WSMsgType.PING:
+            await stream.send_message(MessageKind.PING, msg.data)
+        elif msg.type is aiohttp.WSMsgType.PONG:
+            await stream.send_message(MessageKind.PONG, msg.data)
+        elif msg.type is aiohttp.WSMsgType.CLOSE:
+            await stream.send_message(MessageKind.CLOSE, encode_code(msg.data or 1000, msg.extra or ""))
+            await stream.end()
+            return
+        else:  # CLOSING (we closed it at the visitor's request), CLOSED, ERROR
+            if not stream.closed:
+                code = ws.close_code or (1011 if msg.type is aiohttp.WSMsgType.ERROR else 1000)
+                await stream.send_message(MessageKind.CLOSE, encode_code(code, ""))
+                await stream.end()
+            return
+
+
+async def _pump_to_target(stream: TunnelStream, ws: aiohttp.ClientWebSocketResponse) -> None:
+    """Visitor's messages (from the stream) → home app."""
+    while True:
+        message = await stream.read_message(MAX_WEBSOCKET_MESSAGE)
+        if message is None:
+            await ws.close()
+            return
+        kind, data = message
+        if kind is MessageKind.TEXT:
+            await ws.send_str(data.decode("utf-8", "replace"))
+        elif kind is MessageKind.BINARY:
+            await ws.send_bytes(data)
+        elif kind is MessageKind.PING:
+            await ws.ping(data)
+        elif kind is MessageKind.PONG:
+            await ws.pong(data)
+        elif kind is MessageKind.CLOSE:
+            code, reason = decode_code(data) if len(data) >= 2 else (1000, "")
+            await ws.close(code=sendable_close_code(code), message=reason.encode())
+            return

@@ -1,0 +1,8 @@
+"""The public side: visitors and agents on one port."""
+
+from __future__ import annotations
+
+from .app import Bridge, BridgeConfig
+from .registry import MemoryRegistry, TunnelRegistry
+
+__all__ = ["Bridge", "BridgeConfig", "TunnelRegistry", "MemoryRegistry"]

@@ -1,0 +1,97 @@
+"""The agent endpoint, /_rproxy/connect: authentication, version choice, handshake.
+
+Everything that can be refused is refused with a plain HTTP answer before the WebSocket
+upgrade (401 bad token, 426 no common protocol version, 400 bad tunnel name), so no tunnel
+ever exists for an agent that should not have one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from aiohttp import hdrs, web
+
+from ..const import HEADER_AGENT_ID, HEADER_PROTOCOL, HEADER_TUNNEL, TUNNEL_MESSAGE_LIMIT
+from ..headers import is_tunnel_name
+from ..protocol.mux import Multiplexer, Role, SUPPORTED_VERSIONS
+from ..transport import AiohttpFrameSocket, HandshakeError, TunnelConnection
+
+if TYPE_CHECKING:
+    from .app import Bridge
+
+__all__ = ["AgentHandler"]
+
+_LOGGER = logging.getLogger("rproxy.bridge")
+
+
+def _refuse(status: int, message: str) -> web.Response:
+    return web.Response(status=status, text=message + "\n")
+
+
+class AgentHandler:
+    """aiohttp handler for agents dialling in."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        self._bridge = bridge
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        bridge = self._bridge
+        remote = request.remote or "?"
+        auth = request.headers.get(hdrs.AUTHORIZATION, "")
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+        if not bridge.auth.check(token):
+            _LOGGER.warning("refused agent from %s: %s", remote, "invalid token" if token else "no token")
+            return _refuse(401, "invalid or missing agent token")
+        offered = {v.strip() for v in request.headers.get(HEADER_PROTOCOL, "").split(",")}
+        common = [v for v in SUPPORTED_VERSIONS if str(v) in offered]
+        if not common:
+            _LOGGER.warning("refused agent from %s: protocol versions %s not supported", remote, sorted(offered))
+            supported = ",".join(map(str, sorted(SUPPORTED_VERSIONS)))
+            return web.Response(
+                status=426, text=f"this bridge speaks rproxy protocol {supported}\n", headers={HEADER_PROTOCOL: supported}
+            )
+        name = request.headers.get(HEADER_TUNNEL, "")
+        if not is_tunnel_name(name):
+            _LOGGER.warning("refused agent from %s: invalid tunnel name %r", remote, name[:80])
+            return _refuse(400, "tunnel name must be a lower-case DNS label (a-z, 0-9, -)")
+        agent_id = request.headers.get(HEADER_AGENT_ID, "")[:128] or remote
+        if not agent_id.isprintable():
+            agent_id = remote
+        ws = web.WebSocketResponse(max_msg_size=TUNNEL_MESSAGE_LIMIT, compress=False, autoping=True)
+        if not ws.can_prepare(request).ok:
+            return _refuse(400, "this endpoint is for rproxy agents (WebSocket upgrade required)")
+        await ws.prepare(request)
+        label = f"{name}/{agent_id} from {remote}"
+        connection = TunnelConnection(
+            AiohttpFrameSocket(ws, remote, request.transport),
+            Multiplexer(Role.BRIDGE),
+            label=label,
+            heartbeat_interval=bridge.config.heartbeat_interval,
+            dead_after=bridge.config.dead_after,
+        )
+        connection.agent_id = agent_id  # type: ignore[attr-defined]
+        try:
+            await connection.handshake(
+                tunnel=name,
+                public_url=bridge.public_url(name, request),
+                heartbeat=bridge.config.heartbeat_interval,
+            )
+        except HandshakeError as err:
+            _LOGGER.warning("agent %s failed its handshake: %s", label, err)
+            await connection.close(err.error_code, str(err))
+            return ws
+        await bridge.registry.add(name, connection)
+        _LOGGER.info(
+            "agent %s connected (protocol %s, %d agent(s) now serve %r)",
+            label,
+            connection.peer_settings.get("version"),
+            bridge.registry.tunnels().get(name, 0),
+            name,
+        )
+        try:
+            await connection.run()
+        finally:
+            await bridge.registry.remove(name, connection)
+            _LOGGER.info("agent %s disconnected: %s", label, connection.close_reason or "closed")
+        return ws

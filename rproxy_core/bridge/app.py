@@ -1,0 +1,142 @@
+"""The Bridge: the public side, one aiohttp server for agents and visitors on one port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+from aiohttp import web
+
+from .. import __version__
+from ..const import CONNECT_PATH, DEAD_AFTER, HEALTH_PATH, HEARTBEAT_INTERVAL, REQUEST_TIMEOUT, RESERVED_PREFIX
+from ..exceptions import ConfigError
+from ..protocol.frames import ErrorCode
+from .agents import AgentHandler
+from .auth import TokenAuth
+from .pages import error_response
+from .registry import MemoryRegistry, TunnelRegistry
+from .visitors import VisitorHandler
+
+__all__ = ["Bridge", "BridgeConfig"]
+
+_LOGGER = logging.getLogger("rproxy.bridge")
+
+
+@dataclass(slots=True)
+class BridgeConfig:
+    """Settings of a bridge; the CLI fills it from flags, environment and config file."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    tokens: list[str] = field(default_factory=list)
+    domain: str | None = None
+    request_timeout: float = REQUEST_TIMEOUT
+    ssl_context: ssl.SSLContext | None = None
+    access_log: bool = True
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    dead_after: float = DEAD_AFTER
+    #: Seconds a stopping bridge waits for visitor requests in flight.
+    shutdown_timeout: float = 5.0
+
+
+class Bridge:
+    """Serve agents on /_rproxy/connect and visitors everywhere else, on one port.
+
+    Usage::
+
+        async with Bridge(BridgeConfig(port=8080, tokens=["s3cret"])) as bridge:
+            await asyncio.Event().wait()
+    """
+
+    def __init__(self, config: BridgeConfig, *, registry: TunnelRegistry | None = None) -> None:
+        self.config = config
+        if config.domain is not None:
+            config.domain = config.domain.strip(".").lower()
+        self.auth = TokenAuth(config.tokens)
+        if not self.auth:
+            raise ConfigError("no agent token configured: pass --token or --token-file")
+        self.registry = registry if registry is not None else MemoryRegistry()
+        self.app = self._make_app()
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self.port: int | None = None
+
+    def _make_app(self) -> web.Application:
+        app = web.Application(handler_args={"max_field_size": 8190, "max_line_size": 8190})
+        # Bound ``__call__``s, not the handler objects: aiohttp takes a callable object for a
+        # deprecated plain-function handler (DeprecationWarning now, an error in aiohttp 4).
+        app.router.add_get(CONNECT_PATH, AgentHandler(self).__call__)
+        app.router.add_get(HEALTH_PATH, self._health)
+        app.router.add_route("*", RESERVED_PREFIX + "{tail:.*}", self._reserved)
+        app.router.add_route("*", "/{tail:.*}", VisitorHandler(self).__call__)
+        app.on_shutdown.append(self._close_tunnels)
+        return app
+
+    async def start(self) -> None:
+        """Listen; raises OSError (e.g. address in use) before anything is left running."""
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=self.config.shutdown_timeout)
+        await runner.setup()
+        site = web.TCPSite(runner, self.config.host, self.config.port, ssl_context=self.config.ssl_context)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner, self._site = runner, site
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else self.config.port
+        _LOGGER.info("bridge listening on %s (agents connect to %s)", self.url, self.url.replace("http", "ws", 1) + CONNECT_PATH)
+
+    async def stop(self) -> None:
+        """Close every tunnel (agents get GOAWAY) and stop listening."""
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def url(self) -> str:
+        """Base URL of this bridge as reachable on its listen address."""
+        scheme = "https" if self.config.ssl_context else "http"
+        host = self.config.host
+        if host in ("0.0.0.0", "", "::"):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{scheme}://{host}:{self.port or self.config.port}"
+
+    def public_url(self, name: str, request: web.BaseRequest) -> str:
+        """The address visitors use for tunnel ``name``, as seen from the agent's request."""
+        scheme = "https" if request.secure else "http"
+        host = request.host
+        if self.config.domain is None:
+            return f"{scheme}://{host}/"
+        port = ""
+        if not host.startswith("[") and host.count(":") == 1:
+            port = ":" + host.rsplit(":", 1)[1]
+        return f"{scheme}://{name}.{self.config.domain}{port}/"
+
+    async def _close_tunnels(self, app: web.Application) -> None:
+        connections = self.registry.connections()
+        if connections:
+            _LOGGER.info("closing %d tunnel(s)", len(connections))
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*(c.close(ErrorCode.NO_ERROR, "bridge shutting down") for c in connections))
+
+    async def _health(self, request: web.Request) -> web.Response:
+        tunnels: dict[str, Any] = {name: {"agents": count} for name, count in self.registry.tunnels().items()}
+        return web.json_response({"status": "ok", "version": __version__, "tunnels": tunnels})
+
+    async def _reserved(self, request: web.Request) -> web.Response:
+        return error_response(request, 404, "no such bridge endpoint")

@@ -1,0 +1,90 @@
+"""Where the bridge finds tunnels: the registry seam (DESIGN.md, "Registry seam").
+
+Handlers ask a registry two things: which tunnels exist, and to open a stream to the tunnel
+named N. The in-memory registry answers from the agent connections held by this process. A
+Redis-backed registry can answer the same questions across several bridge nodes, so that a
+visitor on node A reaches an agent held by node B, without handlers changing.
+"""
+
+from __future__ import annotations
+
+import abc
+import itertools
+from collections.abc import Mapping
+
+from ..exceptions import NoAgentError, TunnelClosedError
+from ..protocol.heads import RequestHead
+from ..transport import TunnelConnection, TunnelStream
+
+__all__ = ["TunnelRegistry", "MemoryRegistry"]
+
+
+class TunnelRegistry(abc.ABC):
+    """The bridge's view of connected agents."""
+
+    @abc.abstractmethod
+    async def add(self, name: str, connection: TunnelConnection) -> None:
+        """An agent finished its handshake for tunnel ``name``."""
+
+    @abc.abstractmethod
+    async def remove(self, name: str, connection: TunnelConnection) -> None:
+        """That agent is gone; no new stream may go to it."""
+
+    @abc.abstractmethod
+    async def open_stream(self, name: str, head: RequestHead, *, end_stream: bool) -> TunnelStream:
+        """Open a stream on one agent of tunnel ``name`` (spreading load over the pool).
+
+        Raises:
+            NoAgentError: no live agent serves ``name``.
+        """
+
+    @abc.abstractmethod
+    def tunnels(self) -> Mapping[str, int]:
+        """Tunnel names with the number of agents serving each."""
+
+    @abc.abstractmethod
+    def connections(self) -> list[TunnelConnection]:
+        """Agent connections held by this bridge process."""
+
+
+class MemoryRegistry(TunnelRegistry):
+    """Tunnels held by this process (the embedded default)."""
+
+    def __init__(self) -> None:
+        self._pools: dict[str, list[TunnelConnection]] = {}
+        self._turns: dict[str, itertools.count[int]] = {}
+
+    async def add(self, name: str, connection: TunnelConnection) -> None:
+        self._pools.setdefault(name, []).append(connection)
+        self._turns.setdefault(name, itertools.count())
+
+    async def remove(self, name: str, connection: TunnelConnection) -> None:
+        pool = self._pools.get(name)
+        if pool is None or connection not in pool:
+            return
+        pool.remove(connection)
+        if not pool:
+            del self._pools[name]
+            del self._turns[name]
+
+    async def open_stream(self, name: str, head: RequestHead, *, end_stream: bool) -> TunnelStream:
+        pool = self._pools.get(name)
+        if not pool:
+            raise NoAgentError(name)
+        start = next(self._turns[name])
+        # Round robin, skipping agents that are closing or full; each is tried at most once.
+        for offset in range(len(pool)):
+            connection = pool[(start + offset) % len(pool)]
+            if connection.closed:
+                continue
+            try:
+                return connection.open_stream(head, end_stream=end_stream)
+            except TunnelClosedError:
+                continue
+        raise NoAgentError(name)
+
+    def tunnels(self) -> Mapping[str, int]:
+        return {name: sum(1 for c in pool if not c.closed) for name, pool in self._pools.items()}
+
+    def connections(self) -> list[TunnelConnection]:
+        return [c for pool in self._pools.values() for c in pool]

@@ -1,0 +1,277 @@
+"""Visitor traffic: HTTP requests and WebSockets relayed over a tunnel stream.
+
+The bridge is HTTP-aware (DESIGN.md): it parses each visitor request with aiohttp, picks the
+tunnel by Host, sends the request head in an OPEN frame, and streams both bodies without
+buffering them whole. Only the response *head* is subject to the request timeout; bodies
+may flow for as long as they flow (downloads, Server-Sent Events, long polls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import WSMsgType, hdrs, web
+
+from ..const import MAX_WEBSOCKET_MESSAGE
+from ..exceptions import NoAgentError, StreamResetError
+from ..headers import WEBSOCKET_HOP_HEADERS, strip_hop_by_hop
+from ..protocol.frames import ErrorCode, MessageKind, decode_code, encode_code, sendable_close_code
+from ..protocol.heads import KIND_HTTP, KIND_WEBSOCKET, RequestHead, ResponseHead
+from ..transport import TunnelStream
+from .pages import error_response
+from .routing import resolve_tunnel
+
+if TYPE_CHECKING:
+    from .app import Bridge
+
+__all__ = ["VisitorHandler"]
+
+_ACCESS = logging.getLogger("rproxy.access")
+_LOGGER = logging.getLogger("rproxy.bridge")
+
+#: Visitor-supplied fields the bridge replaces with its own view of the connection.
+_FORWARDING_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"})
+
+#: What the visitor sees when the agent reset the stream before answering.
+_STATUS_FOR_RESET = {
+    ErrorCode.TARGET_UNREACHABLE: (502, "the home app cannot be reached from the agent"),
+    ErrorCode.TARGET_TIMEOUT: (504, "the home app did not answer in time"),
+    ErrorCode.TARGET_ERROR: (502, "the home app broke off the response"),
+    ErrorCode.REQUEST_REJECTED: (400, "the request cannot be forwarded"),
+    ErrorCode.REFUSED_STREAM: (503, "the agent is too busy, try again"),
+}
+
+
+class VisitorHandler:
+    """aiohttp handler for every path outside /_rproxy/."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        self._bridge = bridge
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        bridge = self._bridge
+        started = time.monotonic()
+        name = resolve_tunnel(request.host, bridge.config.domain, bridge.registry.tunnels())
+        is_websocket = (
+            request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
+            and request.method == "GET"
+        )
+        head = RequestHead(
+            method=request.method,
+            target=request.raw_path,
+            headers=self._forward_headers(request, is_websocket),
+            kind=KIND_WEBSOCKET if is_websocket else KIND_HTTP,
+            request_id=secrets.token_hex(8),
+        )
+        log = _Access(request, name, head.request_id, started, bridge.config.access_log)
+        if name is None:
+            return log.done(error_response(request, 404, f"no tunnel is named by host {request.host!r}"))
+        has_body = request.body_exists and not is_websocket
+        try:
+            # A WebSocket's half stays open for the visitor's messages; an HTTP request without
+            # a body ends with its OPEN frame.
+            stream = await bridge.registry.open_stream(name, head, end_stream=not (has_body or is_websocket))
+        except NoAgentError:
+            return log.done(error_response(request, 503, f"no agent is connected for {name!r}", {"Retry-After": "5"}))
+        try:
+            if is_websocket:
+                return await self._relay_websocket(request, stream, log)
+            return await self._relay_http(request, stream, has_body, log)
+        finally:
+            if not stream.closed:
+                stream.reset(ErrorCode.CANCEL, "visitor gone")
+
+    def _forward_headers(self, request: web.Request, is_websocket: bool) -> list[tuple[str, str]]:
+        extra = _FORWARDING_HEADERS | WEBSOCKET_HOP_HEADERS if is_websocket else _FORWARDING_HEADERS
+        headers = strip_hop_by_hop(request.headers.items(), extra)
+        headers.append(("X-Forwarded-For", request.remote or ""))
+        headers.append(("X-Forwarded-Proto", "https" if request.secure else "http"))
+        headers.append(("X-Forwarded-Host", request.host))
+        return headers
+
+    async def _await_reply(self, request: web.Request, stream: TunnelStream, log: _Access) -> ResponseHead | web.Response:
+        try:
+            async with asyncio.timeout(self._bridge.config.request_timeout):
+                return await stream.reply()
+        except TimeoutError:
+            stream.reset(ErrorCode.CANCEL, "request timeout")
+            return log.done(error_response(request, 504, "the home app did not answer in time"))
+        except StreamResetError as err:
+            status, message = _STATUS_FOR_RESET.get(err.code, (502, "the tunnel dropped the request"))  # type: ignore[call-overload]
+            return log.done(error_response(request, status, message))
+
+    async def _relay_http(self, request: web.Request, stream: TunnelStream, has_body: bool, log: _Access) -> web.StreamResponse:
+        upload = asyncio.create_task(_pump_request_body(request, stream)) if has_body else None
+        try:
+            head = await self._await_reply(request, stream, log)
+            if isinstance(head, web.Response):
+                return head
+            return await self._send_response(request, stream, head, log)
+        finally:
+            if upload is not None and not upload.done():
+                upload.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await upload
+
+    async def _send_response(self, request: web.Request, stream: TunnelStream, head: ResponseHead, log: _Access) -> web.StreamResponse:
+        response = web.StreamResponse(status=head.status, reason=head.reason or None)
+        for name, value in strip_hop_by_hop(head.headers):
+            if name.lower() == "content-length":
+                with contextlib.suppress(ValueError):
+                    response.content_length = int(value)
+            else:
+                response.headers.add(name, value)
+        log.status = head.status
+        try:
+            await response.prepare(request)
+            while chunk := await stream.read():
+                await response.write(chunk)
+                log.bytes += len(chunk)
+            await response.write_eof()
+        except StreamResetError as err:
+            # Headers are out: the only honest signal left is to cut the connection.
+            log.note = f"aborted: {err}"
+            if request.transport is not None:
+                request.transport.abort()
+        except (ConnectionError, RuntimeError) as err:
+            log.note = f"visitor gone: {err.__class__.__name__}"
+            stream.reset(ErrorCode.CANCEL, "visitor gone")
+        return log.done(response)
+
+    async def _relay_websocket(self, request: web.Request, stream: TunnelStream, log: _Access) -> web.StreamResponse:
+        head = await self._await_reply(request, stream, log)
+        if isinstance(head, web.Response):
+            return head
+        if head.status != 101:  # the home app refused the upgrade: relay its answer
+            return await self._send_response(request, stream, head, log)
+        protocol = next((v for k, v in head.headers if k.lower() == "sec-websocket-protocol"), None)
+        ws = web.WebSocketResponse(
+            protocols=(protocol,) if protocol else (),
+            autoping=False,
+            max_msg_size=MAX_WEBSOCKET_MESSAGE,
+        )
+        try:
+            await ws.prepare(request)
+        except (ConnectionError, RuntimeError):
+            return log.done(ws)
+        log.status = 101
+        to_agent = asyncio.create_task(_pump_visitor_messages(ws, stream))
+        try:
+            while True:
+                message = await stream.read_message(MAX_WEBSOCKET_MESSAGE)
+                if message is None:
+                    break
+                kind, data = message
+                log.bytes += len(data)
+                if kind is MessageKind.TEXT:
+                    await ws.send_str(data.decode("utf-8", "replace"))
+                elif kind is MessageKind.BINARY:
+                    await ws.send_bytes(data)
+                elif kind is MessageKind.PING:
+                    await ws.ping(data)
+                elif kind is MessageKind.PONG:
+                    await ws.pong(data)
+                elif kind is MessageKind.CLOSE:
+                    code, reason = decode_code(data) if len(data) >= 2 else (1000, "")
+                    await ws.close(code=sendable_close_code(code), message=reason.encode())
+                    break
+        except StreamResetError as err:
+            log.note = f"tunnel side ended: {err}"
+            await ws.close(code=1011 if err.code != ErrorCode.MESSAGE_TOO_BIG else 1009, message=b"tunnel closed")
+        except (ConnectionError, RuntimeError) as err:
+            log.note = f"visitor gone: {err.__class__.__name__}"
+        finally:
+            if not to_agent.done():
+                # The home side closed: give the visitor's close handshake a moment to finish.
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    async with asyncio.timeout(2):
+                        await asyncio.shield(to_agent)
+                to_agent.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await to_agent
+        return log.done(ws)
+
+
+async def _pump_request_body(request: web.Request, stream: TunnelStream) -> None:
+    """Visitor's request body → stream, chunk by chunk, as fast as the agent takes it."""
+    content = request.content
+    try:
+        while chunk := await content.readany():
+            await stream.write(chunk)
+        await stream.end()
+    except StreamResetError:
+        pass  # the response side reports it
+    except Exception as err:  # visitor went away mid-upload, or sent a broken body
+        _LOGGER.debug("upload of %s failed: %r", stream.head.request_id, err)
+        stream.reset(ErrorCode.CANCEL, "visitor upload failed")
+
+
+async def _pump_visitor_messages(ws: web.WebSocketResponse, stream: TunnelStream) -> None:
+    """Visitor's WebSocket messages → stream, including pings and the close code."""
+    try:
+        while True:
+            msg = await ws.receive()
+            if msg.type is WSMsgType.TEXT:
+                await stream.send_message(MessageKind.TEXT, msg.data.encode())
+            elif msg.type is WSMsgType.BINARY:
+                await stream.send_message(MessageKind.BINARY, msg.data)
+            elif msg.type is WSMsgType.PING:
+                await stream.send_message(MessageKind.PING, msg.data)
+            elif msg.type is WSMsgType.PONG:
+                await stream.send_message(MessageKind.PONG, msg.data)
+            elif msg.type is WSMsgType.CLOSE:
+                await stream.send_message(MessageKind.CLOSE, encode_code(msg.data or 1000, msg.extra or ""))
+                await stream.end()
+                return
+            else:  # CLOSING, CLOSED, ERROR: the visitor vanished without a close frame
+                await stream.send_message(MessageKind.CLOSE, encode_code(1006 if msg.type is WSMsgType.ERROR else 1001, ""))
+                await stream.end()
+                return
+    except StreamResetError:
+        pass
+    except Exception as err:  # visitor's connection broke
+        _LOGGER.debug("visitor websocket %s failed: %r", stream.head.request_id, err)
+        stream.reset(ErrorCode.CANCEL, "visitor gone")
+
+
+class _Access:
+    """One access-log line per visitor request, written when the response is done."""
+
+    __slots__ = ("request", "tunnel", "request_id", "started", "enabled", "status", "bytes", "note")
+
+    def __init__(self, request: web.Request, tunnel: str | None, request_id: str, started: float, enabled: bool) -> None:
+        self.request = request
+        self.tunnel = tunnel
+        self.request_id = request_id
+        self.started = started
+        self.enabled = enabled
+        self.status = 0
+        self.bytes = 0
+        self.note = ""
+
+    def done(self, response: web.StreamResponse) -> web.StreamResponse:
+        if self.enabled:
+            request = self.request
+            status = self.status or response.status
+            if isinstance(response, web.Response) and response.body is not None:
+                self.bytes = self.bytes or len(response.body)  # type: ignore[arg-type]
+            _ACCESS.info(
+                '%s "%s %s HTTP/%d.%d" %d %d %.3fs tunnel=%s id=%s%s',
+                request.remote,
+                request.method,
+                request.raw_path,
+                request.version.major,
+                request.version.minor,
+                status,
+                self.bytes,
+                time.monotonic() - self.started,
+                self.tunnel or "-",
+                self.request_id,
+                f" ({self.note})" if self.note else "",
+            )
+        return response

@@ -1,0 +1,45 @@
+"""Defaults and limits, each with the reason for its value."""
+
+from __future__ import annotations
+
+#: Path prefix reserved for the bridge's own endpoints; everything else is visitor traffic.
+RESERVED_PREFIX = "/_rproxy/"
+CONNECT_PATH = "/_rproxy/connect"
+HEALTH_PATH = "/_rproxy/health"
+
+#: HTTP headers of the agent's upgrade request (docs/PROTOCOL.md §1).
+HEADER_PROTOCOL = "Rproxy-Protocol"
+HEADER_TUNNEL = "Rproxy-Tunnel"
+HEADER_AGENT_ID = "Rproxy-Agent-Id"
+
+#: Heartbeat: a PING every 10 s; a peer silent for 30 s (three missed pings) is dead.
+HEARTBEAT_INTERVAL = 10.0
+DEAD_AFTER = 30.0
+#: A peer that has not completed the HELLO exchange in this time is dropped.
+HANDSHAKE_TIMEOUT = 10.0
+
+#: Time the home app has to send its response head before the visitor gets 504.
+REQUEST_TIMEOUT = 30.0
+#: Time the agent waits for a TCP connection to the home app before answering 502.
+TARGET_CONNECT_TIMEOUT = 10.0
+
+#: A tunnel WebSocket message packs frames up to about this size; bigger messages would delay
+#: small frames of other streams behind them, smaller ones cost more syscalls per byte.
+MAX_TUNNEL_MESSAGE = 1 << 20
+#: The tunnel WebSocket's receive limit: a full message plus one maximal frame over it.
+TUNNEL_MESSAGE_LIMIT = 4 << 20
+#: Queued output above this makes stream writers wait for the socket (backpressure).
+WRITE_HIGH_WATER = 1 << 20
+
+#: Largest visitor WebSocket message relayed (Home Assistant's state dumps can be megabytes).
+MAX_WEBSOCKET_MESSAGE = 16 << 20
+
+#: Reconnect backoff of the agent: doubles from 1 s, capped near 60 s, with full jitter.
+BACKOFF_INITIAL = 1.0
+BACKOFF_MAX = 60.0
+#: A connection that lived this long resets the backoff to its initial value.
+BACKOFF_RESET_AFTER = 30.0
+
+#: Default tunnel name for an agent started without --name.
+DEFAULT_TUNNEL_NAME = "home"
+DEFAULT_BRIDGE_PORT = 8080

@@ -1,0 +1,122 @@
+"""Request and response heads carried by OPEN and REPLY frames (docs/PROTOCOL.md §4).
+
+Heads travel as compact JSON. The peer is not trusted: ``decode`` checks every field's
+type and raises RemoteProtocolError rather than letting a malformed head reach a handler.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+from ..exceptions import RemoteProtocolError
+from ..typing import Headers
+
+__all__ = ["RequestHead", "ResponseHead", "KIND_HTTP", "KIND_WEBSOCKET"]
+
+KIND_HTTP = "http"
+KIND_WEBSOCKET = "websocket"
+_KINDS = frozenset({KIND_HTTP, KIND_WEBSOCKET})
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+
+
+def _load(payload: bytes | memoryview) -> dict[str, Any]:
+    try:
+        obj = json.loads(bytes(payload))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RemoteProtocolError(f"head is not JSON: {err}") from None
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError("head is not a JSON object")
+    return obj
+
+
+def _headers(obj: dict[str, Any]) -> Headers:
+    raw = obj.get("h", [])
+    if not isinstance(raw, list):
+        raise RemoteProtocolError("head field 'h' is not a list")
+    out: Headers = []
+    for item in raw:
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not isinstance(item[0], str)
+            or not isinstance(item[1], str)
+        ):
+            raise RemoteProtocolError("head header is not a [name, value] pair of strings")
+        out.append((item[0], item[1]))
+    return out
+
+
+def _str(obj: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = obj.get(key, default)
+    if not isinstance(value, str):
+        raise RemoteProtocolError(f"head field {key!r} is missing or not a string")
+    return value
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """What the bridge tells the agent about a visitor's request.
+
+    ``target`` is the request target in origin form (path and query, as the visitor sent
+    them); the agent joins it to its own configured base URL and nothing else.
+    """
+
+    method: str
+    target: str
+    headers: Headers = field(default_factory=list)
+    kind: str = KIND_HTTP
+    request_id: str = ""
+
+    def encode(self) -> bytes:
+        """Serialize for an OPEN frame."""
+        return _dumps(
+            {"m": self.method, "t": self.target, "h": self.headers, "k": self.kind, "i": self.request_id}
+        ).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes | memoryview) -> Self:
+        """Parse an OPEN frame's payload.
+
+        Raises:
+            RemoteProtocolError: if the payload is not a valid request head.
+        """
+        obj = _load(payload)
+        kind = _str(obj, "k", KIND_HTTP)
+        if kind not in _KINDS:
+            raise RemoteProtocolError(f"unknown stream kind {kind!r}")
+        return cls(
+            method=_str(obj, "m"),
+            target=_str(obj, "t"),
+            headers=_headers(obj),
+            kind=kind,
+            request_id=_str(obj, "i", ""),
+        )
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    """What the agent answers: status line and header fields."""
+
+    status: int
+    reason: str = ""
+    headers: Headers = field(default_factory=list)
+
+    def encode(self) -> bytes:
+        """Serialize for a REPLY frame."""
+        return _dumps({"s": self.status, "r": self.reason, "h": self.headers}).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes | memoryview) -> Self:
+        """Parse a REPLY frame's payload.
+
+        Raises:
+            RemoteProtocolError: if the payload is not a valid response head.
+        """
+        obj = _load(payload)
+        status = obj.get("s")
+        if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
+            raise RemoteProtocolError(f"invalid status {status!r}")
+        return cls(status=status, reason=_str(obj, "r", ""), headers=_headers(obj))

@@ -1,0 +1,472 @@
+"""The sans-I/O multiplexer: bytes and calls in, events and bytes out (docs/PROTOCOL.md).
+
+A ``Multiplexer`` is one end of one tunnel. The transport feeds it every WebSocket message
+with :meth:`receive_data`, acts on :meth:`events_received`, and sends what
+:meth:`data_to_send` returns as ONE WebSocket message. Methods such as :meth:`open_stream`
+and :meth:`send_data` only queue frames.
+
+Peer violations never raise out of :meth:`receive_data`. A fault confined to one stream
+resets that stream (a ``StreamReset`` event with ``remote=False``); anything else queues a
+GOAWAY, reports ``ConnectionTerminated`` and stops parsing; the transport then closes.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from ..exceptions import FlowControlError, LocalProtocolError, RemoteProtocolError
+from . import events as ev
+from .frames import (
+    HEADER_SIZE,
+    ErrorCode,
+    Flags,
+    Frame,
+    FrameType,
+    decode_code,
+    decode_u32,
+    encode_code,
+    encode_header,
+    encode_u32,
+    iter_frames,
+)
+from .heads import RequestHead, ResponseHead
+from .stream import StreamInput, StreamState, StreamStateMachine
+from .windows import MAX_WINDOW, ReceiveWindow, SendWindow
+
+__all__ = [
+    "Role",
+    "Multiplexer",
+    "PROTOCOL_VERSION",
+    "SUPPORTED_VERSIONS",
+    "DEFAULT_STREAM_WINDOW",
+    "DEFAULT_MAX_FRAME_SIZE",
+    "DEFAULT_MAX_STREAMS",
+]
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({1})
+
+#: Credit per stream. Per-stream throughput is at most window / round-trip time: 1 MiB keeps a
+#: 100 Mbit/s home uplink busy across 80 ms of internet, and bounds what one stream can make the
+#: receiver buffer.
+DEFAULT_STREAM_WINDOW = 1 << 20
+#: Largest frame payload. Big enough that bulk transfers cost few frames, small enough that one
+#: stream's frame never delays the others' by more than a few hundred microseconds on a LAN.
+DEFAULT_MAX_FRAME_SIZE = 256 << 10
+#: Streams the peer may have open at once (visitor requests in flight through one agent).
+DEFAULT_MAX_STREAMS = 4096
+
+#: Bounds on settings a peer may announce; anything outside is a protocol error.
+_MIN_FRAME_SIZE = 16 << 10
+_MAX_FRAME_SIZE = 16 << 20
+
+IN = StreamInput
+#: Mask clearing FIN. (``~Flags.FIN`` would not do: inverting an IntFlag keeps only its
+#: defined members and would drop the MessageKind bits.)
+_NOT_FIN = 0xFF ^ Flags.FIN
+
+
+class Role(enum.IntEnum):
+    """Which end of the tunnel; decides stream id parity (bridge odd, agent even)."""
+
+    BRIDGE = 1
+    AGENT = 2
+
+
+class _Stream:
+    __slots__ = ("machine", "send", "recv")
+
+    def __init__(self, send_window: int, receive_window: int) -> None:
+        self.machine = StreamStateMachine()
+        self.send = SendWindow(send_window)
+        self.recv = ReceiveWindow(receive_window)
+
+
+class Multiplexer:
+    """One end of a tunnel.
+
+    Args:
+        role: BRIDGE or AGENT.
+        stream_window: credit this side grants the peer per stream.
+        max_frame_size: largest frame payload this side accepts.
+        max_streams: streams the peer may have open at once; more are refused.
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        stream_window: int = DEFAULT_STREAM_WINDOW,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+    ) -> None:
+        if not 0 < stream_window <= MAX_WINDOW:
+            raise ValueError("stream_window out of range")
+        if not _MIN_FRAME_SIZE <= max_frame_size <= _MAX_FRAME_SIZE:
+            raise ValueError("max_frame_size out of range")
+        self.role = role
+        self.stream_window = stream_window
+        self.max_frame_size = max_frame_size
+        self.max_streams = max_streams
+        self.peer_settings: dict[str, Any] | None = None
+        self.peer_stream_window = DEFAULT_STREAM_WINDOW
+        self.peer_max_frame_size = DEFAULT_MAX_FRAME_SIZE
+        self.peer_max_streams = DEFAULT_MAX_STREAMS
+        self.hello_sent = False
+        self.closed = False
+        #: The peer's fault that ended the connection, if any.
+        self.error: RemoteProtocolError | None = None
+        self._streams: dict[int, _Stream] = {}
+        self._next_stream_id = 1 if role is Role.BRIDGE else 2
+        self._last_peer_stream_id = 0
+        self._peer_parity = 0 if role is Role.BRIDGE else 1
+        self._events: list[ev.Event] = []
+        self._out: deque[tuple[bytes, bytes | bytearray | memoryview | None, int]] = deque()
+        self._out_bytes = 0
+
+    # Public methods for receiving data.
+
+    def receive_data(self, message: bytes | bytearray | memoryview) -> None:
+        """Feed one WebSocket message received from the peer."""
+        if self.closed:
+            return
+        try:
+            for frame in iter_frames(message, self.max_frame_size):
+                self._receive_frame(frame)
+                if self.closed:
+                    return
+        except RemoteProtocolError as err:
+            self._fail(err)
+
+    def events_received(self) -> list[ev.Event]:
+        """Return and forget the events produced since the last call."""
+        events, self._events = self._events, []
+        return events
+
+    # Public methods for sending data.
+
+    def data_to_send(self, max_bytes: int | None = None) -> list[bytes | bytearray | memoryview]:
+        """Return and forget queued output: the buffers of ONE WebSocket message, in order.
+
+        Args:
+            max_bytes: stop after the frame that reaches this size (at least one frame is
+                returned), so that one message stays within the peer's message limit.
+        """
+        out: list[bytes | bytearray | memoryview] = []
+        queue = self._out
+        taken = 0
+        while queue and (max_bytes is None or taken < max_bytes):
+            header, payload, size = queue.popleft()
+            out.append(header)
+            if payload is not None:
+                out.append(payload)
+            taken += size
+        self._out_bytes -= taken
+        return out
+
+    @property
+    def pending_bytes(self) -> int:
+        """Size of the output queued and not yet taken by :meth:`data_to_send`."""
+        return self._out_bytes
+
+    def send_hello(self, **settings: Any) -> None:
+        """Queue this side's HELLO: protocol version, window, frame and stream limits, extras."""
+        if self.hello_sent:
+            raise LocalProtocolError("HELLO already sent")
+
+        body = {
+            "version": PROTOCOL_VERSION,
+            "window": self.stream_window,
+            "max_frame": self.max_frame_size,
+            "max_streams": self.max_streams,
+            **settings,
+        }
+        self.hello_sent = True
+        self._emit(FrameType.HELLO, 0, 0, json.dumps(body, separators=(",", ":")).encode())
+
+    def can_open_stream(self) -> bool:
+        """Whether the peer will accept one more stream now."""
+        return not self.closed and self.peer_settings is not None and self.open_stream_count(
+            local=True
+        ) < self.peer_max_streams
+
+    def open_stream(self, head: RequestHead, *, end_stream: bool = False) -> int:
+        """Open a stream with ``head``; FIN too when there is no body. Returns the stream id."""
+        self._check_ready()
+        stream_id = self._next_stream_id
+        self._next_stream_id += 2
+        stream = _Stream(self.peer_stream_window, self.stream_window)
+        stream.machine.process(IN.SEND_OPEN)
+        self._streams[stream_id] = stream
+        self._emit(FrameType.OPEN, Flags.FIN if end_stream else 0, stream_id, head.encode())
+        if end_stream:
+            self._advance(stream_id, stream, IN.SEND_FIN)
+        return stream_id
+
+    def send_reply(self, stream_id: int, head: ResponseHead, *, end_stream: bool = False) -> None:
+        """Answer a stream the peer opened."""
+        self._check_ready()
+        stream = self._local_stream(stream_id)
+        stream.machine.process(IN.SEND_REPLY)
+        self._emit(FrameType.REPLY, Flags.FIN if end_stream else 0, stream_id, head.encode())
+        if end_stream:
+            self._advance(stream_id, stream, IN.SEND_FIN)
+
+    def send_window(self, stream_id: int) -> int:
+        """Credit left to send on the stream (0 for a stream that is gone)."""
+        stream = self._streams.get(stream_id)
+        return stream.send.available if stream is not None else 0
+
+    def send_data(
+        self,
+        stream_id: int,
+        data: bytes | bytearray | memoryview,
+        *,
+        flags: int = 0,
+        end_stream: bool = False,
+    ) -> None:
+        """Queue one DATA frame; ``data`` must fit the credit and the peer's frame size.
+
+        ``flags`` carries MORE and the MessageKind bits for WebSocket streams.
+        """
+        stream = self._local_stream(stream_id)
+        size = len(data)
+        if size > self.peer_max_frame_size:
+            raise LocalProtocolError(f"{size} bytes exceed the peer's frame size")
+        stream.machine.process(IN.SEND_DATA)
+        stream.send.consume(size)
+        if end_stream:
+            flags |= Flags.FIN
+        self._emit(FrameType.DATA, flags, stream_id, data)
+        if end_stream:
+            self._advance(stream_id, stream, IN.SEND_FIN)
+
+    def end_stream(self, stream_id: int) -> None:
+        """End this side's half of the stream (an empty DATA frame with FIN)."""
+        self.send_data(stream_id, b"", end_stream=True)
+
+    def reset_stream(self, stream_id: int, code: int = ErrorCode.CANCEL, reason: str = "") -> None:
+        """Abandon a stream; a stream already closed is left alone."""
+        stream = self._streams.pop(stream_id, None)
+        if stream is None or self.closed:
+            return
+        stream.machine.process(IN.SEND_RESET)
+        self._emit(FrameType.RESET, 0, stream_id, encode_code(code, reason))
+
+    def acknowledge_received_data(self, stream_id: int, size: int) -> None:
+        """Tell the mux the application consumed ``size`` bytes; may queue a WINDOW frame."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.machine.state is StreamState.HALF_CLOSED_REMOTE:
+            return  # no more data can come: returning credit is pointless
+        increment = stream.recv.acknowledge(size)
+        if increment:
+            self._emit(FrameType.WINDOW, 0, stream_id, encode_u32(increment))
+
+    def ping(self, payload: bytes) -> None:
+        """Queue a PING; the answer arrives as PongReceived with the same payload."""
+        if not self.closed:
+            self._emit(FrameType.PING, 0, 0, payload)
+
+    def goaway(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """Queue a GOAWAY and stop: the transport closes after sending it."""
+        if self.closed:
+            return
+        self._emit(FrameType.GOAWAY, 0, 0, encode_code(code, reason))
+        self.closed = True
+
+    # Introspection.
+
+    def open_stream_count(self, *, local: bool | None = None) -> int:
+        """Streams alive now; ``local`` counts only ours (True) or only the peer's (False)."""
+        if local is None:
+            return len(self._streams)
+        parity = self._peer_parity ^ 1 if local else self._peer_parity
+        return sum(1 for stream_id in self._streams if stream_id % 2 == parity)
+
+    def stream_ids(self) -> list[int]:
+        """Ids of the streams alive now."""
+        return list(self._streams)
+
+    # Private methods.
+
+    def _emit(self, frame_type: int, flags: int, stream_id: int, payload: bytes | bytearray | memoryview) -> None:
+        size = len(payload)
+        self._out.append((encode_header(frame_type, flags, stream_id, size), payload if size else None, HEADER_SIZE + size))
+        self._out_bytes += HEADER_SIZE + size
+
+    def _check_ready(self) -> None:
+        if self.closed:
+            raise LocalProtocolError("connection is closed")
+        if not self.hello_sent or self.peer_settings is None:
+            raise LocalProtocolError("HELLO exchange not complete")
+
+    def _local_stream(self, stream_id: int) -> _Stream:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise LocalProtocolError(f"stream {stream_id} is not open")
+        return stream
+
+    def _advance(self, stream_id: int, stream: _Stream, event: StreamInput) -> None:
+        if stream.machine.process(event) is StreamState.CLOSED:
+            del self._streams[stream_id]
+
+    def fail(self, err: RemoteProtocolError) -> None:
+        """End the connection because of a peer fault the transport detected (e.g. a text message)."""
+        if not self.closed:
+            self._fail(err)
+
+    def _fail(self, err: RemoteProtocolError) -> None:
+        self.error = err
+        code = ErrorCode.coerce(err.error_code)
+        self._emit(FrameType.GOAWAY, 0, 0, encode_code(code, str(err)))
+        self.closed = True
+        self._events.append(ev.ConnectionTerminated(code, str(err), remote=False))
+
+    def _is_stale(self, stream_id: int) -> bool:
+        """A stream this connection used once and has since closed: late frames are normal."""
+        if stream_id % 2 == self._peer_parity:
+            return stream_id <= self._last_peer_stream_id
+        return stream_id < self._next_stream_id
+
+    def _receive_frame(self, frame: Frame) -> None:
+        frame_type = frame.type
+        if self.peer_settings is None and frame_type is not FrameType.HELLO:
+            raise RemoteProtocolError(f"{frame_type.name} before HELLO")
+        if frame.stream_id == 0:
+            self._receive_connection_frame(frame)
+            return
+        if frame_type is FrameType.OPEN:
+            self._receive_open(frame)
+            return
+        if frame_type not in _STREAM_FRAMES:
+            raise RemoteProtocolError(f"{frame_type.name} on stream {frame.stream_id}")
+        stream = self._streams.get(frame.stream_id)
+        if stream is None:
+            if self._is_stale(frame.stream_id):
+                return
+            raise RemoteProtocolError(f"{frame_type.name} on unknown stream {frame.stream_id}")
+        try:
+            _STREAM_FRAMES[frame_type](self, frame, stream)
+        except FlowControlError:
+            raise
+        except RemoteProtocolError as err:
+            # Confined to this stream: reset it, keep the connection.
+            self._streams.pop(frame.stream_id, None)
+            self._emit(FrameType.RESET, 0, frame.stream_id, encode_code(err.error_code, str(err)))
+            self._events.append(ev.StreamReset(frame.stream_id, err.error_code, str(err), remote=False))
+
+    def _receive_connection_frame(self, frame: Frame) -> None:
+        frame_type = frame.type
+        if frame_type is FrameType.PING:
+            payload = bytes(frame.payload)
+            self._emit(FrameType.PONG, 0, 0, payload)
+            self._events.append(ev.PingReceived(payload))
+        elif frame_type is FrameType.PONG:
+            self._events.append(ev.PongReceived(bytes(frame.payload)))
+        elif frame_type is FrameType.HELLO:
+            self._receive_hello(frame)
+        elif frame_type is FrameType.GOAWAY:
+            code, reason = decode_code(frame.payload)
+            self.closed = True
+            self._events.append(ev.ConnectionTerminated(ErrorCode.coerce(code), reason, remote=True))
+        else:
+            raise RemoteProtocolError(f"{frame_type.name} on stream 0")
+
+    def _receive_hello(self, frame: Frame) -> None:
+
+        if self.peer_settings is not None:
+            raise RemoteProtocolError("second HELLO")
+        try:
+            settings = json.loads(bytes(frame.payload))
+        except (ValueError, UnicodeDecodeError):
+            raise RemoteProtocolError("HELLO is not JSON") from None
+        if not isinstance(settings, dict):
+            raise RemoteProtocolError("HELLO is not a JSON object")
+        version = settings.get("version")
+        if version not in SUPPORTED_VERSIONS:
+            raise RemoteProtocolError(f"unsupported protocol version {version!r}")
+        window = _int_setting(settings, "window", 1, MAX_WINDOW, DEFAULT_STREAM_WINDOW)
+        max_frame = _int_setting(settings, "max_frame", _MIN_FRAME_SIZE, _MAX_FRAME_SIZE, DEFAULT_MAX_FRAME_SIZE)
+        max_streams = _int_setting(settings, "max_streams", 1, 1 << 20, DEFAULT_MAX_STREAMS)
+        self.peer_settings = settings
+        self.peer_stream_window = window
+        self.peer_max_frame_size = max_frame
+        self.peer_max_streams = max_streams
+        self._events.append(ev.HelloReceived(settings))
+
+    def _receive_open(self, frame: Frame) -> None:
+        stream_id = frame.stream_id
+        if stream_id % 2 != self._peer_parity or stream_id <= self._last_peer_stream_id:
+            raise RemoteProtocolError(f"OPEN with invalid stream id {stream_id}")
+        self._last_peer_stream_id = stream_id
+        if self.open_stream_count(local=False) >= self.max_streams:
+            self._emit(FrameType.RESET, 0, stream_id, encode_code(ErrorCode.REFUSED_STREAM, "too many streams"))
+            return
+        try:
+            head = RequestHead.decode(frame.payload)
+        except RemoteProtocolError as err:
+            self._emit(FrameType.RESET, 0, stream_id, encode_code(ErrorCode.PROTOCOL_ERROR, str(err)))
+            return
+        stream = _Stream(self.peer_stream_window, self.stream_window)
+        stream.machine.process(IN.RECV_OPEN)
+        end_stream = bool(frame.flags & Flags.FIN)
+        if end_stream:
+            stream.machine.process(IN.RECV_FIN)
+        self._streams[stream_id] = stream
+        self._events.append(ev.StreamOpened(stream_id, head, end_stream))
+
+    def _receive_reply(self, frame: Frame, stream: _Stream) -> None:
+        stream.machine.process(IN.RECV_REPLY)
+        head = ResponseHead.decode(frame.payload)
+        end_stream = bool(frame.flags & Flags.FIN)
+        self._events.append(ev.ReplyReceived(frame.stream_id, head, end_stream))
+        if end_stream:
+            self._advance(frame.stream_id, stream, IN.RECV_FIN)
+
+    def _receive_data(self, frame: Frame, stream: _Stream) -> None:
+        stream.machine.process(IN.RECV_DATA)
+        payload = frame.payload
+        size = len(payload)
+        stream.recv.receive(size)
+        # An empty DATA frame with FIN only ends the stream; without FIN it is an empty
+        # WebSocket message and must reach the application.
+        if size or not frame.flags & Flags.FIN:
+            self._events.append(ev.DataReceived(frame.stream_id, payload, frame.flags & _NOT_FIN))
+        if frame.flags & Flags.FIN:
+            self._advance(frame.stream_id, stream, IN.RECV_FIN)
+            self._events.append(ev.StreamEnded(frame.stream_id))
+
+    def _receive_window(self, frame: Frame, stream: _Stream) -> None:
+        increment = decode_u32(frame.payload)
+        stream.send.expand(increment)
+        self._events.append(ev.WindowUpdated(frame.stream_id, increment))
+
+    def _receive_reset(self, frame: Frame, stream: _Stream) -> None:
+        code, reason = decode_code(frame.payload)
+        stream.machine.process(IN.RECV_RESET)
+        del self._streams[frame.stream_id]
+        self._events.append(ev.StreamReset(frame.stream_id, ErrorCode.coerce(code), reason, remote=True))
+
+
+def _int_setting(settings: dict[str, Any], key: str, low: int, high: int, default: int) -> int:
+    value = settings.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise RemoteProtocolError(f"HELLO setting {key!r} out of range: {value!r}")
+    return value
+
+
+_STREAM_FRAMES = {
+    FrameType.REPLY: Multiplexer._receive_reply,
+    FrameType.DATA: Multiplexer._receive_data,
+    FrameType.WINDOW: Multiplexer._receive_window,
+    FrameType.RESET: Multiplexer._receive_reset,
+}
+
+
+def frames_of(buffers: Iterable[bytes | memoryview]) -> bytes:
+    """Join :meth:`Multiplexer.data_to_send` output into one message (tests and tools)."""
+    return b"".join(buffers)

@@ -1,0 +1,350 @@
+"""TunnelConnection: drives a Multiplexer over a FrameSocket (docs/PROTOCOL.md §6-7).
+
+Three activities per tunnel: this connection's reader (``run``) feeds every message to the
+mux and hands events to streams; a writer task sends whatever the mux queued as one message
+per turn, so frames from many streams share a write; a heartbeat task pings and declares the
+peer dead after ``dead_after`` seconds of silence. ``run`` returns when the tunnel is over,
+having failed every stream and stopped both tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..const import DEAD_AFTER, HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL, MAX_TUNNEL_MESSAGE, WRITE_HIGH_WATER
+from ..exceptions import RemoteProtocolError, StreamResetError, TunnelClosedError
+from ..protocol import events as ev
+from ..protocol.frames import ErrorCode
+from ..protocol.heads import RequestHead
+from ..protocol.mux import Multiplexer
+from .streams import TunnelStream
+from .websocket import FrameSocket
+
+__all__ = ["TunnelConnection", "HandshakeError"]
+
+_LOGGER = logging.getLogger("rproxy.tunnel")
+_PING = struct.Struct("!d")
+
+
+class HandshakeError(RemoteProtocolError):
+    """The peer did not complete the HELLO exchange."""
+
+
+class TunnelConnection:
+    """One live tunnel: a mux, its socket, and the streams on it.
+
+    Args:
+        socket: the WebSocket.
+        mux: a fresh Multiplexer for this side.
+        label: how logs name this tunnel (e.g. ``home/agent-1 from 203.0.113.5``).
+        on_stream: called with each stream the peer opens (the agent serves them).
+        heartbeat_interval: seconds between PINGs.
+        dead_after: seconds of silence after which the peer is considered dead.
+    """
+
+    def __init__(
+        self,
+        socket: FrameSocket,
+        mux: Multiplexer,
+        *,
+        label: str,
+        on_stream: Callable[[TunnelStream], None] | None = None,
+        heartbeat_interval: float = HEARTBEAT_INTERVAL,
+        dead_after: float = DEAD_AFTER,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.socket = socket
+        self.mux = mux
+        self.label = label
+        self.streams: dict[int, TunnelStream] = {}
+        self.write_high_water = WRITE_HIGH_WATER
+        self.peer_settings: dict[str, Any] = {}
+        #: Round-trip time of the last PING, in seconds.
+        self.rtt: float | None = None
+        self.connected_at = time.time()
+        self.close_reason = ""
+        self._on_stream = on_stream
+        self._heartbeat_interval = heartbeat_interval
+        self._dead_after = dead_after
+        self._last_received = self.loop.time()
+        self._flush_wanted = asyncio.Event()
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._closing = False
+        self._done = asyncio.Event()
+
+    # Lifecycle.
+
+    async def handshake(self, timeout: float = HANDSHAKE_TIMEOUT, **settings: Any) -> dict[str, Any]:
+        """Send our HELLO and wait for the peer's; return the peer's settings.
+
+        Raises:
+            HandshakeError: the peer closed, sent something else first, or took too long.
+        """
+        self.mux.send_hello(**settings)
+        await self._send_pending()
+        try:
+            async with asyncio.timeout(timeout):
+                while self.mux.peer_settings is None:
+                    message = await self.socket.receive()
+                    if message is None:
+                        raise HandshakeError("closed before HELLO")
+                    self.mux.receive_data(message)
+                    for event in self.mux.events_received():
+                        if isinstance(event, ev.ConnectionTerminated):
+                            raise HandshakeError(event.reason or "closed during handshake", event.code)
+        except TimeoutError:
+            raise HandshakeError(f"no HELLO within {timeout:g}s") from None
+        self.peer_settings = self.mux.peer_settings
+        self._last_received = self.loop.time()
+        return self.peer_settings
+
+    async def run(self) -> None:
+        """Serve the tunnel until it closes; never raises for network or peer faults."""
+        self._writer = asyncio.create_task(self._write_loop(), name=f"rproxy-writer {self.label}")
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name=f"rproxy-heartbeat {self.label}")
+        self._reader = asyncio.create_task(self._read_loop(), name=f"rproxy-reader {self.label}")
+        try:
+            await asyncio.wait({self._reader})
+        finally:
+            if not self._reader.done():
+                self._reader.cancel()
+                self.close_reason = self.close_reason or "stopped"
+            await self._teardown()
+
+    async def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "closing") -> None:
+        """Say GOAWAY, close the socket and wait until ``run`` has finished."""
+        if not self._closing:
+            self._closing = True
+            self.close_reason = self.close_reason or reason
+            self.mux.goaway(code, reason)
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await self._send_pending()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await self.socket.close(1000 if code == ErrorCode.NO_ERROR else 1002, reason[:100])
+        if self._writer is not None:  # run() is active: it ends now that the socket is closed
+            await self._done.wait()
+
+    @property
+    def closed(self) -> bool:
+        """Whether no new stream may be opened."""
+        return self._closing or self.mux.closed
+
+    # Streams.
+
+    def open_stream(self, head: RequestHead, *, end_stream: bool = False) -> TunnelStream:
+        """Open a stream to the peer.
+
+        Raises:
+            TunnelClosedError: the tunnel is closing or the peer's stream limit is reached.
+        """
+        if self.closed:
+            raise TunnelClosedError("tunnel is closing")
+        if not self.mux.can_open_stream():
+            raise TunnelClosedError("too many streams on this tunnel")
+        stream_id = self.mux.open_stream(head, end_stream=end_stream)
+        stream = TunnelStream(self, stream_id, head, remote_done=False)
+        if end_stream:
+            stream._local_done = True
+        self.streams[stream_id] = stream
+        self.schedule_flush()
+        return stream
+
+    def acknowledge(self, stream_id: int, size: int) -> None:
+        """A stream's reader consumed ``size`` bytes: return credit when due."""
+        mux = self.mux
+        before = mux.pending_bytes
+        mux.acknowledge_received_data(stream_id, size)
+        if mux.pending_bytes != before:
+            self.schedule_flush()
+
+    def forget(self, stream_id: int) -> None:
+        """Drop a finished stream from the table."""
+        self.streams.pop(stream_id, None)
+
+    # Output.
+
+    def schedule_flush(self) -> None:
+        """Make the writer send what the mux has queued."""
+        self._flush_wanted.set()
+
+    async def drain(self) -> None:
+        """Wait until queued output falls below the high-water mark."""
+        if self.mux.pending_bytes <= self.write_high_water or self._writer is None:
+            return
+        waiter = self.loop.create_future()
+        self._drain_waiters.append(waiter)
+        self.schedule_flush()
+        await waiter
+        if self.closed and self.mux.pending_bytes:
+            raise TunnelClosedError(self.close_reason or "tunnel closed")
+
+    async def _send_pending(self) -> None:
+        mux = self.mux
+        send = self.socket.send
+        while mux.pending_bytes:
+            buffers = mux.data_to_send(MAX_TUNNEL_MESSAGE)
+            await send(b"".join(buffers))
+            if self._drain_waiters and mux.pending_bytes <= self.write_high_water:
+                self._wake_drainers()
+
+    def _wake_drainers(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _write_loop(self) -> None:
+        flush_wanted = self._flush_wanted
+        try:
+            while True:
+                await flush_wanted.wait()
+                flush_wanted.clear()
+                await self._send_pending()
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # the socket broke: reading will notice too
+            _LOGGER.debug("tunnel %s: write failed: %r", self.label, err)
+            self.close_reason = self.close_reason or f"write failed: {err!r}"
+            with contextlib.suppress(Exception):
+                await self.socket.close(1011, "write failed")
+        finally:
+            self._wake_drainers()
+
+    # Input.
+
+    async def _read_loop(self) -> None:
+        try:
+            await self._read_messages()
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # a bug here must not leave the tunnel half alive
+            _LOGGER.exception("tunnel %s failed", self.label)
+            self.close_reason = self.close_reason or f"internal error: {err!r}"
+
+    async def _read_messages(self) -> None:
+        receive = self.socket.receive
+        mux = self.mux
+        dispatch = self._dispatch
+        while True:
+            try:
+                message = await receive()
+            except RemoteProtocolError as err:
+                mux.fail(err)
+                dispatch(mux.events_received())
+                await self._flush_before_close()
+                return
+            except Exception as err:  # connection reset, TLS failure ...
+                self.close_reason = self.close_reason or f"connection lost: {err!r}"
+                return
+            if message is None:
+                self.close_reason = self.close_reason or "connection closed by peer"
+                return
+            self._last_received = self.loop.time()
+            mux.receive_data(message)
+            dispatch(mux.events_received())
+            if mux.closed:
+                await self._flush_before_close()
+                return
+            if mux.pending_bytes:
+                self._flush_wanted.set()
+
+    async def _flush_before_close(self) -> None:
+        """The mux ended the connection: let its GOAWAY out, then close the socket."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await self._send_pending()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await self.socket.close(1000 if self.mux.error is None else 1002, self.close_reason[:100])
+
+    def _dispatch(self, events: list[ev.Event]) -> None:
+        streams = self.streams
+        for event in events:
+            if type(event) is ev.DataReceived:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._on_data(event.data, event.flags)
+            elif type(event) is ev.WindowUpdated:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._on_credit()
+            elif type(event) is ev.StreamEnded:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._on_end()
+            elif type(event) is ev.ReplyReceived:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._on_reply(event.head, event.end_stream)
+            elif type(event) is ev.StreamOpened:
+                self._on_stream_opened(event)
+            elif type(event) is ev.StreamReset:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._fail(StreamResetError(event.code, event.reason or f"reset by peer (code {event.code})"))
+            elif type(event) is ev.PongReceived:
+                if len(event.payload) == _PING.size:
+                    self.rtt = max(0.0, self.loop.time() - _PING.unpack(event.payload)[0])
+            elif type(event) is ev.ConnectionTerminated:
+                if event.remote:
+                    self.close_reason = f"peer said goodbye: {event.reason or event.code}"
+                else:
+                    self.close_reason = f"protocol error by peer: {event.reason}"
+                    _LOGGER.warning("tunnel %s: %s", self.label, self.close_reason)
+
+    def _on_stream_opened(self, event: ev.StreamOpened) -> None:
+        stream = TunnelStream(self, event.stream_id, event.head, remote_done=event.end_stream)
+        if self._on_stream is None:
+            stream.reset(ErrorCode.REFUSED_STREAM, "this side does not accept streams")
+            return
+        self.streams[event.stream_id] = stream
+        self._on_stream(stream)
+
+    async def _heartbeat_loop(self) -> None:
+        tick = self._heartbeat_interval / 2
+        next_ping = self.loop.time() + self._heartbeat_interval
+        while True:
+            await asyncio.sleep(tick)
+            now = self.loop.time()
+            silent = now - self._last_received
+            if silent >= self._dead_after:
+                self.close_reason = f"peer silent for {silent:.0f}s"
+                _LOGGER.warning("tunnel %s: %s, closing", self.label, self.close_reason)
+                if self._reader is not None:
+                    self._reader.cancel()
+                return
+            if now >= next_ping:
+                next_ping = now + self._heartbeat_interval
+                self.mux.ping(_PING.pack(now))
+                self.schedule_flush()
+
+    async def _teardown(self) -> None:
+        self._closing = True
+        tasks = [t for t in (self._heartbeat, self._writer, self._reader) if t is not None]
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await self.socket.close(1001, "tunnel closed")
+        self.socket.abort()
+        error = TunnelClosedError(self.close_reason or "tunnel closed")
+        for stream in list(self.streams.values()):
+            stream._fail(error)
+        self.streams.clear()
+        self._wake_drainers()
+        self._done.set()

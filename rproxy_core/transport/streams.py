@@ -1,0 +1,259 @@
+"""TunnelStream: one stream as awaitable reads and writes (docs/PROTOCOL.md §5).
+
+Received data waits in a per-stream queue that flow control bounds to the stream window:
+credit goes back to the peer only when the application takes a chunk with :meth:`read`, so a
+visitor who stops reading stops the sender of that stream and nothing else. Writes wait for
+credit, and for the connection's output queue to fall below its high-water mark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+from ..exceptions import StreamResetError
+from ..protocol.frames import ErrorCode, Flags, MessageKind
+from ..protocol.heads import RequestHead, ResponseHead
+
+if TYPE_CHECKING:
+    from .connection import TunnelConnection
+
+__all__ = ["TunnelStream"]
+
+_EMPTY = memoryview(b"")
+
+
+class TunnelStream:
+    """One visitor request or WebSocket carried by a tunnel.
+
+    The opener (the bridge) writes the request body and reads the reply; the other side (the
+    agent) reads the request body and sends the reply. ``head`` is the request head.
+    """
+
+    __slots__ = (
+        "id",
+        "head",
+        "_conn",
+        "_chunks",
+        "_eof",
+        "_error",
+        "_reply",
+        "_read_waiter",
+        "_credit_waiter",
+        "_local_done",
+        "_remote_done",
+        "bytes_received",
+        "bytes_sent",
+    )
+
+    def __init__(self, conn: TunnelConnection, stream_id: int, head: RequestHead, *, remote_done: bool) -> None:
+        self.id = stream_id
+        self.head = head
+        self._conn = conn
+        self._chunks: deque[tuple[memoryview, int]] = deque()
+        self._eof = remote_done
+        self._error: StreamResetError | None = None
+        self._reply: asyncio.Future[ResponseHead] = conn.loop.create_future()
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._credit_waiter: asyncio.Future[None] | None = None
+        self._local_done = False
+        self._remote_done = remote_done
+        self.bytes_received = 0
+        self.bytes_sent = 0
+
+    # Reading.
+
+    async def reply(self) -> ResponseHead:
+        """Wait for the response head.
+
+        Raises:
+            StreamResetError: the stream was reset (``code`` says why) or the tunnel closed.
+        """
+        return await asyncio.shield(self._reply)
+
+    @property
+    def at_eof(self) -> bool:
+        """Whether the peer ended its half and every chunk has been read."""
+        return self._eof and not self._chunks
+
+    async def read(self) -> memoryview:
+        """Return the next chunk of body bytes, or an empty view once the peer ended.
+
+        Raises:
+            StreamResetError: the stream was reset or the tunnel closed.
+        """
+        while True:
+            item = await self._next_chunk()
+            if item is None:
+                return _EMPTY
+            if item[0]:
+                return item[0]
+
+    async def read_message(self, max_size: int) -> tuple[MessageKind, bytes] | None:
+        """Return the next WebSocket message (fragments joined), or None once the peer ended.
+
+        Raises:
+            StreamResetError: the stream was reset, the tunnel closed, or a message grew past
+                ``max_size`` (the stream is then reset with MESSAGE_TOO_BIG).
+        """
+        item = await self._next_chunk()
+        if item is None:
+            return None
+        chunk, flags = item
+        kind = MessageKind.from_flags(flags)
+        if not flags & Flags.MORE:
+            return kind, bytes(chunk)
+        parts = bytearray(chunk)
+        while flags & Flags.MORE:
+            item = await self._next_chunk()
+            if item is None:
+                raise StreamResetError(ErrorCode.PROTOCOL_ERROR, "stream ended inside a message")
+            chunk, flags = item
+            parts += chunk
+            if len(parts) > max_size:
+                self.reset(ErrorCode.MESSAGE_TOO_BIG, "message too big")
+                raise StreamResetError(ErrorCode.MESSAGE_TOO_BIG, "message too big")
+        return kind, bytes(parts)
+
+    async def _next_chunk(self) -> tuple[memoryview, int] | None:
+        """The next received (payload, flags), or None once the peer ended its half."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return None
+            self._read_waiter = self._conn.loop.create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
+        if self._error is not None:
+            raise self._error
+        chunk, flags = self._chunks.popleft()
+        if chunk:
+            self._conn.acknowledge(self.id, len(chunk))
+        return chunk, flags
+
+    # Writing.
+
+    def send_reply(self, head: ResponseHead, *, end_stream: bool = False) -> None:
+        """Queue the response head (agent side)."""
+        self._raise_if_reset()
+        self._conn.mux.send_reply(self.id, head, end_stream=end_stream)
+        if end_stream:
+            self._end_local()
+        self._conn.schedule_flush()
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send body bytes, waiting for credit and socket room as needed.
+
+        Raises:
+            StreamResetError: the stream was reset or the tunnel closed.
+        """
+        if data:
+            await self._send(data, 0, fragmented=False)
+
+    async def send_message(self, kind: MessageKind, data: bytes | bytearray | memoryview) -> None:
+        """Send one WebSocket message of ``kind`` (split into MORE fragments when needed)."""
+        await self._send(data, kind.flag_bits, fragmented=True)
+
+    async def end(self) -> None:
+        """End this side's half (FIN)."""
+        self._raise_if_reset()
+        if self._local_done:
+            return
+        self._conn.mux.end_stream(self.id)
+        self._end_local()
+        self._conn.schedule_flush()
+
+    def reset(self, code: int = ErrorCode.CANCEL, reason: str = "") -> None:
+        """Abandon the stream; pending and later reads and writes raise StreamResetError."""
+        if self._error is not None:
+            return
+        self._conn.mux.reset_stream(self.id, code, reason)
+        self._conn.schedule_flush()
+        self._fail(StreamResetError(code, reason or "reset locally"))
+
+    @property
+    def closed(self) -> bool:
+        """Whether the stream can no longer carry anything."""
+        return self._error is not None or (self._local_done and self._remote_done)
+
+    async def _send(self, data: bytes | bytearray | memoryview, flag_bits: int, *, fragmented: bool) -> None:
+        conn = self._conn
+        mux = conn.mux
+        view = memoryview(data)
+        total = len(view)
+        offset = 0
+        while True:
+            self._raise_if_reset()
+            remaining = total - offset
+            size = min(mux.send_window(self.id), remaining, mux.peer_max_frame_size)
+            if size <= 0 and remaining:
+                self._credit_waiter = conn.loop.create_future()
+                conn.schedule_flush()
+                try:
+                    await self._credit_waiter
+                finally:
+                    self._credit_waiter = None
+                continue
+            offset += size
+            flags = flag_bits | (Flags.MORE if fragmented and offset < total else 0)
+            mux.send_data(self.id, view[offset - size : offset], flags=flags)
+            self.bytes_sent += size
+            if offset >= total:
+                break
+        conn.schedule_flush()
+        if mux.pending_bytes > conn.write_high_water:
+            await conn.drain()
+
+    def _raise_if_reset(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _end_local(self) -> None:
+        self._local_done = True
+        if self._remote_done:
+            self._conn.forget(self.id)
+
+    # Called by the connection when events arrive.
+
+    def _on_reply(self, head: ResponseHead, end_stream: bool) -> None:
+        if not self._reply.done():
+            self._reply.set_result(head)
+        if end_stream:
+            self._on_end()
+
+    def _on_data(self, data: memoryview, flags: int) -> None:
+        self._chunks.append((data, flags))
+        self.bytes_received += len(data)
+        waiter = self._read_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _on_end(self) -> None:
+        self._eof = True
+        self._remote_done = True
+        waiter = self._read_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if self._local_done:
+            self._conn.forget(self.id)
+
+    def _on_credit(self) -> None:
+        waiter = self._credit_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: StreamResetError) -> None:
+        if self._error is None:
+            self._error = error
+        self._chunks.clear()
+        if not self._reply.done():
+            self._reply.set_exception(error)
+            self._reply.exception()  # retrieved here: nobody may ever await the reply
+        for waiter in (self._read_waiter, self._credit_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        self._conn.forget(self.id)
