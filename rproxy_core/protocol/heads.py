@@ -25,7 +25,7 @@ _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 def _load(payload: bytes | memoryview) -> dict[str, Any]:
     try:
         obj = json.loads(bytes(payload))
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise RemoteProtocolError(f"head is not JSON: {err}") from None
     if not isinstance(obj, dict):
         raise RemoteProtocolError("head is not a JSON object")

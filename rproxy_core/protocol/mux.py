@@ -159,7 +159,7 @@ class Multiplexer:
         out: list[bytes | bytearray | memoryview] = []
         queue = self._out
         taken = 0
-        while queue and (max_bytes is None or taken < max_bytes):
+        while queue and (max_bytes is None or taken < max_bytes or not out):
             header, payload, size = queue.popleft()
             out.append(header)
             if payload is not None:
@@ -178,12 +178,13 @@ class Multiplexer:
         if self.hello_sent:
             raise LocalProtocolError("HELLO already sent")
 
+        # Extras first: the limits this mux enforces are what it announces, whatever the caller passed.
         body = {
+            **settings,
             "version": PROTOCOL_VERSION,
             "window": self.stream_window,
             "max_frame": self.max_frame_size,
             "max_streams": self.max_streams,
-            **settings,
         }
         self.hello_sent = True
         self._emit(FrameType.HELLO, 0, 0, json.dumps(body, separators=(",", ":")).encode())
@@ -233,14 +234,16 @@ class Multiplexer:
 
         ``flags`` carries MORE and the MessageKind bits for WebSocket streams.
         """
+        if self.closed:
+            raise LocalProtocolError("connection is closed")
         stream = self._local_stream(stream_id)
         size = len(data)
         if size > self.peer_max_frame_size:
             raise LocalProtocolError(f"{size} bytes exceed the peer's frame size")
         stream.machine.process(IN.SEND_DATA)
         stream.send.consume(size)
-        if end_stream:
-            flags |= Flags.FIN
+        # FIN only through end_stream, so the state machine always knows the half is over.
+        flags = flags & _NOT_FIN | (Flags.FIN if end_stream else 0)
         self._emit(FrameType.DATA, flags, stream_id, data)
         if end_stream:
             self._advance(stream_id, stream, IN.SEND_FIN)
@@ -260,7 +263,7 @@ class Multiplexer:
     def acknowledge_received_data(self, stream_id: int, size: int) -> None:
         """Tell the mux the application consumed ``size`` bytes; may queue a WINDOW frame."""
         stream = self._streams.get(stream_id)
-        if stream is None or stream.machine.state is StreamState.HALF_CLOSED_REMOTE:
+        if stream is None or self.closed or stream.machine.state is StreamState.HALF_CLOSED_REMOTE:
             return  # no more data can come: returning credit is pointless
         increment = stream.recv.acknowledge(size)
         if increment:
@@ -382,12 +385,12 @@ class Multiplexer:
             raise RemoteProtocolError("second HELLO")
         try:
             settings = json.loads(bytes(frame.payload))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise RemoteProtocolError("HELLO is not JSON") from None
         if not isinstance(settings, dict):
             raise RemoteProtocolError("HELLO is not a JSON object")
         version = settings.get("version")
-        if version not in SUPPORTED_VERSIONS:
+        if not isinstance(version, int) or isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
             raise RemoteProtocolError(f"unsupported protocol version {version!r}")
         window = _int_setting(settings, "window", 1, MAX_WINDOW, DEFAULT_STREAM_WINDOW)
         max_frame = _int_setting(settings, "max_frame", _MIN_FRAME_SIZE, _MAX_FRAME_SIZE, DEFAULT_MAX_FRAME_SIZE)

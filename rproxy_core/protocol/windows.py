@@ -75,9 +75,9 @@ class ReceiveWindow:
             batches of a quarter window so that bulk transfers do not send a WINDOW frame per
             DATA frame, yet the sender never stalls waiting for it.
         """
-        self._consumed += size
-        if self._consumed > self.size - self.available:
+        if self._consumed + size > self.size - self.available:
             raise LocalProtocolError("acknowledged more bytes than were received")
+        self._consumed += size
         if self._consumed >= self.size // 4 or self.available == 0:
             increment, self._consumed = self._consumed, 0
             self.available += increment

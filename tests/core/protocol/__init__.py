@@ -1,0 +1,1 @@
+"""Tests of the sans-I/O tunnel protocol (rproxy_core.protocol)."""

@@ -1,0 +1,228 @@
+"""Request and response heads: JSON round trips and rejection of malformed heads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rproxy_core.exceptions import RemoteProtocolError
+from rproxy_core.protocol import KIND_HTTP, KIND_WEBSOCKET, RequestHead, ResponseHead
+
+header_lists = st.lists(st.tuples(st.text(max_size=20), st.text(max_size=40)), max_size=8)
+
+
+def test_request_head_round_trips():
+    """A request head decodes to an equal head after encoding."""
+    head = RequestHead(
+        "POST",
+        "/api/states?x=1&y=%20",
+        [("Host", "example.org"), ("Content-Type", "application/json")],
+        KIND_HTTP,
+        "req-42",
+    )
+    assert RequestHead.decode(head.encode()) == head
+
+
+def test_request_head_keeps_duplicate_headers_in_order():
+    """Repeated header names (e.g. Cookie) survive in their original order."""
+    headers = [("Cookie", "a=1"), ("X", "1"), ("Cookie", "b=2"), ("cookie", "c=3")]
+    decoded = RequestHead.decode(RequestHead("GET", "/", headers).encode())
+    assert decoded.headers == headers
+
+
+def test_response_head_keeps_duplicate_set_cookie_headers():
+    """Several Set-Cookie fields stay separate and ordered."""
+    head = ResponseHead(200, "OK", [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")])
+    assert ResponseHead.decode(head.encode()).headers == head.headers
+
+
+def test_heads_with_non_ascii_values_round_trip_as_ascii_json():
+    """Non-ASCII names and values round trip, and the encoded JSON itself is pure ASCII."""
+    request = RequestHead("GET", "/café/☃", [("X-Name", "Zoë ☃ 🏠"), ("X-Ctl", "\x00\x7f")])
+    response = ResponseHead(404, "Nicht gefunden – ö", [("X-Emoji", "🙂")])
+    for head in (request, response):
+        wire = head.encode()
+        wire.decode("ascii")
+        assert type(head).decode(wire) == head
+
+
+def test_websocket_request_head_round_trips():
+    """The websocket kind is preserved."""
+    head = RequestHead("GET", "/ws", [("Upgrade", "websocket")], KIND_WEBSOCKET, "r")
+    assert RequestHead.decode(head.encode()).kind == KIND_WEBSOCKET
+
+
+def test_request_head_defaults_apply_to_missing_optional_fields():
+    """Headers, kind and request id are optional on the wire."""
+    head = RequestHead.decode(b'{"m":"GET","t":"/"}')
+    assert head == RequestHead("GET", "/", [], KIND_HTTP, "")
+
+
+def test_response_head_defaults_apply_to_missing_optional_fields():
+    """Reason and headers are optional on the wire."""
+    assert ResponseHead.decode(b'{"s":204}') == ResponseHead(204, "", [])
+
+
+def test_heads_decode_from_a_memoryview():
+    """decode accepts the memoryview payload a Frame carries."""
+    assert RequestHead.decode(memoryview(b'{"m":"GET","t":"/"}')).method == "GET"
+    assert ResponseHead.decode(memoryview(b'{"s":200}')).status == 200
+
+
+def test_heads_ignore_unknown_fields():
+    """Unknown JSON keys are ignored, leaving room for later extensions."""
+    assert RequestHead.decode(b'{"m":"GET","t":"/","zz":[1,2]}').target == "/"
+
+
+@given(
+    method=st.text(min_size=1, max_size=10),
+    target=st.text(max_size=50),
+    headers=header_lists,
+    kind=st.sampled_from([KIND_HTTP, KIND_WEBSOCKET]),
+    request_id=st.text(max_size=20),
+)
+@settings(max_examples=200, deadline=None, database=None)
+def test_any_request_head_round_trips(method, target, headers, kind, request_id):
+    """Every request head made of strings survives encode/decode unchanged."""
+    head = RequestHead(method, target, headers, kind, request_id)
+    assert RequestHead.decode(head.encode()) == head
+
+
+@given(status=st.integers(100, 599), reason=st.text(max_size=30), headers=header_lists)
+@settings(max_examples=200, deadline=None, database=None)
+def test_any_response_head_round_trips(status, reason, headers):
+    """Every response head with a valid status survives encode/decode unchanged."""
+    head = ResponseHead(status, reason, headers)
+    assert ResponseHead.decode(head.encode()) == head
+
+
+MALFORMED_JSON = [
+    pytest.param(b"", id="empty"),
+    pytest.param(b"{", id="truncated"),
+    pytest.param(b"{'m': 'GET'}", id="single-quotes"),
+    pytest.param(b"\xff\xfe\xfd", id="not-utf8"),
+    pytest.param(b'{"m":"GET","t":"/"} trailing', id="trailing-garbage"),
+    pytest.param(b"[]", id="array"),
+    pytest.param(b'"GET /"', id="string"),
+    pytest.param(b"null", id="null"),
+    pytest.param(b"42", id="number"),
+    pytest.param(b"NaN", id="nan"),
+]
+
+
+@pytest.mark.parametrize("payload", MALFORMED_JSON)
+def test_request_head_rejects_payloads_that_are_not_a_json_object(payload):
+    """A payload that is not a JSON object is a RemoteProtocolError."""
+    with pytest.raises(RemoteProtocolError):
+        RequestHead.decode(payload)
+
+
+@pytest.mark.parametrize("payload", MALFORMED_JSON)
+def test_response_head_rejects_payloads_that_are_not_a_json_object(payload):
+    """A payload that is not a JSON object is a RemoteProtocolError."""
+    with pytest.raises(RemoteProtocolError):
+        ResponseHead.decode(payload)
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        pytest.param({"t": "/"}, id="missing-method"),
+        pytest.param({"m": "GET"}, id="missing-target"),
+        pytest.param({"m": 1, "t": "/"}, id="method-int"),
+        pytest.param({"m": None, "t": "/"}, id="method-null"),
+        pytest.param({"m": "GET", "t": ["/"]}, id="target-list"),
+        pytest.param({"m": "GET", "t": "/", "h": {"Host": "x"}}, id="headers-object"),
+        pytest.param({"m": "GET", "t": "/", "h": "Host: x"}, id="headers-string"),
+        pytest.param({"m": "GET", "t": "/", "h": [["Host"]]}, id="header-one-item"),
+        pytest.param({"m": "GET", "t": "/", "h": [["Host", "x", "y"]]}, id="header-three-items"),
+        pytest.param({"m": "GET", "t": "/", "h": [["Host", 1]]}, id="header-value-int"),
+        pytest.param({"m": "GET", "t": "/", "h": [[None, "x"]]}, id="header-name-null"),
+        pytest.param({"m": "GET", "t": "/", "h": ["Host: x"]}, id="header-string"),
+        pytest.param({"m": "GET", "t": "/", "h": [{"Host": "x"}]}, id="header-object"),
+        pytest.param({"m": "GET", "t": "/", "k": "ftp"}, id="unknown-kind"),
+        pytest.param({"m": "GET", "t": "/", "k": "HTTP"}, id="kind-wrong-case"),
+        pytest.param({"m": "GET", "t": "/", "k": 1}, id="kind-int"),
+        pytest.param({"m": "GET", "t": "/", "k": None}, id="kind-null"),
+        pytest.param({"m": "GET", "t": "/", "i": 7}, id="request-id-int"),
+    ],
+)
+def test_request_head_rejects_wrong_field_types(obj):
+    """Missing or mistyped request-head fields and unknown kinds are RemoteProtocolError."""
+    with pytest.raises(RemoteProtocolError):
+        RequestHead.decode(json.dumps(obj).encode())
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        pytest.param({}, id="missing-status"),
+        pytest.param({"s": None}, id="status-null"),
+        pytest.param({"s": "200"}, id="status-string"),
+        pytest.param({"s": 200.0}, id="status-float"),
+        pytest.param({"s": True}, id="status-bool"),
+        pytest.param({"s": 99}, id="status-99"),
+        pytest.param({"s": 600}, id="status-600"),
+        pytest.param({"s": -200}, id="status-negative"),
+        pytest.param({"s": 200, "r": 1}, id="reason-int"),
+        pytest.param({"s": 200, "h": [["A", "b"], ["C"]]}, id="header-one-item"),
+        pytest.param({"s": 200, "h": {"A": "b"}}, id="headers-object"),
+    ],
+)
+def test_response_head_rejects_bad_status_and_wrong_field_types(obj):
+    """An out-of-range or non-integer status and mistyped fields are RemoteProtocolError."""
+    with pytest.raises(RemoteProtocolError):
+        ResponseHead.decode(json.dumps(obj).encode())
+
+
+@pytest.mark.parametrize("status", [100, 101, 200, 599])
+def test_response_head_accepts_boundary_statuses(status):
+    """Statuses 100 through 599 inclusive are accepted."""
+    assert ResponseHead.decode(json.dumps({"s": status}).encode()).status == status
+
+
+@pytest.mark.parametrize("decode", [RequestHead.decode, ResponseHead.decode], ids=["request", "response"])
+def test_deeply_nested_json_head_is_a_remote_protocol_error(decode):
+    """A hostile head nested thousands of levels deep is rejected as RemoteProtocolError, not RecursionError."""
+    payload = b'{"h":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(RemoteProtocolError):
+        decode(payload)
+
+
+@given(payload=st.binary(max_size=80))
+@settings(max_examples=200, deadline=None, database=None)
+def test_decoding_arbitrary_bytes_raises_only_remote_protocol_error(payload):
+    """Whatever the bytes, decode returns a head or raises RemoteProtocolError."""
+    for decode in (RequestHead.decode, ResponseHead.decode):
+        try:
+            decode(payload)
+        except RemoteProtocolError:
+            pass
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@given(
+    obj=st.dictionaries(
+        st.sampled_from(["m", "t", "h", "k", "i", "s", "r", "x"]), json_values, max_size=6
+    )
+)
+@settings(max_examples=300, deadline=None, database=None)
+def test_decoding_arbitrary_json_objects_raises_only_remote_protocol_error(obj):
+    """Any JSON object, however its fields are typed, decodes or raises RemoteProtocolError."""
+    payload = json.dumps(obj).encode()
+    for decode in (RequestHead.decode, ResponseHead.decode):
+        try:
+            head = decode(payload)
+        except RemoteProtocolError:
+            continue
+        for name, value in head.headers:
+            assert isinstance(name, str) and isinstance(value, str)
