@@ -191,8 +191,11 @@ class Agent:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            # asyncio.wait, not ``await task`` under suppress(CancelledError): that also swallowed
+            # a cancellation of stop()'s own caller (e.g. a timeout around it).
+            await asyncio.wait({task})
+            if not task.cancelled():
+                task.exception()  # a refusal was already reported through wait(): mark it retrieved
         if self._owns_session and self._session is not None:
             await self._session.close()
             self._session = None
@@ -244,7 +247,9 @@ class Agent:
                 await self._connect_once()
             except (AuthenticationError, _FatalRefusal) as err:
                 self.last_error = str(err)
-                _LOGGER.error("%s", err)
+                # Not logged at ERROR: the refusal is raised from wait() and kept in last_error,
+                # so whoever reports it (the CLI prints one line) would otherwise show it twice.
+                _LOGGER.debug("refused for good: %s", err)
                 self._set_state(AgentState.FAILED)
                 raise
             except RproxyConnectionError as err:

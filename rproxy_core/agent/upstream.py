@@ -108,6 +108,25 @@ class Upstream:
         return headers, skip
 
     async def _serve_http(self, stream: TunnelStream, url: URL) -> None:
+        # The agent touches the stream only when the home app gives it something, so a reset
+        # (visitor gone, bridge timeout → 504) would go unnoticed while the home app thinks or
+        # between two events of a stream, holding its request open indefinitely. Watch for the
+        # reset and cancel the request then. On this side a stream never gets a reply head, so
+        # reply() only ever ends by raising StreamResetError: exactly that signal.
+        relay = asyncio.ensure_future(self._relay_http(stream, url))
+        abandoned = asyncio.ensure_future(stream.reply())
+        try:
+            await asyncio.wait((relay, abandoned), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (abandoned, relay):
+                task.cancel()
+            # Let the request close its connection to the home app before the stream is done.
+            await asyncio.gather(relay, abandoned, return_exceptions=True)
+        if relay.cancelled():
+            raise StreamResetError(ErrorCode.CANCEL, "abandoned by the bridge")
+        relay.result()
+
+    async def _relay_http(self, stream: TunnelStream, url: URL) -> None:
         head = stream.head
         headers, skip = self._request_headers(stream)
         body = None if stream.at_eof else _request_body(stream)

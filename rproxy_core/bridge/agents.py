@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 
 from aiohttp import hdrs, web
 
-from ..const import HEADER_AGENT_ID, HEADER_PROTOCOL, HEADER_TUNNEL, TUNNEL_MESSAGE_LIMIT
+from ..const import HANDSHAKE_TIMEOUT, HEADER_AGENT_ID, HEADER_PROTOCOL, HEADER_TUNNEL, TUNNEL_MESSAGE_LIMIT
 from ..headers import is_tunnel_name
+from ..protocol.frames import ErrorCode
 from ..protocol.mux import Multiplexer, Role, SUPPORTED_VERSIONS
 from ..transport import AiohttpFrameSocket, HandshakeError, TunnelConnection
 
@@ -34,6 +35,11 @@ class AgentHandler:
 
     def __init__(self, bridge: Bridge) -> None:
         self._bridge = bridge
+        self._handshaking: set[TunnelConnection] = set()
+
+    def handshaking(self) -> list[TunnelConnection]:
+        """Connections upgraded but not yet through HELLO (not in the registry yet)."""
+        return list(self._handshaking)
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         bridge = self._bridge
@@ -61,6 +67,8 @@ class AgentHandler:
         ws = web.WebSocketResponse(max_msg_size=TUNNEL_MESSAGE_LIMIT, compress=False, autoping=True)
         if not ws.can_prepare(request).ok:
             return _refuse(400, "this endpoint is for rproxy agents (WebSocket upgrade required)")
+        if bridge.stopping:
+            return web.Response(status=503, text="the bridge is shutting down\n", headers={"Retry-After": "5"})
         await ws.prepare(request)
         label = f"{name}/{agent_id} from {remote}"
         connection = TunnelConnection(
@@ -71,15 +79,27 @@ class AgentHandler:
             dead_after=bridge.config.dead_after,
         )
         connection.agent_id = agent_id  # type: ignore[attr-defined]
+        self._handshaking.add(connection)  # so that a stopping bridge can close it too
         try:
+            # Passed explicitly (read at call time, not bound as a default at import) so the
+            # limit on agents that upgrade and then stay silent is one module constant.
             await connection.handshake(
+                HANDSHAKE_TIMEOUT,
                 tunnel=name,
                 public_url=bridge.public_url(name, request),
                 heartbeat=bridge.config.heartbeat_interval,
             )
         except HandshakeError as err:
-            _LOGGER.warning("agent %s failed its handshake: %s", label, err)
+            if bridge.stopping:
+                _LOGGER.info("agent %s closed during its handshake: bridge shutting down", label)
+            else:
+                _LOGGER.warning("agent %s failed its handshake: %s", label, err)
             await connection.close(err.error_code, str(err))
+            return ws
+        finally:
+            self._handshaking.discard(connection)
+        if bridge.stopping:  # its HELLO came after the tunnels were closed: it would be missed
+            await connection.close(ErrorCode.NO_ERROR, "bridge shutting down")
             return ws
         await bridge.registry.add(name, connection)
         _LOGGER.info(

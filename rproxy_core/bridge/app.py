@@ -60,6 +60,9 @@ class Bridge:
         if not self.auth:
             raise ConfigError("no agent token configured: pass --token or --token-file")
         self.registry = registry if registry is not None else MemoryRegistry()
+        #: Set once stopping begins: agents are refused, and one finishing its handshake is closed.
+        self.stopping = False
+        self._agents = AgentHandler(self)
         self.app = self._make_app()
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -69,7 +72,7 @@ class Bridge:
         app = web.Application(handler_args={"max_field_size": 8190, "max_line_size": 8190})
         # Bound ``__call__``s, not the handler objects: aiohttp takes a callable object for a
         # deprecated plain-function handler (DeprecationWarning now, an error in aiohttp 4).
-        app.router.add_get(CONNECT_PATH, AgentHandler(self).__call__)
+        app.router.add_get(CONNECT_PATH, self._agents.__call__)
         app.router.add_get(HEALTH_PATH, self._health)
         app.router.add_route("*", RESERVED_PREFIX + "{tail:.*}", self._reserved)
         app.router.add_route("*", "/{tail:.*}", VisitorHandler(self).__call__)
@@ -96,6 +99,10 @@ class Bridge:
         """Close every tunnel (agents get GOAWAY) and stop listening."""
         if self._runner is not None:
             runner, self._runner = self._runner, None
+            # Say goodbye before aiohttp's cleanup: from its pre-shutdown step on, aiohttp drops
+            # whatever a connection receives, so close handshakes (and the HELLO of an agent
+            # still connecting) would go unread until timeouts ran out.
+            await self._close_tunnels(self.app)
             await runner.cleanup()
 
     async def __aenter__(self) -> Self:
@@ -128,7 +135,8 @@ class Bridge:
         return f"{scheme}://{name}.{self.config.domain}{port}/"
 
     async def _close_tunnels(self, app: web.Application) -> None:
-        connections = self.registry.connections()
+        self.stopping = True
+        connections = self.registry.connections() + self._agents.handshaking()
         if connections:
             _LOGGER.info("closing %d tunnel(s)", len(connections))
         with contextlib.suppress(Exception):

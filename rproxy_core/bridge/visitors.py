@@ -37,6 +37,9 @@ _LOGGER = logging.getLogger("rproxy.bridge")
 #: Visitor-supplied fields the bridge replaces with its own view of the connection.
 _FORWARDING_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"})
 
+#: Seconds between checks that a visitor waiting on the tunnel is still connected.
+_VISITOR_CHECK_INTERVAL = 1.0
+
 #: What the visitor sees when the agent reset the stream before answering.
 _STATUS_FOR_RESET = {
     ErrorCode.TARGET_UNREACHABLE: (502, "the home app cannot be reached from the agent"),
@@ -63,13 +66,17 @@ class VisitorHandler:
         )
         head = RequestHead(
             method=request.method,
-            target=request.raw_path,
+            target=_request_target(request),
             headers=self._forward_headers(request, is_websocket),
             kind=KIND_WEBSOCKET if is_websocket else KIND_HTTP,
             request_id=secrets.token_hex(8),
         )
         log = _Access(request, name, head.request_id, started, bridge.config.access_log)
         if name is None:
+            if bridge.config.domain is None and not bridge.registry.tunnels():
+                # Without a domain any Host reaches the one tunnel, so no tunnel at all means
+                # its agent is away (reconnecting): temporary, not "no such page".
+                return log.done(error_response(request, 503, "no agent is connected", {"Retry-After": "5"}))
             return log.done(error_response(request, 404, f"no tunnel is named by host {request.host!r}"))
         has_body = request.body_exists and not is_websocket
         try:
@@ -107,12 +114,14 @@ class VisitorHandler:
 
     async def _relay_http(self, request: web.Request, stream: TunnelStream, has_body: bool, log: _Access) -> web.StreamResponse:
         upload = asyncio.create_task(_pump_request_body(request, stream)) if has_body else None
+        watch = asyncio.create_task(_reset_when_visitor_leaves(request, stream, log))
         try:
             head = await self._await_reply(request, stream, log)
             if isinstance(head, web.Response):
                 return head
             return await self._send_response(request, stream, head, log)
         finally:
+            watch.cancel()
             if upload is not None and not upload.done():
                 upload.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -195,6 +204,34 @@ class VisitorHandler:
                 with contextlib.suppress(asyncio.CancelledError):
                     await to_agent
         return log.done(ws)
+
+
+async def _reset_when_visitor_leaves(request: web.Request, stream: TunnelStream, log: _Access) -> None:
+    """Reset the stream once the visitor's connection is gone, so the agent drops the request.
+
+    aiohttp does not cancel a handler when its visitor disconnects, and a handler waiting on
+    the tunnel (a slow home app, a quiet event stream) would otherwise learn it only when the
+    home app next sends something, which may be never. Checking the transport now and then
+    is cheap; the agent then closes its request to the home app.
+    """
+    while (transport := request.transport) is not None and not transport.is_closing():
+        await asyncio.sleep(_VISITOR_CHECK_INTERVAL)
+    if not stream.closed:
+        log.note = "visitor gone"
+        stream.reset(ErrorCode.CANCEL, "visitor gone")
+
+
+def _request_target(request: web.Request) -> str:
+    """Path and query to forward, as the visitor wrote them.
+
+    A server must accept the absolute form ``GET http://host/path`` (RFC 9112 §3.2.2): its
+    authority already picked the tunnel, so only the path and query go on. Anything else that
+    does not start with "/" is passed as is, for the agent to refuse.
+    """
+    target = request.raw_path
+    if target.startswith("/") or "://" not in target:
+        return target
+    return request.rel_url.raw_path_qs or "/"
 
 
 async def _pump_request_body(request: web.Request, stream: TunnelStream) -> None:

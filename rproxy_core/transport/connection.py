@@ -118,7 +118,19 @@ class TunnelConnection:
             if not self._reader.done():
                 self._reader.cancel()
                 self.close_reason = self.close_reason or "stopped"
-            await self._teardown()
+                # Stopped on purpose (our task was cancelled, e.g. Agent.stop()): say GOAWAY as
+                # PROTOCOL.md §6 asks, so the peer stops routing streams here at once instead of
+                # until it notices the closed socket. _teardown sends it.
+                self.mux.goaway(ErrorCode.NO_ERROR, self.close_reason)
+            # Teardown runs in its own task: it awaits the cancelled helper tasks and suppresses
+            # their CancelledError, which would otherwise also swallow a cancellation of *this*
+            # task arriving meanwhile (Agent.stop() during the bridge's goodbye then never returned).
+            teardown = asyncio.ensure_future(self._teardown())
+            try:
+                await asyncio.shield(teardown)
+            except asyncio.CancelledError:
+                await teardown  # bounded by its own timeouts; then pass the cancellation on
+                raise
 
     async def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "closing") -> None:
         """Say GOAWAY, close the socket and wait until ``run`` has finished."""
@@ -231,6 +243,11 @@ class TunnelConnection:
         except Exception as err:  # a bug here must not leave the tunnel half alive
             _LOGGER.exception("tunnel %s failed", self.label)
             self.close_reason = self.close_reason or f"internal error: {err!r}"
+        finally:
+            # Nothing more can arrive: refuse new streams now, not only once run() gets to its
+            # teardown a loop turn later (a visitor routed here meanwhile would get a 502 even
+            # though another agent of the pool could serve it).
+            self._closing = True
 
     async def _read_messages(self) -> None:
         receive = self.socket.receive
@@ -338,6 +355,9 @@ class TunnelConnection:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await self._send_pending()  # a GOAWAY queued by run() or left by the writer
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2):
                 await self.socket.close(1001, "tunnel closed")

@@ -12,7 +12,7 @@ import asyncio
 from collections import deque
 from typing import TYPE_CHECKING
 
-from ..exceptions import StreamResetError
+from ..exceptions import StreamResetError, TunnelClosedError
 from ..protocol.frames import ErrorCode, Flags, MessageKind
 from ..protocol.heads import RequestHead, ResponseHead
 
@@ -211,6 +211,8 @@ class TunnelStream:
     def _raise_if_reset(self) -> None:
         if self._error is not None:
             raise self._error
+        if self._conn.mux.closed:  # GOAWAY sent or received: teardown will fail us shortly
+            raise TunnelClosedError(self._conn.close_reason or "tunnel closing")
 
     def _end_local(self) -> None:
         self._local_done = True
