@@ -119,7 +119,8 @@ class Proc:
         raise RuntimeError("no VmRSS")
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
 
     def kill(self, sig: int = signal.SIGKILL) -> None:

@@ -32,18 +32,38 @@ _LOGGER = logging.getLogger("rproxy.agent")
 _AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
+class _RedirectRefused(Exception):
+    """The home app redirected a request the agent must not follow."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+async def _refuse_redirect(
+    session: aiohttp.ClientSession, context: object, params: aiohttp.TraceRequestRedirectParams
+) -> None:
+    # aiohttp's ws_connect always follows redirects; raising here stops it before it connects
+    # anywhere else (aiohttp closes the redirect response on the way out).
+    raise _RedirectRefused(params.response)
+
+
 def create_upstream_session(limit: int = 256) -> aiohttp.ClientSession:
     """A client session fit for relaying.
 
     Bodies pass through untouched (no decompression), cookies are never stored (visitors
-    must not share a jar), and no proxy settings from the environment are used.
+    must not share a jar), redirects are never followed (the agent talks to its target and
+    nothing else), and no proxy settings from the environment are used.
     """
+    no_redirects = aiohttp.TraceConfig()
+    no_redirects.on_request_redirect.append(_refuse_redirect)
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=limit, enable_cleanup_closed=False),
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         trust_env=False,
         read_bufsize=256 << 10,
+        trace_configs=[no_redirects],
     )
 
 
@@ -81,6 +101,13 @@ class Upstream:
         if url is None:
             stream.reset(ErrorCode.REQUEST_REJECTED, "request target not allowed")
             return
+        # The agent touches the stream only when the home app gives it something, so a reset
+        # (visitor gone, the bridge's 504) would go unnoticed while the home app thinks or
+        # between two events of a stream. Cancelling this task then closes the request to the
+        # home app at once.
+        task = asyncio.current_task()
+        if task is not None:
+            stream.on_abandoned = task.cancel
         try:
             if stream.head.kind == KIND_WEBSOCKET:
                 await self._serve_websocket(stream, url)
@@ -99,7 +126,13 @@ class Upstream:
         except (ValueError, UnicodeError) as err:  # e.g. a header value aiohttp will not encode
             _LOGGER.info("request %s rejected: %s", stream.head.request_id, err)
             stream.reset(ErrorCode.REQUEST_REJECTED, "request cannot be forwarded")
+        except _RedirectRefused as refused:
+            # Only a WebSocket upgrade can get here (plain requests never follow redirects):
+            # the visitor gets the redirect itself, to follow or not.
+            response = refused.response
+            stream.send_reply(ResponseHead(response.status, response.reason or "", strip_hop_by_hop(response.headers.items())), end_stream=True)
         finally:
+            stream.on_abandoned = None
             self.requests_served += 1
 
     def _request_headers(self, stream: TunnelStream, extra_drop: frozenset[str] = frozenset()) -> tuple[CIMultiDict[str], list[str]]:
@@ -108,25 +141,6 @@ class Upstream:
         return headers, skip
 
     async def _serve_http(self, stream: TunnelStream, url: URL) -> None:
-        # The agent touches the stream only when the home app gives it something, so a reset
-        # (visitor gone, bridge timeout → 504) would go unnoticed while the home app thinks or
-        # between two events of a stream, holding its request open indefinitely. Watch for the
-        # reset and cancel the request then. On this side a stream never gets a reply head, so
-        # reply() only ever ends by raising StreamResetError: exactly that signal.
-        relay = asyncio.ensure_future(self._relay_http(stream, url))
-        abandoned = asyncio.ensure_future(stream.reply())
-        try:
-            await asyncio.wait((relay, abandoned), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (abandoned, relay):
-                task.cancel()
-            # Let the request close its connection to the home app before the stream is done.
-            await asyncio.gather(relay, abandoned, return_exceptions=True)
-        if relay.cancelled():
-            raise StreamResetError(ErrorCode.CANCEL, "abandoned by the bridge")
-        relay.result()
-
-    async def _relay_http(self, stream: TunnelStream, url: URL) -> None:
         head = stream.head
         headers, skip = self._request_headers(stream)
         body = None if stream.at_eof else _request_body(stream)
@@ -169,8 +183,11 @@ class Upstream:
                 compress=0,
             )
         except aiohttp.WSServerHandshakeError as err:
-            # The home app answered the upgrade with an ordinary response (401, 404, ...).
-            stream.send_reply(ResponseHead(err.status or 502, err.message or ""), end_stream=True)
+            # The home app answered the upgrade with an ordinary response (401, 404, ...); its
+            # headers (WWW-Authenticate, Location) matter to the visitor, its body is gone.
+            headers = strip_hop_by_hop(err.headers.items()) if err.headers else []
+            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+            stream.send_reply(ResponseHead(err.status or 502, err.message or "", headers), end_stream=True)
             return
         async with ws:
             reply_headers = [("Sec-WebSocket-Protocol", ws.protocol)] if ws.protocol else []

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Self
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .. import __version__
 from ..const import CONNECT_PATH, DEAD_AFTER, HEALTH_PATH, HEARTBEAT_INTERVAL, REQUEST_TIMEOUT, RESERVED_PREFIX
@@ -24,6 +25,29 @@ from .visitors import VisitorHandler
 __all__ = ["Bridge", "BridgeConfig"]
 
 _LOGGER = logging.getLogger("rproxy.bridge")
+
+
+class _MalformedRequestFilter(logging.Filter):
+    """One INFO line, not an ERROR with a traceback, for requests aiohttp could not parse.
+
+    Anyone on the internet can send a bad request line or oversized headers; the visitor
+    already got its 400/431, and the operator needs to know it happened, not where in aiohttp.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "malformed request from %s: %s"
+            record.args = (record.args[0] if isinstance(record.args, tuple) and record.args else "?", str(exc).splitlines()[0])
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+#: The aiohttp server's own log (protocol errors), kept apart from aiohttp's global logger.
+_SERVER_LOGGER = logging.getLogger("rproxy.bridge.http")
+_SERVER_LOGGER.addFilter(_MalformedRequestFilter())
 
 
 @dataclass(slots=True)
@@ -81,7 +105,16 @@ class Bridge:
 
     async def start(self) -> None:
         """Listen; raises OSError (e.g. address in use) before anything is left running."""
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=self.config.shutdown_timeout)
+        # handler_cancellation: a visitor who hangs up cancels its handler, which resets the
+        # stream, which makes the agent drop its request to the home app.
+        runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            handler_cancellation=True,
+            shutdown_timeout=self.config.shutdown_timeout,
+            logger=_SERVER_LOGGER,
+        )
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, self.config.port, ssl_context=self.config.ssl_context)
         try:

@@ -37,9 +37,6 @@ _LOGGER = logging.getLogger("rproxy.bridge")
 #: Visitor-supplied fields the bridge replaces with its own view of the connection.
 _FORWARDING_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"})
 
-#: Seconds between checks that a visitor waiting on the tunnel is still connected.
-_VISITOR_CHECK_INTERVAL = 1.0
-
 #: What the visitor sees when the agent reset the stream before answering.
 _STATUS_FOR_RESET = {
     ErrorCode.TARGET_UNREACHABLE: (502, "the home app cannot be reached from the agent"),
@@ -89,6 +86,12 @@ class VisitorHandler:
             if is_websocket:
                 return await self._relay_websocket(request, stream, log)
             return await self._relay_http(request, stream, has_body, log)
+        except asyncio.CancelledError:
+            # The visitor hung up (the bridge runs aiohttp with handler cancellation, so a
+            # handler waiting on a slow home app or a quiet event stream learns it at once).
+            log.note = "visitor gone"
+            log.done(None)
+            raise
         finally:
             if not stream.closed:
                 stream.reset(ErrorCode.CANCEL, "visitor gone")
@@ -114,14 +117,12 @@ class VisitorHandler:
 
     async def _relay_http(self, request: web.Request, stream: TunnelStream, has_body: bool, log: _Access) -> web.StreamResponse:
         upload = asyncio.create_task(_pump_request_body(request, stream)) if has_body else None
-        watch = asyncio.create_task(_reset_when_visitor_leaves(request, stream, log))
         try:
             head = await self._await_reply(request, stream, log)
             if isinstance(head, web.Response):
                 return head
             return await self._send_response(request, stream, head, log)
         finally:
-            watch.cancel()
             if upload is not None and not upload.done():
                 upload.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -206,21 +207,6 @@ class VisitorHandler:
         return log.done(ws)
 
 
-async def _reset_when_visitor_leaves(request: web.Request, stream: TunnelStream, log: _Access) -> None:
-    """Reset the stream once the visitor's connection is gone, so the agent drops the request.
-
-    aiohttp does not cancel a handler when its visitor disconnects, and a handler waiting on
-    the tunnel (a slow home app, a quiet event stream) would otherwise learn it only when the
-    home app next sends something, which may be never. Checking the transport now and then
-    is cheap; the agent then closes its request to the home app.
-    """
-    while (transport := request.transport) is not None and not transport.is_closing():
-        await asyncio.sleep(_VISITOR_CHECK_INTERVAL)
-    if not stream.closed:
-        log.note = "visitor gone"
-        stream.reset(ErrorCode.CANCEL, "visitor gone")
-
-
 def _request_target(request: web.Request) -> str:
     """Path and query to forward, as the visitor wrote them.
 
@@ -291,10 +277,12 @@ class _Access:
         self.bytes = 0
         self.note = ""
 
-    def done(self, response: web.StreamResponse) -> web.StreamResponse:
+    def done(self, response: web.StreamResponse | None) -> web.StreamResponse:
+        """Log the line (once) and return ``response``; None means the visitor left (499)."""
         if self.enabled:
+            self.enabled = False
             request = self.request
-            status = self.status or response.status
+            status = self.status or (response.status if response is not None else 499)
             if isinstance(response, web.Response) and response.body is not None:
                 self.bytes = self.bytes or len(response.body)  # type: ignore[arg-type]
             _ACCESS.info(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..exceptions import StreamResetError, TunnelClosedError
@@ -45,6 +46,7 @@ class TunnelStream:
         "_remote_done",
         "bytes_received",
         "bytes_sent",
+        "on_abandoned",
     )
 
     def __init__(self, conn: TunnelConnection, stream_id: int, head: RequestHead, *, remote_done: bool) -> None:
@@ -61,6 +63,10 @@ class TunnelStream:
         self._remote_done = remote_done
         self.bytes_received = 0
         self.bytes_sent = 0
+        #: Called once if the peer resets the stream or the tunnel closes under it (not when
+        #: this side resets it): whoever serves the stream can stop at once, even while it
+        #: waits on something else, such as the home app thinking.
+        self.on_abandoned: Callable[[], object] | None = None
 
     # Reading.
 
@@ -173,7 +179,7 @@ class TunnelStream:
             return
         self._conn.mux.reset_stream(self.id, code, reason)
         self._conn.schedule_flush()
-        self._fail(StreamResetError(code, reason or "reset locally"))
+        self._fail(StreamResetError(code, reason or "reset locally"), local=True)
 
     @property
     def closed(self) -> bool:
@@ -248,8 +254,9 @@ class TunnelStream:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _fail(self, error: StreamResetError) -> None:
-        if self._error is None:
+    def _fail(self, error: StreamResetError, *, local: bool = False) -> None:
+        first = self._error is None
+        if first:
             self._error = error
         self._chunks.clear()
         if not self._reply.done():
@@ -259,3 +266,6 @@ class TunnelStream:
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
         self._conn.forget(self.id)
+        callback, self.on_abandoned = self.on_abandoned, None
+        if first and not local and callback is not None:
+            callback()

@@ -25,6 +25,7 @@ class EchoState:
     pings: list[bytes] = field(default_factory=list)
     closes: list[tuple[int | None, str]] = field(default_factory=list)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    login_hits: int = 0
 
 
 ECHO = web.AppKey("echo", EchoState)
@@ -62,12 +63,28 @@ async def _refuse(request: web.Request) -> web.Response:
     return web.Response(status=403, text="no websockets for you")
 
 
+async def _redirect_to_login(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/login")
+
+
+async def _login(request: web.Request) -> web.Response:
+    request.app[ECHO].login_hits += 1
+    return web.Response(text="login page")
+
+
+async def _need_auth(request: web.Request) -> web.Response:
+    return web.Response(status=401, text="who are you", headers={"WWW-Authenticate": 'Bearer realm="home"'})
+
+
 def echo_app() -> tuple[web.Application, EchoState]:
     app = web.Application()
     state = EchoState()
     app[ECHO] = state
     app.router.add_get("/ws", _echo)
     app.router.add_get("/refuse", _refuse)
+    app.router.add_get("/redirect", _redirect_to_login)
+    app.router.add_get("/login", _login)
+    app.router.add_get("/need-auth", _need_auth)
     return app, state
 
 
@@ -182,6 +199,33 @@ async def test_a_home_app_refusing_the_upgrade_with_403_fails_the_visitors_hands
         async with http.ws_connect(tunnel.ws_url("/ws")) as ws:
             await ws.send_str("still fine")
             assert (await ws.receive()).data == "still fine"
+
+
+UPGRADE_HEADERS = {
+    "Upgrade": "websocket",
+    "Connection": "Upgrade",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    "Sec-WebSocket-Version": "13",
+}
+
+
+async def test_a_redirected_upgrade_reaches_the_visitor_and_the_agent_does_not_follow_it(
+    tunnel: Tunnel, http: aiohttp.ClientSession
+) -> None:
+    """The agent relays the home app's 302 to an upgrade instead of fetching the new location itself."""
+    async with asyncio.timeout(20):
+        async with http.get(tunnel.bridge.url + "/redirect", headers=UPGRADE_HEADERS, allow_redirects=False) as response:
+            assert response.status == 302
+            assert response.headers["Location"] == "/login"
+    assert tunnel.state.login_hits == 0
+
+
+async def test_a_refused_upgrade_keeps_the_home_apps_headers(tunnel: Tunnel, http: aiohttp.ClientSession) -> None:
+    """A 401 answer to an upgrade reaches the visitor with its WWW-Authenticate challenge."""
+    async with asyncio.timeout(20):
+        async with http.get(tunnel.bridge.url + "/need-auth", headers=UPGRADE_HEADERS) as response:
+            assert response.status == 401
+            assert response.headers["WWW-Authenticate"] == 'Bearer realm="home"'
 
 
 async def test_fifty_concurrent_websockets_each_echo_twenty_messages(
