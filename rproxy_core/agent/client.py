@@ -196,6 +196,8 @@ class Agent:
             await asyncio.wait({task})
             if not task.cancelled():
                 task.exception()  # a refusal was already reported through wait(): mark it retrieved
+        if self._upstream is not None:
+            await self._upstream.close()
         if self._owns_session and self._session is not None:
             await self._session.close()
             self._session = None

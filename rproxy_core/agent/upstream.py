@@ -52,18 +52,16 @@ def create_upstream_session(limit: int = 256) -> aiohttp.ClientSession:
     """A client session fit for relaying.
 
     Bodies pass through untouched (no decompression), cookies are never stored (visitors
-    must not share a jar), redirects are never followed (the agent talks to its target and
-    nothing else), and no proxy settings from the environment are used.
+    must not share a jar), and no proxy settings from the environment are used. Redirects
+    are not followed either: plain requests pass ``allow_redirects=False`` and WebSocket
+    upgrades go through a guarded session (``Upstream._upgrade_session``).
     """
-    no_redirects = aiohttp.TraceConfig()
-    no_redirects.on_request_redirect.append(_refuse_redirect)
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=limit, enable_cleanup_closed=False),
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         trust_env=False,
         read_bufsize=256 << 10,
-        trace_configs=[no_redirects],
     )
 
 
@@ -80,8 +78,35 @@ class Upstream:
         self._origin = self.target.origin()
         self._prefix = self.target.raw_path.rstrip("/")
         self._session = session
+        self._ws_session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(total=None, connect=TARGET_CONNECT_TIMEOUT, sock_connect=TARGET_CONNECT_TIMEOUT)
         self.requests_served = 0
+
+    def _upgrade_session(self) -> aiohttp.ClientSession:
+        """A session for WebSocket upgrades that refuses redirects, sharing the connection pool.
+
+        aiohttp's ws_connect always follows redirects; a trace hook stops it. The hook lives
+        on a session of its own because trace hooks make every request on a session build
+        trace objects, a cost plain requests (which never follow redirects) need not pay.
+        """
+        if self._ws_session is None:
+            no_redirects = aiohttp.TraceConfig()
+            no_redirects.on_request_redirect.append(_refuse_redirect)
+            self._ws_session = aiohttp.ClientSession(
+                connector=self._session.connector,
+                connector_owner=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+                trust_env=False,
+                trace_configs=[no_redirects],
+            )
+        return self._ws_session
+
+    async def close(self) -> None:
+        """Release the upgrade session (the main session belongs to the caller)."""
+        if self._ws_session is not None:
+            await self._ws_session.close()
+            self._ws_session = None
 
     def url_for(self, request_target: str) -> URL | None:
         """The URL at the target for a visitor's request target, or None if it is not one."""
@@ -160,7 +185,8 @@ class Upstream:
                 return
             stream.send_reply(reply)
             while chunk := await content.readany():
-                await stream.write(chunk)
+                # FIN rides on the last chunk: small responses cross the tunnel as one message.
+                await stream.write(chunk, end_stream=content.at_eof())
             await stream.end()
 
     async def _serve_websocket(self, stream: TunnelStream, url: URL) -> None:
@@ -173,7 +199,7 @@ class Upstream:
             if p.strip()
         ]
         try:
-            ws = await self._session.ws_connect(
+            ws = await self._upgrade_session().ws_connect(
                 url,
                 protocols=offered,
                 headers=headers,

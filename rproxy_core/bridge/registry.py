@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import itertools
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from ..exceptions import NoAgentError, TunnelClosedError
 from ..protocol.heads import RequestHead
@@ -37,6 +37,10 @@ class TunnelRegistry(abc.ABC):
         Raises:
             NoAgentError: no live agent serves ``name``.
         """
+
+    @abc.abstractmethod
+    def names(self) -> Collection[str]:
+        """Names of the tunnels that have at least one agent (cheap: asked per request)."""
 
     @abc.abstractmethod
     def tunnels(self) -> Mapping[str, int]:
@@ -82,6 +86,9 @@ class MemoryRegistry(TunnelRegistry):
             except TunnelClosedError:
                 continue
         raise NoAgentError(name)
+
+    def names(self) -> Collection[str]:
+        return self._pools.keys()
 
     def tunnels(self) -> Mapping[str, int]:
         return {name: sum(1 for c in pool if not c.closed) for name, pool in self._pools.items()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import secrets
 import time
@@ -37,6 +38,10 @@ _LOGGER = logging.getLogger("rproxy.bridge")
 #: Visitor-supplied fields the bridge replaces with its own view of the connection.
 _FORWARDING_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"})
 
+#: Bodies up to this size that arrived whole with their head are sent with the head in one
+#: write; larger or still-arriving bodies are streamed.
+_ONE_WRITE_BODY = 64 << 10
+
 #: What the visitor sees when the agent reset the stream before answering.
 _STATUS_FOR_RESET = {
     ErrorCode.TARGET_UNREACHABLE: (502, "the home app cannot be reached from the agent"),
@@ -52,11 +57,18 @@ class VisitorHandler:
 
     def __init__(self, bridge: Bridge) -> None:
         self._bridge = bridge
+        # Request ids: a random prefix per bridge run and a counter; unique without a
+        # system call per request.
+        self._id_prefix = secrets.token_hex(4)
+        self._id_counter = itertools.count(1)
+
+    def _next_request_id(self) -> str:
+        return f"{self._id_prefix}{next(self._id_counter):08x}"
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         bridge = self._bridge
         started = time.monotonic()
-        name = resolve_tunnel(request.host, bridge.config.domain, bridge.registry.tunnels())
+        name = resolve_tunnel(request.host, bridge.config.domain, bridge.registry.names())
         is_websocket = (
             request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
             and request.method == "GET"
@@ -66,11 +78,11 @@ class VisitorHandler:
             target=_request_target(request),
             headers=self._forward_headers(request, is_websocket),
             kind=KIND_WEBSOCKET if is_websocket else KIND_HTTP,
-            request_id=secrets.token_hex(8),
+            request_id=self._next_request_id(),
         )
         log = _Access(request, name, head.request_id, started, bridge.config.access_log)
         if name is None:
-            if bridge.config.domain is None and not bridge.registry.tunnels():
+            if bridge.config.domain is None and not bridge.registry.names():
                 # Without a domain any Host reaches the one tunnel, so no tunnel at all means
                 # its agent is away (reconnecting): temporary, not "no such page".
                 return log.done(error_response(request, 503, "no agent is connected", {"Retry-After": "5"}))
@@ -129,6 +141,18 @@ class VisitorHandler:
                     await upload
 
     async def _send_response(self, request: web.Request, stream: TunnelStream, head: ResponseHead, log: _Access) -> web.StreamResponse:
+        framed = any(name.lower() == "content-length" for name, _ in head.headers)
+        if framed and head.status >= 200 and head.status not in (204, 304) and request.method != "HEAD":
+            body = stream.take_complete_body(_ONE_WRITE_BODY)
+            if body is not None:
+                # The whole (small) body came with the head: answer with one write. Only for
+                # bodies the home app framed by Content-Length, so framing stays as it sent it.
+                whole = web.Response(status=head.status, reason=head.reason or None, body=body)
+                for name, value in strip_hop_by_hop(head.headers):
+                    if name.lower() != "content-length":
+                        whole.headers.add(name, value)
+                log.status, log.bytes = head.status, len(body)
+                return log.done(whole)
         response = web.StreamResponse(status=head.status, reason=head.reason or None)
         for name, value in strip_hop_by_hop(head.headers):
             if name.lower() == "content-length":

@@ -76,7 +76,7 @@ class TunnelStream:
         Raises:
             StreamResetError: the stream was reset (``code`` says why) or the tunnel closed.
         """
-        return await asyncio.shield(self._reply)
+        return await self._reply
 
     @property
     def at_eof(self) -> bool:
@@ -151,14 +151,39 @@ class TunnelStream:
             self._end_local()
         self._conn.schedule_flush()
 
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
+    async def write(self, data: bytes | bytearray | memoryview, *, end_stream: bool = False) -> None:
         """Send body bytes, waiting for credit and socket room as needed.
+
+        Args:
+            end_stream: also end this side's half, on the same frame as the last bytes.
 
         Raises:
             StreamResetError: the stream was reset or the tunnel closed.
         """
         if data:
-            await self._send(data, 0, fragmented=False)
+            await self._send(data, 0, fragmented=False, end_stream=end_stream)
+        elif end_stream:
+            await self.end()
+
+    def take_complete_body(self, max_size: int) -> bytes | None:
+        """The whole body at once, if the peer has already sent all of it and it is small.
+
+        Small responses usually arrive in one message with their head, so the bridge can
+        answer them with one write instead of streaming. Returns None, consuming nothing,
+        when the body is still coming, bigger than ``max_size``, or not plain bytes.
+        """
+        if not self._eof or self._error is not None:
+            return None
+        total = 0
+        for chunk, flags in self._chunks:
+            total += len(chunk)
+            if flags or total > max_size:
+                return None
+        body = b"".join([chunk for chunk, _ in self._chunks])
+        self._chunks.clear()
+        if total:
+            self._conn.acknowledge(self.id, total)
+        return body
 
     async def send_message(self, kind: MessageKind, data: bytes | bytearray | memoryview) -> None:
         """Send one WebSocket message of ``kind`` (split into MORE fragments when needed)."""
@@ -186,7 +211,9 @@ class TunnelStream:
         """Whether the stream can no longer carry anything."""
         return self._error is not None or (self._local_done and self._remote_done)
 
-    async def _send(self, data: bytes | bytearray | memoryview, flag_bits: int, *, fragmented: bool) -> None:
+    async def _send(
+        self, data: bytes | bytearray | memoryview, flag_bits: int, *, fragmented: bool, end_stream: bool = False
+    ) -> None:
         conn = self._conn
         mux = conn.mux
         view = memoryview(data)
@@ -205,11 +232,14 @@ class TunnelStream:
                     self._credit_waiter = None
                 continue
             offset += size
-            flags = flag_bits | (Flags.MORE if fragmented and offset < total else 0)
-            mux.send_data(self.id, view[offset - size : offset], flags=flags)
+            last = offset >= total
+            flags = flag_bits | (Flags.MORE if fragmented and not last else 0)
+            mux.send_data(self.id, view[offset - size : offset], flags=flags, end_stream=end_stream and last)
             self.bytes_sent += size
-            if offset >= total:
+            if last:
                 break
+        if end_stream:
+            self._end_local()
         conn.schedule_flush()
         if mux.pending_bytes > conn.write_high_water:
             await conn.drain()
