@@ -17,7 +17,7 @@ import socket
 import ssl
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from . import __version__
 from .agent import Agent, AgentConfig

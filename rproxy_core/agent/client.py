@@ -8,7 +8,6 @@ credentials or protocol: retrying those cannot help.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import random
@@ -124,7 +123,7 @@ class Backoff:
 
     def next(self) -> float:
         """The next delay: half fixed, half random, so a fleet of agents does not stampede."""
-        ceiling = min(self.maximum, self.initial * 2**self.attempt)
+        ceiling = min(self.maximum, self.initial * 2.0**self.attempt)
         self.attempt = min(self.attempt + 1, 32)
         return ceiling * (0.5 + 0.5 * random.random())
 

@@ -211,9 +211,9 @@ class Upstream:
         except aiohttp.WSServerHandshakeError as err:
             # The home app answered the upgrade with an ordinary response (401, 404, ...); its
             # headers (WWW-Authenticate, Location) matter to the visitor, its body is gone.
-            headers = strip_hop_by_hop(err.headers.items()) if err.headers else []
-            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
-            stream.send_reply(ResponseHead(err.status or 502, err.message or "", headers), end_stream=True)
+            refusal = strip_hop_by_hop(err.headers.items()) if err.headers else []
+            refusal = [(k, v) for k, v in refusal if k.lower() != "content-length"]
+            stream.send_reply(ResponseHead(err.status or 502, err.message or "", refusal), end_stream=True)
             return
         async with ws:
             reply_headers = [("Sec-WebSocket-Protocol", ws.protocol)] if ws.protocol else []

@@ -14,7 +14,7 @@ import itertools
 import logging
 import secrets
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from aiohttp import WSMsgType, hdrs, web
 
@@ -116,7 +116,7 @@ class VisitorHandler:
         headers.append(("X-Forwarded-Host", request.host))
         return headers
 
-    async def _await_reply(self, request: web.Request, stream: TunnelStream, log: _Access) -> ResponseHead | web.Response:
+    async def _await_reply(self, request: web.Request, stream: TunnelStream, log: _Access) -> ResponseHead | web.StreamResponse:
         try:
             async with asyncio.timeout(self._bridge.config.request_timeout):
                 return await stream.reply()
@@ -131,7 +131,7 @@ class VisitorHandler:
         upload = asyncio.create_task(_pump_request_body(request, stream)) if has_body else None
         try:
             head = await self._await_reply(request, stream, log)
-            if isinstance(head, web.Response):
+            if not isinstance(head, ResponseHead):
                 return head
             return await self._send_response(request, stream, head, log)
         finally:
@@ -179,7 +179,7 @@ class VisitorHandler:
 
     async def _relay_websocket(self, request: web.Request, stream: TunnelStream, log: _Access) -> web.StreamResponse:
         head = await self._await_reply(request, stream, log)
-        if isinstance(head, web.Response):
+        if not isinstance(head, ResponseHead):
             return head
         if head.status != 101:  # the home app refused the upgrade: relay its answer
             return await self._send_response(request, stream, head, log)
@@ -286,6 +286,9 @@ async def _pump_visitor_messages(ws: web.WebSocketResponse, stream: TunnelStream
         stream.reset(ErrorCode.CANCEL, "visitor gone")
 
 
+_R = TypeVar("_R", bound=web.StreamResponse | None)
+
+
 class _Access:
     """One access-log line per visitor request, written when the response is done."""
 
@@ -301,7 +304,7 @@ class _Access:
         self.bytes = 0
         self.note = ""
 
-    def done(self, response: web.StreamResponse | None) -> web.StreamResponse:
+    def done(self, response: _R) -> _R:
         """Log the line (once) and return ``response``; None means the visitor left (499)."""
         if self.enabled:
             self.enabled = False

@@ -52,26 +52,26 @@ OPEN = StreamState.OPEN
 HALF_CLOSED_LOCAL = StreamState.HALF_CLOSED_LOCAL
 HALF_CLOSED_REMOTE = StreamState.HALF_CLOSED_REMOTE
 CLOSED = StreamState.CLOSED
-I = StreamInput
+IN = StreamInput
 
 _TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
-    (IDLE, I.SEND_OPEN): OPEN,
-    (IDLE, I.RECV_OPEN): OPEN,
-    (OPEN, I.SEND_REPLY): OPEN,
-    (OPEN, I.RECV_REPLY): OPEN,
-    (OPEN, I.SEND_DATA): OPEN,
-    (OPEN, I.RECV_DATA): OPEN,
-    (OPEN, I.SEND_FIN): HALF_CLOSED_LOCAL,
-    (OPEN, I.RECV_FIN): HALF_CLOSED_REMOTE,
-    (HALF_CLOSED_LOCAL, I.RECV_REPLY): HALF_CLOSED_LOCAL,
-    (HALF_CLOSED_LOCAL, I.RECV_DATA): HALF_CLOSED_LOCAL,
-    (HALF_CLOSED_LOCAL, I.RECV_FIN): CLOSED,
-    (HALF_CLOSED_REMOTE, I.SEND_REPLY): HALF_CLOSED_REMOTE,
-    (HALF_CLOSED_REMOTE, I.SEND_DATA): HALF_CLOSED_REMOTE,
-    (HALF_CLOSED_REMOTE, I.SEND_FIN): CLOSED,
+    (IDLE, IN.SEND_OPEN): OPEN,
+    (IDLE, IN.RECV_OPEN): OPEN,
+    (OPEN, IN.SEND_REPLY): OPEN,
+    (OPEN, IN.RECV_REPLY): OPEN,
+    (OPEN, IN.SEND_DATA): OPEN,
+    (OPEN, IN.RECV_DATA): OPEN,
+    (OPEN, IN.SEND_FIN): HALF_CLOSED_LOCAL,
+    (OPEN, IN.RECV_FIN): HALF_CLOSED_REMOTE,
+    (HALF_CLOSED_LOCAL, IN.RECV_REPLY): HALF_CLOSED_LOCAL,
+    (HALF_CLOSED_LOCAL, IN.RECV_DATA): HALF_CLOSED_LOCAL,
+    (HALF_CLOSED_LOCAL, IN.RECV_FIN): CLOSED,
+    (HALF_CLOSED_REMOTE, IN.SEND_REPLY): HALF_CLOSED_REMOTE,
+    (HALF_CLOSED_REMOTE, IN.SEND_DATA): HALF_CLOSED_REMOTE,
+    (HALF_CLOSED_REMOTE, IN.SEND_FIN): CLOSED,
 }
 
-_LOCAL_INPUTS = frozenset({I.SEND_OPEN, I.SEND_REPLY, I.SEND_DATA, I.SEND_FIN, I.SEND_RESET})
+_LOCAL_INPUTS = frozenset({IN.SEND_OPEN, IN.SEND_REPLY, IN.SEND_DATA, IN.SEND_FIN, IN.SEND_RESET})
 
 
 class StreamStateMachine:
@@ -92,23 +92,23 @@ class StreamStateMachine:
             LocalProtocolError: if this side's action is not allowed now.
             RemoteProtocolError: if the peer's frame is not allowed now.
         """
-        if event is I.SEND_RESET or event is I.RECV_RESET:
+        if event is IN.SEND_RESET or event is IN.RECV_RESET:
             self.state = CLOSED
             return CLOSED
         next_state = _TRANSITIONS.get((self.state, event))
         if next_state is None:
             self._fail(event, f"{event.name} not allowed in state {self.state.name}")
-        if event is I.SEND_OPEN:
+        if event is IN.SEND_OPEN:
             self.opened_locally = True
-        elif event is I.SEND_REPLY or event is I.RECV_REPLY:
+        elif event is IN.SEND_REPLY or event is IN.RECV_REPLY:
             self._check_reply(event)
-        elif event is I.SEND_DATA or event is I.RECV_DATA:
+        elif event is IN.SEND_DATA or event is IN.RECV_DATA:
             self._check_data(event)
         self.state = next_state  # type: ignore[assignment]
         return self.state
 
     def _check_reply(self, event: StreamInput) -> None:
-        sending = event is I.SEND_REPLY
+        sending = event is IN.SEND_REPLY
         # Only the side that did not open the stream replies, and only once.
         if self.opened_locally == sending or (self.reply_sent if sending else self.reply_received):
             self._fail(event, "REPLY from the opener or sent twice")
@@ -119,9 +119,9 @@ class StreamStateMachine:
 
     def _check_data(self, event: StreamInput) -> None:
         # The responder's body follows its REPLY.
-        if event is I.SEND_DATA and not self.opened_locally and not self.reply_sent:
+        if event is IN.SEND_DATA and not self.opened_locally and not self.reply_sent:
             self._fail(event, "DATA before REPLY")
-        if event is I.RECV_DATA and self.opened_locally and not self.reply_received:
+        if event is IN.RECV_DATA and self.opened_locally and not self.reply_received:
             self._fail(event, "DATA before REPLY")
 
     @staticmethod
