@@ -160,6 +160,26 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (``pip install rproxy-core[speed]``).
+
+    It makes the relay measurably faster (fewer microseconds per request and per write).
+    ``RPROXY_EVENT_LOOP=asyncio`` keeps the standard loop.
+    """
+    if os.environ.get("RPROXY_EVENT_LOOP", "auto") == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def _run(coro_factory: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_until_signalled(coro_factory))
+
+
 async def _until_signalled(work: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -241,10 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "bridge":
             config = bridge_config(args)
-            asyncio.run(_until_signalled(lambda stop: _run_bridge(config, stop)))
+            _run(lambda stop: _run_bridge(config, stop))
         elif args.command == "agent":
             agent_cfg = agent_config(args)
-            asyncio.run(_until_signalled(lambda stop: _run_agent(agent_cfg, stop)))
+            _run(lambda stop: _run_agent(agent_cfg, stop))
         elif args.command == "demo":
             try:
                 from .config import parse_listen
@@ -252,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parse_listen(args.listen)
             except Exception as err:
                 raise ConfigError(f"--listen: {err}") from None
-            asyncio.run(_until_signalled(lambda stop: _run_demo(args.listen, stop)))
+            _run(lambda stop: _run_demo(args.listen, stop))
     except ConfigError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
