@@ -75,10 +75,10 @@ class AgentHandler:
             AiohttpFrameSocket(ws, remote, request.transport),
             Multiplexer(Role.BRIDGE),
             label=label,
+            peer_id=agent_id,
             heartbeat_interval=bridge.config.heartbeat_interval,
             dead_after=bridge.config.dead_after,
         )
-        connection.agent_id = agent_id  # type: ignore[attr-defined]
         self._handshaking.add(connection)  # so that a stopping bridge can close it too
         try:
             # Passed explicitly (read at call time, not bound as a default at import) so the

@@ -61,8 +61,13 @@ class MemoryRegistry(TunnelRegistry):
     async def add(self, name: str, connection: TunnelConnection) -> None:
         self._pools.setdefault(name, []).append(connection)
         self._turns.setdefault(name, itertools.count())
+        # Leave the pool the moment the tunnel starts closing, not when its handler returns.
+        connection.on_close(lambda closed: self._discard(name, closed))
 
     async def remove(self, name: str, connection: TunnelConnection) -> None:
+        self._discard(name, connection)
+
+    def _discard(self, name: str, connection: TunnelConnection) -> None:
         pool = self._pools.get(name)
         if pool is None or connection not in pool:
             return

@@ -43,6 +43,7 @@ class TunnelConnection:
         socket: the WebSocket.
         mux: a fresh Multiplexer for this side.
         label: how logs name this tunnel (e.g. ``home/agent-1 from 203.0.113.5``).
+        peer_id: the peer's identity (on the bridge: the agent id it presented).
         on_stream: called with each stream the peer opens (the agent serves them).
         heartbeat_interval: seconds between PINGs.
         dead_after: seconds of silence after which the peer is considered dead.
@@ -54,6 +55,7 @@ class TunnelConnection:
         mux: Multiplexer,
         *,
         label: str,
+        peer_id: str = "",
         on_stream: Callable[[TunnelStream], None] | None = None,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         dead_after: float = DEAD_AFTER,
@@ -62,6 +64,7 @@ class TunnelConnection:
         self.socket = socket
         self.mux = mux
         self.label = label
+        self.peer_id = peer_id
         self.streams: dict[int, TunnelStream] = {}
         self.write_high_water = WRITE_HIGH_WATER
         self.peer_settings: dict[str, Any] = {}
@@ -79,6 +82,7 @@ class TunnelConnection:
         self._heartbeat: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
+        self._close_callbacks: list[Callable[[TunnelConnection], object]] = []
         self._done = asyncio.Event()
 
     # Lifecycle.
@@ -135,7 +139,7 @@ class TunnelConnection:
     async def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "closing") -> None:
         """Say GOAWAY, close the socket and wait until ``run`` has finished."""
         if not self._closing:
-            self._closing = True
+            self._mark_closing()
             self.close_reason = self.close_reason or reason
             self.mux.goaway(code, reason)
             with contextlib.suppress(Exception):
@@ -146,6 +150,28 @@ class TunnelConnection:
                     await self.socket.close(1000 if code == ErrorCode.NO_ERROR else 1002, reason[:100])
         if self._writer is not None:  # run() is active: it ends now that the socket is closed
             await self._done.wait()
+
+    def on_close(self, callback: Callable[[TunnelConnection], object]) -> None:
+        """Call ``callback(self)`` once, as soon as the tunnel starts closing for any reason.
+
+        That is earlier than ``run`` returning, which waits for close handshakes: a registry
+        uses it to stop routing visitors here at once.
+        """
+        if self._closing:
+            callback(self)
+        else:
+            self._close_callbacks.append(callback)
+
+    def _mark_closing(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        callbacks, self._close_callbacks = self._close_callbacks, []
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception:
+                _LOGGER.exception("tunnel %s: close callback failed", self.label)
 
     @property
     def closed(self) -> bool:
@@ -247,7 +273,7 @@ class TunnelConnection:
             # Nothing more can arrive: refuse new streams now, not only once run() gets to its
             # teardown a loop turn later (a visitor routed here meanwhile would get a 502 even
             # though another agent of the pool could serve it).
-            self._closing = True
+            self._mark_closing()
 
     async def _read_messages(self) -> None:
         receive = self.socket.receive
@@ -347,7 +373,7 @@ class TunnelConnection:
                 self.schedule_flush()
 
     async def _teardown(self) -> None:
-        self._closing = True
+        self._mark_closing()
         tasks = [t for t in (self._heartbeat, self._writer, self._reader) if t is not None]
         for task in tasks:
             if not task.done():
