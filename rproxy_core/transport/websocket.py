@@ -7,15 +7,15 @@ aiohttp client session, e.g. Home Assistant's). The connection code sees only Fr
 from __future__ import annotations
 
 import asyncio
+import struct
 from typing import TYPE_CHECKING, Protocol
 
-from aiohttp import WSMsgType
+from aiohttp import WSMsgType, web
 
 from ..exceptions import FrameError
 
 if TYPE_CHECKING:
     import aiohttp
-    from aiohttp import web
     from websockets.asyncio.client import ClientConnection
 
 __all__ = ["FrameSocket", "AiohttpFrameSocket", "WebsocketsFrameSocket"]
@@ -34,6 +34,13 @@ class FrameSocket(Protocol):
     async def send(self, data: bytes) -> None:
         """Send one binary message (raises on a closed socket)."""
 
+    def send_nowait(self, data: bytes) -> bool:
+        """Write one binary message at once if the socket can take it without waiting.
+
+        Returns False, having written nothing, when the socket is closing or its buffer is
+        above the write limit; the caller then uses :meth:`send`, which waits.
+        """
+
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Close gracefully; idempotent."""
 
@@ -47,11 +54,26 @@ class FrameSocket(Protocol):
 
 _CLOSED = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR})
 
+#: Above this many bytes buffered in the socket, writes wait for it to drain (backpressure).
+NOWAIT_WRITE_LIMIT = 256 << 10
+
+_LEN16 = struct.Struct("!BBH")
+_LEN64 = struct.Struct("!BBQ")
+
+
+def server_binary_frame_header(length: int) -> bytes:
+    """Header of an unfragmented, unmasked binary frame from a server (RFC 6455 §5.2)."""
+    if length < 126:
+        return bytes((0x82, length))
+    if length < 1 << 16:
+        return _LEN16.pack(0x82, 126, length)
+    return _LEN64.pack(0x82, 127, length)
+
 
 class AiohttpFrameSocket:
     """FrameSocket over aiohttp's server or client WebSocket."""
 
-    __slots__ = ("_ws", "remote", "_transport")
+    __slots__ = ("_server_transport", "_transport", "_ws", "remote")
 
     def __init__(
         self,
@@ -62,6 +84,12 @@ class AiohttpFrameSocket:
         self._ws = ws
         self.remote = remote
         self._transport = transport
+        # Server frames are not masked, so the bridge can write them itself, synchronously;
+        # aiohttp's own send is a coroutine (see TunnelConnection.schedule_flush for why that
+        # matters). A client's frames must be masked: those always go through aiohttp.
+        self._server_transport = (
+            transport if isinstance(ws, web.WebSocketResponse) and isinstance(transport, asyncio.WriteTransport) else None
+        )
 
     async def receive(self) -> bytes | bytearray | None:
         msg = await self._ws.receive()
@@ -74,6 +102,18 @@ class AiohttpFrameSocket:
     async def send(self, data: bytes) -> None:
         await self._ws.send_bytes(data)
 
+    def send_nowait(self, data: bytes) -> bool:
+        transport = self._server_transport
+        if (
+            transport is None
+            or self._ws.closed
+            or transport.is_closing()
+            or transport.get_write_buffer_size() > NOWAIT_WRITE_LIMIT
+        ):
+            return False
+        transport.write(server_binary_frame_header(len(data)) + data)
+        return True
+
     async def close(self, code: int = 1000, reason: str = "") -> None:
         await self._ws.close(code=code, message=reason.encode())
 
@@ -85,14 +125,16 @@ class AiohttpFrameSocket:
 class WebsocketsFrameSocket:
     """FrameSocket over a websockets client connection."""
 
-    __slots__ = ("_ws", "remote", "_closed_exc")
+    __slots__ = ("_closed_exc", "_open", "_ws", "remote")
 
     def __init__(self, ws: ClientConnection, remote: str) -> None:
         from websockets.exceptions import ConnectionClosed
+        from websockets.protocol import State
 
         self._ws = ws
         self.remote = remote
         self._closed_exc = ConnectionClosed
+        self._open = State.OPEN
 
     async def receive(self) -> bytes | bytearray | None:
         try:
@@ -105,6 +147,22 @@ class WebsocketsFrameSocket:
 
     async def send(self, data: bytes) -> None:
         await self._ws.send(data)
+
+    def send_nowait(self, data: bytes) -> bool:
+        # websockets' sans-I/O protocol frames (and masks) the message; writing its output to
+        # the transport is what the connection's own send does before it waits to drain.
+        ws = self._ws
+        transport = ws.transport
+        if (
+            ws.protocol.state is not self._open
+            or transport.is_closing()
+            or transport.get_write_buffer_size() > NOWAIT_WRITE_LIMIT
+        ):
+            return False
+        ws.protocol.send_binary(data)
+        for chunk in ws.protocol.data_to_send():
+            transport.write(chunk)
+        return True
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         await self._ws.close(code, reason)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -170,3 +172,39 @@ async def test_a_stalled_visitor_holds_back_only_its_own_download(
         # And the tunnel still works afterwards.
         async with http.get(t.url + "/id/after") as response:
             assert (await response.json())["n"] == "after"
+
+
+async def test_a_frozen_bridge_stops_the_agent_from_reading_the_home_app(
+    http: aiohttp.ClientSession, procs: Callable[..., Proc]
+) -> None:
+    """With the bridge frozen mid-transfer, the agent's output backs up and it stops pulling from the home app.
+
+    Sixteen downloads at once hold more credit than loopback's socket buffers absorb, so the
+    agent's tunnel socket fills and its writes must wait; when the bridge resumes, every
+    download completes byte-exact.
+    """
+    size, count = 32 * MB, 16
+    async with bridge_process(procs) as t:
+
+        async def download() -> str:
+            async with http.get(t.url + f"/download/{size}") as response:
+                assert response.status == 200
+                digest, received = await _download_sha256(response)
+                assert received == size
+                return digest
+
+        async with asyncio.timeout(120):
+            downloads = [asyncio.create_task(download()) for _ in range(count)]
+            while t.home.bytes_written < 4 * MB:  # transfers under way
+                await asyncio.sleep(0.01)
+            os.kill(t.bridge.pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(1.5)
+                stalled_at = t.home.bytes_written
+                await asyncio.sleep(1.5)
+                assert t.home.bytes_written == stalled_at, "the agent kept reading the home app"
+                assert stalled_at < count * size
+            finally:
+                os.kill(t.bridge.pid, signal.SIGCONT)
+            digests = await asyncio.gather(*downloads)
+        assert digests == [pattern_sha256(size)] * count
