@@ -183,7 +183,8 @@ class Upstream:
             if content.at_eof():
                 stream.send_reply(reply, end_stream=True)
                 return
-            stream.send_reply(reply)
+            # When body bytes came with the head, the first write below carries the head too.
+            stream.send_reply(reply, flush=content.total_bytes == 0)
             while chunk := await content.readany():
                 # FIN rides on the last chunk: small responses cross the tunnel as one message.
                 await stream.write(chunk, end_stream=content.at_eof())

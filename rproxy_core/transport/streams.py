@@ -143,13 +143,19 @@ class TunnelStream:
 
     # Writing.
 
-    def send_reply(self, head: ResponseHead, *, end_stream: bool = False) -> None:
-        """Queue the response head (agent side)."""
+    def send_reply(self, head: ResponseHead, *, end_stream: bool = False, flush: bool = True) -> None:
+        """Queue the response head (agent side).
+
+        Args:
+            flush: send it now. Pass False when body bytes are about to be written in the
+                same turn: head and body then leave in one message, one write.
+        """
         self._raise_if_reset()
         self._conn.mux.send_reply(self.id, head, end_stream=end_stream)
         if end_stream:
             self._end_local()
-        self._conn.schedule_flush()
+        if flush or end_stream:
+            self._conn.schedule_flush()
 
     async def write(self, data: bytes | bytearray | memoryview, *, end_stream: bool = False) -> None:
         """Send body bytes, waiting for credit and socket room as needed.
