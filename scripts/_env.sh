@@ -45,9 +45,14 @@ ensure_venv() {
       "$python" -m venv "$VENV"
     fi
   fi
-  echo "installing Python packages into .venv"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v 'is ignored' || true
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$requirements" -e "$ROOT" 2>&1 | grep -v 'is ignored' || true
+  echo "installing Python packages into .venv (log: .venv/install.log)"
+  if ! { "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip &&
+         "$VENV/bin/python" -m pip install --disable-pip-version-check -r "$requirements" -e "$ROOT"; } \
+       > "$VENV/install.log" 2>&1; then
+    tail -n 30 "$VENV/install.log" >&2
+    echo "rproxy: installing Python packages failed; the whole log is in .venv/install.log" >&2
+    exit 1
+  fi
   "$VENV/bin/python" -c 'import rproxy_core' # fail here, loudly, if the install did not work
   echo "$stamp" > "$VENV/.rproxy-stamp"
 }
