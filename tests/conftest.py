@@ -7,6 +7,7 @@ import hashlib
 import os
 import signal
 import socket
+import ssl as ssl_module
 import subprocess
 import sys
 import time
@@ -155,13 +156,13 @@ def procs(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
         proc.stop()
 
 
-async def wait_http(url: str, status: int = 200, timeout: float = 20) -> None:
-    """Poll ``url`` until it answers ``status``."""
+async def wait_http(url: str, status: int = 200, timeout: float = 20, ssl: ssl_module.SSLContext | None = None) -> None:
+    """Poll ``url`` until it answers ``status`` (``ssl``: the context that trusts a test CA)."""
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as session:
         while True:
             try:
-                async with session.get(url) as response:
+                async with session.get(url, ssl=ssl if ssl is not None else True) as response:
                     if response.status == status:
                         return
             except aiohttp.ClientError:
