@@ -48,6 +48,27 @@ __all__ = ["Agent", "AgentConfig", "AgentState", "Backoff", "bridge_connect_url"
 _LOGGER = logging.getLogger("rproxy.agent")
 
 
+class _NoSecretsFilter(logging.Filter):
+    """Keeps the agent's token and visitors' traffic out of websockets' debug log.
+
+    At DEBUG, websockets logs every handshake header (our Authorization among them) and a
+    preview of every frame (visitors' request heads: cookies, credentials). Handshake lines
+    stay, with the credential masked; frame dumps go.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg in ("> %s", "< %s"):  # a frame
+            return False
+        if record.msg == "> %s: %s" and isinstance(record.args, tuple) and str(record.args[0]).lower() == "authorization":
+            record.args = (record.args[0], "[redacted]")
+        return True
+
+
+#: The logger handed to websockets for the tunnel connection.
+_TUNNEL_LOGGER = logging.getLogger("rproxy.agent.websocket")
+_TUNNEL_LOGGER.addFilter(_NoSecretsFilter())
+
+
 class AgentState(enum.StrEnum):
     """What the agent is doing now."""
 
@@ -282,6 +303,7 @@ class Agent:
                 open_timeout=HANDSHAKE_TIMEOUT,
                 close_timeout=2,
                 proxy=None,
+                logger=_TUNNEL_LOGGER,
             )
         except InvalidStatus as err:
             raise _refusal(err) from None

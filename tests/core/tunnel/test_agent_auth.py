@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from aiohttp import web
 
 from rproxy_core import Agent, AgentConfig, AuthenticationError
 from rproxy_core.agent.client import AgentState
-from tests.conftest import ROOT, TOKEN, Proc, free_port, running_bridge, start_app, wait_http
+from tests.conftest import ROOT, TOKEN, Proc, free_port, running_agent, running_bridge, start_app, wait_http
 
 CONNECT = "/_rproxy/connect"
 WRONG = "wrong-token-value-" + "q" * 12
@@ -185,3 +186,19 @@ async def test_every_token_in_a_token_file_is_accepted(procs: Callable[..., Proc
         for agent in agents:
             await agent.stop()
         await runner.cleanup()
+
+
+async def test_debug_logging_never_shows_the_token_or_visitor_traffic(caplog: pytest.LogCaptureFixture) -> None:
+    """With every logger at DEBUG, neither the agent token nor a visitor's cookie appears in any log record."""
+    from homeapps import serve_home
+
+    caplog.set_level(logging.DEBUG)
+    secret_cookie = "session=" + "c00kie" * 4
+    async with serve_home() as (_home, target), running_bridge() as bridge:
+        async with running_agent(bridge.url, target), aiohttp.ClientSession() as session:
+            async with session.get(bridge.url + "/hello", headers={"Cookie": secret_cookie}) as response:
+                assert response.status == 200
+    text = "\n".join(record.getMessage() for record in caplog.records)
+    assert "Authorization: [redacted]" in text  # the handshake is still logged, masked
+    assert TOKEN not in text
+    assert "c00kie" not in text
