@@ -100,11 +100,10 @@ def _build_parser() -> argparse.ArgumentParser:
 def bridge_config(args: argparse.Namespace, environ: dict[str, str] | None = None) -> BridgeConfig:
     """Turn parsed flags (plus environment and config file) into a BridgeConfig."""
     environ = dict(os.environ if environ is None else environ)
-    env = dict(BRIDGE_ENV)
     if args.listen is None and not environ.get("RPROXY_LISTEN") and environ.get("PORT"):
         args.listen = f"0.0.0.0:{environ['PORT']}"  # hosts such as Heroku give exactly one port
     flags = {key: getattr(args, key, None) for key in ("listen", "domain", "token", "token_file", "request_timeout", "tls_cert", "tls_key", "access_log")}
-    values, origin = merge(flags, env, load_file(args.config), environ)
+    values, origin = merge(flags, BRIDGE_ENV, load_file(args.config), environ)
     settings = validate(BRIDGE_SCHEMA, values, origin)
     tokens = list(settings["token"])
     if settings.get("token_file"):

@@ -43,7 +43,6 @@ class TunnelStream:
         "_read_waiter",
         "_credit_waiter",
         "_local_done",
-        "_remote_done",
         "bytes_received",
         "bytes_sent",
         "on_abandoned",
@@ -54,13 +53,13 @@ class TunnelStream:
         self.head = head
         self._conn = conn
         self._chunks: deque[tuple[memoryview, int]] = deque()
+        #: The peer ended its half (FIN); chunks may still wait to be read.
         self._eof = remote_done
         self._error: StreamResetError | None = None
         self._reply: asyncio.Future[ResponseHead] = conn.loop.create_future()
         self._read_waiter: asyncio.Future[None] | None = None
         self._credit_waiter: asyncio.Future[None] | None = None
         self._local_done = False
-        self._remote_done = remote_done
         self.bytes_received = 0
         self.bytes_sent = 0
         #: Called once if the peer resets the stream or the tunnel closes under it (not when
@@ -215,7 +214,7 @@ class TunnelStream:
     @property
     def closed(self) -> bool:
         """Whether the stream can no longer carry anything."""
-        return self._error is not None or (self._local_done and self._remote_done)
+        return self._error is not None or (self._local_done and self._eof)
 
     async def _send(
         self, data: bytes | bytearray | memoryview, flag_bits: int, *, fragmented: bool, end_stream: bool = False
@@ -258,7 +257,7 @@ class TunnelStream:
 
     def _end_local(self) -> None:
         self._local_done = True
-        if self._remote_done:
+        if self._eof:
             self._conn.forget(self.id)
 
     # Called by the connection when events arrive.
@@ -278,7 +277,6 @@ class TunnelStream:
 
     def _on_end(self) -> None:
         self._eof = True
-        self._remote_done = True
         waiter = self._read_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
