@@ -195,10 +195,10 @@ class TunnelStream:
         await self._send(data, kind.flag_bits, fragmented=True)
 
     async def end(self) -> None:
-        """End this side's half (FIN)."""
-        self._raise_if_reset()
+        """End this side's half (FIN); nothing to do if it already ended."""
         if self._local_done:
             return
+        self._raise_if_reset()
         self._conn.mux.end_stream(self.id)
         self._end_local()
         self._conn.schedule_flush()
