@@ -21,6 +21,7 @@ from ..exceptions import StreamResetError
 from ..headers import WEBSOCKET_HOP_HEADERS, strip_hop_by_hop
 from ..protocol.frames import ErrorCode, MessageKind, decode_code, encode_code, sendable_close_code
 from ..protocol.heads import KIND_WEBSOCKET, ResponseHead
+from ..protocol.mux import DEFAULT_MAX_STREAMS
 from ..transport import TunnelStream
 
 __all__ = ["Upstream", "create_upstream_session"]
@@ -48,8 +49,13 @@ async def _refuse_redirect(
     raise _RedirectRefused(params.response)
 
 
-def create_upstream_session(limit: int = 256) -> aiohttp.ClientSession:
+def create_upstream_session(limit: int = DEFAULT_MAX_STREAMS) -> aiohttp.ClientSession:
     """A client session fit for relaying.
+
+    Its connection pool is as large as the number of streams a tunnel may carry: a visitor's
+    WebSocket, event stream or long poll holds its connection to the home app for as long as
+    it lives, and a smaller pool would make the next visitor wait for a free slot (and get a
+    504) while the tunnel itself still had room.
 
     Bodies pass through untouched (no decompression), cookies are never stored (visitors
     must not share a jar), and no proxy settings from the environment are used. Redirects

@@ -286,3 +286,19 @@ async def test_a_visitors_websocket_is_closed_with_1011_when_its_agent_goes_away
             await state.closed.wait()  # the agent closed its side to the home app too
     finally:
         await runner.cleanup()
+
+
+async def test_three_hundred_websockets_stay_open_at_once_through_one_agent(
+    tunnel: Tunnel, http: aiohttp.ClientSession
+) -> None:
+    """Long-lived sockets do not exhaust the agent's connections to the home app (it once allowed 256)."""
+    count = 300
+    async with asyncio.timeout(90):
+        sockets = [await http.ws_connect(tunnel.ws_url("/ws")) for _ in range(count)]
+        try:
+            for i, ws in enumerate(sockets):
+                await ws.send_str(f"still here {i}")
+            for i, ws in enumerate(sockets):
+                assert (await ws.receive()).data == f"still here {i}"
+        finally:
+            await asyncio.gather(*(ws.close() for ws in sockets))
