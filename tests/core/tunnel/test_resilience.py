@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 import websockets
 from aiohttp import WSMsgType, web
+from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
 from tests.conftest import TOKEN, Proc, free_port, running_agent, running_bridge, start_app, wait_for_tunnel, wait_http
@@ -312,12 +313,7 @@ async def test_a_misbehaving_agent_loses_only_its_own_tunnel(junk: bytes | str, 
                     assert set((await response.json())["tunnels"]) == {"good", "junk"}
 
                 await raw.send(junk)
-                goaway = None
-                with pytest.raises(websockets.ConnectionClosed):
-                    while True:
-                        for frame in iter_frames(await raw.recv(), 1 << 20):
-                            if frame.type is FrameType.GOAWAY:
-                                goaway = decode_code(frame.payload)
+                goaway = await goaway_before_close(raw)
                 assert goaway is not None and goaway[0] != ErrorCode.NO_ERROR, goaway
                 assert raw.close_code == 1002
 
@@ -349,12 +345,7 @@ async def test_an_agent_that_never_sends_hello_is_dropped_without_affecting_othe
                 frames = list(iter_frames(await raw.recv(), 1 << 20))
                 assert frames[0].type is FrameType.HELLO
                 assert "mute" not in bridge.registry.tunnels()
-                goaway = None
-                with pytest.raises(websockets.ConnectionClosed):
-                    while True:
-                        for frame in iter_frames(await raw.recv(), 1 << 20):
-                            if frame.type is FrameType.GOAWAY:
-                                goaway = decode_code(frame.payload)
+                goaway = await goaway_before_close(raw)
                 assert goaway is not None and "HELLO" in goaway[1], goaway
             assert "mute" not in bridge.registry.tunnels()
             stop.set()
@@ -364,6 +355,17 @@ async def test_an_agent_that_never_sends_hello_is_dropped_without_affecting_othe
     finally:
         stop.set()
         await runner.cleanup()
+
+
+async def goaway_before_close(raw: ClientConnection) -> tuple[int, str] | None:
+    """Read frames until the bridge closes the socket; return the GOAWAY's code and reason, if one came."""
+    goaway = None
+    with pytest.raises(websockets.ConnectionClosed):
+        while True:
+            for frame in iter_frames(await raw.recv(), 1 << 20):
+                if frame.type is FrameType.GOAWAY:
+                    goaway = decode_code(frame.payload)
+    return goaway
 
 
 async def hang(session: aiohttp.ClientSession, url: str) -> int | str:
