@@ -84,7 +84,7 @@ class TunnelConnection:
         self._closing = False
         self._sending = False
         #: A message taken from the mux that send_nowait refused; it goes out before anything else.
-        self._unsent: bytes | None = None
+        self._unsent: list[bytes | bytearray | memoryview] | None = None
         self._close_callbacks: list[Callable[[TunnelConnection], object]] = []
         self._done = asyncio.Event()
 
@@ -227,9 +227,9 @@ class TunnelConnection:
         if not self._sending and not self._flush_wanted.is_set() and self._writer is not None:
             mux = self.mux
             while mux.pending_bytes:
-                message = b"".join(mux.data_to_send(MAX_TUNNEL_MESSAGE))
-                if not self.socket.send_nowait(message):
-                    self._unsent = message  # the writer sends it first, waiting as needed
+                buffers = mux.data_to_send(MAX_TUNNEL_MESSAGE)
+                if not self.socket.send_nowait(buffers):
+                    self._unsent = buffers  # the writer sends it first, waiting as needed
                     break
             else:
                 return
@@ -252,10 +252,10 @@ class TunnelConnection:
         self._sending = True
         try:
             while self._unsent is not None or mux.pending_bytes:
-                message, self._unsent = self._unsent, None
-                if message is None:
-                    message = b"".join(mux.data_to_send(MAX_TUNNEL_MESSAGE))
-                await send(message)
+                buffers, self._unsent = self._unsent, None
+                if buffers is None:
+                    buffers = mux.data_to_send(MAX_TUNNEL_MESSAGE)
+                await send(b"".join(buffers))
                 if self._drain_waiters and mux.pending_bytes <= self.write_high_water:
                     self._wake_drainers()
         finally:

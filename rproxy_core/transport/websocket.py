@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import WSMsgType, web
@@ -34,8 +35,8 @@ class FrameSocket(Protocol):
     async def send(self, data: bytes) -> None:
         """Send one binary message (raises on a closed socket)."""
 
-    def send_nowait(self, data: bytes) -> bool:
-        """Write one binary message at once if the socket can take it without waiting.
+    def send_nowait(self, buffers: Sequence[bytes | bytearray | memoryview]) -> bool:
+        """Write one binary message, the concatenation of ``buffers``, at once if the socket can take it.
 
         Returns False, having written nothing, when the socket is closing or its buffer is
         above the write limit; the caller then uses :meth:`send`, which waits.
@@ -102,7 +103,7 @@ class AiohttpFrameSocket:
     async def send(self, data: bytes) -> None:
         await self._ws.send_bytes(data)
 
-    def send_nowait(self, data: bytes) -> bool:
+    def send_nowait(self, buffers: Sequence[bytes | bytearray | memoryview]) -> bool:
         transport = self._server_transport
         if (
             transport is None
@@ -111,7 +112,9 @@ class AiohttpFrameSocket:
             or transport.get_write_buffer_size() > NOWAIT_WRITE_LIMIT
         ):
             return False
-        transport.write(server_binary_frame_header(len(data)) + data)
+        # The WebSocket header joins the payload in the one copy the message costs.
+        size = sum(map(len, buffers))
+        transport.write(b"".join([server_binary_frame_header(size), *buffers]))
         return True
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
@@ -148,7 +151,7 @@ class WebsocketsFrameSocket:
     async def send(self, data: bytes) -> None:
         await self._ws.send(data)
 
-    def send_nowait(self, data: bytes) -> bool:
+    def send_nowait(self, buffers: Sequence[bytes | bytearray | memoryview]) -> bool:
         # websockets' sans-I/O protocol frames (and masks) the message; writing its output to
         # the transport is what the connection's own send does before it waits to drain.
         ws = self._ws
@@ -159,7 +162,7 @@ class WebsocketsFrameSocket:
             or transport.get_write_buffer_size() > NOWAIT_WRITE_LIMIT
         ):
             return False
-        ws.protocol.send_binary(data)
+        ws.protocol.send_binary(b"".join(buffers))
         for chunk in ws.protocol.data_to_send():
             transport.write(chunk)
         return True
