@@ -38,6 +38,7 @@ BRIDGE_ENV = {
     "request_timeout": ("RPROXY_REQUEST_TIMEOUT",),
     "tls_cert": ("RPROXY_TLS_CERT",),
     "tls_key": ("RPROXY_TLS_KEY",),
+    "trusted_proxy": ("RPROXY_TRUSTED_PROXIES",),
 }
 #: REMOTE_URL, LOCAL_URL and AGENT_ID are the names a seed system used; both spellings work.
 AGENT_ENV = {
@@ -77,6 +78,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="time the home app has to answer before the visitor gets 504 (default 30)")
     bridge.add_argument("--tls-cert", metavar="F", help="PEM certificate chain: serve HTTPS and WSS")
     bridge.add_argument("--tls-key", metavar="F", help="PEM private key for --tls-cert")
+    bridge.add_argument("--trusted-proxy", action="append", metavar="CIDR",
+                        help="a load balancer or proxy in front of the bridge whose X-Forwarded-For/-Proto "
+                             "the bridge believes (repeatable; $RPROXY_TRUSTED_PROXIES, comma-separated)")
     bridge.add_argument("--no-access-log", dest="access_log", action="store_const", const=False,
                         help="do not log one line per visitor request")
     bridge.add_argument("--config", metavar="FILE", help="TOML file with the same settings (flag names as keys)")
@@ -102,7 +106,7 @@ def bridge_config(args: argparse.Namespace, environ: dict[str, str] | None = Non
     environ = dict(os.environ if environ is None else environ)
     if args.listen is None and not environ.get("RPROXY_LISTEN") and environ.get("PORT"):
         args.listen = f"0.0.0.0:{environ['PORT']}"  # hosts such as Heroku give exactly one port
-    flags = {key: getattr(args, key, None) for key in ("listen", "domain", "token", "token_file", "request_timeout", "tls_cert", "tls_key", "access_log")}
+    flags = {key: getattr(args, key, None) for key in ("listen", "domain", "token", "token_file", "request_timeout", "tls_cert", "tls_key", "access_log", "trusted_proxy")}
     values, origin = merge(flags, BRIDGE_ENV, load_file(args.config), environ)
     settings = validate(BRIDGE_SCHEMA, values, origin)
     tokens = list(settings["token"])
@@ -129,6 +133,7 @@ def bridge_config(args: argparse.Namespace, environ: dict[str, str] | None = Non
         request_timeout=settings["request_timeout"],
         ssl_context=ssl_context,
         access_log=settings["access_log"],
+        trusted_proxies=settings["trusted_proxy"],
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Callable, Mapping
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,20 @@ def _tokens(value: Any) -> list[str]:
     return [v.strip() for v in value]
 
 
+def _networks(value: Any) -> list[IPv4Network | IPv6Network]:
+    if isinstance(value, str):
+        value = [part for part in value.replace(",", " ").split() if part]
+    if not isinstance(value, list):
+        raise vol.Invalid("expected a list of addresses or CIDR networks")
+    networks: list[IPv4Network | IPv6Network] = []
+    for item in value:
+        try:
+            networks.append(ip_network(str(item).strip(), strict=False))
+        except ValueError:
+            raise vol.Invalid(f"{item!r} is not an IP address or CIDR network") from None
+    return networks
+
+
 _seconds = vol.All(vol.Coerce(float), vol.Range(min=0.1, max=86400, msg="expected seconds between 0.1 and 86400"))
 
 BRIDGE_SCHEMA = vol.Schema(
@@ -88,6 +103,7 @@ BRIDGE_SCHEMA = vol.Schema(
         vol.Optional("tls_cert"): vol.Any(None, str),
         vol.Optional("tls_key"): vol.Any(None, str),
         vol.Optional("access_log", default=True): bool,
+        vol.Optional("trusted_proxy", default=[]): _networks,
     }
 )
 

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from .client import Agent, AgentConfig, AgentState, Backoff, bridge_connect_url
-from .upstream import Upstream, create_upstream_session
+from .client import Agent, AgentConfig, AgentState, AgentStats, Backoff, bridge_connect_url
+from .inprocess import create_inprocess_session
+from .upstream import FORWARDED_HEADERS, Upstream, create_upstream_session
 
-__all__ = ["Agent", "AgentConfig", "AgentState", "Backoff", "bridge_connect_url", "Upstream", "create_upstream_session"]
+__all__ = [
+    "Agent",
+    "AgentConfig",
+    "AgentState",
+    "AgentStats",
+    "Backoff",
+    "FORWARDED_HEADERS",
+    "Upstream",
+    "bridge_connect_url",
+    "create_inprocess_session",
+    "create_upstream_session",
+]

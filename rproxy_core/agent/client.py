@@ -40,10 +40,11 @@ from ..const import (
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
 from ..headers import is_tunnel_name
 from ..protocol.mux import SUPPORTED_VERSIONS, Multiplexer, Role
-from ..transport import HandshakeError, TunnelConnection, TunnelStream, WebsocketsFrameSocket
-from .upstream import Upstream, create_upstream_session
+from ..protocol.frames import ErrorCode
+from ..transport import AiohttpFrameSocket, FrameSocket, HandshakeError, TunnelConnection, TunnelStream, WebsocketsFrameSocket
+from .upstream import FORWARDED_HEADERS, RedirectRefused, Upstream, create_upstream_session, refuse_redirect
 
-__all__ = ["Agent", "AgentConfig", "AgentState", "Backoff", "bridge_connect_url"]
+__all__ = ["Agent", "AgentConfig", "AgentState", "AgentStats", "Backoff", "bridge_connect_url"]
 
 _LOGGER = logging.getLogger("rproxy.agent")
 
@@ -121,6 +122,12 @@ class AgentConfig:
     dead_after: float = DEAD_AFTER
     backoff_initial: float = BACKOFF_INITIAL
     backoff_max: float = BACKOFF_MAX
+    #: Seconds the home app has to answer (its response head); None leaves it to the bridge.
+    request_timeout: float | None = None
+    #: Which of the bridge's X-Forwarded-* headers reach the home app.
+    forward_headers: tuple[str, ...] = FORWARDED_HEADERS
+    #: ``(user, password)`` visitors must give (HTTP basic auth), checked by the agent.
+    visitor_credentials: tuple[str, str] | None = None
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad setting."""
@@ -132,6 +139,12 @@ class AgentConfig:
             raise ConfigError(f"--name {self.name!r}: use a lower-case DNS label (a-z, 0-9, -)")
         if not self.agent_id or len(self.agent_id) > 128 or not self.agent_id.isprintable():
             raise ConfigError(f"--agent-id {self.agent_id!r}: use 1-128 printable characters")
+        if self.request_timeout is not None and not 0 < self.request_timeout <= 86400:
+            raise ConfigError(f"request timeout {self.request_timeout!r}: expected seconds between 0 and 86400")
+        if self.visitor_credentials is not None:
+            user, password = self.visitor_credentials
+            if not user or ":" in user or not password:
+                raise ConfigError("visitor credentials: a user name without ':' and a non-empty password are required")
 
 
 class Backoff:
@@ -175,24 +188,46 @@ class Agent:
         session: an aiohttp session for requests to the home app. It must not decompress
             bodies nor keep cookies (see ``create_upstream_session``); by default the agent
             makes and closes its own.
+        tunnel_session: an aiohttp session whose connection pool carries the tunnel (an
+            application's shared session, e.g. Home Assistant's). Without it the agent dials
+            with the websockets library.
+        in_process: ``session`` reaches a server in this process (``create_inprocess_session``).
+        admit: a visitor check, see :class:`Upstream`.
     """
 
-    def __init__(self, config: AgentConfig, *, session: aiohttp.ClientSession | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        tunnel_session: aiohttp.ClientSession | None = None,
+        in_process: bool = False,
+        admit: Callable[[str], str | None] | None = None,
+    ) -> None:
         config.validate()
         self.config = config
         self.connect_url = bridge_connect_url(config.bridge)
         self.state = AgentState.STOPPED
         self.public_url: str | None = None
         self.last_error: str | None = None
+        #: Why the agent gave up for good (AuthenticationError: the token was refused).
+        self.failure: RproxyConnectionError | None = None
         self.connection: TunnelConnection | None = None
         self.connected_since: float | None = None
         self.reconnects = 0
         self._session = session
         self._owns_session = session is None
+        self._tunnel_session = tunnel_session
+        self._in_process = in_process
+        self._admit = admit
         self._upstream: Upstream | None = None
         self._task: asyncio.Task[None] | None = None
         self._stream_tasks: set[asyncio.Task[None]] = set()
         self._listeners: list[Callable[[Agent], None]] = []
+        self._stats_listeners: list[Callable[[AgentStats], None]] = []
+        self._stats_timer: asyncio.TimerHandle | None = None
+        self._last_stats: AgentStats | None = None
+        self._traffic_before = (0, 0)  # bytes in and out of tunnels that have closed
         self._connected = asyncio.Event()
 
     # Public API.
@@ -203,8 +238,19 @@ class Agent:
             return
         if self._session is None:
             self._session = create_upstream_session()
-        self._upstream = Upstream(self.config.target, self._session)
-        self._task = asyncio.create_task(self._run(), name=f"rproxy-agent {self.config.name}")
+            self._owns_session = True
+        config = self.config
+        self._upstream = Upstream(
+            config.target,
+            self._session,
+            request_timeout=config.request_timeout,
+            forward_headers=config.forward_headers,
+            visitor_credentials=config.visitor_credentials,
+            in_process=self._in_process,
+            admit=self._admit,
+        )
+        self.failure = None
+        self._task = asyncio.create_task(self._run(), name=f"rproxy-agent {config.name}")
 
     async def stop(self) -> None:
         """Close the tunnel, cancel every request in flight, release the session."""
@@ -221,6 +267,9 @@ class Agent:
         if self._owns_session and self._session is not None:
             await self._session.close()
             self._session = None
+        if self._stats_timer is not None:
+            self._stats_timer.cancel()
+            self._stats_timer = None
         self._set_state(AgentState.STOPPED)
 
     async def wait(self) -> None:
@@ -236,10 +285,49 @@ class Agent:
             await self._connected.wait()
         return self.public_url or ""
 
+    async def reconnect(self) -> None:
+        """Drop the tunnel now and dial again at once (e.g. after the network changed)."""
+        running = self._task is not None
+        await self.stop()
+        if running:
+            await self.start()
+
+    async def probe(self, timeout: float = HANDSHAKE_TIMEOUT) -> str:
+        """Connect once, complete the handshake, leave; return the public URL the bridge gave.
+
+        For checking settings before keeping them (a setup form): the bridge's answer says
+        whether the URL, token and name work, without serving a single visitor.
+
+        Raises:
+            AuthenticationError: the bridge refused the token.
+            RproxyConnectionError: the bridge cannot be reached or refused the agent.
+        """
+        async with asyncio.timeout(timeout):
+            connection, settings = await self._open_tunnel()
+        await connection.close(ErrorCode.NO_ERROR, "probe done")
+        return str(settings.get("public_url") or "")
+
     def add_listener(self, callback: Callable[[Agent], None]) -> Callable[[], None]:
         """Call ``callback(agent)`` on every state change; returns a function that removes it."""
         self._listeners.append(callback)
         return lambda: self._listeners.remove(callback)
+
+    def add_stats_listener(self, callback: Callable[[AgentStats], None], interval: float = 1.0) -> Callable[[], None]:
+        """Call ``callback(stats)`` whenever traffic counters change, at most once per ``interval``.
+
+        Returns a function that removes the listener.
+        """
+        self._stats_listeners.append(callback)
+        if self._stats_timer is None:
+            self._stats_timer = asyncio.get_running_loop().call_later(interval, self._emit_stats, interval)
+
+        def remove() -> None:
+            self._stats_listeners.remove(callback)
+            if not self._stats_listeners and self._stats_timer is not None:
+                self._stats_timer.cancel()
+                self._stats_timer = None
+
+        return remove
 
     @property
     def active_streams(self) -> int:
@@ -250,6 +338,23 @@ class Agent:
     def requests_served(self) -> int:
         """Streams served since start."""
         return self._upstream.requests_served if self._upstream else 0
+
+    @property
+    def stats(self) -> AgentStats:
+        """Traffic counters now."""
+        received, sent = self._traffic_before
+        connection = self.connection
+        if connection is not None:
+            received += connection.mux.bytes_received
+            sent += connection.mux.bytes_sent
+        return AgentStats(
+            active_streams=len(self._stream_tasks),
+            requests_served=self.requests_served,
+            bytes_received=received,
+            bytes_sent=sent,
+            rtt=connection.rtt if connection is not None else None,
+            reconnects=self.reconnects,
+        )
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -269,6 +374,7 @@ class Agent:
                 await self._connect_once()
             except (AuthenticationError, _FatalRefusal) as err:
                 self.last_error = str(err)
+                self.failure = err
                 # Not logged at ERROR: the refusal is raised from wait() and kept in last_error,
                 # so whoever reports it (the CLI prints one line) would otherwise show it twice.
                 _LOGGER.debug("refused for good: %s", err)
@@ -284,18 +390,23 @@ class Agent:
             self.reconnects += 1
             await asyncio.sleep(delay)
 
-    async def _connect_once(self) -> None:
+    def _upgrade_headers(self) -> dict[str, str]:
         config = self.config
-        headers = {
+        return {
             "Authorization": f"Bearer {config.token}",
             HEADER_PROTOCOL: ",".join(map(str, sorted(SUPPORTED_VERSIONS))),
             HEADER_TUNNEL: config.name,
             HEADER_AGENT_ID: config.agent_id,
         }
+
+    async def _dial(self) -> FrameSocket:
+        """Open the tunnel WebSocket (no handshake yet)."""
+        if self._tunnel_session is not None:
+            return await self._dial_aiohttp(self._tunnel_session)
         try:
             ws = await _NoRedirects(
                 self.connect_url,
-                additional_headers=headers,
+                additional_headers=self._upgrade_headers(),
                 user_agent_header=f"rproxy-agent/{__version__}",
                 max_size=TUNNEL_MESSAGE_LIMIT,
                 ping_interval=None,
@@ -306,14 +417,53 @@ class Agent:
                 logger=_TUNNEL_LOGGER,
             )
         except InvalidStatus as err:
-            raise _refusal(err) from None
+            raise _refusal(err.response.status_code, bytes(err.response.body or b"")) from None
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as err:
             raise RproxyConnectionError(_describe(err)) from None
-        remote = str(URL(self.connect_url).origin())
+        return WebsocketsFrameSocket(ws, str(URL(self.connect_url).origin()))
+
+    async def _dial_aiohttp(self, shared: aiohttp.ClientSession) -> FrameSocket:
+        # A session of our own over the shared connection pool: aiohttp's ws_connect follows
+        # redirects, and only a trace hook on the session can refuse them; the agent must
+        # not carry its token to wherever a redirect points.
+        no_redirects = aiohttp.TraceConfig()
+        no_redirects.on_request_redirect.append(refuse_redirect)
+        session = aiohttp.ClientSession(
+            connector=shared.connector,
+            connector_owner=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            trace_configs=[no_redirects],
+        )
+        try:
+            ws = await session.ws_connect(
+                self.connect_url,
+                headers={**self._upgrade_headers(), "User-Agent": f"rproxy-agent/{__version__}"},
+                max_msg_size=TUNNEL_MESSAGE_LIMIT,
+                autoping=True,
+                heartbeat=None,
+                compress=0,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0),
+                proxy=None,
+            )
+        except aiohttp.WSServerHandshakeError as err:
+            await session.close()
+            raise _refusal(err.status, b"") from None
+        except RedirectRefused as err:
+            await session.close()
+            raise RproxyConnectionError(f"the bridge redirected the agent (HTTP {err.response.status}); not followed") from None
+        except (aiohttp.ClientError, OSError, TimeoutError) as err:
+            await session.close()
+            raise RproxyConnectionError(_describe(err)) from None
+        return _OwnedSessionFrameSocket(ws, str(URL(self.connect_url).origin()), session)
+
+    async def _open_tunnel(self) -> tuple[TunnelConnection, dict[str, Any]]:
+        config = self.config
+        socket = await self._dial()
         connection = TunnelConnection(
-            WebsocketsFrameSocket(ws, remote),
+            socket,
             Multiplexer(Role.AGENT),
-            label=f"{config.name} via {remote}",
+            label=f"{config.name} via {socket.remote}",
             on_stream=self._serve_stream,
             heartbeat_interval=config.heartbeat_interval,
             dead_after=config.dead_after,
@@ -326,6 +476,11 @@ class Agent:
         except BaseException:
             await connection.close()
             raise
+        return connection, settings
+
+    async def _connect_once(self) -> None:
+        config = self.config
+        connection, settings = await self._open_tunnel()
         self.connection = connection
         self.public_url = str(settings.get("public_url") or "") or None
         self.connected_since = time.time()
@@ -336,6 +491,8 @@ class Agent:
         try:
             await connection.run()
         finally:
+            received, sent = self._traffic_before
+            self._traffic_before = (received + connection.mux.bytes_received, sent + connection.mux.bytes_sent)
             self.connection = None
             self.connected_since = None
             self._connected.clear()
@@ -343,7 +500,9 @@ class Agent:
         raise RproxyConnectionError(f"tunnel lost: {connection.close_reason or 'closed'}")
 
     def _serve_stream(self, stream: TunnelStream) -> None:
-        assert self._upstream is not None
+        if self._upstream is None:  # a probe: its tunnel serves nobody
+            stream.reset(ErrorCode.REFUSED_STREAM, "agent not serving")
+            return
         task = asyncio.create_task(self._upstream.serve(stream))
         self._stream_tasks.add(task)
         task.add_done_callback(self._stream_tasks.discard)
@@ -354,6 +513,18 @@ class Agent:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _emit_stats(self, interval: float) -> None:
+        self._stats_timer = asyncio.get_running_loop().call_later(interval, self._emit_stats, interval)
+        stats = self.stats
+        if stats == self._last_stats:
+            return
+        self._last_stats = stats
+        for listener in list(self._stats_listeners):
+            try:
+                listener(stats)
+            except Exception:
+                _LOGGER.exception("agent stats listener failed")
 
     def _set_state(self, state: AgentState) -> None:
         if state is self.state:
@@ -366,14 +537,48 @@ class Agent:
                 _LOGGER.exception("agent state listener failed")
 
 
+@dataclass(frozen=True, slots=True)
+class AgentStats:
+    """Traffic counters of an agent since it started."""
+
+    active_streams: int
+    requests_served: int
+    #: Tunnel bytes from the bridge (visitors' requests) and to it (the home app's answers).
+    bytes_received: int
+    bytes_sent: int
+    #: Round-trip time to the bridge in seconds, from the last heartbeat; None when down.
+    rtt: float | None
+    reconnects: int
+
+
+class _OwnedSessionFrameSocket(AiohttpFrameSocket):
+    """An aiohttp client FrameSocket that closes the session it was dialled with."""
+
+    __slots__ = ("_session",)
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, remote: str, session: aiohttp.ClientSession) -> None:
+        super().__init__(ws, remote)
+        self._session = session
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        try:
+            await super().close(code, reason)
+        finally:
+            await self._session.close()
+
+    def abort(self) -> None:
+        super().abort()
+        if not self._session.closed:
+            # Only drops our reference: the connector (and its pool) belongs to the application.
+            self._session.detach()
+
+
 class _FatalRefusal(RproxyConnectionError):
     """The bridge refused in a way retrying cannot fix (protocol version, tunnel name)."""
 
 
-def _refusal(err: InvalidStatus) -> RproxyConnectionError:
-    response = err.response
-    status = response.status_code
-    body = bytes(response.body or b"").decode("utf-8", "replace").strip()[:200]
+def _refusal(status: int, raw_body: bytes) -> RproxyConnectionError:
+    body = raw_body.decode("utf-8", "replace").strip()[:200]
     if status == 401:
         return AuthenticationError("the bridge refused the agent token (401): check --token")
     if status == 426:
@@ -386,6 +591,8 @@ def _refusal(err: InvalidStatus) -> RproxyConnectionError:
 def _describe(err: BaseException) -> str:
     if isinstance(err, TimeoutError):
         return "timed out connecting to the bridge"
+    if isinstance(err, aiohttp.ClientConnectorError):
+        err = err.os_error
     if isinstance(err, OSError) and err.strerror:
         return f"cannot connect to the bridge: {err.strerror}"
     return f"cannot connect to the bridge: {err}"

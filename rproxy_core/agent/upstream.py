@@ -8,9 +8,11 @@ after joining, so no request head can steer the agent to another host.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import aiohttp
 from multidict import CIMultiDict
@@ -23,17 +25,21 @@ from ..protocol.frames import ErrorCode, MessageKind, decode_code, encode_code, 
 from ..protocol.heads import KIND_WEBSOCKET, ResponseHead
 from ..protocol.mux import DEFAULT_MAX_STREAMS
 from ..transport import TunnelStream
+from .inprocess import VISITOR_ADDRESS
 
-__all__ = ["Upstream", "create_upstream_session"]
+__all__ = ["FORWARDED_HEADERS", "Upstream", "create_upstream_session", "visitor_address"]
 
 _LOGGER = logging.getLogger("rproxy.agent")
+
+#: The headers the bridge adds about the visitor; by default all reach the home app.
+FORWARDED_HEADERS = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host")
 
 #: Headers aiohttp's client adds on its own unless told not to; a relay adds none the visitor
 #: did not send.
 _AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
-class _RedirectRefused(Exception):
+class RedirectRefused(Exception):
     """The home app redirected a request the agent must not follow."""
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
@@ -41,12 +47,12 @@ class _RedirectRefused(Exception):
         self.response = response
 
 
-async def _refuse_redirect(
+async def refuse_redirect(
     session: aiohttp.ClientSession, context: object, params: aiohttp.TraceRequestRedirectParams
 ) -> None:
     # aiohttp's ws_connect always follows redirects; raising here stops it before it connects
     # anywhere else (aiohttp closes the redirect response on the way out).
-    raise _RedirectRefused(params.response)
+    raise RedirectRefused(params.response)
 
 
 def create_upstream_session(limit: int = DEFAULT_MAX_STREAMS) -> aiohttp.ClientSession:
@@ -77,15 +83,45 @@ class Upstream:
     Args:
         target: base URL of the home app, e.g. ``http://127.0.0.1:8123`` (a path prefix is kept).
         session: the client session to use (see :func:`create_upstream_session`).
+        request_timeout: seconds the home app has for its response head (None: no limit
+            here, the bridge's own timeout still applies).
+        forward_headers: which of the bridge's X-Forwarded-* headers reach the home app.
+        visitor_credentials: ``(user, password)`` visitors must give with HTTP basic auth.
+        in_process: the session reaches a server in this process (see ``inprocess``): the
+            visitor's address becomes the connection's peer, so forwarding headers are dropped.
+        admit: called with the visitor's address; a string it returns refuses the request
+            with 403 and that text.
     """
 
-    def __init__(self, target: str | URL, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        target: str | URL,
+        session: aiohttp.ClientSession,
+        *,
+        request_timeout: float | None = None,
+        forward_headers: Iterable[str] = FORWARDED_HEADERS,
+        visitor_credentials: tuple[str, str] | None = None,
+        in_process: bool = False,
+        admit: Callable[[str], str | None] | None = None,
+    ) -> None:
         self.target = URL(target)
         self._origin = self.target.origin()
         self._prefix = self.target.raw_path.rstrip("/")
         self._session = session
         self._ws_session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(total=None, connect=TARGET_CONNECT_TIMEOUT, sock_connect=TARGET_CONNECT_TIMEOUT)
+        self._request_timeout = request_timeout
+        forwarded = {name.lower() for name in forward_headers}
+        drop = {name for name in (h.lower() for h in FORWARDED_HEADERS) if in_process or name not in forwarded}
+        self._expected_authorization: bytes | None = None
+        if visitor_credentials is not None:
+            user, password = visitor_credentials
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            self._expected_authorization = f"Basic {token}".encode()
+            drop.add("authorization")  # the tunnel's password is not the home app's business
+        self._drop = frozenset(drop)
+        self._in_process = in_process
+        self._admit = admit
         self.requests_served = 0
 
     def _upgrade_session(self) -> aiohttp.ClientSession:
@@ -97,7 +133,7 @@ class Upstream:
         """
         if self._ws_session is None:
             no_redirects = aiohttp.TraceConfig()
-            no_redirects.on_request_redirect.append(_refuse_redirect)
+            no_redirects.on_request_redirect.append(refuse_redirect)
             self._ws_session = aiohttp.ClientSession(
                 connector=self._session.connector,
                 connector_owner=False,
@@ -140,6 +176,8 @@ class Upstream:
         if task is not None:
             stream.on_abandoned = task.cancel
         try:
+            if not await self._admitted(stream):
+                return
             if stream.head.kind == KIND_WEBSOCKET:
                 await self._serve_websocket(stream, url)
             else:
@@ -157,7 +195,7 @@ class Upstream:
         except (ValueError, UnicodeError) as err:  # e.g. a header value aiohttp will not encode
             _LOGGER.info("request %s rejected: %s", stream.head.request_id, err)
             stream.reset(ErrorCode.REQUEST_REJECTED, "request cannot be forwarded")
-        except _RedirectRefused as refused:
+        except RedirectRefused as refused:
             # Only a WebSocket upgrade can get here (plain requests never follow redirects):
             # the visitor gets the redirect itself, to follow or not.
             response = refused.response
@@ -166,8 +204,28 @@ class Upstream:
             stream.on_abandoned = None
             self.requests_served += 1
 
+    async def _admitted(self, stream: TunnelStream) -> bool:
+        """Apply the visitor checks; answer the visitor and return False when one fails."""
+        if self._in_process or self._admit is not None:
+            address = visitor_address(stream.head.headers)
+            if self._admit is not None and (refusal := self._admit(address)):
+                await _answer(stream, 403, "Forbidden", refusal)
+                return False
+            if self._in_process:
+                # Read by the in-process connector when it opens this request's connection.
+                VISITOR_ADDRESS.set(address)
+        if self._expected_authorization is not None:
+            given = next((v for k, v in stream.head.headers if k.lower() == "authorization"), "")
+            if not hmac.compare_digest(given.encode(), self._expected_authorization):
+                await _answer(
+                    stream, 401, "Unauthorized", "this site needs a user name and password",
+                    [("WWW-Authenticate", 'Basic realm="rproxy", charset="UTF-8"')],
+                )
+                return False
+        return True
+
     def _request_headers(self, stream: TunnelStream, extra_drop: frozenset[str] = frozenset()) -> tuple[CIMultiDict[str], list[str]]:
-        headers = CIMultiDict(strip_hop_by_hop(stream.head.headers, extra_drop))
+        headers = CIMultiDict(strip_hop_by_hop(stream.head.headers, extra_drop | self._drop))
         skip = [name for name in _AUTO_HEADERS if name not in headers]
         return headers, skip
 
@@ -175,15 +233,17 @@ class Upstream:
         head = stream.head
         headers, skip = self._request_headers(stream)
         body = None if stream.at_eof else _request_body(stream)
-        async with self._session.request(
-            head.method,
-            url,
-            headers=headers,
-            skip_auto_headers=skip,
-            data=body,
-            allow_redirects=False,
-            timeout=self._timeout,
-        ) as response:
+        async with asyncio.timeout(self._request_timeout):
+            response = await self._session.request(
+                head.method,
+                url,
+                headers=headers,
+                skip_auto_headers=skip,
+                data=body,
+                allow_redirects=False,
+                timeout=self._timeout,
+            )
+        async with response:
             content = response.content
             reply = ResponseHead(response.status, response.reason or "", strip_hop_by_hop(response.headers.items()))
             if content.at_eof():
@@ -236,6 +296,24 @@ class Upstream:
                     to_target.cancel()
                 with contextlib.suppress(asyncio.CancelledError, StreamResetError, aiohttp.ClientError, ConnectionError):
                     await to_target
+
+
+def visitor_address(headers: Iterable[tuple[str, str]]) -> str:
+    """The visitor's address as the bridge reported it (it sends exactly one)."""
+    for name, value in headers:
+        if name.lower() == "x-forwarded-for":
+            return value.split(",")[-1].strip()
+    return ""
+
+
+async def _answer(
+    stream: TunnelStream, status: int, reason: str, text: str, headers: Iterable[tuple[str, str]] = ()
+) -> None:
+    """Answer the visitor from the agent itself, with a short plain-text body."""
+    body = (text + "\n").encode()
+    head_headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), *headers]
+    stream.send_reply(ResponseHead(status, reason, head_headers), flush=False)
+    await stream.write(body, end_stream=True)
 
 
 async def _request_body(stream: TunnelStream) -> AsyncIterator[bytes | memoryview]:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import ssl
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
 from typing import Any, Self
 
 from aiohttp import web
@@ -65,6 +66,9 @@ class BridgeConfig:
     dead_after: float = DEAD_AFTER
     #: Seconds a stopping bridge waits for visitor requests in flight.
     shutdown_timeout: float = 5.0
+    #: Proxies in front of the bridge (a load balancer, nginx, Cloudflare) whose
+    #: X-Forwarded-For and X-Forwarded-Proto are believed; from anyone else they are replaced.
+    trusted_proxies: list[IPv4Network | IPv6Network] = field(default_factory=list)
 
 
 class Bridge:

@@ -14,6 +14,7 @@ import itertools
 import logging
 import secrets
 import time
+from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import TYPE_CHECKING, TypeVar
 
 from aiohttp import WSMsgType, hdrs, web
@@ -111,8 +112,14 @@ class VisitorHandler:
     def _forward_headers(self, request: web.Request, is_websocket: bool) -> list[tuple[str, str]]:
         extra = _FORWARDING_HEADERS | WEBSOCKET_HOP_HEADERS if is_websocket else _FORWARDING_HEADERS
         headers = strip_hop_by_hop(request.headers.items(), extra)
-        headers.append(("X-Forwarded-For", request.remote or ""))
-        headers.append(("X-Forwarded-Proto", "https" if request.secure else "http"))
+        address, scheme = request.remote or "", "https" if request.secure else "http"
+        trusted = self._bridge.config.trusted_proxies
+        if trusted:
+            address, scheme = _behind_proxies(request, address, scheme, trusted)
+        # One address, the visitor's: the agent and the home app never have to pick the
+        # right entry out of a chain a visitor could have written half of.
+        headers.append(("X-Forwarded-For", address))
+        headers.append(("X-Forwarded-Proto", scheme))
         headers.append(("X-Forwarded-Host", request.host))
         return headers
 
@@ -229,6 +236,37 @@ class VisitorHandler:
                 with contextlib.suppress(asyncio.CancelledError):
                     await to_agent
         return log.done(ws)
+
+
+def _behind_proxies(
+    request: web.Request, address: str, scheme: str, trusted: list[IPv4Network | IPv6Network]
+) -> tuple[str, str]:
+    """The visitor's address and scheme when the bridge sits behind trusted proxies.
+
+    Walks X-Forwarded-For from the right (the entry our own proxy appended) past every
+    trusted proxy; the first untrusted address is the visitor. Entries left of it were
+    written by the visitor and are ignored.
+    """
+
+    def is_trusted(text: str) -> bool:
+        try:
+            ip = ip_address(text.strip().strip("[]"))
+        except ValueError:
+            return False
+        return any(ip in network for network in trusted)
+
+    if not is_trusted(address):
+        return address, scheme
+    chain = [hop.strip() for value in request.headers.getall(hdrs.X_FORWARDED_FOR, ()) for hop in value.split(",")]
+    visitor = address
+    for hop in reversed(chain):
+        if not hop:
+            break
+        visitor = hop
+        if not is_trusted(hop):
+            break
+    proto = request.headers.get(hdrs.X_FORWARDED_PROTO, "").split(",")[-1].strip().lower()
+    return visitor, proto if proto in ("http", "https") else scheme
 
 
 def _request_target(request: web.Request) -> str:

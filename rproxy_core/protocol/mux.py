@@ -127,6 +127,9 @@ class Multiplexer:
         self._events: list[ev.Event] = []
         self._out: deque[tuple[bytes, bytes | bytearray | memoryview | None, int]] = deque()
         self._out_bytes = 0
+        #: Bytes of tunnel messages taken in and handed out so far (traffic counters).
+        self.bytes_received = 0
+        self.bytes_sent = 0
 
     # Public methods for receiving data.
 
@@ -134,6 +137,7 @@ class Multiplexer:
         """Feed one WebSocket message received from the peer."""
         if self.closed:
             return
+        self.bytes_received += len(message)
         try:
             for frame in iter_frames(message, self.max_frame_size):
                 self._receive_frame(frame)
@@ -166,6 +170,7 @@ class Multiplexer:
                 out.append(payload)
             taken += size
         self._out_bytes -= taken
+        self.bytes_sent += taken
         return out
 
     @property
