@@ -89,9 +89,13 @@ def bridge_connect_url(bridge: str) -> str:
     Raises:
         ConfigError: the URL is not one of those, or has no host.
     """
-    url = URL(bridge.strip())
     schemes = {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}
-    if url.scheme not in schemes or not url.host:
+    try:
+        url = URL(bridge.strip())
+        valid = url.scheme in schemes and bool(url.host)
+    except (ValueError, TypeError):  # yarl refuses e.g. a port out of range or a broken IPv6 host
+        valid = False
+    if not valid:
         raise ConfigError(f"--bridge {bridge!r}: expected ws://, wss://, http:// or https:// with a host")
     base = url.with_scheme(schemes[url.scheme]).with_query(None).with_fragment(None)
     path = base.path.rstrip("/")
@@ -101,8 +105,12 @@ def bridge_connect_url(bridge: str) -> str:
 
 
 def _check_target(target: str) -> URL:
-    url = URL(target.strip())
-    if url.scheme not in ("http", "https") or not url.host:
+    try:
+        url = URL(target.strip())
+        valid = url.scheme in ("http", "https") and bool(url.host)
+    except (ValueError, TypeError):
+        valid = False
+    if not valid:
         raise ConfigError(f"--target {target!r}: expected an http:// or https:// URL with a host")
     if url.query_string or url.fragment:
         raise ConfigError(f"--target {target!r}: must not have a query or fragment")
@@ -226,6 +234,8 @@ class Agent:
         self._listeners: list[Callable[[Agent], None]] = []
         self._stats_listeners: list[Callable[[AgentStats], None]] = []
         self._stats_timer: asyncio.TimerHandle | None = None
+        self._stats_interval = 1.0
+        self._served_before = 0  # requests of the Upstreams of earlier runs (start/stop)
         self._last_stats: AgentStats | None = None
         self._traffic_before = (0, 0)  # bytes in and out of tunnels that have closed
         self._connected = asyncio.Event()
@@ -251,6 +261,10 @@ class Agent:
         )
         self.failure = None
         self._task = asyncio.create_task(self._run(), name=f"rproxy-agent {config.name}")
+        if self._stats_listeners and self._stats_timer is None:
+            self._stats_timer = asyncio.get_running_loop().call_later(
+                self._stats_interval, self._emit_stats, self._stats_interval
+            )
 
     async def stop(self) -> None:
         """Close the tunnel, cancel every request in flight, release the session."""
@@ -264,6 +278,8 @@ class Agent:
                 task.exception()  # a refusal was already reported through wait(): mark it retrieved
         if self._upstream is not None:
             await self._upstream.close()
+            self._served_before += self._upstream.requests_served
+            self._upstream = None
         if self._owns_session and self._session is not None:
             await self._session.close()
             self._session = None
@@ -290,6 +306,7 @@ class Agent:
         running = self._task is not None
         await self.stop()
         if running:
+            self.reconnects += 1
             await self.start()
 
     async def probe(self, timeout: float = HANDSHAKE_TIMEOUT) -> str:
@@ -318,7 +335,8 @@ class Agent:
         Returns a function that removes the listener.
         """
         self._stats_listeners.append(callback)
-        if self._stats_timer is None:
+        self._stats_interval = interval
+        if self._stats_timer is None and self._task is not None:
             self._stats_timer = asyncio.get_running_loop().call_later(interval, self._emit_stats, interval)
 
         def remove() -> None:
@@ -336,8 +354,8 @@ class Agent:
 
     @property
     def requests_served(self) -> int:
-        """Streams served since start."""
-        return self._upstream.requests_served if self._upstream else 0
+        """Streams served since the agent was made."""
+        return self._served_before + (self._upstream.requests_served if self._upstream else 0)
 
     @property
     def stats(self) -> AgentStats:
