@@ -1,8 +1,10 @@
-# Shared by scripts/demo and scripts/test: make sure .venv exists with the pinned packages.
+# Shared by scripts/demo and scripts/test: make sure .venv exists with the pinned packages
+# (ensure_venv), and for the Home Assistant tests .venv-ha (ensure_ha_venv).
 # Installs Debian's python3-venv when the interpreter cannot make a virtualenv.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV="$ROOT/.venv"
+VENV_HA="$ROOT/.venv-ha"
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -55,4 +57,112 @@ ensure_venv() {
   fi
   "$VENV/bin/python" -c 'import rproxy_core' # fail here, loudly, if the install did not work
   echo "$stamp" > "$VENV/.rproxy-stamp"
+}
+
+pick_ha_python() {
+  # Home Assistant 2025.4.4 (the newest that runs on it) needs Python 3.13: $RPROXY_HA_PYTHON,
+  # else pyenv's 3.13.0, else a python3.13 on PATH. It cannot be downloaded here.
+  local candidate pyenv_root home="${HOME:-/root}" candidates=()
+  if [ -n "${RPROXY_HA_PYTHON:-}" ]; then
+    candidates=("$RPROXY_HA_PYTHON")
+  else
+    pyenv_root=$(pyenv root 2>/dev/null || echo "${PYENV_ROOT:-$home/.pyenv}")
+    candidates=("$pyenv_root/versions/3.13.0/bin/python3.13" "$home/.pyenv/versions/3.13.0/bin/python3.13" python3.13)
+  fi
+  for candidate in "${candidates[@]}"; do
+    if command -v "$candidate" >/dev/null 2>&1 &&
+       "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13))' 2>/dev/null; then
+      command -v "$candidate"; return 0
+    fi
+  done
+  if [ -n "${RPROXY_HA_PYTHON:-}" ]; then
+    echo "rproxy: RPROXY_HA_PYTHON=$RPROXY_HA_PYTHON is not a Python 3.13, which the Home Assistant tests need" >&2
+  else
+    echo "rproxy: the Home Assistant tests need Python 3.13 (pyenv's 3.13.0, or set RPROXY_HA_PYTHON=/path/to/python3.13); none found" >&2
+  fi
+  exit 1
+}
+
+ensure_ha_venv() {
+  # .venv-ha: Home Assistant and its test plugin at Home Assistant's own pins, plus this project
+  # (editable) resolved against them. Re-installs only when a requirements file or pyproject changes.
+  local requirements="$ROOT/requirements/ha-test.txt" constraints="$ROOT/requirements/ha-constraints.txt"
+  local stamp python
+  stamp=$(cat "$requirements" "$constraints" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)
+  if [ -x "$VENV_HA/bin/python" ] && [ "$(cat "$VENV_HA/.rproxy-stamp" 2>/dev/null)" = "$stamp" ]; then
+    return 0
+  fi
+  python=$(pick_ha_python)
+  if [ ! -x "$VENV_HA/bin/python" ]; then
+    if ! "$python" -m venv "$VENV_HA" 2>/dev/null; then
+      rm -rf "$VENV_HA"
+      echo "rproxy: $python cannot create a virtualenv (its venv module is missing or broken)" >&2
+      exit 1
+    fi
+  fi
+  echo "installing Home Assistant test packages into .venv-ha (log: .venv-ha/install.log)"
+  # uv installs about 4x faster than pip; Home Assistant itself requires exactly uv 0.6.10.
+  if ! { "$VENV_HA/bin/python" -m pip install --disable-pip-version-check \
+           "$(grep -E '^uv==' "$requirements")" &&
+         "$VENV_HA/bin/uv" pip install --python "$VENV_HA/bin/python" \
+           -c "$constraints" -r "$requirements" -e "$ROOT"; } \
+       > "$VENV_HA/install.log" 2>&1; then
+    tail -n 30 "$VENV_HA/install.log" >&2
+    echo "rproxy: installing Python packages failed; the whole log is in .venv-ha/install.log" >&2
+    exit 1
+  fi
+  # fail here, loudly, if the install did not work (rproxy_core is only asked whether it is
+  # installed: an import error of the library in the making is for the tests to report)
+  "$VENV_HA/bin/python" -c 'import homeassistant, pytest_homeassistant_custom_component
+from importlib.metadata import version; version("rproxy-core")'
+  echo "$stamp" > "$VENV_HA/.rproxy-stamp"
+}
+
+VENV_E2E="$ROOT/.venv-e2e"
+
+ensure_e2e_venv() {
+  # .venv-e2e, for tests/ha/test_end_to_end.py: Home Assistant as a user runs it (its own
+  # frontend included, nothing of the test plugin) with rproxy-core installed from a wheel built
+  # from this checkout, not editable: what HACS' manifest requirement rproxy-core==0.1.0 finds.
+  # Versions: Home Assistant's constraints, then requirements/ha-test.txt's pins (as constraints:
+  # only what is needed gets installed), so it matches .venv-ha. Rebuilt and reinstalled only when
+  # rproxy_core, pyproject.toml, README.md or those files change. Uses .venv-ha's uv.
+  ensure_ha_venv
+  local requirements="$ROOT/requirements/ha-test.txt" constraints="$ROOT/requirements/ha-constraints.txt"
+  local stamp python ha_pin wheel
+  stamp=$( { cat "$requirements" "$constraints" "$ROOT/pyproject.toml" "$ROOT/README.md"
+             (cd "$ROOT" && find rproxy_core -type f -not -path '*/__pycache__/*' -not -name '*.pyc' |
+               LC_ALL=C sort | xargs sha256sum); } | sha256sum | cut -c1-16)
+  if [ -x "$VENV_E2E/bin/hass" ] && [ "$(cat "$VENV_E2E/.rproxy-stamp" 2>/dev/null)" = "$stamp" ]; then
+    return 0
+  fi
+  python=$(pick_ha_python)
+  if [ ! -x "$VENV_E2E/bin/python" ]; then
+    rm -rf "$VENV_E2E"
+    if ! "$python" -m venv "$VENV_E2E"; then
+      rm -rf "$VENV_E2E"
+      echo "rproxy: $python cannot create a virtualenv (its venv module is missing or broken)" >&2
+      exit 1
+    fi
+  fi
+  rm -f "$VENV_E2E/.rproxy-stamp"
+  ha_pin=$(grep -E '^homeassistant==' "$requirements")
+  echo "building the rproxy-core wheel and installing it with $ha_pin into .venv-e2e (log: .venv-e2e/install.log)"
+  # The wheel is built from an sdist (uv build's default), each in a fresh directory: no stale
+  # build/ of an earlier build can slip a deleted module into it, and a file missing from the
+  # sdist is missing from the wheel too, as it would be for a user.
+  rm -rf "$VENV_E2E/dist"
+  if ! { "$VENV_HA/bin/uv" build --out-dir "$VENV_E2E/dist" "$ROOT" &&
+         wheel=$(ls "$VENV_E2E"/dist/rproxy_core-*.whl) &&
+         "$VENV_HA/bin/uv" pip install --python "$VENV_E2E/bin/python" --compile-bytecode \
+           -c "$constraints" -c "$requirements" --reinstall-package rproxy-core \
+           "$ha_pin" home-assistant-frontend "$wheel" &&
+         "$VENV_HA/bin/uv" pip check --python "$VENV_E2E/bin/python"; } \
+       > "$VENV_E2E/install.log" 2>&1; then
+    tail -n 30 "$VENV_E2E/install.log" >&2
+    echo "rproxy: installing .venv-e2e failed; the whole log is in .venv-e2e/install.log" >&2
+    exit 1
+  fi
+  "$VENV_E2E/bin/python" -c 'import homeassistant, hass_frontend, rproxy_core'
+  echo "$stamp" > "$VENV_E2E/.rproxy-stamp"
 }

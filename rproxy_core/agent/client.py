@@ -143,6 +143,8 @@ class AgentConfig:
         _check_target(self.target)
         if not self.token:
             raise ConfigError("--token: an agent token is required")
+        if not self.token.isprintable() or self.token != self.token.strip():
+            raise ConfigError("--token: must be one line of printable characters without surrounding spaces")
         if not is_tunnel_name(self.name):
             raise ConfigError(f"--name {self.name!r}: use a lower-case DNS label (a-z, 0-9, -)")
         if not self.agent_id or len(self.agent_id) > 128 or not self.agent_id.isprintable():

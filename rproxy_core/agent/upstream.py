@@ -200,6 +200,12 @@ class Upstream:
             # the visitor gets the redirect itself, to follow or not.
             response = refused.response
             stream.send_reply(ResponseHead(response.status, response.reason or "", strip_hop_by_hop(response.headers.items())), end_stream=True)
+        except Exception:  # a bug, or an embedding's session failing in its own way
+            # Logged once with its traceback for whoever runs the agent; the visitor gets a
+            # prompt 502 rather than waiting out the bridge's timeout.
+            _LOGGER.exception("request %s failed in the agent", stream.head.request_id)
+            if not stream.closed:
+                stream.reset(ErrorCode.TARGET_ERROR, "agent error")
         finally:
             stream.on_abandoned = None
             self.requests_served += 1

@@ -12,9 +12,9 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_ruff_finds_nothing_in_the_library() -> None:
-    """ruff check rproxy_core reports no problem."""
-    result = _run("ruff", "check", "rproxy_core")
+def test_ruff_finds_nothing_in_the_code() -> None:
+    """ruff check reports no problem in the library, the integration or its tests."""
+    result = _run("ruff", "check", "rproxy_core", "custom_components", "tests/ha")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -1,0 +1,44 @@
+"""Constants of the rproxy integration."""
+
+from __future__ import annotations
+
+from typing import Final
+
+DOMAIN: Final = "rproxy"
+
+CONF_BRIDGE_URL: Final = "bridge_url"
+CONF_TUNNEL_NAME: Final = "tunnel_name"
+CONF_TARGET: Final = "target"
+CONF_TARGET_URL: Final = "target_url"
+CONF_TARGET_NAME: Final = "target_name"
+
+# Options.
+CONF_REQUEST_TIMEOUT: Final = "request_timeout"
+CONF_VISITOR_AUTH: Final = "visitor_auth"
+CONF_VISITOR_USERNAME: Final = "visitor_username"
+CONF_VISITOR_PASSWORD: Final = "visitor_password"
+CONF_FORWARD_HEADERS: Final = "forward_headers"
+#: Whether the tunnel is up; the switch entity flips it and it survives restarts.
+CONF_EXPOSED: Final = "exposed"
+
+#: What a tunnel exposes: this Home Assistant, or a web app at a URL (typed or discovered).
+TARGET_HOMEASSISTANT: Final = "homeassistant"
+TARGET_URL: Final = "url"
+
+VISITOR_AUTH_NONE: Final = "none"
+VISITOR_AUTH_BASIC: Final = "basic"
+
+DEFAULT_REQUEST_TIMEOUT: Final = 30
+DEFAULT_TUNNEL_NAME: Final = "home"
+
+#: The project's own mDNS service type, and the TXT property that marks a plain
+#: ``_http._tcp`` service as meant for rproxy.
+ZEROCONF_TYPE: Final = "_rproxy-app._tcp.local."
+ZEROCONF_HTTP_TYPE: Final = "_http._tcp.local."
+ZEROCONF_MARKER: Final = "rproxy"
+
+#: Seconds setup waits for the first connection before telling Home Assistant to retry.
+SETUP_TIMEOUT: Final = 15
+
+#: Target URL recorded for Home Assistant itself; requests never leave the process.
+HOMEASSISTANT_TARGET_URL: Final = "http://homeassistant.internal"

@@ -1,0 +1,321 @@
+"""The tunnel of one config entry: an rproxy agent in Home Assistant's event loop.
+
+The agent pushes its state changes and, at most once a second, its traffic counters; the
+coordinator turns both into snapshots its entities render. Nothing here polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from ipaddress import ip_address
+import logging
+from typing import Any
+
+import aiohttp
+from rproxy_core import Agent, AgentConfig, AuthenticationError
+from rproxy_core.agent import AgentState, AgentStats, create_inprocess_session
+
+from homeassistant.config_entries import ConfigEntry
+from homeassistant.const import CONF_TOKEN
+from homeassistant.core import HomeAssistant, callback
+from homeassistant.helpers import issue_registry as ir
+from homeassistant.helpers.aiohttp_client import async_create_clientsession, async_get_clientsession
+from homeassistant.helpers.update_coordinator import DataUpdateCoordinator
+from homeassistant.util.network import is_local
+
+from .const import (
+    CONF_BRIDGE_URL,
+    CONF_EXPOSED,
+    CONF_FORWARD_HEADERS,
+    CONF_REQUEST_TIMEOUT,
+    CONF_TARGET,
+    CONF_TARGET_URL,
+    CONF_TUNNEL_NAME,
+    CONF_VISITOR_AUTH,
+    CONF_VISITOR_PASSWORD,
+    CONF_VISITOR_USERNAME,
+    DEFAULT_REQUEST_TIMEOUT,
+    DOMAIN,
+    HOMEASSISTANT_TARGET_URL,
+    SETUP_TIMEOUT,
+    TARGET_HOMEASSISTANT,
+    VISITOR_AUTH_BASIC,
+)
+from .homeassistant_target import homeassistant_server, trusted_networks_refusal
+
+_LOGGER = logging.getLogger(__package__)
+
+type RproxyConfigEntry = ConfigEntry[RproxyCoordinator]
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelSnapshot:
+    """What the entities show, taken whenever the agent reports something."""
+
+    state: AgentState
+    exposed: bool
+    public_url: str | None
+    connected_since: float | None
+    active_streams: int
+    requests_served: int
+    bytes_received: int
+    bytes_sent: int
+    rtt: float | None
+    reconnects: int
+    last_error: str | None
+
+    @property
+    def connected(self) -> bool:
+        """Whether the tunnel is up."""
+        return self.state is AgentState.CONNECTED
+
+
+def visitor_refused_issue_id(entry: ConfigEntry) -> str:
+    """Repair issue raised while tunnelled visitors arrive with local addresses."""
+    return f"visitor_local_address_{entry.entry_id}"
+
+
+class RproxyCoordinator(DataUpdateCoordinator[TunnelSnapshot]):
+    """Runs the agent of one tunnel and publishes its snapshots."""
+
+    config_entry: RproxyConfigEntry
+
+    def __init__(self, hass: HomeAssistant, entry: RproxyConfigEntry) -> None:
+        super().__init__(hass, _LOGGER, config_entry=entry, name=f"{DOMAIN} {entry.data[CONF_TUNNEL_NAME]}")
+        self.agent: Agent | None = None
+        #: The agent's session to the target, made per start: ours to release at stop.
+        self._target_session: aiohttp.ClientSession | None = None
+        self._unsubscribe: list[Any] = []
+        self._was_connected = False
+        self._reauth_started = False
+        # From the registry, not False: a notice raised before a reload must still clear.
+        self._refusing_local_visitors = (
+            ir.async_get(hass).async_get_issue(DOMAIN, visitor_refused_issue_id(entry)) is not None
+        )
+        #: The options the agent was built with, but for the switch's (see async_set_exposed).
+        self.applied_options = {k: v for k, v in entry.options.items() if k != CONF_EXPOSED}
+        self.data = self._snapshot()
+
+    @property
+    def exposes_homeassistant(self) -> bool:
+        """Whether the tunnel leads to this Home Assistant."""
+        return bool(self.config_entry.data[CONF_TARGET] == TARGET_HOMEASSISTANT)
+
+    @property
+    def exposed(self) -> bool:
+        """Whether the user wants the tunnel up (the switch)."""
+        return bool(self.config_entry.options.get(CONF_EXPOSED, True))
+
+    # Lifecycle.
+
+    async def async_start(self) -> AgentState:
+        """Start the agent; return the outcome of its first attempt (or its state after SETUP_TIMEOUT)."""
+        if self.agent is not None:
+            return self.agent.state
+        agent = self._build_agent()
+        self.agent = agent
+        first_outcome: asyncio.Future[AgentState] = self.hass.loop.create_future()
+
+        @callback
+        def on_state(changed: Agent) -> None:
+            if (
+                changed.state in (AgentState.CONNECTED, AgentState.WAITING, AgentState.FAILED)
+                and not first_outcome.done()
+            ):
+                first_outcome.set_result(changed.state)
+            self._on_state(changed)
+
+        self._unsubscribe = [
+            agent.add_listener(on_state),
+            agent.add_stats_listener(self._on_stats),
+        ]
+        await agent.start()
+        try:
+            async with asyncio.timeout(SETUP_TIMEOUT):
+                return await first_outcome
+        except TimeoutError:
+            return agent.state
+        finally:
+            self._publish()
+
+    async def async_stop(self) -> None:
+        """Stop the agent and wait until every request it was serving is cancelled."""
+        agent, self.agent = self.agent, None
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe = []
+        if agent is not None:
+            await agent.stop()
+            if self._was_connected:
+                _LOGGER.info("Tunnel %s stopped", self.config_entry.data[CONF_TUNNEL_NAME])
+        session, self._target_session = self._target_session, None
+        if session is not None:
+            if self.exposes_homeassistant:
+                await session.close()  # in-process: its connector is ours
+            else:
+                session.detach()  # Home Assistant's connector stays with Home Assistant
+        self._was_connected = False
+        self._publish()
+
+    async def async_set_exposed(self, exposed: bool) -> None:
+        """Start or stop exposing, and remember the choice across restarts."""
+        entry = self.config_entry
+        self.hass.config_entries.async_update_entry(entry, options={**entry.options, CONF_EXPOSED: exposed})
+        if exposed:
+            await self.async_start()
+        else:
+            await self.async_stop()
+
+    async def async_reconnect(self) -> None:
+        """Drop the tunnel and dial the bridge again now."""
+        if self.agent is None:
+            await self.async_start()
+        else:
+            await self.agent.reconnect()
+        self._publish()
+
+    # Agent callbacks (all in the event loop).
+
+    @callback
+    def _on_state(self, agent: Agent) -> None:
+        state = agent.state
+        name = self.config_entry.data[CONF_TUNNEL_NAME]
+        if state is AgentState.CONNECTED:
+            if not self._was_connected:
+                _LOGGER.info("Tunnel %s is up at %s", name, agent.public_url)
+            self._was_connected = True
+            self._reauth_started = False
+        elif state in (AgentState.WAITING, AgentState.FAILED) and self._was_connected:
+            # log-when-unavailable: once when the tunnel goes down, once when it is back.
+            _LOGGER.info("Tunnel %s is down: %s", name, agent.last_error)
+            self._was_connected = False
+        if state is AgentState.FAILED and isinstance(agent.failure, AuthenticationError) and not self._reauth_started:
+            self._reauth_started = True
+            self.config_entry.async_start_reauth(self.hass)
+        self._publish()
+
+    @callback
+    def _on_stats(self, stats: AgentStats) -> None:
+        self._publish()
+
+    @callback
+    def _publish(self) -> None:
+        self.async_set_updated_data(self._snapshot())
+
+    def _snapshot(self) -> TunnelSnapshot:
+        agent = self.agent
+        if agent is None:
+            previous: TunnelSnapshot | None = getattr(self, "data", None)
+            return TunnelSnapshot(
+                state=AgentState.STOPPED,
+                exposed=self.exposed,
+                public_url=previous.public_url if previous else None,
+                connected_since=None,
+                active_streams=0,
+                requests_served=previous.requests_served if previous else 0,
+                bytes_received=previous.bytes_received if previous else 0,
+                bytes_sent=previous.bytes_sent if previous else 0,
+                rtt=None,
+                reconnects=previous.reconnects if previous else 0,
+                last_error=None,
+            )
+        stats = agent.stats
+        return TunnelSnapshot(
+            state=agent.state,
+            exposed=self.exposed,
+            public_url=agent.public_url,
+            connected_since=agent.connected_since,
+            active_streams=stats.active_streams,
+            requests_served=stats.requests_served,
+            bytes_received=stats.bytes_received,
+            bytes_sent=stats.bytes_sent,
+            rtt=stats.rtt,
+            reconnects=stats.reconnects,
+            last_error=agent.last_error,
+        )
+
+    # Building the agent.
+
+    def _build_agent(self) -> Agent:
+        hass, entry = self.hass, self.config_entry
+        data, options = entry.data, entry.options
+        credentials = None
+        if options.get(CONF_VISITOR_AUTH) == VISITOR_AUTH_BASIC:
+            credentials = (options[CONF_VISITOR_USERNAME], options[CONF_VISITOR_PASSWORD])
+        config = AgentConfig(
+            bridge=data[CONF_BRIDGE_URL],
+            token=data[CONF_TOKEN],
+            target=data.get(CONF_TARGET_URL) or HOMEASSISTANT_TARGET_URL,
+            name=data[CONF_TUNNEL_NAME],
+            agent_id=agent_id(hass),
+            request_timeout=float(options.get(CONF_REQUEST_TIMEOUT, DEFAULT_REQUEST_TIMEOUT)),
+            forward_headers=tuple(
+                options.get(CONF_FORWARD_HEADERS, ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host"))
+            ),
+            visitor_credentials=credentials,
+        )
+        tunnel_session = async_get_clientsession(hass)
+        if self.exposes_homeassistant:
+            self._target_session = create_inprocess_session(lambda: homeassistant_server(hass))
+            return Agent(
+                config,
+                session=self._target_session,
+                tunnel_session=tunnel_session,
+                in_process=True,
+                admit=self._admit_visitor,
+            )
+        # Home Assistant's connection pool, but no cookie jar (visitors must not share one)
+        # and bodies passed through as they are.
+        self._target_session = async_create_clientsession(
+            hass, auto_cleanup=False, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
+        )
+        return Agent(config, session=self._target_session, tunnel_session=tunnel_session)
+
+    def _admit_visitor(self, address: str) -> str | None:
+        """Refuse tunnelled visitors Home Assistant would take for local ones.
+
+        Home Assistant sees the visitor's address as the connection's peer. Were that
+        address local (the bridge runs behind a proxy it does not trust, or on the LAN),
+        local-only users and a ``trusted_networks`` provider would let a stranger from the
+        internet in; so such a request never reaches Home Assistant.
+        """
+        try:
+            ip = ip_address(address)
+        except ValueError:
+            refusal: str | None = "the bridge did not say who this visitor is"
+        else:
+            refusal = None
+            if is_local(ip):
+                refusal = f"the bridge reports this visitor as {ip}, a local address"
+            elif (trusted := trusted_networks_refusal(self.hass, ip)) is not None:
+                refusal = trusted
+        self._track_local_visitors(refusal, address)
+        if refusal is None:
+            return None
+        return f"rproxy refused this request: {refusal}; Home Assistant would trust it."
+
+    def _track_local_visitors(self, refusal: str | None, address: str) -> None:
+        entry = self.config_entry
+        if refusal is not None and not self._refusing_local_visitors:
+            self._refusing_local_visitors = True
+            _LOGGER.warning("Refusing tunnelled visitors from %s: %s", address, refusal)
+            ir.async_create_issue(
+                self.hass,
+                DOMAIN,
+                visitor_refused_issue_id(entry),
+                is_fixable=False,
+                severity=ir.IssueSeverity.ERROR,
+                translation_key="visitor_local_address",
+                translation_placeholders={"tunnel": entry.data[CONF_TUNNEL_NAME], "address": address},
+                learn_more_url="https://github.com/rproxy-dev/rproxy/blob/main/docs/HOME-ASSISTANT.md#visitors-refused",
+            )
+        elif refusal is None and self._refusing_local_visitors:
+            self._refusing_local_visitors = False
+            ir.async_delete_issue(self.hass, DOMAIN, visitor_refused_issue_id(entry))
+
+
+def agent_id(hass: HomeAssistant) -> str:
+    """How this Home Assistant introduces itself to the bridge (in the bridge's logs)."""
+    name = "".join(ch for ch in hass.config.location_name if ch.isprintable())[:80] or "home"
+    return f"home-assistant:{name}"

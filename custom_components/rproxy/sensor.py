@@ -1,0 +1,103 @@
+"""Traffic and health of the tunnel."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from homeassistant.components.sensor import SensorDeviceClass, SensorEntity, SensorEntityDescription, SensorStateClass
+from homeassistant.const import EntityCategory, UnitOfInformation, UnitOfTime
+from homeassistant.core import HomeAssistant
+from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
+from homeassistant.util import dt as dt_util
+
+from .coordinator import RproxyConfigEntry, RproxyCoordinator, TunnelSnapshot
+from .entity import RproxyEntity
+
+PARALLEL_UPDATES = 0  # pushed by the agent; nothing to fetch
+
+
+@dataclass(frozen=True, kw_only=True)
+class RproxySensorDescription(SensorEntityDescription):
+    """A sensor and how to read it from a snapshot."""
+
+    value: Callable[[TunnelSnapshot], str | int | float | datetime | None]
+
+
+def _connected_since(data: TunnelSnapshot) -> datetime | None:
+    return dt_util.utc_from_timestamp(data.connected_since) if data.connected_since else None
+
+
+SENSORS: tuple[RproxySensorDescription, ...] = (
+    RproxySensorDescription(key="public_url", value=lambda data: data.public_url),
+    RproxySensorDescription(
+        key="active_connections",
+        state_class=SensorStateClass.MEASUREMENT,
+        value=lambda data: data.active_streams,
+    ),
+    RproxySensorDescription(
+        key="requests_served",
+        state_class=SensorStateClass.TOTAL_INCREASING,
+        value=lambda data: data.requests_served,
+    ),
+    RproxySensorDescription(
+        key="bytes_in",
+        device_class=SensorDeviceClass.DATA_SIZE,
+        state_class=SensorStateClass.TOTAL_INCREASING,
+        native_unit_of_measurement=UnitOfInformation.BYTES,
+        suggested_unit_of_measurement=UnitOfInformation.MEBIBYTES,
+        value=lambda data: data.bytes_received,
+    ),
+    RproxySensorDescription(
+        key="bytes_out",
+        device_class=SensorDeviceClass.DATA_SIZE,
+        state_class=SensorStateClass.TOTAL_INCREASING,
+        native_unit_of_measurement=UnitOfInformation.BYTES,
+        suggested_unit_of_measurement=UnitOfInformation.MEBIBYTES,
+        value=lambda data: data.bytes_sent,
+    ),
+    RproxySensorDescription(
+        key="round_trip_time",
+        device_class=SensorDeviceClass.DURATION,
+        state_class=SensorStateClass.MEASUREMENT,
+        native_unit_of_measurement=UnitOfTime.MILLISECONDS,
+        suggested_display_precision=1,
+        entity_category=EntityCategory.DIAGNOSTIC,
+        value=lambda data: round(data.rtt * 1000, 2) if data.rtt is not None else None,
+    ),
+    RproxySensorDescription(
+        key="connected_since",
+        device_class=SensorDeviceClass.TIMESTAMP,
+        entity_category=EntityCategory.DIAGNOSTIC,
+        value=_connected_since,
+    ),
+    RproxySensorDescription(
+        key="reconnects",
+        state_class=SensorStateClass.TOTAL_INCREASING,
+        entity_category=EntityCategory.DIAGNOSTIC,
+        entity_registry_enabled_default=False,
+        value=lambda data: data.reconnects,
+    ),
+)
+
+
+async def async_setup_entry(
+    hass: HomeAssistant, entry: RproxyConfigEntry, async_add_entities: AddConfigEntryEntitiesCallback
+) -> None:
+    """Add the tunnel's sensors."""
+    async_add_entities(RproxySensor(entry.runtime_data, description) for description in SENSORS)
+
+
+class RproxySensor(RproxyEntity, SensorEntity):
+    """One figure of the tunnel."""
+
+    entity_description: RproxySensorDescription
+
+    def __init__(self, coordinator: RproxyCoordinator, description: RproxySensorDescription) -> None:
+        super().__init__(coordinator, description.key)
+        self.entity_description = description
+
+    @property
+    def native_value(self) -> str | int | float | datetime | None:
+        return self.entity_description.value(self.coordinator.data)
