@@ -7,9 +7,10 @@ from typing import Any
 
 from homeassistant.const import Platform
 from homeassistant.core import HomeAssistant
-from homeassistant.exceptions import ConfigEntryAuthFailed, ConfigEntryNotReady
+from homeassistant.exceptions import ConfigEntryAuthFailed, ConfigEntryError, ConfigEntryNotReady
 from homeassistant.helpers import issue_registry as ir
 from rproxy_core import AuthenticationError
+from rproxy_core.exceptions import ConfigError
 from rproxy_core.agent import AgentState
 from yarl import URL
 
@@ -24,7 +25,12 @@ async def async_setup_entry(hass: HomeAssistant, entry: RproxyConfigEntry) -> bo
     coordinator = RproxyCoordinator(hass, entry)
     _check_bridge_url(hass, entry)
     if coordinator.exposed:
-        outcome = await coordinator.async_start()
+        try:
+            outcome = await coordinator.async_start()
+        except ConfigError as err:  # settings stored by an older version, or edited by hand
+            raise ConfigEntryError(
+                translation_domain=DOMAIN, translation_key="invalid_settings", translation_placeholders={"error": str(err)}
+            ) from None
         if outcome is not AgentState.CONNECTED:
             agent = coordinator.agent
             failure = agent.failure if agent is not None else None

@@ -19,6 +19,7 @@ from rproxy_core.agent import AgentState, AgentStats, create_inprocess_session
 from homeassistant.config_entries import ConfigEntry
 from homeassistant.const import CONF_TOKEN
 from homeassistant.core import HomeAssistant, callback
+from homeassistant.exceptions import ServiceValidationError
 from homeassistant.helpers import issue_registry as ir
 from homeassistant.helpers.aiohttp_client import async_create_clientsession, async_get_clientsession
 from homeassistant.helpers.update_coordinator import DataUpdateCoordinator
@@ -113,7 +114,7 @@ class RproxyCoordinator(DataUpdateCoordinator[TunnelSnapshot]):
         """Start the agent; return the outcome of its first attempt (or its state after SETUP_TIMEOUT)."""
         if self.agent is not None:
             return self.agent.state
-        agent = self._build_agent()
+        agent = self._build_agent()  # raises ConfigError for settings the agent refuses
         self.agent = agent
         first_outcome: asyncio.Future[AgentState] = self.hass.loop.create_future()
 
@@ -168,7 +169,13 @@ class RproxyCoordinator(DataUpdateCoordinator[TunnelSnapshot]):
             await self.async_stop()
 
     async def async_reconnect(self) -> None:
-        """Drop the tunnel and dial the bridge again now."""
+        """Drop the tunnel and dial the bridge again now.
+
+        Raises:
+            ServiceValidationError: the tunnel is switched off; reconnecting must not expose it.
+        """
+        if not self.exposed:
+            raise ServiceValidationError(translation_domain=DOMAIN, translation_key="not_exposed")
         if self.agent is None:
             await self.async_start()
         else:

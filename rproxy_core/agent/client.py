@@ -97,6 +97,9 @@ def bridge_connect_url(bridge: str) -> str:
         valid = False
     if not valid:
         raise ConfigError(f"--bridge {bridge!r}: expected ws://, wss://, http:// or https:// with a host")
+    if url.user is not None or url.password is not None:
+        # Not echoed: the user:password part is a secret.
+        raise ConfigError("--bridge: the URL must not carry user:password@ (the agent proves itself with --token)")
     base = url.with_scheme(schemes[url.scheme]).with_query(None).with_fragment(None)
     path = base.path.rstrip("/")
     if not path.endswith(CONNECT_PATH):
@@ -402,6 +405,9 @@ class Agent:
                 raise
             except RproxyConnectionError as err:
                 self.last_error = str(err)
+            except Exception as err:  # a bug or an embedding's surprise: retry, never die silently
+                _LOGGER.exception("tunnel %r: unexpected failure", self.config.name)
+                self.last_error = f"unexpected failure: {err!r}"
             if time.monotonic() - started > BACKOFF_RESET_AFTER:
                 backoff.reset()
             delay = backoff.next()
@@ -475,6 +481,9 @@ class Agent:
         except (aiohttp.ClientError, OSError, TimeoutError) as err:
             await session.close()
             raise RproxyConnectionError(_describe(err)) from None
+        except BaseException:
+            await session.close()
+            raise
         return _OwnedSessionFrameSocket(ws, str(URL(self.connect_url).origin()), session)
 
     async def _open_tunnel(self) -> tuple[TunnelConnection, dict[str, Any]]:
