@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from homeassistant.const import Platform
-from homeassistant.core import HomeAssistant
+from homeassistant.const import EVENT_HOMEASSISTANT_STOP, Platform
+from homeassistant.core import Event, HomeAssistant
 from homeassistant.exceptions import ConfigEntryAuthFailed, ConfigEntryError, ConfigEntryNotReady
 from homeassistant.helpers import issue_registry as ir
 from rproxy_core import AuthenticationError
@@ -45,6 +45,13 @@ async def async_setup_entry(hass: HomeAssistant, entry: RproxyConfigEntry) -> bo
             )
     entry.runtime_data = coordinator
     entry.async_on_unload(entry.add_update_listener(_async_options_updated))
+
+    async def _stop_on_shutdown(event: Event) -> None:
+        # Close with a goodbye while the loop still runs: the bridge stops routing visitors
+        # here at once, and nothing logs a lost tunnel as Home Assistant goes down.
+        await coordinator.async_stop()
+
+    entry.async_on_unload(hass.bus.async_listen_once(EVENT_HOMEASSISTANT_STOP, _stop_on_shutdown))
     await hass.config_entries.async_forward_entry_setups(entry, PLATFORMS)
     return True
 

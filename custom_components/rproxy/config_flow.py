@@ -71,11 +71,14 @@ _URL = TextSelector(TextSelectorConfig(type=TextSelectorType.URL))
 _URL_CHECK_TIMEOUT = 10
 
 
-def _bridge_schema(defaults: Mapping[str, Any]) -> vol.Schema:
+def _bridge_schema(defaults: Mapping[str, Any], *, token_kept: bool = False) -> vol.Schema:
+    """The bridge form. A token already stored is never sent to the browser: with
+    ``token_kept`` the field may stay empty to keep it."""
+    token = vol.Optional(CONF_TOKEN) if token_kept else vol.Required(CONF_TOKEN)
     return vol.Schema(
         {
             vol.Required(CONF_BRIDGE_URL, default=defaults.get(CONF_BRIDGE_URL, vol.UNDEFINED)): _URL,
-            vol.Required(CONF_TOKEN, default=defaults.get(CONF_TOKEN, vol.UNDEFINED)): _PASSWORD,
+            token: _PASSWORD,
             vol.Required(CONF_TUNNEL_NAME, default=defaults.get(CONF_TUNNEL_NAME, DEFAULT_TUNNEL_NAME)): str,
         }
     )
@@ -176,26 +179,25 @@ class RproxyConfigFlow(ConfigFlow, domain=DOMAIN):
         """Ask for the bridge, the token and the tunnel's name; connect to check them."""
         errors: dict[str, str] = {}
         detail = ""
+        known = self._known_bridge()
         if user_input is not None:
-            if self._name_in_use(user_input[CONF_BRIDGE_URL], user_input[CONF_TUNNEL_NAME]):
+            bridge_url = user_input[CONF_BRIDGE_URL].strip()
+            token = user_input.get(CONF_TOKEN) or ""
+            if not token and known and _same_bridge(bridge_url, known[CONF_BRIDGE_URL]):
+                token = known[CONF_TOKEN]  # left empty: the token of the other tunnel there
+            if self._name_in_use(bridge_url, user_input[CONF_TUNNEL_NAME]):
                 errors = {CONF_TUNNEL_NAME: "name_in_use"}
             else:
-                errors, detail = await probe_bridge(
-                    self.hass, user_input[CONF_BRIDGE_URL].strip(), user_input[CONF_TOKEN], user_input[CONF_TUNNEL_NAME]
-                )
+                errors, detail = await probe_bridge(self.hass, bridge_url, token, user_input[CONF_TUNNEL_NAME])
             if not errors:
-                self._bridge = {
-                    CONF_BRIDGE_URL: user_input[CONF_BRIDGE_URL].strip(),
-                    CONF_TOKEN: user_input[CONF_TOKEN],
-                    CONF_TUNNEL_NAME: user_input[CONF_TUNNEL_NAME],
-                }
+                self._bridge = {CONF_BRIDGE_URL: bridge_url, CONF_TOKEN: token, CONF_TUNNEL_NAME: user_input[CONF_TUNNEL_NAME]}
                 if self._target is not None:  # a discovered app, already confirmed
                     return self._create()
                 return await self.async_step_target()
-        defaults: Mapping[str, Any] = user_input or self._known_bridge()
+        defaults: Mapping[str, Any] = user_input or known
         return self.async_show_form(
             step_id="user",
-            data_schema=_bridge_schema(defaults),
+            data_schema=_bridge_schema(defaults, token_kept=bool(known)),
             errors=errors,
             description_placeholders={"error": detail},
         )
@@ -214,7 +216,8 @@ class RproxyConfigFlow(ConfigFlow, domain=DOMAIN):
         )
 
     def _known_bridge(self) -> dict[str, Any]:
-        """The bridge of a tunnel set up before: most homes have one."""
+        """The bridge of a tunnel set up before (most homes have one): its URL is offered,
+        and its token is used if the field is left empty (it is never shown)."""
         for entry in self._async_current_entries(include_ignore=False):
             return {CONF_BRIDGE_URL: entry.data[CONF_BRIDGE_URL], CONF_TOKEN: entry.data[CONF_TOKEN]}
         return {}
@@ -364,23 +367,24 @@ class RproxyConfigFlow(ConfigFlow, domain=DOMAIN):
         if user_input is not None:
             bridge_url = user_input[CONF_BRIDGE_URL].strip()
             name = user_input[CONF_TUNNEL_NAME]
+            token = user_input.get(CONF_TOKEN) or entry.data[CONF_TOKEN]  # empty: keep the current one
             if self._name_in_use(bridge_url, name, exclude=entry.entry_id):
                 errors = {CONF_TUNNEL_NAME: "name_in_use"}
             else:
-                errors, detail = await probe_bridge(self.hass, bridge_url, user_input[CONF_TOKEN], name)
+                errors, detail = await probe_bridge(self.hass, bridge_url, token, name)
             if not errors:
                 return self.async_update_reload_and_abort(
                     entry,
                     title=f"{name}: {entry.data[CONF_TARGET_NAME]}",
                     data_updates={
                         CONF_BRIDGE_URL: bridge_url,
-                        CONF_TOKEN: user_input[CONF_TOKEN],
-                        CONF_TUNNEL_NAME: user_input[CONF_TUNNEL_NAME],
+                        CONF_TOKEN: token,
+                        CONF_TUNNEL_NAME: name,
                     },
                 )
         return self.async_show_form(
             step_id=SOURCE_RECONFIGURE,
-            data_schema=_bridge_schema(user_input or entry.data),
+            data_schema=_bridge_schema(user_input or entry.data, token_kept=True),
             errors=errors,
             description_placeholders={"error": detail},
         )

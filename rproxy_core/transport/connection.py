@@ -381,6 +381,10 @@ class TunnelConnection:
 
     async def _heartbeat_loop(self) -> None:
         tick = self._heartbeat_interval / 2
+        # The first PING goes at once: the round-trip time is known from the start, not only
+        # one interval later.
+        self.mux.ping(_PING.pack(self.loop.time()))
+        self.schedule_flush()
         next_ping = self.loop.time() + self._heartbeat_interval
         while True:
             await asyncio.sleep(tick)

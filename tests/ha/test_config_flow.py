@@ -205,8 +205,8 @@ async def test_user_invalid_auth(hass: HomeAssistant, bridge: Bridge) -> None:
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "user"
     assert result["errors"] == {"base": "invalid_auth"}
-    # What was typed stays in the form.
-    assert _defaults(result) == {"bridge_url": bridge.url, "token": "not-the-token", "tunnel_name": "home"}
+    # What was typed stays in the form, but for the secret, which is never sent back.
+    assert _defaults(result) == {"bridge_url": bridge.url, "token": None, "tunnel_name": "home"}
 
 
 async def test_user_cannot_connect(hass: HomeAssistant, socket_enabled: None) -> None:
@@ -232,15 +232,34 @@ async def test_user_retry_after_error(hass: HomeAssistant, bridge: Bridge, lan_z
 
 
 async def test_user_prefills_known_bridge(hass: HomeAssistant) -> None:
-    """A second tunnel: the bridge URL and token of the first are offered."""
+    """A second tunnel: the bridge URL of the first is offered; its token is not sent to the
+    browser, the field may stay empty to use it."""
     MockConfigEntry(domain=DOMAIN, data=entry_data("https://bridge.example.com", token="secret-token"),
                     unique_id="homeassistant").add_to_hass(hass)
     result = await _start_user(hass)
     assert _defaults(result) == {
         "bridge_url": "https://bridge.example.com",
-        "token": "secret-token",
+        "token": None,
         "tunnel_name": DEFAULT_TUNNEL_NAME,
     }
+    assert "secret-token" not in repr(result)
+
+
+async def test_user_empty_token_uses_known_bridge_token(
+    hass: HomeAssistant, bridge: Bridge, home_app: HomeApp, lan_zeroconf: HaAsyncZeroconf
+) -> None:
+    """Leaving the token empty for the bridge of an existing tunnel uses that tunnel's token."""
+    await setup_tunnel(hass, bridge.url, home_app.url)
+    result = await _start_user(hass)
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {"bridge_url": bridge.url, "tunnel_name": "second"}
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "target"
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], {"target": "homeassistant"})
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["data"]["token"] == TOKEN
+    await _wait_loaded(hass, result["result"].entry_id)
 
 
 # Two tunnels of this Home Assistant must not share a name on one bridge: the bridge takes
@@ -799,7 +818,8 @@ async def test_reconfigure(hass: HomeAssistant, bridge: Bridge, home_app: HomeAp
     result = await entry.start_reconfigure_flow(hass)
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "reconfigure"
-    assert _defaults(result) == {"bridge_url": bridge.url, "token": TOKEN, "tunnel_name": "home"}
+    assert _defaults(result) == {"bridge_url": bridge.url, "token": None, "tunnel_name": "home"}
+    assert TOKEN not in repr(result)  # the stored token is never sent to the browser
     flow_id = result["flow_id"]
 
     cases = [
@@ -814,11 +834,11 @@ async def test_reconfigure(hass: HomeAssistant, bridge: Bridge, home_app: HomeAp
         assert result["type"] is FlowResultType.FORM, change
         assert result["step_id"] == "reconfigure"
         assert result["errors"] == errors, change
-        assert _defaults(result) == typed  # what was typed stays
+        assert _defaults(result) == {**typed, "token": None}  # what was typed stays, but the secret
     assert entry.data == entry_data(bridge.url, home_app.url)
 
     result = await hass.config_entries.flow.async_configure(
-        flow_id, {"bridge_url": bridge.url + "/", "token": TOKEN, "tunnel_name": "garage"}
+        flow_id, {"bridge_url": bridge.url + "/", "tunnel_name": "garage"}  # token left empty: kept
     )
     assert result["type"] is FlowResultType.ABORT
     assert result["reason"] == "reconfigure_successful"

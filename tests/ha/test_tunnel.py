@@ -23,6 +23,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from homeassistant.config_entries import SOURCE_REAUTH, ConfigEntryState
 from homeassistant.const import STATE_OFF, STATE_ON, STATE_UNKNOWN
+from homeassistant.const import EVENT_HOMEASSISTANT_STOP
 from homeassistant.core import HomeAssistant
 from homeassistant.exceptions import ServiceValidationError
 from homeassistant.helpers import device_registry as dr, entity_registry as er, issue_registry as ir
@@ -656,3 +657,13 @@ async def test_bridge_url_with_userinfo(hass: HomeAssistant, bridge: Bridge, hom
     assert entry.state is ConfigEntryState.SETUP_ERROR
     assert entry.reason is not None and "secret" not in entry.reason
     assert not bridge.registry.names()
+
+
+async def test_home_assistant_stopping_closes_the_tunnel(hass: HomeAssistant, bridge: Bridge, home_app: HomeApp) -> None:
+    """Home Assistant going down closes the tunnel with a goodbye, before its sessions go."""
+    entry = await setup_tunnel(hass, bridge.url, home_app.url)
+    assert bridge.registry.names()
+    hass.bus.async_fire(EVENT_HOMEASSISTANT_STOP)
+    await hass.async_block_till_done()
+    await wait_for(lambda: not bridge.registry.names(), what="the bridge to drop the tunnel")
+    assert entry.runtime_data.agent is None
