@@ -239,16 +239,20 @@ class Upstream:
         head = stream.head
         headers, skip = self._request_headers(stream)
         body = None if stream.at_eof else _request_body(stream)
-        async with asyncio.timeout(self._request_timeout):
-            response = await self._session.request(
-                head.method,
-                url,
-                headers=headers,
-                skip_auto_headers=skip,
-                data=body,
-                allow_redirects=False,
-                timeout=self._timeout,
-            )
+        sending = self._session.request(
+            head.method,
+            url,
+            headers=headers,
+            skip_auto_headers=skip,
+            data=body,
+            allow_redirects=False,
+            timeout=self._timeout,
+        )
+        if self._request_timeout is None:  # the common case pays for no timer
+            response = await sending
+        else:
+            async with asyncio.timeout(self._request_timeout):
+                response = await sending
         async with response:
             content = response.content
             reply = ResponseHead(response.status, response.reason or "", strip_hop_by_hop(response.headers.items()))
