@@ -29,7 +29,9 @@ async def async_setup_entry(hass: HomeAssistant, entry: RproxyConfigEntry) -> bo
             outcome = await coordinator.async_start()
         except ConfigError as err:  # settings stored by an older version, or edited by hand
             raise ConfigEntryError(
-                translation_domain=DOMAIN, translation_key="invalid_settings", translation_placeholders={"error": str(err)}
+                translation_domain=DOMAIN,
+                translation_key="invalid_settings",
+                translation_placeholders={"error": str(err)},
             ) from None
         if outcome is not AgentState.CONNECTED:
             agent = coordinator.agent

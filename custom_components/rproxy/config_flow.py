@@ -190,7 +190,11 @@ class RproxyConfigFlow(ConfigFlow, domain=DOMAIN):
             else:
                 errors, detail = await probe_bridge(self.hass, bridge_url, token, user_input[CONF_TUNNEL_NAME])
             if not errors:
-                self._bridge = {CONF_BRIDGE_URL: bridge_url, CONF_TOKEN: token, CONF_TUNNEL_NAME: user_input[CONF_TUNNEL_NAME]}
+                self._bridge = {
+                    CONF_BRIDGE_URL: bridge_url,
+                    CONF_TOKEN: token,
+                    CONF_TUNNEL_NAME: user_input[CONF_TUNNEL_NAME],
+                }
                 if self._target is not None:  # a discovered app, already confirmed
                     return self._create()
                 return await self.async_step_target()

@@ -7,14 +7,14 @@ coordinator turns both into snapshots its entities render. Nothing here polls.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import ip_address
 import logging
 from typing import Any
 
 import aiohttp
 from rproxy_core import Agent, AgentConfig, AuthenticationError
-from rproxy_core.agent import AgentState, AgentStats, create_inprocess_session
+from rproxy_core.agent import FORWARDED_HEADERS, AgentState, AgentStats, create_inprocess_session
 
 from homeassistant.config_entries import ConfigEntry
 from homeassistant.const import CONF_TOKEN
@@ -58,12 +58,8 @@ class TunnelSnapshot:
     exposed: bool
     public_url: str | None
     connected_since: float | None
-    active_streams: int
-    requests_served: int
-    bytes_received: int
-    bytes_sent: int
-    rtt: float | None
-    reconnects: int
+    #: The agent's counters (kept from the last run while the agent is stopped).
+    stats: AgentStats
     last_error: str | None
 
     @property
@@ -96,7 +92,16 @@ class RproxyCoordinator(DataUpdateCoordinator[TunnelSnapshot]):
         )
         #: The options the agent was built with, but for the switch's (see async_set_exposed).
         self.applied_options = {k: v for k, v in entry.options.items() if k != CONF_EXPOSED}
-        self.data = self._snapshot()
+        self.data = TunnelSnapshot(
+            state=AgentState.STOPPED,
+            exposed=self.exposed,
+            public_url=None,
+            connected_since=None,
+            stats=AgentStats(
+                active_streams=0, requests_served=0, bytes_received=0, bytes_sent=0, rtt=None, reconnects=0
+            ),
+            last_error=None,
+        )
 
     @property
     def exposes_homeassistant(self) -> bool:
@@ -213,32 +218,21 @@ class RproxyCoordinator(DataUpdateCoordinator[TunnelSnapshot]):
     def _snapshot(self) -> TunnelSnapshot:
         agent = self.agent
         if agent is None:
-            previous: TunnelSnapshot | None = getattr(self, "data", None)
-            return TunnelSnapshot(
+            previous = self.data
+            return replace(
+                previous,
                 state=AgentState.STOPPED,
                 exposed=self.exposed,
-                public_url=previous.public_url if previous else None,
                 connected_since=None,
-                active_streams=0,
-                requests_served=previous.requests_served if previous else 0,
-                bytes_received=previous.bytes_received if previous else 0,
-                bytes_sent=previous.bytes_sent if previous else 0,
-                rtt=None,
-                reconnects=previous.reconnects if previous else 0,
+                stats=replace(previous.stats, active_streams=0, rtt=None),
                 last_error=None,
             )
-        stats = agent.stats
         return TunnelSnapshot(
             state=agent.state,
             exposed=self.exposed,
             public_url=agent.public_url,
             connected_since=agent.connected_since,
-            active_streams=stats.active_streams,
-            requests_served=stats.requests_served,
-            bytes_received=stats.bytes_received,
-            bytes_sent=stats.bytes_sent,
-            rtt=stats.rtt,
-            reconnects=stats.reconnects,
+            stats=agent.stats,
             last_error=agent.last_error,
         )
 
@@ -257,9 +251,7 @@ class RproxyCoordinator(DataUpdateCoordinator[TunnelSnapshot]):
             name=data[CONF_TUNNEL_NAME],
             agent_id=agent_id(hass),
             request_timeout=float(options.get(CONF_REQUEST_TIMEOUT, DEFAULT_REQUEST_TIMEOUT)),
-            forward_headers=tuple(
-                options.get(CONF_FORWARD_HEADERS, ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host"))
-            ),
+            forward_headers=tuple(options.get(CONF_FORWARD_HEADERS, FORWARDED_HEADERS)),
             visitor_credentials=credentials,
         )
         tunnel_session = async_get_clientsession(hass)

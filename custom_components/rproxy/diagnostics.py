@@ -34,6 +34,7 @@ async def async_get_config_entry_diagnostics(hass: HomeAssistant, entry: RproxyC
             data[key] = _without_userinfo(data[key])
     coordinator = entry.runtime_data
     snapshot = asdict(coordinator.data)
+    snapshot.update(snapshot.pop("stats"))  # one flat table of the tunnel's figures
     snapshot["state"] = coordinator.data.state.value
     agent = coordinator.agent
     return {

@@ -34,12 +34,12 @@ SENSORS: tuple[RproxySensorDescription, ...] = (
     RproxySensorDescription(
         key="active_connections",
         state_class=SensorStateClass.MEASUREMENT,
-        value=lambda data: data.active_streams,
+        value=lambda data: data.stats.active_streams,
     ),
     RproxySensorDescription(
         key="requests_served",
         state_class=SensorStateClass.TOTAL_INCREASING,
-        value=lambda data: data.requests_served,
+        value=lambda data: data.stats.requests_served,
     ),
     RproxySensorDescription(
         key="bytes_in",
@@ -47,7 +47,7 @@ SENSORS: tuple[RproxySensorDescription, ...] = (
         state_class=SensorStateClass.TOTAL_INCREASING,
         native_unit_of_measurement=UnitOfInformation.BYTES,
         suggested_unit_of_measurement=UnitOfInformation.MEBIBYTES,
-        value=lambda data: data.bytes_received,
+        value=lambda data: data.stats.bytes_received,
     ),
     RproxySensorDescription(
         key="bytes_out",
@@ -55,7 +55,7 @@ SENSORS: tuple[RproxySensorDescription, ...] = (
         state_class=SensorStateClass.TOTAL_INCREASING,
         native_unit_of_measurement=UnitOfInformation.BYTES,
         suggested_unit_of_measurement=UnitOfInformation.MEBIBYTES,
-        value=lambda data: data.bytes_sent,
+        value=lambda data: data.stats.bytes_sent,
     ),
     RproxySensorDescription(
         key="round_trip_time",
@@ -64,7 +64,7 @@ SENSORS: tuple[RproxySensorDescription, ...] = (
         native_unit_of_measurement=UnitOfTime.MILLISECONDS,
         suggested_display_precision=1,
         entity_category=EntityCategory.DIAGNOSTIC,
-        value=lambda data: round(data.rtt * 1000, 2) if data.rtt is not None else None,
+        value=lambda data: round(data.stats.rtt * 1000, 2) if data.stats.rtt is not None else None,
     ),
     RproxySensorDescription(
         key="connected_since",
@@ -77,7 +77,7 @@ SENSORS: tuple[RproxySensorDescription, ...] = (
         state_class=SensorStateClass.TOTAL_INCREASING,
         entity_category=EntityCategory.DIAGNOSTIC,
         entity_registry_enabled_default=False,
-        value=lambda data: data.reconnects,
+        value=lambda data: data.stats.reconnects,
     ),
 )
 

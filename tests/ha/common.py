@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-import socket
 from typing import Any
 
 from pytest_homeassistant_custom_component.common import MockConfigEntry
@@ -15,7 +14,9 @@ from homeassistant.setup import async_setup_component
 
 from custom_components.rproxy.const import DOMAIN
 
-from .conftest import TOKEN
+from .conftest import TOKEN, free_port
+
+__all__ = ["entry_data", "free_port", "setup_tunnel", "start_homeassistant_http", "wait_for"]
 
 
 def entry_data(bridge_url: str, target_url: str | None = None, *, name: str = "home", token: str = TOKEN) -> dict[str, Any]:
@@ -63,13 +64,6 @@ async def setup_tunnel(
     await hass.async_block_till_done()
     assert entry.state is expect, entry.reason
     return entry
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def start_homeassistant_http(hass: HomeAssistant, **http_config: Any) -> int:

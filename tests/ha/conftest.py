@@ -19,7 +19,6 @@ The plugin disables sockets in every test except to 127.0.0.1 and only for tests
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from unittest.mock import patch
 
@@ -28,10 +27,14 @@ from aiohttp import WSMsgType, web
 from zeroconf import IPVersion
 from zeroconf.asyncio import AsyncZeroconf
 
-from rproxy_core import Agent, AgentConfig, Bridge, BridgeConfig
+from rproxy_core import Bridge, BridgeConfig
 
-#: The agent token the ``bridge`` fixture accepts.
-TOKEN = "ha-test-token-" + "x" * 16
+# Shared with the core suite (its conftest is a plain module here: its fixtures stay there).
+# TOKEN is the agent token the ``bridge`` fixture accepts.
+from tests.conftest import TOKEN, free_port, running_agent, start_app
+
+__all__ = ["HELLO", "TOKEN", "HomeApp", "free_port", "running_agent", "start_app"]
+
 #: What the ``home_app`` fixture answers on ``GET /``.
 HELLO = "hello from the home app"
 
@@ -94,13 +97,9 @@ async def home_app(socket_enabled: None) -> AsyncIterator[HomeApp]:
     app = web.Application()
     app.router.add_get("/", hello)
     app.router.add_get("/ws", echo)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, url = await start_app(app)
     try:
-        yield HomeApp(url=f"http://127.0.0.1:{port}", requests=requests)
+        yield HomeApp(url=url, requests=requests)
     finally:
         await runner.cleanup()
 
@@ -114,19 +113,3 @@ async def loopback_zeroconf(socket_enabled: None) -> AsyncIterator[AsyncZeroconf
         yield aiozc
     finally:
         await aiozc.async_close()
-
-
-@asynccontextmanager
-async def running_agent(bridge_url: str, target: str, **overrides: object) -> AsyncIterator[Agent]:
-    """A real agent connected (waited for) to ``bridge_url`` with ``TOKEN``, serving ``target``."""
-    config = AgentConfig(bridge=bridge_url, token=TOKEN, target=target, agent_id="ha-test-agent",
-                         backoff_initial=0.1, backoff_max=0.5)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    agent = Agent(config)
-    await agent.start()
-    try:
-        await agent.wait_connected(timeout=10)
-        yield agent
-    finally:
-        await agent.stop()

@@ -62,7 +62,7 @@ async def test_diagnostics_redacted(
                 assert response.status == 200
                 assert await response.text() == HELLO
     coordinator = entry.runtime_data
-    await wait_for(lambda: coordinator.data.requests_served == 2, timeout=3, what="two requests counted")
+    await wait_for(lambda: coordinator.data.stats.requests_served == 2, timeout=3, what="two requests counted")
     # URLs with credentials in them (changing data alone reloads nothing).
     url_with_credentials = bridge.url.replace("http://", f"http://{URL_USER}:{URL_PASSWORD}@")
     target_with_credentials = home_app.url.replace("http://", f"http://{URL_USER}:{URL_PASSWORD}@")
@@ -142,7 +142,7 @@ async def test_no_secret_in_logs(
         async with visitor.ws_connect(bridge.url + "/ws", auth=auth) as ws:
             await ws.send_str("hello")
             assert (await ws.receive(timeout=5)).data == "hello"
-    await wait_for(lambda: entry.runtime_data.data.requests_served == 3, timeout=3, what="three requests counted")
+    await wait_for(lambda: entry.runtime_data.data.stats.requests_served == 3, timeout=3, what="three requests counted")
 
     # The bridge comes back accepting another token only: the agent is refused, reauth starts.
     port = bridge.port

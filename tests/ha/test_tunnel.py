@@ -33,7 +33,7 @@ from rproxy_core import Bridge, BridgeConfig
 from rproxy_core.agent import AgentState
 
 from .common import entry_data, free_port, setup_tunnel, wait_for
-from .conftest import HELLO, TOKEN, HomeApp
+from .conftest import HELLO, TOKEN, HomeApp, start_app
 
 # Entity ids: has_entity_name with the device "rproxy home" (tunnel name "home").
 TUNNEL = "binary_sensor.rproxy_home_tunnel"
@@ -122,13 +122,9 @@ async def small_app(routes: Callable[[web.Application], object]) -> AsyncIterato
     """A home app of the test's own on 127.0.0.1; yields its base URL."""
     app = web.Application()
     routes(app)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, url = await start_app(app)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
         await runner.cleanup()
 
@@ -274,7 +270,7 @@ async def test_bridge_down_and_back(hass: HomeAssistant, bridge: Bridge, home_ap
         assert (status, body) == (200, HELLO)
         assert entry.state is ConfigEntryState.LOADED
         assert entry.runtime_data is coordinator  # no reload needed
-        assert coordinator.data.reconnects >= 1
+        assert coordinator.data.stats.reconnects >= 1
 
 
 async def test_expose_switch(hass: HomeAssistant, bridge: Bridge, home_app: HomeApp) -> None:
