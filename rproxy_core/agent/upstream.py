@@ -231,7 +231,8 @@ class Upstream:
         return True
 
     def _request_headers(self, stream: TunnelStream, extra_drop: frozenset[str] = frozenset()) -> tuple[CIMultiDict[str], list[str]]:
-        headers = CIMultiDict(strip_hop_by_hop(stream.head.headers, extra_drop | self._drop))
+        drop = extra_drop | self._drop if extra_drop else self._drop  # no new set per plain request
+        headers = CIMultiDict(strip_hop_by_hop(stream.head.headers, drop))
         skip = [name for name in _AUTO_HEADERS if name not in headers]
         return headers, skip
 
