@@ -1,25 +1,61 @@
-"""Settings from flags, environment and an optional TOML file, validated with voluptuous.
+"""Settings from flags, environment and a config file, validated with voluptuous.
 
 Precedence: command-line flag, then environment variable, then config file, then default.
-Every error names the flag (or the file key) it is about, in one line.
+Config files are YAML (JSON is YAML too, so a Home Assistant add-on's ``options.json`` reads
+as is) or, by the ``.toml`` suffix, TOML. Their keys are the long flag names with ``_`` for
+``-`` (a few flags that repeat have a plural key: ``--token`` is ``tokens``).
+
+Every mistake becomes one line naming where it is, e.g. ``bridge.yaml: tokens[2].name:
+expected a DNS label (a-z, 0-9, -), got 'Bad_Name'``, or ``--listen: ...``, or
+``$RPROXY_LISTEN: ...``.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
 import voluptuous as vol
+import yaml
 from yarl import URL
 
 from .exceptions import ConfigError
 from .headers import is_tunnel_name
 
-__all__ = ["parse_listen", "load_file", "merge", "BRIDGE_SCHEMA", "AGENT_SCHEMA", "validate"]
+__all__ = [
+    "AGENT_SCHEMA",
+    "FileSettings",
+    "BRIDGE_SCHEMA",
+    "LOG_LEVELS",
+    "ZEROCONF_TARGET_PREFIX",
+    "TokenGrant",
+    "load_file",
+    "merge",
+    "parse_listen",
+    "validate",
+]
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenGrant:
+    """An accepted agent token and the tunnel names it may serve (None: any name)."""
+
+    token: str
+    names: frozenset[str] | None = None
+
+    def allows(self, name: str) -> bool:
+        return self.names is None or name in self.names
+
+    def __repr__(self) -> str:  # never the secret itself, whatever prints it
+        names = "any" if self.names is None else ",".join(sorted(self.names))
+        return f"TokenGrant(token=<{len(self.token)} chars>, names={names})"
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -55,9 +91,33 @@ def _url(schemes: tuple[str, ...]) -> Callable[[Any], str]:
     return check
 
 
+#: ``--target zeroconf:NAME``: the web app announced on the LAN under NAME (mDNS).
+ZEROCONF_TARGET_PREFIX = "zeroconf:"
+
+
+def _target(value: Any) -> str:
+    """The home app: an http(s) URL, or ``zeroconf:NAME`` for an app announced over mDNS."""
+    text = str(value).strip()
+    if text.lower().startswith(ZEROCONF_TARGET_PREFIX):
+        name = text[len(ZEROCONF_TARGET_PREFIX) :].strip()
+        if not name or not name.isprintable():
+            raise vol.Invalid(f"expected zeroconf:NAME with the name of an announced app, got {value!r}")
+        return ZEROCONF_TARGET_PREFIX + name
+    return _url(("http", "https"))(value)
+
+
+def _text(what: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise vol.Invalid(f"expected {what}, got {value!r}")
+        return value.strip()
+
+    return check
+
+
 def _tunnel_name(value: Any) -> str:
     if not isinstance(value, str) or not is_tunnel_name(value):
-        raise vol.Invalid(f"{value!r} is not a lower-case DNS label (a-z, 0-9, -)")
+        raise vol.Invalid(f"expected a DNS label (a-z, 0-9, -), got {value!r}")
     return value
 
 
@@ -65,16 +125,37 @@ def _domain(value: Any) -> str:
     text = str(value).strip().strip(".").lower()
     labels = text.split(".")
     if not text or not all(is_tunnel_name(label) for label in labels):
-        raise vol.Invalid(f"{value!r} is not a domain name")
+        raise vol.Invalid(f"expected a domain name, got {value!r}")
     return text
 
 
-def _tokens(value: Any) -> list[str]:
+def _one_or_many(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+_TOKEN_ENTRY = vol.Schema(
+    {
+        vol.Required("token", msg="is required (the secret an agent presents)"): _text("a non-empty token"),
+        vol.Exclusive("name", "names", msg="give either name or names"): _tunnel_name,
+        vol.Exclusive("names", "names", msg="give either name or names"): vol.All(
+            _one_or_many, vol.Length(min=1, msg="expected at least one tunnel name"), [_tunnel_name]
+        ),
+    }
+)
+
+
+def _token_grant(value: Any) -> TokenGrant:
+    """A token: a plain string (any tunnel name), or ``{token, name}`` / ``{token, names}``."""
     if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-        raise vol.Invalid("expected one or more non-empty tokens")
-    return [v.strip() for v in value]
+        return TokenGrant(_text("a non-empty token")(value))
+    if not isinstance(value, dict):
+        raise vol.Invalid(f"expected a token, or a mapping with token and name, got {type(value).__name__}")
+    entry = _TOKEN_ENTRY(value)
+    if "name" in entry:
+        return TokenGrant(entry["token"], frozenset({entry["name"]}))
+    if "names" in entry:
+        return TokenGrant(entry["token"], frozenset(entry["names"]))
+    return TokenGrant(entry["token"])
 
 
 def _networks(value: Any) -> list[IPv4Network | IPv6Network]:
@@ -91,45 +172,132 @@ def _networks(value: Any) -> list[IPv4Network | IPv6Network]:
     return networks
 
 
-_seconds = vol.All(vol.Coerce(float), vol.Range(min=0.1, max=86400, msg="expected seconds between 0.1 and 86400"))
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise vol.Invalid(f"expected true or false, got {value!r}")
+
+
+def _log_level(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in LOG_LEVELS:
+        raise vol.Invalid(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return text
+
+
+def _seconds(low: float, high: float) -> Callable[[Any], float]:
+    def check(value: Any) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            raise vol.Invalid(f"expected seconds, got {value!r}") from None
+        if not low <= seconds <= high:
+            raise vol.Invalid(f"expected seconds between {low:g} and {high:g}, got {value!r}")
+        return seconds
+
+    return check
+
 
 BRIDGE_SCHEMA = vol.Schema(
     {
         vol.Optional("listen", default="0.0.0.0:8080"): parse_listen,
         vol.Optional("domain"): vol.Any(None, _domain),
-        vol.Optional("token", default=[]): _tokens,
-        vol.Optional("token_file"): vol.Any(None, str),
-        vol.Optional("request_timeout", default=30.0): _seconds,
-        vol.Optional("tls_cert"): vol.Any(None, str),
-        vol.Optional("tls_key"): vol.Any(None, str),
-        vol.Optional("access_log", default=True): bool,
-        vol.Optional("trusted_proxy", default=[]): _networks,
+        vol.Optional("tokens", default=[]): vol.All(_one_or_many, [_token_grant]),
+        vol.Optional("token_file"): vol.Any(None, _text("a file name")),
+        vol.Optional("request_timeout", default=30.0): _seconds(0.1, 86400),
+        vol.Optional("shutdown_grace", default=10.0): _seconds(0, 3600),
+        vol.Optional("tls_cert"): vol.Any(None, _text("a file name")),
+        vol.Optional("tls_key"): vol.Any(None, _text("a file name")),
+        vol.Optional("access_log", default=True): _boolean,
+        vol.Optional("trusted_proxies", default=[]): _networks,
+        vol.Optional("log_level"): vol.Any(None, _log_level),
     }
 )
+
+_SERVICE = vol.Schema(
+    {
+        vol.Required("name", msg="is required (the service's tunnel name)"): _tunnel_name,
+        vol.Required("target", msg="is required (the service's URL)"): _target,
+    }
+)
+
+
+def _unique_names(services: list[dict[str, str]]) -> list[dict[str, str]]:
+    seen: set[str] = set()
+    for index, service in enumerate(services):
+        if service["name"] in seen:
+            raise vol.Invalid(f"{service['name']!r} is named twice", path=[index, "name"])
+        seen.add(service["name"])
+    return services
+
 
 AGENT_SCHEMA = vol.Schema(
     {
         vol.Required("bridge", msg="is required (the bridge's URL)"): _url(("ws", "wss", "http", "https")),
-        vol.Required("token", msg="is required"): vol.All(str, vol.Length(min=1, msg="must not be empty")),
-        vol.Required("target", msg="is required (the home app's URL)"): _url(("http", "https")),
+        vol.Required("token", msg="is required"): _text("a non-empty token"),
+        vol.Required("target", msg="is required (the home app's URL)"): _target,
         vol.Optional("name", default="home"): _tunnel_name,
         vol.Optional("agent_id"): vol.Any(None, vol.All(str, vol.Length(min=1, max=128))),
+        vol.Optional("services", default=[]): vol.All(vol.Any(None, list), lambda v: v or [], [_SERVICE], _unique_names),
+        vol.Optional("log_level"): vol.Any(None, _log_level),
     }
 )
 
+#: Keys of older config files (before the plural keys), still read.
+_KEY_ALIASES = {"token": "tokens", "trusted_proxy": "trusted_proxies"}
 
-def load_file(path: str | None) -> dict[str, Any]:
-    """Read a TOML config file (keys are the long flag names with ``_`` for ``-``)."""
+
+class FileSettings(dict[str, Any]):
+    """Settings read from a file, by canonical key; ``spelling`` has each key as written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spelling: dict[str, str] = {}
+
+
+def load_file(path: str | None, aliases: Mapping[str, str] | None = None) -> FileSettings:
+    """Read a config file: YAML or JSON, or TOML when the name ends in ``.toml``.
+
+    Keys may be written with ``-`` or ``_``; ``aliases`` renames older key spellings.
+    """
+    values = FileSettings()
     if not path:
-        return {}
+        return values
     try:
-        with Path(path).open("rb") as handle:
-            data = tomllib.load(handle)
+        raw = Path(path).read_bytes()
     except OSError as err:
-        raise ConfigError(f"--config {path}: {err.strerror or err}") from None
+        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8")) if path.endswith(".toml") else yaml.safe_load(raw)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"--config {path}: not valid TOML: {err}") from None
-    return {key.replace("-", "_"): value for key, value in data.items()}
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
+    if data is None:
+        return values
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top, got {type(data).__name__}")
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        canonical = (aliases or {}).get(name, name)
+        values[canonical] = value
+        values.spelling[canonical] = str(key)
+    return values
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if mark is not None:
+        return f"line {mark.line + 1} column {mark.column + 1}: {problem}"
+    return str(problem)
 
 
 def merge(
@@ -137,13 +305,22 @@ def merge(
     env_names: Mapping[str, tuple[str, ...]],
     file_values: Mapping[str, Any],
     environ: Mapping[str, str] = os.environ,
+    *,
+    file: str | None = None,
+    flag_names: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Merge the three sources; return the values and, per key, where each came from."""
+    """Merge the three sources; return the values and, per key, where each came from.
+
+    The origin of a key is ``--flag``, ``$VARIABLE`` or ``FILE: key`` (``key`` alone when the
+    file's name is not given); a key that was not set anywhere has none.
+    """
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
+    spelling = getattr(file_values, "spelling", {})
     for key, value in file_values.items():
         values[key] = value
-        origin[key] = f"key {key!r} in the config file"
+        written = spelling.get(key, key)
+        origin[key] = f"{file}: {written}" if file else written
     for key, names in env_names.items():
         for name in names:
             if environ.get(name):
@@ -153,18 +330,47 @@ def merge(
     for key, value in flags.items():
         if value is not None and value != []:
             values[key] = value
-            origin[key] = "--" + key.replace("_", "-")
+            origin[key] = (flag_names or {}).get(key) or "--" + key.replace("_", "-")
+    if file:
+        origin[_FILE] = file
     return values, origin
 
 
-def validate(schema: vol.Schema, values: dict[str, Any], origin: Mapping[str, str]) -> dict[str, Any]:
-    """Apply ``schema``; a failure becomes ConfigError naming the flag, variable or key."""
+#: Origin entry holding the config file's name (not a settings key: those are identifiers).
+_FILE = "<file>"
+
+
+def _path_text(path: Sequence[Any]) -> str:
+    """``['tokens', 2, 'name']`` → ``tokens[2].name``."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += ("." if text else "") + str(part)
+    return text
+
+
+def validate(
+    schema: vol.Schema, values: dict[str, Any], origin: Mapping[str, str], flag_names: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Apply ``schema``; the first failure becomes a one-line ConfigError naming where it is."""
     try:
         return dict(schema(values))
     except vol.MultipleInvalid as err:
-        first = err.errors[0]
-        key = str(first.path[0]) if first.path else "?"
-        where = origin.get(key, "--" + key.replace("_", "-"))
-        if first.error_message.startswith("extra keys"):
-            raise ConfigError(f"{where}: unknown setting") from None
-        raise ConfigError(f"{where}: {first.error_message}") from None
+        first = min(err.errors, key=lambda e: [str(p) for p in e.path])
+        path = list(first.path)
+        key = str(path[0]) if path else ""
+        file = origin.get(_FILE)
+        where = origin.get(key)
+        if where is not None and file and where.startswith(f"{file}: "):
+            rest = _path_text(path[1:])  # ``tokens[2].name``, with the key as written
+            where += rest if rest.startswith("[") or not rest else "." + rest
+        elif where is None:  # unknown or missing: with a file, say where in it
+            where = f"{file}: {_path_text(path)}" if file else (flag_names or {}).get(key) or "--" + key.replace("_", "-")
+        message = first.error_message
+        if message.startswith("extra keys not allowed"):
+            message = "unknown key"
+        elif message == "required key not provided":
+            message = "is required"
+        raise ConfigError(f"{where}: {message}") from None

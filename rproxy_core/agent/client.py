@@ -610,6 +610,8 @@ def _refusal(status: int, raw_body: bytes) -> RproxyConnectionError:
     body = raw_body.decode("utf-8", "replace").strip()[:200]
     if status == 401:
         return AuthenticationError("the bridge refused the agent token (401): check --token")
+    if status == 403:
+        return AuthenticationError(f"the bridge refused the agent (403): {body or 'not allowed'}: check --token and --name")
     if status == 426:
         return _FatalRefusal(f"the bridge does not speak this agent's protocol: {body or status}")
     if status == 400:

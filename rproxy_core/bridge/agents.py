@@ -1,12 +1,14 @@
 """The agent endpoint, /_rproxy/connect: authentication, version choice, handshake.
 
 Everything that can be refused is refused with a plain HTTP answer before the WebSocket
-upgrade (401 bad token, 426 no common protocol version, 400 bad tunnel name), so no tunnel
+upgrade (401 bad token, 426 no common protocol version, 400 bad tunnel name, 403 a name the
+token may not serve), so no tunnel
 ever exists for an agent that should not have one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -36,17 +38,29 @@ class AgentHandler:
     def __init__(self, bridge: Bridge) -> None:
         self._bridge = bridge
         self._handshaking: set[TunnelConnection] = set()
+        #: The token each connected agent presented, to cut it off when that token is revoked.
+        self._tokens: dict[TunnelConnection, tuple[str, str]] = {}
 
     def handshaking(self) -> list[TunnelConnection]:
         """Connections upgraded but not yet through HELLO (not in the registry yet)."""
         return list(self._handshaking)
+
+    async def revoke(self) -> int:
+        """Close the tunnels whose token is no longer accepted for their name; return how many."""
+        auth = self._bridge.auth
+        revoked = [c for c, (token, name) in self._tokens.items() if not auth.allows(token, name)]
+        for connection in revoked:
+            _LOGGER.warning("agent %s cut off: its token is no longer accepted", connection.label)
+        await asyncio.gather(*(c.close(ErrorCode.NO_ERROR, "agent token revoked") for c in revoked))
+        return len(revoked)
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         bridge = self._bridge
         remote = request.remote or "?"
         auth = request.headers.get(hdrs.AUTHORIZATION, "")
         token = auth[7:].strip() if auth[:7].lower() == "bearer " else None
-        if not bridge.auth.check(token):
+        grant = bridge.auth.match(token)
+        if grant is None or token is None:
             _LOGGER.warning("refused agent from %s: %s", remote, "invalid token" if token else "no token")
             return _refuse(401, "invalid or missing agent token")
         offered = {v.strip() for v in request.headers.get(HEADER_PROTOCOL, "").split(",")}
@@ -61,6 +75,9 @@ class AgentHandler:
         if not is_tunnel_name(name):
             _LOGGER.warning("refused agent from %s: invalid tunnel name %r", remote, name[:80])
             return _refuse(400, "tunnel name must be a lower-case DNS label (a-z, 0-9, -)")
+        if not grant.allows(name):
+            _LOGGER.warning("refused agent from %s: its token may not serve tunnel %r", remote, name)
+            return _refuse(403, f"this agent token may not serve tunnel {name!r}")
         agent_id = request.headers.get(HEADER_AGENT_ID, "")[:128] or remote
         if not agent_id.isprintable():
             agent_id = remote
@@ -101,6 +118,10 @@ class AgentHandler:
         if bridge.stopping:  # its HELLO came after the tunnels were closed: it would be missed
             await connection.close(ErrorCode.NO_ERROR, "bridge shutting down")
             return ws
+        if not bridge.auth.allows(token, name):  # revoked by a reload during the handshake
+            await connection.close(ErrorCode.NO_ERROR, "agent token revoked")
+            return ws
+        self._tokens[connection] = (token, name)
         await bridge.registry.add(name, connection)
         _LOGGER.info(
             "agent %s connected (protocol %s, %d agent(s) now serve %r)",
@@ -112,6 +133,7 @@ class AgentHandler:
         try:
             await connection.run()
         finally:
+            self._tokens.pop(connection, None)
             await bridge.registry.remove(name, connection)
             _LOGGER.info("agent %s disconnected: %s", label, connection.close_reason or "closed")
         return ws

@@ -17,8 +17,9 @@ from .. import __version__
 from ..const import CONNECT_PATH, DEAD_AFTER, HEALTH_PATH, HEARTBEAT_INTERVAL, REQUEST_TIMEOUT, RESERVED_PREFIX
 from ..exceptions import ConfigError
 from ..protocol.frames import ErrorCode
+from ..protocol.heads import KIND_WEBSOCKET
 from .agents import AgentHandler
-from .auth import TokenAuth
+from .auth import TokenAuth, TokenGrant
 from .pages import error_response
 from .registry import MemoryRegistry, TunnelRegistry
 from .visitors import VisitorHandler
@@ -57,15 +58,17 @@ class BridgeConfig:
 
     host: str = "0.0.0.0"
     port: int = 8080
-    tokens: list[str] = field(default_factory=list)
+    #: Accepted agent tokens: plain strings serve any tunnel name, TokenGrants only theirs.
+    tokens: list[str | TokenGrant] = field(default_factory=list)
     domain: str | None = None
     request_timeout: float = REQUEST_TIMEOUT
     ssl_context: ssl.SSLContext | None = None
     access_log: bool = True
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     dead_after: float = DEAD_AFTER
-    #: Seconds a stopping bridge waits for visitor requests in flight.
-    shutdown_timeout: float = 5.0
+    #: Seconds a stopping bridge lets visitor requests in flight finish before it closes the
+    #: tunnels (new requests meanwhile get 503 with Retry-After).
+    shutdown_grace: float = 5.0
     #: Proxies in front of the bridge (a load balancer, nginx, Cloudflare) whose
     #: X-Forwarded-For and X-Forwarded-Proto are believed; from anyone else they are replaced.
     trusted_proxies: list[IPv4Network | IPv6Network] = field(default_factory=list)
@@ -88,8 +91,11 @@ class Bridge:
         if not self.auth:
             raise ConfigError("no agent token configured: pass --token or --token-file")
         self.registry = registry if registry is not None else MemoryRegistry()
-        #: Set once stopping begins: agents are refused, and one finishing its handshake is closed.
+        #: Set once stopping begins: visitors get 503, new agents are refused.
+        self.draining = False
+        #: Set once the tunnels close: one finishing its handshake is closed too.
         self.stopping = False
+        self._hurry = asyncio.Event()
         self._agents = AgentHandler(self)
         self.app = self._make_app()
         self._runner: web.AppRunner | None = None
@@ -116,7 +122,9 @@ class Bridge:
             access_log=None,
             handle_signals=False,
             handler_cancellation=True,
-            shutdown_timeout=self.config.shutdown_timeout,
+            # The grace period was spent in stop(), before the tunnels closed; what is left
+            # (visitor WebSockets, keep-alive connections) closes at once.
+            shutdown_timeout=1.0,
             logger=_SERVER_LOGGER,
         )
         await runner.setup()
@@ -132,15 +140,59 @@ class Bridge:
         self.port = sockets[0].getsockname()[1] if sockets else self.config.port
         _LOGGER.info("bridge listening on %s (agents connect to %s)", self.url, self.url.replace("http", "ws", 1) + CONNECT_PATH)
 
-    async def stop(self) -> None:
-        """Close every tunnel (agents get GOAWAY) and stop listening."""
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            # Say goodbye before aiohttp's cleanup: from its pre-shutdown step on, aiohttp drops
-            # whatever a connection receives, so close handshakes (and the HELLO of an agent
-            # still connecting) would go unread until timeouts ran out.
-            await self._close_tunnels(self.app)
-            await runner.cleanup()
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop gracefully: stop listening, let streams in flight finish, then close the tunnels.
+
+        For up to ``grace`` seconds (default: ``config.shutdown_grace``) requests already
+        relayed may finish (a download in progress completes); visitors who ask for more
+        meanwhile get 503 with ``Retry-After``. Then every agent gets GOAWAY, which sends it to
+        reconnect (to this address again: another bridge, or this one restarted). Visitor
+        WebSockets are not waited for; they close with the tunnels.
+        """
+        if self._runner is None:
+            return
+        runner, self._runner = self._runner, None
+        self.draining = True
+        for site in list(runner.sites):
+            await site.stop()  # closes the listening socket; open connections stay
+        grace = self.config.shutdown_grace if grace is None else grace
+        if grace > 0 and self._streams_in_flight():
+            _LOGGER.info("stopping: waiting up to %gs for %d request(s) in flight", grace, self._streams_in_flight())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    while self._streams_in_flight() and not self._hurry.is_set():
+                        await asyncio.sleep(0.05)
+            if self._streams_in_flight():
+                _LOGGER.info("stopping: %d request(s) still in flight are cut off", self._streams_in_flight())
+        # Say goodbye before aiohttp's cleanup: from its pre-shutdown step on, aiohttp drops
+        # whatever a connection receives, so close handshakes (and the HELLO of an agent
+        # still connecting) would go unread until timeouts ran out.
+        await self._close_tunnels(self.app)
+        await runner.cleanup()
+
+    def hurry(self) -> None:
+        """End the grace period of a stop in progress now (a second SIGTERM or Ctrl-C)."""
+        self._hurry.set()
+
+    def _streams_in_flight(self) -> int:
+        # Visitor WebSockets are left out: a dashboard's live socket never "finishes", and its
+        # page reconnects by itself.
+        return sum(
+            1 for c in self.registry.connections() for s in c.streams.values() if s.head.kind != KIND_WEBSOCKET
+        )
+
+    async def set_tokens(self, tokens: list[str | TokenGrant]) -> int:
+        """Replace the accepted tokens; tunnels whose token is gone are closed. Returns how many.
+
+        Raises:
+            ConfigError: ``tokens`` is empty (a bridge without tokens would serve nobody).
+        """
+        auth = TokenAuth(tokens)
+        if not auth:
+            raise ConfigError("no agent token configured: pass --token or --token-file")
+        self.config.tokens = list(tokens)
+        self.auth = auth
+        return await self._agents.revoke()
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -82,6 +82,10 @@ class VisitorHandler:
             request_id=self._next_request_id(),
         )
         log = _Access(request, name, head.request_id, started, bridge.config.access_log)
+        if bridge.draining:
+            return log.done(
+                error_response(request, 503, "the bridge is restarting", {"Retry-After": "5", "Connection": "close"})
+            )
         if name is None:
             if bridge.config.domain is None and not bridge.registry.names():
                 # Without a domain any Host reaches the one tunnel, so no tunnel at all means

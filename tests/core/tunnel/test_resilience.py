@@ -398,7 +398,7 @@ async def test_stopping_bridge_and_agent_leaves_no_tasks_and_no_sockets() -> Non
     slow = SlowApp()
     runner, target = await start_app(slow.app)
     async with asyncio.timeout(30):
-        async with running_bridge(shutdown_timeout=1.0) as bridge:
+        async with running_bridge(shutdown_grace=1.0) as bridge:
             agent = Agent(AgentConfig(bridge=bridge.url, token=TOKEN, target=target, agent_id="clean",
                                       backoff_initial=0.1, backoff_max=0.2))
             await agent.start()
@@ -457,7 +457,7 @@ async def test_stopping_an_agent_while_its_tunnel_is_being_torn_down_returns(slo
 
 async def test_an_agent_still_in_its_handshake_when_the_bridge_stops_is_told_goodbye() -> None:
     """An agent upgraded but not yet through HELLO gets GOAWAY at once when the bridge stops, not a timeout."""
-    async with running_bridge(shutdown_timeout=60) as bridge:
+    async with running_bridge(shutdown_grace=60) as bridge:
         ws_url = bridge.url.replace("http", "ws", 1) + CONNECT
         async with asyncio.timeout(20) as deadline, ws_connect(ws_url, additional_headers=agent_headers("late")) as raw:
             assert list(iter_frames(await raw.recv(), 1 << 20))[0].type is FrameType.HELLO

@@ -1,0 +1,66 @@
+"""The ``rproxy`` command: ``bridge`` on a public server, ``agent`` at home, ``demo`` to try it.
+
+Exit codes: 0 stopped cleanly · 1 runtime failure (e.g. address in use) · 2 bad flag,
+variable or config value · 3 the bridge refused the agent (token or protocol).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..config import LOG_LEVELS
+from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
+from . import agent, bridge, demo
+from .agent import agent_config
+from .bridge import bridge_config
+from .common import EXIT_OK, EXIT_REFUSED, EXIT_RUNTIME, EXIT_USAGE, Parser
+
+__all__ = ["agent_config", "bridge_config", "main"]
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="rproxy",
+        description="Put a web app that sits behind NAT on the internet, through one outbound WebSocket.",
+    )
+    parser.add_argument("--version", action="version", version=f"rproxy {__version__}")
+    parser.add_argument("--log-level", choices=LOG_LEVELS,
+                        help="log verbosity (default: info; $RPROXY_LOG_LEVEL, or log_level in a config file)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    bridge.add_parser(commands)
+    agent.add_parser(commands)
+    demo.add_parser(commands)
+    return parser
+
+
+_COMMANDS = {"bridge": bridge.main, "agent": agent.main, "demo": demo.main}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rproxy`` console script; returns the exit code."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    prog = f"rproxy {args.command}"
+    try:
+        return _COMMANDS[args.command](args)
+    except ConfigError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (AuthenticationError, RproxyConnectionError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return EXIT_REFUSED
+    except OSError as err:
+        print(f"{prog}: error: {err.strerror or err}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

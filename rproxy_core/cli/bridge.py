@@ -1,0 +1,214 @@
+"""``rproxy bridge``: the public side, as a service on a VPS.
+
+Settings come from flags, ``RPROXY_*`` variables and a YAML config file (in that order of
+precedence). SIGTERM stops gracefully; SIGHUP re-reads the settings and applies the tokens
+and the TLS certificate without dropping a tunnel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..bridge import Bridge, BridgeConfig
+from ..bridge.auth import TokenGrant, read_token_file
+from ..config import BRIDGE_SCHEMA, load_file, merge, validate
+from ..exceptions import ConfigError
+from .common import EXIT_OK, Signals, log_level, run, setup_logging
+
+__all__ = ["BRIDGE_ENV", "BRIDGE_FLAGS", "add_parser", "bridge_config", "bridge_settings", "main"]
+
+_LOGGER = logging.getLogger("rproxy.bridge")
+
+#: Settings key → how the flag is written.
+BRIDGE_FLAGS = {
+    "listen": "--listen",
+    "domain": "--domain",
+    "tokens": "--token",
+    "token_file": "--token-file",
+    "request_timeout": "--request-timeout",
+    "shutdown_grace": "--shutdown-grace",
+    "tls_cert": "--tls-cert",
+    "tls_key": "--tls-key",
+    "access_log": "--no-access-log",
+    "trusted_proxies": "--trusted-proxy",
+    "log_level": "--log-level",
+}
+BRIDGE_ENV = {
+    "listen": ("RPROXY_LISTEN",),
+    "domain": ("RPROXY_DOMAIN",),
+    "tokens": ("RPROXY_TOKEN",),
+    "token_file": ("RPROXY_TOKEN_FILE",),
+    "request_timeout": ("RPROXY_REQUEST_TIMEOUT",),
+    "shutdown_grace": ("RPROXY_SHUTDOWN_GRACE",),
+    "tls_cert": ("RPROXY_TLS_CERT",),
+    "tls_key": ("RPROXY_TLS_KEY",),
+    "access_log": ("RPROXY_ACCESS_LOG",),
+    "trusted_proxies": ("RPROXY_TRUSTED_PROXIES",),
+    "log_level": ("RPROXY_LOG_LEVEL",),
+}
+#: Settings that only a restart changes (a reload logs that they differ).
+_RESTART_ONLY = ("listen", "domain", "request_timeout", "access_log", "trusted_proxies")
+
+
+def add_parser(commands: Any) -> None:
+    bridge = commands.add_parser(
+        "bridge",
+        help="run the public side (on a VPS)",
+        description="Serve agents on /_rproxy/connect and visitors on every other path, on one port. "
+        "SIGTERM stops gracefully, SIGHUP reloads tokens and the TLS certificate.",
+    )
+    bridge.add_argument("--config", metavar="FILE",
+                        help="YAML (or JSON, or .toml) file with these settings; keys are the flag names "
+                             "with _ (--token is tokens) ($RPROXY_CONFIG)")
+    bridge.add_argument("--check-config", metavar="FILE",
+                        help="validate FILE (with the flags and environment) and exit: 0 if usable, 2 if not")
+    bridge.add_argument("--listen", metavar="HOST:PORT",
+                        help="address to listen on (default 0.0.0.0:8080, or 0.0.0.0:$PORT when $PORT is set)")
+    bridge.add_argument("--domain", metavar="D", help="serve tunnel NAME at NAME.D")
+    bridge.add_argument("--token", dest="tokens", action="append", metavar="T",
+                        help="an agent token to accept (repeatable)")
+    bridge.add_argument("--token-file", metavar="F",
+                        help="file with one accepted agent token per line, optionally followed by the "
+                             "tunnel names it may serve")
+    bridge.add_argument("--request-timeout", type=str, metavar="SECONDS",
+                        help="time the home app has to answer before the visitor gets 504 (default 30)")
+    bridge.add_argument("--shutdown-grace", type=str, metavar="SECONDS",
+                        help="on SIGTERM, time requests in flight get to finish (default 10)")
+    bridge.add_argument("--tls-cert", metavar="F", help="PEM certificate chain: serve HTTPS and WSS")
+    bridge.add_argument("--tls-key", metavar="F", help="PEM private key for --tls-cert")
+    bridge.add_argument("--trusted-proxy", dest="trusted_proxies", action="append", metavar="CIDR",
+                        help="a load balancer or proxy in front of the bridge whose X-Forwarded-For/-Proto "
+                             "the bridge believes (repeatable; $RPROXY_TRUSTED_PROXIES, comma-separated)")
+    bridge.add_argument("--no-access-log", dest="access_log", action="store_const", const=False,
+                        help="do not log one line per visitor request")
+
+
+@dataclass(slots=True)
+class BridgeSettings:
+    """Validated settings, and what a reload needs to compare against."""
+
+    config: BridgeConfig
+    values: dict[str, Any]
+    log_level: str | None
+
+
+def bridge_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> BridgeSettings:
+    """Flags, environment and config file → validated settings (ConfigError names the culprit)."""
+    environ = dict(os.environ if environ is None else environ)
+    config_file = getattr(args, "check_config", None) or args.config or environ.get("RPROXY_CONFIG") or None
+    if args.listen is None and not environ.get("RPROXY_LISTEN") and environ.get("PORT"):
+        args.listen = f"0.0.0.0:{environ['PORT']}"  # hosts such as Heroku give exactly one port
+    flags = {key: getattr(args, key, None) for key in BRIDGE_FLAGS if key != "log_level"}
+    file_values = load_file(config_file, aliases={"token": "tokens", "trusted_proxy": "trusted_proxies"})
+    values, origin = merge(flags, BRIDGE_ENV, file_values, environ, file=config_file, flag_names=BRIDGE_FLAGS)
+    settings = validate(BRIDGE_SCHEMA, values, origin, BRIDGE_FLAGS)
+    tokens: list[str | TokenGrant] = list(settings["tokens"])
+    if settings.get("token_file"):
+        tokens += read_token_file(settings["token_file"])
+    if not tokens:
+        raise ConfigError("--token: the bridge needs at least one agent token (--token, --token-file or tokens)")
+    host, port = settings["listen"]
+    cert, key = settings.get("tls_cert"), settings.get("tls_key")
+    if bool(cert) != bool(key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    ssl_context = None
+    if cert and key:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        load_certificate(ssl_context, cert, key)
+    config = BridgeConfig(
+        host=host,
+        port=port,
+        tokens=tokens,
+        domain=settings.get("domain"),
+        request_timeout=settings["request_timeout"],
+        shutdown_grace=settings["shutdown_grace"],
+        ssl_context=ssl_context,
+        access_log=settings["access_log"],
+        trusted_proxies=settings["trusted_proxies"],
+    )
+    return BridgeSettings(config, settings, settings.get("log_level"))
+
+
+def bridge_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> BridgeConfig:
+    """Turn parsed flags (plus environment and config file) into a BridgeConfig."""
+    return bridge_settings(args, environ).config
+
+
+def load_certificate(context: ssl.SSLContext, cert: str, key: str) -> None:
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(f"--tls-cert/--tls-key: cannot load: {getattr(err, 'strerror', None) or err}") from None
+
+
+async def _reload(bridge: Bridge, current: BridgeSettings, args: argparse.Namespace) -> BridgeSettings:
+    """Apply new tokens and certificate; a bad new config changes nothing and is logged."""
+    try:
+        fresh = bridge_settings(args)
+    except ConfigError as err:
+        _LOGGER.error("reload failed, the running settings stay: %s", err)
+        return current
+    old_context, new_context = bridge.config.ssl_context, fresh.config.ssl_context
+    if (old_context is None) != (new_context is None):
+        _LOGGER.warning("reload: turning TLS on or off needs a restart; the running setting stays")
+    elif old_context is not None:
+        # Loaded into the running context, so new connections get the new certificate and
+        # established ones keep theirs.
+        load_certificate(old_context, fresh.values["tls_cert"], fresh.values["tls_key"])
+    revoked = await bridge.set_tokens(fresh.config.tokens)
+    bridge.config.shutdown_grace = fresh.config.shutdown_grace
+    changed = [key for key in _RESTART_ONLY if fresh.values.get(key) != current.values.get(key)]
+    if changed:
+        _LOGGER.warning("reload: %s changed; that takes a restart", ", ".join(changed))
+    level = log_level(args.log_level, fresh.log_level)
+    logging.getLogger().setLevel(level.upper())
+    _LOGGER.info(
+        "reloaded: %d token(s)%s%s",
+        len(bridge.auth),
+        ", TLS certificate reloaded" if old_context is not None and new_context is not None else "",
+        f", {revoked} tunnel(s) closed for a revoked token" if revoked else "",
+    )
+    fresh.config.ssl_context = old_context
+    return fresh
+
+
+async def _serve(settings: BridgeSettings, args: argparse.Namespace, signals: Signals) -> None:
+    bridge = Bridge(settings.config)
+    await bridge.start()
+    signals.on_second_stop = bridge.hurry
+    stop = asyncio.ensure_future(signals.stop.wait())
+    reload = asyncio.ensure_future(signals.reload.wait())
+    try:
+        while not stop.done():
+            await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
+            if reload.done() and not stop.done():
+                signals.reload.clear()
+                settings = await _reload(bridge, settings, args)
+                reload = asyncio.ensure_future(signals.reload.wait())
+    finally:
+        stop.cancel()
+        reload.cancel()
+        _LOGGER.info("stopping (grace period %gs; a second signal stops at once)", bridge.config.shutdown_grace)
+        await bridge.stop()
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = bridge_settings(args)
+    if args.check_config:
+        config = settings.config
+        print(
+            f"{args.check_config}: OK: listen {config.host}:{config.port}, {len(config.tokens)} token(s)"
+            + (f", domain {config.domain}" if config.domain else "")
+            + (", TLS" if config.ssl_context else "")
+        )
+        return EXIT_OK
+    setup_logging(log_level(args.log_level, settings.log_level))
+    run(lambda signals: _serve(settings, args, signals), reload=True)
+    return EXIT_OK

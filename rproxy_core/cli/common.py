@@ -1,0 +1,101 @@
+"""What every subcommand of ``rproxy`` shares: exit codes, argument errors, logging, the loop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from typing import NoReturn
+
+from ..config import LOG_LEVELS
+
+__all__ = ["EXIT_OK", "EXIT_REFUSED", "EXIT_RUNTIME", "EXIT_USAGE", "Parser", "log_level", "run", "setup_logging"]
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def log_level(flag: str | None, setting: str | None = None, environ: Mapping[str, str] = os.environ) -> str:
+    """The log level: ``--log-level``, then ``$RPROXY_LOG_LEVEL``, then the config file, then info."""
+    for candidate in (flag, environ.get("RPROXY_LOG_LEVEL"), setting):
+        if candidate and candidate.lower() in LOG_LEVELS:
+            return candidate.lower()
+    return "info"
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    # websockets logs every handshake failure with a traceback at ERROR; ours is one line.
+    logging.getLogger("websockets").setLevel(logging.CRITICAL)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (``pip install rproxy-core[speed]``).
+
+    It makes the relay measurably faster (fewer microseconds per request and per write).
+    ``RPROXY_EVENT_LOOP=asyncio`` keeps the standard loop.
+    """
+    if os.environ.get("RPROXY_EVENT_LOOP", "auto") == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+class Signals:
+    """SIGINT/SIGTERM (stop) and SIGHUP (reload) as asyncio events.
+
+    ``stop`` is set by the first stop signal; a second one calls ``on_second_stop`` (to skip
+    what is left of a graceful shutdown).
+    """
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.reload = asyncio.Event()
+        self.on_second_stop: Callable[[], None] | None = None
+
+    def install(self, *, reload: bool) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._stop_signal)
+        if reload:
+            with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+                loop.add_signal_handler(signal.SIGHUP, self.reload.set)
+
+    def _stop_signal(self) -> None:
+        if self.stop.is_set() and self.on_second_stop is not None:
+            self.on_second_stop()
+        self.stop.set()
+
+
+def run(work: Callable[[Signals], Awaitable[None]], *, reload: bool = False) -> None:
+    """Run ``work`` on a fresh event loop until it returns; signals arrive through ``Signals``."""
+
+    async def main() -> None:
+        signals = Signals()
+        signals.install(reload=reload)
+        await work(signals)
+
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(main())
