@@ -13,6 +13,7 @@ expected a DNS label (a-z, 0-9, -), got 'Bad_Name'``, or ``--listen: ...``, or
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -115,6 +116,12 @@ def _text(what: str) -> Callable[[Any], str]:
     return check
 
 
+def _agent_id(value: Any) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= 128 or not value.isprintable():
+        raise vol.Invalid(f"expected 1-128 printable characters, got {value!r}")
+    return value
+
+
 def _tunnel_name(value: Any) -> str:
     if not isinstance(value, str) or not is_tunnel_name(value):
         raise vol.Invalid(f"expected a DNS label (a-z, 0-9, -), got {value!r}")
@@ -127,6 +134,15 @@ def _domain(value: Any) -> str:
     if not text or not all(is_tunnel_name(label) for label in labels):
         raise vol.Invalid(f"expected a domain name, got {value!r}")
     return text
+
+
+def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """None (a key written without a value) or what ``check`` accepts, with ``check``'s message."""
+
+    def optional(value: Any) -> Any:
+        return None if value is None else check(value)
+
+    return optional
 
 
 def _one_or_many(value: Any) -> list[Any]:
@@ -206,16 +222,16 @@ def _seconds(low: float, high: float) -> Callable[[Any], float]:
 BRIDGE_SCHEMA = vol.Schema(
     {
         vol.Optional("listen", default="0.0.0.0:8080"): parse_listen,
-        vol.Optional("domain"): vol.Any(None, _domain),
+        vol.Optional("domain"): _optional(_domain),
         vol.Optional("tokens", default=[]): vol.All(_one_or_many, [_token_grant]),
-        vol.Optional("token_file"): vol.Any(None, _text("a file name")),
+        vol.Optional("token_file"): _optional(_text("a file name")),
         vol.Optional("request_timeout", default=30.0): _seconds(0.1, 86400),
         vol.Optional("shutdown_grace", default=10.0): _seconds(0, 3600),
-        vol.Optional("tls_cert"): vol.Any(None, _text("a file name")),
-        vol.Optional("tls_key"): vol.Any(None, _text("a file name")),
+        vol.Optional("tls_cert"): _optional(_text("a file name")),
+        vol.Optional("tls_key"): _optional(_text("a file name")),
         vol.Optional("access_log", default=True): _boolean,
         vol.Optional("trusted_proxies", default=[]): _networks,
-        vol.Optional("log_level"): vol.Any(None, _log_level),
+        vol.Optional("log_level"): _optional(_log_level),
     }
 )
 
@@ -225,6 +241,14 @@ _SERVICE = vol.Schema(
         vol.Required("target", msg="is required (the service's URL)"): _target,
     }
 )
+
+
+def _service_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise vol.Invalid(f"expected a list of services (each a name and a target), got {type(value).__name__}")
+    return value
 
 
 def _unique_names(services: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -242,14 +266,28 @@ AGENT_SCHEMA = vol.Schema(
         vol.Required("token", msg="is required"): _text("a non-empty token"),
         vol.Required("target", msg="is required (the home app's URL)"): _target,
         vol.Optional("name", default="home"): _tunnel_name,
-        vol.Optional("agent_id"): vol.Any(None, vol.All(str, vol.Length(min=1, max=128))),
-        vol.Optional("services", default=[]): vol.All(vol.Any(None, list), lambda v: v or [], [_SERVICE], _unique_names),
-        vol.Optional("log_level"): vol.Any(None, _log_level),
+        vol.Optional("agent_id"): _optional(_agent_id),
+        vol.Optional("services", default=[]): vol.All(_service_list, [_SERVICE], _unique_names),
+        vol.Optional("log_level"): _optional(_log_level),
     }
 )
 
 #: Keys of older config files (before the plural keys), still read.
 _KEY_ALIASES = {"token": "tokens", "trusted_proxy": "trusted_proxies"}
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true/false, so a tunnel named ``no`` or ``on``
+    stays a name instead of turning into False or True (YAML 1.1's yes/no/on/off)."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 class FileSettings(dict[str, Any]):
@@ -273,7 +311,7 @@ def load_file(path: str | None, aliases: Mapping[str, str] | None = None) -> Fil
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8")) if path.endswith(".toml") else yaml.safe_load(raw)
+        data = tomllib.loads(raw.decode("utf-8")) if path.endswith(".toml") else yaml.load(raw, Loader=_YamlLoader)
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as err:
