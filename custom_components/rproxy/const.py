@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from rproxy_core.agent import discovery as _discovery
+
 DOMAIN: Final = "rproxy"
 
 CONF_BRIDGE_URL: Final = "bridge_url"
@@ -32,10 +34,11 @@ DEFAULT_REQUEST_TIMEOUT: Final = 30
 DEFAULT_TUNNEL_NAME: Final = "home"
 
 #: The project's own mDNS service type, and the TXT property that marks a plain
-#: ``_http._tcp`` service as meant for rproxy.
-ZEROCONF_TYPE: Final = "_rproxy-app._tcp.local."
-ZEROCONF_HTTP_TYPE: Final = "_http._tcp.local."
-ZEROCONF_MARKER: Final = "rproxy"
+#: ``_http._tcp`` service as meant for rproxy: rproxy_core's, which the ``rproxy agent``
+#: command uses too (manifest.json repeats the types, as Home Assistant reads them there).
+ZEROCONF_TYPE: Final = _discovery.ZEROCONF_TYPE
+ZEROCONF_HTTP_TYPE: Final = _discovery.ZEROCONF_HTTP_TYPE
+ZEROCONF_MARKER: Final = _discovery.ZEROCONF_MARKER
 
 #: Seconds setup waits for the first connection before telling Home Assistant to retry.
 SETUP_TIMEOUT: Final = 15

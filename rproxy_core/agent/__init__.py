@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .client import Agent, AgentConfig, AgentState, AgentStats, Backoff, bridge_connect_url
+from .discovery import AppBrowser, AppFollower, DiscoveredApp, announce_app, discover
 from .inprocess import create_inprocess_session
 from .upstream import FORWARDED_HEADERS, Upstream, create_upstream_session
 
@@ -11,10 +12,15 @@ __all__ = [
     "AgentConfig",
     "AgentState",
     "AgentStats",
+    "AppBrowser",
+    "AppFollower",
     "Backoff",
+    "DiscoveredApp",
     "FORWARDED_HEADERS",
     "Upstream",
+    "announce_app",
     "bridge_connect_url",
     "create_inprocess_session",
     "create_upstream_session",
+    "discover",
 ]

@@ -37,6 +37,7 @@ from ..const import (
     HEARTBEAT_INTERVAL,
     TUNNEL_MESSAGE_LIMIT,
 )
+from ..config import ZEROCONF_TARGET_PREFIX
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
 from ..headers import is_tunnel_name
 from ..protocol.mux import SUPPORTED_VERSIONS, Multiplexer, Role
@@ -120,12 +121,19 @@ def _check_target(target: str) -> URL:
     return url
 
 
+def _is_deferred_target(target: str) -> bool:
+    """A ``zeroconf:NAME`` target: an app found on the LAN at run time, not a URL."""
+    return target.startswith(ZEROCONF_TARGET_PREFIX) and bool(target[len(ZEROCONF_TARGET_PREFIX) :].strip())
+
+
 @dataclass(slots=True)
 class AgentConfig:
     """Settings of an agent; the CLI fills it from flags and environment."""
 
     bridge: str
     token: str
+    #: The home app's URL, or ``zeroconf:NAME``: an app announced on the LAN, which whoever runs
+    #: the agent finds and hands over with ``Agent.set_target`` (visitors get 502 until then).
     target: str
     name: str = DEFAULT_TUNNEL_NAME
     agent_id: str = field(default_factory=socket.gethostname)
@@ -143,7 +151,8 @@ class AgentConfig:
     def validate(self) -> None:
         """Raises ConfigError naming the first bad setting."""
         bridge_connect_url(self.bridge)
-        _check_target(self.target)
+        if not _is_deferred_target(self.target):
+            _check_target(self.target)
         if not self.token:
             raise ConfigError("--token: an agent token is required")
         if not self.token.isprintable() or self.token != self.token.strip():
@@ -233,6 +242,7 @@ class Agent:
         self._tunnel_session = tunnel_session
         self._in_process = in_process
         self._admit = admit
+        self._target: str | None = None if _is_deferred_target(config.target) else config.target
         self._upstream: Upstream | None = None
         self._task: asyncio.Task[None] | None = None
         self._stream_tasks: set[asyncio.Task[None]] = set()
@@ -256,7 +266,7 @@ class Agent:
             self._owns_session = True
         config = self.config
         self._upstream = Upstream(
-            config.target,
+            self._target,
             self._session,
             request_timeout=config.request_timeout,
             forward_headers=config.forward_headers,
@@ -292,6 +302,25 @@ class Agent:
             self._stats_timer.cancel()
             self._stats_timer = None
         self._set_state(AgentState.STOPPED)
+
+    @property
+    def target(self) -> str | None:
+        """Where requests go now (None: a ``zeroconf:NAME`` app not found yet)."""
+        return self._target
+
+    def set_target(self, target: str) -> None:
+        """Send the next requests to ``target``, an http(s) URL, without touching the tunnel.
+
+        Requests under way finish where they started. The target lasts across reconnections
+        and restarts of this agent; ``config.target`` keeps what was configured.
+
+        Raises:
+            ConfigError: ``target`` is not a URL ``--target`` accepts.
+        """
+        _check_target(target)
+        self._target = target.strip()
+        if self._upstream is not None:
+            self._upstream.set_target(self._target)
 
     async def wait(self) -> None:
         """Run until stopped; raises AuthenticationError/RproxyConnectionError if refused for good."""
@@ -609,9 +638,9 @@ class _FatalRefusal(RproxyConnectionError):
 def _refusal(status: int, raw_body: bytes) -> RproxyConnectionError:
     body = raw_body.decode("utf-8", "replace").strip()[:200]
     if status == 401:
-        return AuthenticationError("the bridge refused the agent token (401): check --token")
+        return AuthenticationError("the bridge refused the agent token (401): check the token")
     if status == 403:
-        return AuthenticationError(f"the bridge refused the agent (403): {body or 'not allowed'}: check --token and --name")
+        return AuthenticationError(f"the bridge refused the agent (403): {body or 'not allowed'}: check the token and the tunnel name")
     if status == 426:
         return _FatalRefusal(f"the bridge does not speak this agent's protocol: {body or status}")
     if status == 400:

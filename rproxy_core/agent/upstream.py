@@ -81,7 +81,8 @@ class Upstream:
     """Serves tunnel streams by talking to the home app at ``target``.
 
     Args:
-        target: base URL of the home app, e.g. ``http://127.0.0.1:8123`` (a path prefix is kept).
+        target: base URL of the home app, e.g. ``http://127.0.0.1:8123`` (a path prefix is kept);
+            None while it is not known yet (visitors get 502, see :meth:`set_target`).
         session: the client session to use (see :func:`create_upstream_session`).
         request_timeout: seconds the home app has for its response head (None: no limit
             here, the bridge's own timeout still applies).
@@ -95,7 +96,7 @@ class Upstream:
 
     def __init__(
         self,
-        target: str | URL,
+        target: str | URL | None,
         session: aiohttp.ClientSession,
         *,
         request_timeout: float | None = None,
@@ -104,9 +105,10 @@ class Upstream:
         in_process: bool = False,
         admit: Callable[[str], str | None] | None = None,
     ) -> None:
-        self.target = URL(target)
-        self._origin = self.target.origin()
-        self._prefix = self.target.raw_path.rstrip("/")
+        self.target: URL | None = None
+        self._origin: URL | None = None
+        self._prefix = ""
+        self.set_target(target)
         self._session = session
         self._ws_session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(total=None, connect=TARGET_CONNECT_TIMEOUT, sock_connect=TARGET_CONNECT_TIMEOUT)
@@ -123,6 +125,16 @@ class Upstream:
         self._in_process = in_process
         self._admit = admit
         self.requests_served = 0
+
+    def set_target(self, target: str | URL | None) -> None:
+        """Serve the next requests from ``target``; requests under way finish where they started.
+
+        None: no home app for now, each visitor gets 502 (the home app cannot be reached).
+        """
+        # Derived once here, not per request.
+        self.target = None if target is None else URL(target)
+        self._origin = None if self.target is None else self.target.origin()
+        self._prefix = "" if self.target is None else self.target.raw_path.rstrip("/")
 
     def _upgrade_session(self) -> aiohttp.ClientSession:
         """A session for WebSocket upgrades that refuses redirects, sharing the connection pool.
@@ -152,13 +164,14 @@ class Upstream:
 
     def url_for(self, request_target: str) -> URL | None:
         """The URL at the target for a visitor's request target, or None if it is not one."""
-        if not request_target.startswith("/") or any(c in request_target for c in "\r\n\t #"):
+        origin = self._origin
+        if origin is None or not request_target.startswith("/") or any(c in request_target for c in "\r\n\t #"):
             return None
         try:
-            url = URL(str(self._origin) + self._prefix + request_target, encoded=True)
+            url = URL(str(origin) + self._prefix + request_target, encoded=True)
         except ValueError:
             return None
-        if url.origin() != self._origin:
+        if url.origin() != origin:
             return None
         return url
 
@@ -166,7 +179,10 @@ class Upstream:
         """Answer one stream; never raises (failures become a RESET the bridge turns into 5xx)."""
         url = self.url_for(stream.head.target)
         if url is None:
-            stream.reset(ErrorCode.REQUEST_REJECTED, "request target not allowed")
+            if self._origin is None:
+                stream.reset(ErrorCode.TARGET_UNREACHABLE, "no home app found yet")
+            else:
+                stream.reset(ErrorCode.REQUEST_REJECTED, "request target not allowed")
             return
         # The agent touches the stream only when the home app gives it something, so a reset
         # (visitor gone, the bridge's 504) would go unnoticed while the home app thinks or
@@ -185,7 +201,7 @@ class Upstream:
         except StreamResetError:
             pass  # the bridge cancelled (visitor gone, timeout) or the tunnel dropped
         except aiohttp.ClientConnectorError as err:
-            _LOGGER.warning("cannot reach %s: %s", self._origin, err.os_error or err)
+            _LOGGER.warning("cannot reach %s: %s", url.origin(), err.os_error or err)
             stream.reset(ErrorCode.TARGET_UNREACHABLE, "target unreachable")
         except (TimeoutError, aiohttp.ServerTimeoutError):
             stream.reset(ErrorCode.TARGET_TIMEOUT, "target timed out")

@@ -2,6 +2,9 @@
 
 One process serves the main tunnel (``--name``/``--target``) and, from a config file, any
 extra ``services``: each is a tunnel of its own, on its own connection to the same bridge.
+
+A target may be ``zeroconf:NAME``: the web app announced on the LAN under NAME (mDNS), found
+at run time and followed when it moves. ``--discover`` lists the apps announced on the LAN.
 """
 
 from __future__ import annotations
@@ -11,16 +14,36 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..agent import Agent, AgentConfig
-from ..config import AGENT_SCHEMA, ZEROCONF_TARGET_PREFIX, load_file, merge, validate
+from ..agent.discovery import (
+    DISCOVER_TIMEOUT,
+    ZEROCONF_HTTP_TYPE,
+    ZEROCONF_MARKER,
+    ZEROCONF_TYPE,
+    AppBrowser,
+    AppFollower,
+    DiscoveredApp,
+    discover,
+    zeroconf_target_name,
+)
+from ..config import AGENT_SCHEMA, load_file, merge, validate
 from ..exceptions import ConfigError
 from .common import EXIT_OK, Signals, log_level, run, setup_logging
 
-__all__ = ["AGENT_ENV", "AGENT_FLAGS", "AgentSettings", "add_parser", "agent_config", "agent_settings", "main"]
+__all__ = [
+    "AGENT_ENV",
+    "AGENT_FLAGS",
+    "AgentSettings",
+    "add_parser",
+    "agent_config",
+    "agent_settings",
+    "format_apps",
+    "main",
+]
 
 _LOGGER = logging.getLogger("rproxy.agent")
 
@@ -59,6 +82,20 @@ def add_parser(commands: Any) -> None:
     agent.add_argument("--agent-id", metavar="ID",
                        help="this agent's identity in logs, e.g. mac@home (default: host name) "
                             "($RPROXY_AGENT_ID, $AGENT_ID)")
+    agent.add_argument("--discover", action="store_true",
+                       help="list the web apps announced on the LAN (mDNS) and exit; needs no other setting")
+    agent.add_argument("--discover-timeout", metavar="SECONDS", type=_discover_seconds, default=DISCOVER_TIMEOUT,
+                       help=f"how long --discover browses (default {DISCOVER_TIMEOUT:g})")
+
+
+def _discover_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0.1 <= seconds <= 60:  # also false for nan
+        raise argparse.ArgumentTypeError(f"expected seconds between 0.1 and 60, got {text!r}")
+    return seconds
 
 
 @dataclass(slots=True)
@@ -92,18 +129,68 @@ def agent_config(args: argparse.Namespace, environ: Mapping[str, str] | None = N
     return agent_settings(args, environ).configs[0]
 
 
+#: Seconds a ``zeroconf:NAME`` app may take to be found before the agent says it is waiting:
+#: as long as ``--discover`` browses, so an app that answers at all is found in time.
+_FIND_GRACE = DISCOVER_TIMEOUT
+
+
+async def _follow_app(agent: Agent, name: str, browser: AppBrowser) -> None:
+    """Point ``agent`` at the app announced as ``name``, now and whenever it moves, until cancelled."""
+    tunnel = agent.config.name
+    found = asyncio.Event()
+
+    def on_change(app: DiscoveredApp | None) -> None:
+        if app is None:
+            _LOGGER.warning("tunnel %r: %r is no longer announced on the LAN; requests still go to %s",
+                            tunnel, name, agent.target)
+            return
+        previous = agent.target
+        try:
+            agent.set_target(app.url)
+        except ConfigError:
+            _LOGGER.warning("tunnel %r: %r is announced at %s, which is not a usable URL", tunnel, name, app.url)
+            return
+        if not found.is_set():
+            found.set()
+            _LOGGER.info("tunnel %r: found %r on the LAN at %s", tunnel, name, app.url)
+        elif previous != app.url:
+            _LOGGER.info("tunnel %r: %r moved from %s to %s; the next requests go there", tunnel, name, previous, app.url)
+        else:
+            _LOGGER.info("tunnel %r: %r is announced again at %s", tunnel, name, app.url)
+
+    follower = AppFollower(browser, name, on_change)
+    follower.start()
+    try:
+        try:
+            await asyncio.wait_for(found.wait(), _FIND_GRACE)
+        except TimeoutError:
+            _LOGGER.warning(
+                "tunnel %r: waiting for a web app announced on the LAN as %r (mDNS %s, or %s with an %r "
+                "property); until it appears visitors get 502 (the home app cannot be reached)",
+                tunnel, name, ZEROCONF_TYPE, ZEROCONF_HTTP_TYPE, ZEROCONF_MARKER,
+            )
+        await asyncio.Event().wait()  # the follower works from the browser's callbacks
+    finally:
+        follower.stop()
+
+
 async def _serve(configs: list[AgentConfig], signals: Signals) -> None:
     """Run one Agent per tunnel until a stop signal, or until one is refused for good."""
-    for config in configs:
-        if config.target.startswith(ZEROCONF_TARGET_PREFIX):
-            raise ConfigError(f"--target {config.target}: zeroconf targets are not available in this build")
     agents = [Agent(config) for config in configs]
-    for agent in agents:
-        await agent.start()
-    waiters = {asyncio.ensure_future(agent.wait()): agent for agent in agents}
-    stopper = asyncio.ensure_future(signals.stop.wait())
+    wanted = [(agent, name) for agent in agents if (name := zeroconf_target_name(agent.config.target))]
+    browser: AppBrowser | None = None
+    followers: list[asyncio.Task[None]] = []
+    waiters: dict[asyncio.Future[Any], Agent] = {}
+    stopper: asyncio.Future[Any] = asyncio.ensure_future(signals.stop.wait())
     failure: BaseException | None = None
     try:
+        if wanted:
+            browser = AppBrowser()
+            await browser.start()
+            followers = [asyncio.create_task(_follow_app(agent, name, browser)) for agent, name in wanted]
+        for agent in agents:
+            await agent.start()
+        waiters = {asyncio.ensure_future(agent.wait()): agent for agent in agents}
         done, _ = await asyncio.wait({stopper, *waiters}, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             if task is not stopper and not task.cancelled() and task.exception() is not None:
@@ -111,15 +198,67 @@ async def _serve(configs: list[AgentConfig], signals: Signals) -> None:
                 break
     finally:
         stopper.cancel()
+        for follower in followers:
+            follower.cancel()
+        await asyncio.gather(*followers, return_exceptions=True)
         await asyncio.gather(*(agent.stop() for agent in agents), return_exceptions=True)
         for task in waiters:
             task.cancel()
         await asyncio.gather(*waiters, return_exceptions=True)
+        if browser is not None:
+            await browser.stop()
     if failure is not None:
         raise failure
 
 
+def _printable(text: str) -> str:
+    """A TXT value fit for one table cell: whoever announces it must not forge lines."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def format_apps(apps: Sequence[DiscoveredApp], browsed: float) -> str:
+    """``--discover``'s output: a table, or one line saying nothing was found."""
+    if not apps:
+        return (f"No web apps announced on the LAN (browsed {browsed:g} s for {ZEROCONF_TYPE}, "
+                f"and {ZEROCONF_HTTP_TYPE} with an {ZEROCONF_MARKER!r} property).")
+    rows: list[tuple[str, ...]] = [("NAME", "HOST", "PORT", "PATH", "URL")]
+    rows += [tuple(_printable(cell) for cell in (a.name, a.host, str(a.port), a.path, a.url)) for a in apps]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]]) for row in rows
+    )
+
+
+async def _discover(timeout: float, signals: Signals) -> list[DiscoveredApp] | None:
+    """The apps found in ``timeout`` seconds of browsing; None if a stop signal cut it short."""
+    browsing = asyncio.ensure_future(discover(timeout))
+    stopping = asyncio.ensure_future(signals.stop.wait())
+    try:
+        await asyncio.wait({browsing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not browsing.done():
+            browsing.cancel()
+        await asyncio.gather(browsing, stopping, return_exceptions=True)
+    return None if browsing.cancelled() else browsing.result()
+
+
+def _print_discovered(timeout: float) -> None:
+    found: list[list[DiscoveredApp] | None] = []
+
+    async def work(signals: Signals) -> None:
+        found.append(await _discover(timeout, signals))
+
+    run(work)
+    if found and found[0] is not None:
+        print(format_apps(found[0], timeout), flush=True)
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.discover:
+        setup_logging(log_level(args.log_level))
+        _print_discovered(args.discover_timeout)
+        return EXIT_OK
     settings = agent_settings(args)
     setup_logging(log_level(args.log_level, settings.log_level))
     run(lambda signals: _serve(settings.configs, signals))

@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import secrets
+import socket
 from typing import Any
 
 from aiohttp import web
 
 from ..agent import Agent, AgentConfig
+from ..agent.discovery import announce_app
 from ..bridge import Bridge, BridgeConfig
 from ..config import parse_listen
 from ..demo import create_home_app
 from ..exceptions import ConfigError
 from .common import EXIT_OK, Signals, log_level, run, setup_logging
 
-__all__ = ["add_parser", "main"]
+__all__ = ["DEMO_APP_NAME", "add_parser", "main"]
+
+_LOGGER = logging.getLogger("rproxy.demo")
+
+#: The mDNS instance name the demo's home app announces itself under.
+DEMO_APP_NAME = "rproxy demo home app"
+#: Where the demo's home app listens: this machine only, as a home app behind NAT would be.
+_HOME_ADDRESS = "127.0.0.1"
 
 
 def add_parser(commands: Any) -> None:
@@ -28,14 +39,14 @@ def add_parser(commands: Any) -> None:
 async def _serve(host: str, port: int, signals: Signals) -> None:
     home = web.AppRunner(create_home_app(), access_log=None)
     await home.setup()
-    home_site = web.TCPSite(home, "127.0.0.1", 0)
+    home_site = web.TCPSite(home, _HOME_ADDRESS, 0)
     await home_site.start()
     home_port = home_site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     token = secrets.token_urlsafe(24)
     bridge = Bridge(BridgeConfig(host=host, port=port, tokens=[token], shutdown_grace=1.0))
     try:
         await bridge.start()
-        agent = Agent(AgentConfig(bridge=bridge.url, token=token, target=f"http://127.0.0.1:{home_port}", agent_id="demo"))
+        agent = Agent(AgentConfig(bridge=bridge.url, token=token, target=f"http://{_HOME_ADDRESS}:{home_port}", agent_id="demo"))
         await agent.start()
         try:
             await agent.wait_connected(timeout=10)
@@ -43,16 +54,43 @@ async def _serve(host: str, port: int, signals: Signals) -> None:
             print(
                 "\n  rproxy demo is running.\n"
                 f"  Public address, through the tunnel: {public}\n"
-                f"  The home app itself (as if behind NAT): http://127.0.0.1:{home_port}/\n"
+                f"  The home app itself (as if behind NAT): http://{_HOME_ADDRESS}:{home_port}/\n"
                 "  Open the public address in a browser and switch a light; Ctrl-C stops.\n",
                 flush=True,
             )
-            await signals.stop.wait()
+            await _announce_until_stopped(home_port, signals)
         finally:
             await agent.stop()
     finally:
         await bridge.stop()
         await home.cleanup()
+
+
+async def _announce_until_stopped(home_port: int, signals: Signals) -> None:
+    """Announce the home app over mDNS (``rproxy agent --discover`` lists it) until a stop signal.
+
+    The app listens on loopback, so it is announced on loopback only: processes on this
+    machine find it, other machines on the LAN would be handed an address they cannot use.
+    The demo works on without mDNS (e.g. where multicast is not allowed).
+    """
+    announcing = asyncio.ensure_future(_announce(home_port, signals))
+    await signals.stop.wait()
+    # Not cancelled: the goodbye on the way out of announce_app must go out (a registration
+    # still probing finishes first, in under two seconds).
+    await asyncio.gather(announcing, return_exceptions=True)
+
+
+async def _announce(home_port: int, signals: Signals) -> None:
+    try:
+        async with announce_app(
+            DEMO_APP_NAME, home_port, address=_HOME_ADDRESS, path="/",
+            app_id=f"rproxy-demo-{socket.gethostname()}-{home_port}", interfaces=[_HOME_ADDRESS],
+        ) as instance:
+            _LOGGER.info("home app announced over mDNS on this machine as %r (rproxy agent --discover lists it)",
+                         instance)
+            await signals.stop.wait()
+    except OSError as err:
+        _LOGGER.warning("home app not announced over mDNS: %s", err.strerror or err)
 
 
 def main(args: argparse.Namespace) -> int:
