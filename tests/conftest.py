@@ -72,6 +72,35 @@ async def running_agent(bridge_url: str, target: str, **overrides: object) -> As
         await agent.stop()
 
 
+@asynccontextmanager
+async def text_app(answer: Callable[[web.Request], str]) -> AsyncIterator[str]:
+    """A home app answering every GET with ``answer(request)`` as text; yields its URL."""
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.Response(text=answer(request))
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handle)
+    runner, url = await start_app(app)
+    try:
+        yield url
+    finally:
+        await runner.cleanup()
+
+
+async def wait_listed(base: str, name: str = "home", timeout: float = 20) -> None:
+    """Poll a bridge's health page (``base`` is its URL) until tunnel ``name`` is listed."""
+    async with asyncio.timeout(timeout), aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.get(base + "/_rproxy/health") as response:
+                    if name in (await response.json())["tunnels"]:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+
+
 async def wait_for_tunnel(bridge: Bridge, name: str = "home", agents: int = 1, timeout: float = 15) -> None:
     """Wait until the bridge's registry shows ``agents`` agents for ``name``."""
     async with asyncio.timeout(timeout):

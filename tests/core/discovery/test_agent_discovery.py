@@ -30,7 +30,7 @@ from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from rproxy_core.agent.discovery import ZEROCONF_HTTP_TYPE, ZEROCONF_TYPE, AppBrowser, DiscoveredApp
 from rproxy_core.exceptions import ConfigError
-from tests.conftest import ROOT, TOKEN, Proc, free_port, running_agent, running_bridge, start_app, wait_http
+from tests.conftest import ROOT, TOKEN, Proc, free_port, running_agent, running_bridge, start_app, wait_http, wait_listed
 
 #: Names rproxy reads from the environment: a developer's own settings must not leak in.
 _SETTINGS_PREFIXES = ("RPROXY_",)
@@ -127,17 +127,7 @@ async def wait_for_output(proc: Proc, pattern: str, timeout: float = 20) -> re.M
     return found
 
 
-async def wait_tunnel(base: str, name: str = "home", timeout: float = 20) -> None:
-    """Poll the bridge's health page until tunnel ``name`` is served."""
-    async with asyncio.timeout(timeout), aiohttp.ClientSession() as session:
-        while True:
-            try:
-                async with session.get(base + "/_rproxy/health") as response:
-                    if name in (await response.json())["tunnels"]:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
+wait_tunnel = wait_listed
 
 
 @asynccontextmanager

@@ -19,8 +19,8 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
@@ -29,9 +29,8 @@ import aiohttp
 import pytest
 import voluptuous as vol
 import yaml
-from aiohttp import web
 
-from tests.conftest import ROOT, TOKEN, running_bridge, start_app, wait_for_tunnel
+from tests.conftest import ROOT, TOKEN, running_bridge, text_app, wait_for_tunnel
 from tests.core.shipping.addon_schema import (
     BUILD_SCHEMA,
     CONFIG_SCHEMA,
@@ -377,20 +376,9 @@ def run_addon(options_file: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-@asynccontextmanager
-async def home_app(label: str) -> AsyncIterator[str]:
+def home_app(label: str) -> AbstractAsyncContextManager[str]:
     """A web app that answers with ``label``, the path and the visitor address Home Assistant would see."""
-
-    async def answer(request: web.Request) -> web.Response:
-        return web.Response(text=f"{label} {request.path} for {request.headers.get('X-Forwarded-For')}")
-
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", answer)
-    runner, url = await start_app(app)
-    try:
-        yield url
-    finally:
-        await runner.cleanup()
+    return text_app(lambda request: f"{label} {request.path} for {request.headers.get('X-Forwarded-For')}")
 
 
 async def visit(bridge_url: str, host: str, path: str) -> tuple[int, str]:

@@ -17,7 +17,7 @@ import pytest
 import trustme
 from aiohttp import web
 
-from tests.conftest import ROOT, TOKEN, Proc, free_port, start_app, wait_http
+from tests.conftest import ROOT, TOKEN, Proc, free_port, start_app, text_app, wait_http
 from tests.core.tunnel.test_cli import clean_env, fetch, one_error_line, rproxy, wait_tunnel
 
 OTHER_TOKEN = "other-token-" + "y" * 16
@@ -352,14 +352,7 @@ async def test_an_agent_config_file_serves_extra_services(procs: Callable[..., P
     base = f"http://127.0.0.1:{port}"
     procs("bridge", "--listen", f"127.0.0.1:{port}", "--token", TOKEN, "--domain", "example.test")
     await wait_http(base + "/_rproxy/health")
-
-    async def sprinklers(request: web.Request) -> web.Response:
-        return web.Response(text=f"sprinklers {request.path}")
-
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", sprinklers)
-    runner, sprinklers_url = await start_app(app)
-    try:
+    async with text_app(lambda request: f"sprinklers {request.path}") as sprinklers_url:
         config = tmp_path / "agent.yaml"
         config.write_text(
             f"bridge: {base}\ntoken: {TOKEN}\ntarget: {home}\nname: house\nlog_level: debug\n"
@@ -372,8 +365,6 @@ async def test_an_agent_config_file_serves_extra_services(procs: Callable[..., P
         assert await fetch(base, "/zone/1", host="garden.example.test") == (200, "sprinklers /zone/1")
         assert "DEBUG" in agent.output()  # log_level from the file
         assert await asyncio.to_thread(agent.stop) == 0
-    finally:
-        await runner.cleanup()
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from tests.conftest import ROOT, TOKEN, Proc, free_port, start_app, wait_http
+from tests.conftest import ROOT, TOKEN, Proc, free_port, text_app, wait_http, wait_listed
 
 SEED_NAMES = ("PORT", "REMOTE_URL", "LOCAL_URL", "AGENT_ID")
 #: A complete, valid agent command line (nothing listens at these addresses).
@@ -47,36 +46,17 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
 @pytest.fixture
 async def home() -> AsyncIterator[str]:
     """A home app answering every GET with a fixed text; yields its URL."""
-
-    async def hello(request: web.Request) -> web.Response:
-        return web.Response(text=f"hello from home {request.path}")
-
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", hello)
-    runner, url = await start_app(app)
-    try:
+    async with text_app(lambda request: f"hello from home {request.path}") as url:
         yield url
-    finally:
-        await runner.cleanup()
 
 
-async def wait_tunnel(base: str, name: str, timeout: float = 20) -> None:
-    """Poll the bridge's health page until tunnel ``name`` is listed."""
-    async with asyncio.timeout(timeout), aiohttp.ClientSession() as session:
-        while True:
-            try:
-                async with session.get(base + "/_rproxy/health") as response:
-                    if name in (await response.json())["tunnels"]:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
+wait_tunnel = wait_listed
 
 
 async def fetch(base: str, path: str = "/", host: str | None = None) -> tuple[int, str]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(base + path, headers={"Host": host} if host else None) as response:
-            return response.status, await response.text()
+    headers = {"Host": host} if host else None
+    async with aiohttp.ClientSession() as session, session.get(base + path, headers=headers) as response:
+        return response.status, await response.text()
 
 
 @pytest.mark.parametrize("command", [[], ["bridge"], ["agent"], ["demo"]], ids=["rproxy", "bridge", "agent", "demo"])
