@@ -5,8 +5,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .agent import Agent, AgentConfig
-from .bridge import Bridge, BridgeConfig, MemoryRegistry, TunnelRegistry
+from .bridge import Bridge, BridgeConfig, MemoryRegistry, TokenGrant, TunnelRegistry
 from .exceptions import *  # noqa: F403
 from .exceptions import __all__ as _exceptions_all
 
-__all__ = ["__version__", "Agent", "AgentConfig", "Bridge", "BridgeConfig", "TunnelRegistry", "MemoryRegistry", *_exceptions_all]
+__all__ = ["__version__", "Agent", "AgentConfig", "Bridge", "BridgeConfig", "TokenGrant", "TunnelRegistry", "MemoryRegistry", *_exceptions_all]

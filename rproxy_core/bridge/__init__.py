@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .app import Bridge, BridgeConfig
+from .auth import TokenGrant
 from .registry import MemoryRegistry, TunnelRegistry
 
-__all__ = ["Bridge", "BridgeConfig", "TunnelRegistry", "MemoryRegistry"]
+__all__ = ["Bridge", "BridgeConfig", "TokenGrant", "TunnelRegistry", "MemoryRegistry"]

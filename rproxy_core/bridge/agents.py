@@ -84,7 +84,7 @@ class AgentHandler:
         ws = web.WebSocketResponse(max_msg_size=TUNNEL_MESSAGE_LIMIT, compress=False, autoping=True)
         if not ws.can_prepare(request).ok:
             return _refuse(400, "this endpoint is for rproxy agents (WebSocket upgrade required)")
-        if bridge.stopping:
+        if bridge.draining:  # on a connection opened before the listener closed
             return web.Response(status=503, text="the bridge is shutting down\n", headers={"Retry-After": "5"})
         await ws.prepare(request)
         label = f"{name}/{agent_id} from {remote}"

@@ -17,7 +17,8 @@ import pytest
 import trustme
 from aiohttp import web
 
-from tests.conftest import ROOT, TOKEN, Proc, free_port, start_app, text_app, wait_http
+from rproxy_core.const import HEADER_PROTOCOL, HEADER_TUNNEL
+from tests.conftest import ROOT, TOKEN, Proc, free_port, running_agent, running_bridge, start_app, text_app, wait_http
 from tests.core.tunnel.test_cli import clean_env, fetch, one_error_line, rproxy, wait_tunnel
 
 OTHER_TOKEN = "other-token-" + "y" * 16
@@ -399,3 +400,35 @@ def test_the_installed_rproxy_script_reads_a_json_file_like_the_add_on_options(t
     )
     assert result.returncode == 2
     assert one_error_line(result) == f"rproxy agent: error: {options}: name: expected a DNS label (a-z, 0-9, -), got 'Nope'"
+
+
+async def test_while_draining_a_kept_alive_visitor_gets_503_and_an_agent_is_refused(home: str) -> None:
+    """During the grace period, requests on connections opened before the stop get 503, not a relay."""
+    async with running_bridge(shutdown_grace=30) as bridge, running_agent(bridge.url, home):
+        connector = aiohttp.TCPConnector(limit=1)  # one connection, reused for every request
+        async with aiohttp.ClientSession(connector=connector) as kept, aiohttp.ClientSession() as downloader:
+            async with kept.get(bridge.url + "/first") as response:
+                assert await response.text() == "hello from home /first"
+            download = await downloader.get(bridge.url + "/download")
+            await download.content.readexactly(DOWNLOAD_CHUNK)
+            stopping = asyncio.create_task(bridge.stop())
+            while not bridge.draining:
+                await asyncio.sleep(0.01)
+            # An agent dialling in over such a connection is turned away (a new connection is not
+            # even accepted: the listener is closed).
+            headers = {"Authorization": f"Bearer {TOKEN}", HEADER_PROTOCOL: "1", HEADER_TUNNEL: "late"}
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await kept.ws_connect(bridge.url + "/_rproxy/connect", headers=headers)
+            assert refused.value.status == 503
+            with pytest.raises(aiohttp.ClientConnectorError):
+                async with aiohttp.ClientSession() as late, late.get(bridge.url + "/_rproxy/health"):
+                    pass
+            # So is a visitor's next request, and that connection is closed after the answer.
+            async with kept.get(bridge.url + "/second") as response:
+                assert response.status == 503
+                assert response.headers["Retry-After"] == "5"
+                assert "the bridge is restarting" in await response.text()
+            rest = await download.read()
+            download.release()
+            assert len(rest) == (DOWNLOAD_CHUNKS - 1) * DOWNLOAD_CHUNK
+            await asyncio.wait_for(stopping, 10)
