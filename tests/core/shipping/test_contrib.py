@@ -700,3 +700,30 @@ def test_the_image_runs_the_bridge_on_the_documented_config_path() -> None:
     assert 'CMD ["bridge", "--config", "/etc/rproxy/bridge.yaml"]' in text
     assert re.search(r"^USER \d+:\d+$", text, re.MULTILINE)  # not root
     assert "EXPOSE 8080" in text and "STOPSIGNAL SIGTERM" in text
+
+
+# The agent's unit (a Pi at home)
+
+AGENT_UNIT = CONTRIB / "systemd" / "rproxy-agent.service"
+
+
+def test_systemd_analyze_verify_accepts_the_agent_unit_without_a_warning(tmp_path: Path) -> None:
+    result = verify(unit_copy(tmp_path, AGENT_UNIT.read_text(), name=AGENT_UNIT.name))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout + result.stderr == ""
+
+
+def test_systemd_analyze_security_rates_the_agent_unit_ok(tmp_path: Path) -> None:
+    result = security(unit_copy(tmp_path, AGENT_UNIT.read_text(), name=AGENT_UNIT.name))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+    assert re.search(r"Overall exposure level for rproxy-agent\.service: [01]\.\d OK", result.stdout), result.stdout[-500:]
+
+
+def test_the_agent_unit_reads_its_config_as_a_credential_and_gives_up_on_refusals() -> None:
+    text = AGENT_UNIT.read_text()
+    assert unit_values(text, "LoadCredential") == ["agent.yaml:/etc/rproxy/agent.yaml"]
+    assert unit_values(text, "ExecStart") == ["/opt/rproxy/bin/rproxy agent --config %d/agent.yaml"]
+    assert unit_values(text, "DynamicUser") == ["yes"]
+    # Exit codes of `rproxy agent` that a restart cannot fix: bad config, refused by the bridge.
+    assert unit_values(text, "RestartPreventExitStatus") == ["2 3"]
+    assert "AF_NETLINK" in unit_values(text, "RestrictAddressFamilies")[0]  # zeroconf's interface list
