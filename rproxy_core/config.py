@@ -33,11 +33,14 @@ __all__ = [
     "FileSettings",
     "BRIDGE_SCHEMA",
     "LOG_LEVELS",
+    "TOKEN_HASH_PREFIX",
     "ZEROCONF_TARGET_PREFIX",
     "TokenGrant",
+    "check_token_entry",
     "load_file",
     "merge",
     "parse_listen",
+    "parse_sha256_pin",
     "validate",
 ]
 
@@ -57,6 +60,25 @@ class TokenGrant:
     def __repr__(self) -> str:  # never the secret itself, whatever prints it
         names = "any" if self.names is None else ",".join(sorted(self.names))
         return f"TokenGrant(token=<{len(self.token)} chars>, names={names})"
+
+
+#: An accepted token written as its SHA-256 (``rproxy hash-token``), so that a leaked config or
+#: token file hands nobody an agent's credential.
+TOKEN_HASH_PREFIX = "sha256:"
+_TOKEN_HASH = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def check_token_entry(text: str) -> str:
+    """An accepted-token entry as the bridge keeps it: a clear token, or ``sha256:`` + 64 hex digits.
+
+    A hash is returned in lower case. Raises ValueError for a malformed hash; the message never
+    repeats the entry (it may be a token with a typo).
+    """
+    if text[: len(TOKEN_HASH_PREFIX)].lower() != TOKEN_HASH_PREFIX:
+        return text
+    if not _TOKEN_HASH.fullmatch(text.lower()):
+        raise ValueError("expected sha256: and 64 hex digits, as rproxy hash-token prints them")
+    return text.lower()
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -136,6 +158,29 @@ def _domain(value: Any) -> str:
     return text
 
 
+def _secret_text(value: Any) -> str:
+    """A token: like ``_text``, but a refusal names only the type (the value may be the secret)."""
+    if not isinstance(value, str):
+        raise vol.Invalid(f"expected a token (text; quote it in YAML), got {type(value).__name__}")
+    if not value.strip():
+        raise vol.Invalid("expected a non-empty token")
+    return value.strip()
+
+
+def _accepted_token(value: Any) -> str:
+    try:
+        return check_token_entry(_secret_text(value))
+    except ValueError as err:
+        raise vol.Invalid(str(err)) from None
+
+
+def _agent_token(value: Any) -> str:
+    token = _secret_text(value)
+    if _TOKEN_HASH.fullmatch(token.lower()):  # the bridge could never accept it: it reads it as a hash
+        raise vol.Invalid("this is a token's hash, for the bridge's token list; the agent needs the token itself")
+    return token
+
+
 def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """None (a key written without a value) or what ``check`` accepts, with ``check``'s message."""
 
@@ -151,7 +196,7 @@ def _one_or_many(value: Any) -> list[Any]:
 
 _TOKEN_ENTRY = vol.Schema(
     {
-        vol.Required("token", msg="is required (the secret an agent presents)"): _text("a non-empty token"),
+        vol.Required("token", msg="is required (the secret an agent presents)"): _accepted_token,
         vol.Exclusive("name", "names", msg="give either name or names"): _tunnel_name,
         vol.Exclusive("names", "names", msg="give either name or names"): vol.All(
             _one_or_many, vol.Length(min=1, msg="expected at least one tunnel name"), [_tunnel_name]
@@ -161,11 +206,17 @@ _TOKEN_ENTRY = vol.Schema(
 
 
 def _token_grant(value: Any) -> TokenGrant:
-    """A token: a plain string (any tunnel name), or ``{token, name}`` / ``{token, names}``."""
+    """A token: a plain string (any tunnel name), or ``{token, name}`` / ``{token, names}``.
+
+    Each token may be written as its hash, ``sha256:HEX``.
+    """
     if isinstance(value, str):
-        return TokenGrant(_text("a non-empty token")(value))
+        return TokenGrant(_accepted_token(value))
     if not isinstance(value, dict):
         raise vol.Invalid(f"expected a token, or a mapping with token and name, got {type(value).__name__}")
+    if set(value) - {"token", "name", "names"}:
+        # Not named: ``tokens: {SECRET: garage}`` makes the token itself the unknown key.
+        raise vol.Invalid("unknown key in a token entry (only token, name and names; not shown, it may be a token)")
     entry = _TOKEN_ENTRY(value)
     if "name" in entry:
         return TokenGrant(entry["token"], frozenset({entry["name"]}))
@@ -199,6 +250,24 @@ def _boolean(value: Any) -> bool:
     raise vol.Invalid(f"expected true or false, got {value!r}")
 
 
+def parse_sha256_pin(value: Any) -> str:
+    """A certificate's SHA-256 fingerprint, with or without colons, any case → lower-case hex."""
+    text = str(value).strip().replace(":", "").lower() if isinstance(value, str) else ""
+    if len(text) != 64 or not all(c in "0123456789abcdef" for c in text):
+        raise vol.Invalid(
+            f"expected the SHA-256 fingerprint of the bridge's certificate, 64 hex digits (colons allowed, as "
+            f"openssl x509 -noout -fingerprint -sha256 prints it), got {value!r}"
+        )
+    return text
+
+
+def _pin_list(value: Any) -> list[Any]:
+    """Pins as a list, or one string of them separated by commas or spaces (an environment variable)."""
+    if isinstance(value, str):
+        return [part for part in value.replace(",", " ").split() if part]
+    return value if isinstance(value, list) else [value]
+
+
 def _log_level(value: Any) -> str:
     text = str(value).strip().lower()
     if text not in LOG_LEVELS:
@@ -219,6 +288,28 @@ def _seconds(low: float, high: float) -> Callable[[Any], float]:
     return check
 
 
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _byte_size(value: Any) -> int:
+    """Bytes: ``1048576``, ``512K``, ``10M``, ``1G`` (binary multiples; a trailing B or iB is allowed)."""
+    text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+    number, suffix = (text[:-1], text[-1]) if text[-1:] in _SIZE_SUFFIXES else (text, "")
+    if isinstance(value, bool) or not number.isdigit() or int(number) < 1:
+        raise vol.Invalid(f"expected a size in bytes such as 1048576, 512K or 10M, got {value!r}")
+    return int(number) * _SIZE_SUFFIXES[suffix]
+
+
+def _count(low: int, high: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        text = str(value).strip()
+        if isinstance(value, bool) or not text.isdigit() or not low <= int(text) <= high:
+            raise vol.Invalid(f"expected a whole number from {low} to {high}, got {value!r}")
+        return int(text)
+
+    return check
+
+
 BRIDGE_SCHEMA = vol.Schema(
     {
         vol.Optional("listen", default="0.0.0.0:8080"): parse_listen,
@@ -231,6 +322,11 @@ BRIDGE_SCHEMA = vol.Schema(
         vol.Optional("tls_key"): _optional(_text("a file name")),
         vol.Optional("access_log", default=True): _boolean,
         vol.Optional("trusted_proxies", default=[]): _networks,
+        vol.Optional("max_body_size"): _optional(_byte_size),
+        vol.Optional("header_timeout", default=10.0): _seconds(0.5, 3600),
+        vol.Optional("idle_timeout", default=75.0): _seconds(1, 86400),
+        vol.Optional("max_streams_per_tunnel"): _optional(_count(1, 1 << 20)),
+        vol.Optional("max_pending_handshakes", default=64): _count(1, 100_000),
         vol.Optional("log_level"): _optional(_log_level),
     }
 )
@@ -263,12 +359,15 @@ def _unique_names(services: list[dict[str, str]]) -> list[dict[str, str]]:
 AGENT_SCHEMA = vol.Schema(
     {
         vol.Required("bridge", msg="is required (the bridge's URL)"): _url(("ws", "wss", "http", "https")),
-        vol.Required("token", msg="is required"): _text("a non-empty token"),
+        vol.Required("token", msg="is required"): _agent_token,
         vol.Required("target", msg="is required (the home app's URL)"): _target,
         vol.Optional("name", default="home"): _tunnel_name,
         vol.Optional("agent_id"): _optional(_agent_id),
         vol.Optional("services", default=[]): vol.All(_service_list, [_SERVICE], _unique_names),
         vol.Optional("log_level"): _optional(_log_level),
+        vol.Optional("ca_file"): _optional(_text("a file name")),
+        vol.Optional("pin_sha256", default=[]): vol.All(_pin_list, [parse_sha256_pin]),
+        vol.Optional("insecure", default=False): _boolean,
     }
 )
 

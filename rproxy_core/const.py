@@ -20,6 +20,28 @@ HANDSHAKE_TIMEOUT = 10.0
 
 #: Time the home app has to send its response head before the visitor gets 504.
 REQUEST_TIMEOUT = 30.0
+
+#: Time a visitor has to send a whole request head, from its first byte (or from connecting),
+#: before the bridge answers 408 and hangs up: ample for a phone on a bad link, short enough
+#: that a client trickling bytes (slowloris) cannot hold connections for long.
+HEADER_TIMEOUT = 10.0
+#: A kept-alive visitor connection with no request for this long is closed (nginx's default).
+IDLE_TIMEOUT = 75.0
+#: Longest request line; longer gets 414. Not equal to MAX_HEADER_FIELD: the parser reports
+#: both as "line too long" with its limit, and the limit tells which line it was.
+MAX_REQUEST_LINE = 8192
+#: Longest header line (name and value); longer gets 431. Big cookies fit.
+MAX_HEADER_FIELD = 8190
+#: Most header lines in a request; more gets 431.
+MAX_HEADERS = 128
+#: Most bytes of a whole request head; more gets 431 (browsers send a few kilobytes).
+MAX_REQUEST_HEAD = 64 << 10
+#: Agents upgraded but not through HELLO at once; more get 503 before the upgrade. Real agents
+#: finish HELLO in one round trip, so only a flood (or a bridge restart's reconnect wave on a
+#: huge fleet) gets near it.
+MAX_PENDING_HANDSHAKES = 64
+#: Retry-After for a visitor who found the tunnel at its stream limit: streams end quickly.
+BUSY_RETRY_AFTER = 1
 #: Time the agent waits for a TCP connection to the home app before answering 502.
 TARGET_CONNECT_TIMEOUT = 10.0
 

@@ -15,7 +15,7 @@ from rproxy_core.agent import AgentState
 from yarl import URL
 
 from .const import CONF_BRIDGE_URL, CONF_EXPOSED, CONF_TUNNEL_NAME, DOMAIN
-from .coordinator import RproxyConfigEntry, RproxyCoordinator, visitor_refused_issue_id
+from .coordinator import RproxyConfigEntry, RproxyCoordinator, cleartext_bridge, visitor_refused_issue_id
 
 PLATFORMS: list[Platform] = [Platform.BINARY_SENSOR, Platform.BUTTON, Platform.SENSOR, Platform.SWITCH]
 
@@ -91,9 +91,8 @@ def insecure_bridge_issue_id(entry: RproxyConfigEntry) -> str:
 
 def _check_bridge_url(hass: HomeAssistant, entry: RproxyConfigEntry) -> None:
     """Warn while the tunnel to a non-local bridge is not encrypted; clear once it is."""
-    url = URL(entry.data[CONF_BRIDGE_URL])
-    plain = url.scheme in ("ws", "http") and url.host not in ("localhost", "127.0.0.1", "::1")
-    if plain:
+    if cleartext_bridge(entry.data[CONF_BRIDGE_URL]):
+        url = URL(entry.data[CONF_BRIDGE_URL])
         ir.async_create_issue(
             hass,
             DOMAIN,

@@ -59,7 +59,7 @@ from .const import (
     VISITOR_AUTH_BASIC,
     VISITOR_AUTH_NONE,
 )
-from .coordinator import agent_id
+from .coordinator import agent_id, cleartext_bridge
 from .discovery import DiscoveredApp, app_from_service_info, discovered_apps
 
 _LOGGER = logging.getLogger(__package__)
@@ -97,7 +97,15 @@ async def probe_bridge(hass: HomeAssistant, bridge_url: str, token: str, name: s
         return {CONF_TUNNEL_NAME: "invalid_name"}, ""
     try:
         agent = Agent(
-            AgentConfig(bridge=bridge_url, token=token, target="http://127.0.0.1", name=name, agent_id=agent_id(hass)),
+            AgentConfig(
+                bridge=bridge_url,
+                token=token,
+                target="http://127.0.0.1",
+                name=name,
+                agent_id=agent_id(hass),
+                # Accepted as before; the entry then raises the insecure_bridge repair.
+                insecure=cleartext_bridge(bridge_url),
+            ),
             tunnel_session=async_get_clientsession(hass),
         )
     except ConfigError:  # only the token is left to be wrong: it cannot go into a header

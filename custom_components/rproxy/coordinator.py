@@ -14,7 +14,8 @@ from typing import Any
 
 import aiohttp
 from rproxy_core import Agent, AgentConfig, AuthenticationError
-from rproxy_core.agent import FORWARDED_HEADERS, AgentState, AgentStats, create_inprocess_session
+from rproxy_core.agent import FORWARDED_HEADERS, AgentState, AgentStats, create_inprocess_session, is_cleartext_remote
+from rproxy_core.exceptions import ConfigError
 
 from homeassistant.config_entries import ConfigEntry
 from homeassistant.const import CONF_TOKEN
@@ -253,6 +254,9 @@ class RproxyCoordinator(DataUpdateCoordinator[TunnelSnapshot]):
             request_timeout=float(options.get(CONF_REQUEST_TIMEOUT, DEFAULT_REQUEST_TIMEOUT)),
             forward_headers=tuple(options.get(CONF_FORWARD_HEADERS, FORWARDED_HEADERS)),
             visitor_credentials=credentials,
+            # The agent refuses such a bridge unless told; entries made before it did keep
+            # working, and the insecure_bridge repair tells the user to move to TLS.
+            insecure=cleartext_bridge(data[CONF_BRIDGE_URL]),
         )
         tunnel_session = async_get_clientsession(hass)
         if self.exposes_homeassistant:
@@ -312,6 +316,15 @@ class RproxyCoordinator(DataUpdateCoordinator[TunnelSnapshot]):
         elif refusal is None and self._refusing_local_visitors:
             self._refusing_local_visitors = False
             ir.async_delete_issue(self.hass, DOMAIN, visitor_refused_issue_id(entry))
+
+
+def cleartext_bridge(bridge_url: str) -> bool:
+    """Whether the tunnel to ``bridge_url`` crosses a network unencrypted (ws:// or http://
+    beyond this machine); False for a URL the agent refuses anyway."""
+    try:
+        return is_cleartext_remote(bridge_url)
+    except ConfigError:
+        return False
 
 
 def agent_id(hass: HomeAssistant) -> str:

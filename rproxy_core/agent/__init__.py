@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from .client import Agent, AgentConfig, AgentState, AgentStats, Backoff, bridge_connect_url
+from .client import (
+    Agent,
+    AgentConfig,
+    AgentState,
+    AgentStats,
+    Backoff,
+    bridge_connect_url,
+    certificate_sha256,
+    is_cleartext_remote,
+)
 from .discovery import AppBrowser, AppFollower, DiscoveredApp, announce_app, discover
 from .inprocess import create_inprocess_session
 from .upstream import FORWARDED_HEADERS, Upstream, create_upstream_session
@@ -20,7 +29,9 @@ __all__ = [
     "Upstream",
     "announce_app",
     "bridge_connect_url",
+    "certificate_sha256",
     "create_inprocess_session",
     "create_upstream_session",
     "discover",
+    "is_cleartext_remote",
 ]

@@ -2,22 +2,32 @@
 
 It reconnects forever after network loss or a bridge restart (exponential backoff with
 jitter, capped near a minute) and stops for good only when the bridge refuses its
-credentials or protocol: retrying those cannot help.
+credentials or protocol, or shows a certificate other than the pinned one: retrying those
+cannot help.
+
+The token goes only where it cannot be read on the way: a wss:// bridge whose certificate
+the system's CAs, a ``ca_file`` or a pin vouch for (checked within the TLS handshake, before
+the upgrade request is written), or a plain ws:// bridge on this machine's loopback. Plain
+ws:// across a network needs ``insecure``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
+import ipaddress
 import logging
 import random
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Self
 
 import aiohttp
+import voluptuous as vol
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 from yarl import URL
@@ -37,7 +47,7 @@ from ..const import (
     HEARTBEAT_INTERVAL,
     TUNNEL_MESSAGE_LIMIT,
 )
-from ..config import ZEROCONF_TARGET_PREFIX
+from ..config import ZEROCONF_TARGET_PREFIX, parse_sha256_pin
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
 from ..headers import is_tunnel_name
 from ..protocol.mux import SUPPORTED_VERSIONS, Multiplexer, Role
@@ -45,7 +55,16 @@ from ..protocol.frames import ErrorCode
 from ..transport import AiohttpFrameSocket, FrameSocket, HandshakeError, TunnelConnection, TunnelStream, WebsocketsFrameSocket
 from .upstream import FORWARDED_HEADERS, RedirectRefused, Upstream, create_upstream_session, refuse_redirect
 
-__all__ = ["Agent", "AgentConfig", "AgentState", "AgentStats", "Backoff", "bridge_connect_url"]
+__all__ = [
+    "Agent",
+    "AgentConfig",
+    "AgentState",
+    "AgentStats",
+    "Backoff",
+    "bridge_connect_url",
+    "certificate_sha256",
+    "is_cleartext_remote",
+]
 
 _LOGGER = logging.getLogger("rproxy.agent")
 
@@ -108,6 +127,103 @@ def bridge_connect_url(bridge: str) -> str:
     return str(base.with_path(path))
 
 
+def _is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 (also as ::ffff:127.x) or ``localhost``.
+
+    Other names are not resolved: what a name points at can change after this check, so only
+    the one name every resolver keeps on the machine counts.
+    """
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def is_cleartext_remote(bridge: str) -> bool:
+    """Whether the tunnel to ``bridge`` would leave this machine unencrypted (``ws://``/``http://``
+    to a host that is not loopback; a LAN address counts as remote: the LAN is a network too).
+
+    Raises:
+        ConfigError: ``bridge`` is not a bridge URL.
+    """
+    url = URL(bridge_connect_url(bridge))
+    return url.scheme == "ws" and not _is_loopback_host(url.host or "")
+
+
+def certificate_sha256(der: bytes) -> str:
+    """A certificate's SHA-256 fingerprint as ``openssl x509 -fingerprint -sha256`` prints it."""
+    digest = hashlib.sha256(der).hexdigest().upper()
+    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+
+class _PinMismatch(ssl.SSLCertVerificationError):
+    """The bridge's certificate is none of the pinned ones; ``seen`` is its fingerprint."""
+
+    def __init__(self, seen: str) -> None:
+        super().__init__(1, f"certificate SHA-256 {seen} is not pinned")
+        self.seen = seen
+
+
+class _PinCheckingSSLObject(ssl.SSLObject):
+    """Checks the pins as the handshake completes, so a wrong certificate fails the TLS
+    connection itself: the upgrade request, token included, is never written to it."""
+
+    def do_handshake(self) -> None:
+        super().do_handshake()  # raises SSLWantReadError until the handshake is done
+        pins: frozenset[str] = getattr(self.context, "pins", frozenset())
+        der = self.getpeercert(binary_form=True) or b""
+        if hashlib.sha256(der).hexdigest() not in pins:
+            raise _PinMismatch(certificate_sha256(der))
+
+
+class _PinnedContext(ssl.SSLContext):
+    """A client context whose connections also check the peer's certificate against ``pins``
+    (SHA-256 of the DER certificate, lower-case hex). The event loops of asyncio and uvloop
+    both wrap TLS with ``context.wrap_bio``, which makes ``sslobject_class`` objects."""
+
+    sslobject_class = _PinCheckingSSLObject
+    pins: frozenset[str] = frozenset()
+
+
+def _bridge_tls_context(ca_file: str | None, pins: frozenset[str]) -> ssl.SSLContext | None:
+    """The context verifying the bridge; None leaves it to the system's CAs.
+
+    A pin is enough on its own: it names the one certificate to accept (a self-signed bridge
+    needs nothing else), so neither a CA nor the host name is checked. With ``ca_file`` too,
+    both must hold.
+
+    Raises:
+        ConfigError: ``ca_file`` cannot be read or holds no certificate.
+    """
+    if ca_file is None and not pins:
+        return None
+    context: ssl.SSLContext
+    if pins:
+        pinned = _PinnedContext(ssl.PROTOCOL_TLS_CLIENT)
+        pinned.pins = pins
+        context = pinned
+    else:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the host name
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_file is None:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    try:
+        context.load_verify_locations(cafile=ca_file)
+    except FileNotFoundError:
+        raise ConfigError(f"--ca-file {ca_file!r}: no such file") from None
+    except OSError as err:  # ssl.SSLError too: a file without one PEM certificate
+        reason = err.strerror if not isinstance(err, ssl.SSLError) else "no PEM certificate in it"
+        raise ConfigError(f"--ca-file {ca_file!r}: {reason or err}") from None
+    return context
+
+
 def _check_target(target: str) -> URL:
     try:
         url = URL(target.strip())
@@ -147,10 +263,30 @@ class AgentConfig:
     forward_headers: tuple[str, ...] = FORWARDED_HEADERS
     #: ``(user, password)`` visitors must give (HTTP basic auth), checked by the agent.
     visitor_credentials: tuple[str, str] | None = None
+    #: PEM file of the CAs that may vouch for a wss:// bridge, instead of the system's.
+    ca_file: str | None = None
+    #: SHA-256 fingerprints of the wss:// bridge's certificate (hex, colons allowed); any one
+    #: matching is enough, and then no CA needs to vouch for it (see ``_bridge_tls_context``).
+    pins: tuple[str, ...] = ()
+    #: Allow plain ws:// to a bridge that is not on this machine (a LAN bridge without TLS).
+    insecure: bool = False
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad setting."""
         bridge_connect_url(self.bridge)
+        if is_cleartext_remote(self.bridge) and not self.insecure:
+            raise ConfigError(
+                f"--bridge {self.bridge!r}: refusing plain ws:// (or http://) to a bridge that is not on this "
+                "machine: the agent token and all traffic would cross the network in clear text; use wss:// "
+                "(or https://), or --insecure for a bridge on a network you trust"
+            )
+        if self.ca_file is not None or self.pins:
+            if URL(bridge_connect_url(self.bridge)).scheme != "wss":
+                what = "--ca-file" if self.ca_file is not None else "--pin-sha256"
+                raise ConfigError(f"{what}: only means something for a wss:// or https:// bridge")
+            if self.ca_file is not None and not self.ca_file.strip():
+                raise ConfigError("--ca-file: expected a file name")
+            self.pinned_sha256()
         if not _is_deferred_target(self.target):
             _check_target(self.target)
         if not self.token:
@@ -167,6 +303,14 @@ class AgentConfig:
             user, password = self.visitor_credentials
             if not user or ":" in user or not password:
                 raise ConfigError("visitor credentials: a user name without ':' and a non-empty password are required")
+
+
+    def pinned_sha256(self) -> frozenset[str]:
+        """``pins`` as lower-case hex without colons (ConfigError names a malformed one)."""
+        try:
+            return frozenset(parse_sha256_pin(pin) for pin in self.pins)
+        except vol.Invalid as err:
+            raise ConfigError(f"--pin-sha256: {err.msg}") from None
 
 
 class Backoff:
@@ -229,6 +373,7 @@ class Agent:
         config.validate()
         self.config = config
         self.connect_url = bridge_connect_url(config.bridge)
+        self._tls = _bridge_tls_context(config.ca_file.strip() if config.ca_file else None, config.pinned_sha256())
         self.state = AgentState.STOPPED
         self.public_url: str | None = None
         self.last_error: str | None = None
@@ -275,6 +420,9 @@ class Agent:
             admit=self._admit,
         )
         self.failure = None
+        if is_cleartext_remote(config.bridge):
+            _LOGGER.warning("tunnel %r: plain ws:// to %s (insecure is on): the token and all traffic cross the "
+                            "network unencrypted", config.name, URL(self.connect_url).origin())
         self._task = asyncio.create_task(self._run(), name=f"rproxy-agent {config.name}")
         if self._stats_listeners and self._stats_timer is None:
             self._stats_timer = asyncio.get_running_loop().call_later(
@@ -458,9 +606,12 @@ class Agent:
         """Open the tunnel WebSocket (no handshake yet)."""
         if self._tunnel_session is not None:
             return await self._dial_aiohttp(self._tunnel_session)
+        # Only with a context of our own: for wss:// websockets then makes the system's.
+        tls: dict[str, Any] = {"ssl": self._tls} if self._tls is not None else {}
         try:
             ws = await _NoRedirects(
                 self.connect_url,
+                **tls,
                 additional_headers=self._upgrade_headers(),
                 user_agent_header=f"rproxy-agent/{__version__}",
                 max_size=TUNNEL_MESSAGE_LIMIT,
@@ -473,6 +624,8 @@ class Agent:
             )
         except InvalidStatus as err:
             raise _refusal(err.response.status_code, bytes(err.response.body or b"")) from None
+        except ssl.SSLCertVerificationError as err:
+            raise self._untrusted(err) from None
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as err:
             raise RproxyConnectionError(_describe(err)) from None
         return WebsocketsFrameSocket(ws, str(URL(self.connect_url).origin()))
@@ -500,10 +653,17 @@ class Agent:
                 compress=0,
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0),
                 proxy=None,
+                ssl=self._tls if self._tls is not None else True,
             )
         except aiohttp.WSServerHandshakeError as err:
             await session.close()
             raise _refusal(err.status, b"") from None
+        except aiohttp.ClientConnectorCertificateError as err:
+            await session.close()
+            cause = err.certificate_error
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                raise self._untrusted(cause) from None
+            raise RproxyConnectionError(_describe(err)) from None
         except RedirectRefused as err:
             await session.close()
             raise RproxyConnectionError(f"the bridge redirected the agent (HTTP {err.response.status}); not followed") from None
@@ -514,6 +674,23 @@ class Agent:
             await session.close()
             raise
         return _OwnedSessionFrameSocket(ws, str(URL(self.connect_url).origin()), session)
+
+    def _untrusted(self, err: ssl.SSLCertVerificationError) -> RproxyConnectionError:
+        """Why the bridge's certificate was refused. A pin mismatch is fatal, as ssh's changed
+        host key is: a misconfiguration or an attack, which retrying fixes neither. A CA's
+        refusal is retried: an expired or renewing certificate is mended on the bridge."""
+        if isinstance(err, _PinMismatch):
+            return _FatalRefusal(
+                f"the bridge's certificate does not match --pin-sha256: it has SHA-256 {err.seen}; if the "
+                "bridge's certificate was replaced, pin the new one, otherwise someone may be intercepting "
+                "the connection"
+            )
+        reason = err.verify_message or err.reason or str(err)
+        if self.config.ca_file:
+            hint = f"is it issued by a CA in --ca-file {self.config.ca_file!r}?"
+        else:
+            hint = "for a private CA give --ca-file, for a self-signed certificate --pin-sha256"
+        return RproxyConnectionError(f"the bridge's certificate is not trusted: {reason} ({hint})")
 
     async def _open_tunnel(self) -> tuple[TunnelConnection, dict[str, Any]]:
         config = self.config

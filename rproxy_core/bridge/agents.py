@@ -40,6 +40,10 @@ class AgentHandler:
         self._handshaking: set[TunnelConnection] = set()
         #: The token each connected agent presented, to cut it off when that token is revoked.
         self._tokens: dict[TunnelConnection, tuple[str, str]] = {}
+        #: Agents refused for too many pending handshakes since the backlog was last clear
+        #: (logged once when the burst starts and once when it is over, not per attempt).
+        self._refused_backlog = 0
+        self._cutting_off: set[asyncio.Task[None]] = set()
 
     def handshaking(self) -> list[TunnelConnection]:
         """Connections upgraded but not yet through HELLO (not in the registry yet)."""
@@ -53,6 +57,14 @@ class AgentHandler:
             _LOGGER.warning("agent %s cut off: its token is no longer accepted", connection.label)
         await asyncio.gather(*(c.close(ErrorCode.NO_ERROR, "agent token revoked") for c in revoked))
         return len(revoked)
+
+    def _cut_off(self, connection: TunnelConnection, reason: str) -> None:
+        if connection.closed:
+            return
+        _LOGGER.warning("agent %s cut off: %s", connection.label, reason)
+        task = asyncio.create_task(connection.close(ErrorCode.PROTOCOL_ERROR, f"protocol error: {reason}"))
+        self._cutting_off.add(task)
+        task.add_done_callback(self._cutting_off.discard)
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         bridge = self._bridge
@@ -86,6 +98,12 @@ class AgentHandler:
             return _refuse(400, "this endpoint is for rproxy agents (WebSocket upgrade required)")
         if bridge.draining:  # on a connection opened before the listener closed
             return web.Response(status=503, text="the bridge is shutting down\n", headers={"Retry-After": "5"})
+        limit = bridge.config.max_pending_handshakes
+        if len(self._handshaking) >= limit:
+            if not self._refused_backlog:
+                _LOGGER.warning("%d agents are in their handshake (the limit): refusing more for now", limit)
+            self._refused_backlog += 1
+            return web.Response(status=503, text="too many agents connecting, try again\n", headers={"Retry-After": "5"})
         await ws.prepare(request)
         label = f"{name}/{agent_id} from {remote}"
         connection = TunnelConnection(
@@ -95,6 +113,8 @@ class AgentHandler:
             peer_id=agent_id,
             heartbeat_interval=bridge.config.heartbeat_interval,
             dead_after=bridge.config.dead_after,
+            # The bridge opens every stream; one opened by an agent is an attack or a broken agent.
+            on_stream=lambda stream: self._cut_off(connection, "it opened a stream (only the bridge may)"),
         )
         self._handshaking.add(connection)  # so that a stopping bridge can close it too
         try:
@@ -115,6 +135,9 @@ class AgentHandler:
             return ws
         finally:
             self._handshaking.discard(connection)
+            if self._refused_backlog and len(self._handshaking) <= bridge.config.max_pending_handshakes // 2:
+                _LOGGER.warning("handshake backlog cleared; %d agent(s) were refused meanwhile", self._refused_backlog)
+                self._refused_backlog = 0
         if bridge.stopping:  # its HELLO came after the tunnels were closed: it would be missed
             await connection.close(ErrorCode.NO_ERROR, "bridge shutting down")
             return ws
@@ -135,5 +158,11 @@ class AgentHandler:
         finally:
             self._tokens.pop(connection, None)
             await bridge.registry.remove(name, connection)
-            _LOGGER.info("agent %s disconnected: %s", label, connection.close_reason or "closed")
+            # aiohttp ends the WebSocket itself on a message over max_msg_size (or a broken
+            # frame) and the tunnel only sees it closed: the cause is the socket's exception.
+            broken = ws.exception()
+            if broken is not None:
+                _LOGGER.warning("agent %s cut off: %s", label, str(broken) or broken.__class__.__name__)
+            else:
+                _LOGGER.info("agent %s disconnected: %s", label, connection.close_reason or "closed")
         return ws

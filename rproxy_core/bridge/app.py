@@ -14,12 +14,27 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from .. import __version__
-from ..const import CONNECT_PATH, DEAD_AFTER, HEALTH_PATH, HEARTBEAT_INTERVAL, REQUEST_TIMEOUT, RESERVED_PREFIX
+from ..const import (
+    CONNECT_PATH,
+    DEAD_AFTER,
+    HEADER_TIMEOUT,
+    HEALTH_PATH,
+    HEARTBEAT_INTERVAL,
+    IDLE_TIMEOUT,
+    MAX_HEADER_FIELD,
+    MAX_HEADERS,
+    MAX_PENDING_HANDSHAKES,
+    MAX_REQUEST_HEAD,
+    MAX_REQUEST_LINE,
+    REQUEST_TIMEOUT,
+    RESERVED_PREFIX,
+)
 from ..exceptions import ConfigError
 from ..protocol.frames import ErrorCode
 from ..protocol.heads import KIND_WEBSOCKET
 from .agents import AgentHandler
 from .auth import TokenAuth, TokenGrant
+from .limits import BridgeRunner, HeadLimits
 from .pages import error_response
 from .registry import MemoryRegistry, TunnelRegistry
 from .visitors import VisitorHandler
@@ -72,6 +87,17 @@ class BridgeConfig:
     #: Proxies in front of the bridge (a load balancer, nginx, Cloudflare) whose
     #: X-Forwarded-For and X-Forwarded-Proto are believed; from anyone else they are replaced.
     trusted_proxies: list[IPv4Network | IPv6Network] = field(default_factory=list)
+    #: Largest visitor request body in bytes (413 beyond it); None: no limit.
+    max_body_size: int | None = None
+    #: Seconds a visitor has to send a request head (408 and hang up after); None: no limit.
+    header_timeout: float | None = HEADER_TIMEOUT
+    #: Seconds a kept-alive visitor connection may sit without a request.
+    idle_timeout: float = IDLE_TIMEOUT
+    #: Streams (requests in flight, WebSockets) at once over all agents of one tunnel; more
+    #: get 503 with Retry-After. None: only each agent's own limit applies.
+    max_streams_per_tunnel: int | None = None
+    #: Agents upgraded but not through HELLO at once; more get 503 before the upgrade.
+    max_pending_handshakes: int = MAX_PENDING_HANDSHAKES
 
 
 class Bridge:
@@ -90,7 +116,7 @@ class Bridge:
         self.auth = TokenAuth(config.tokens)
         if not self.auth:
             raise ConfigError("no agent token configured: pass --token or --token-file")
-        self.registry = registry if registry is not None else MemoryRegistry()
+        self.registry = registry if registry is not None else MemoryRegistry(config.max_streams_per_tunnel)
         #: Set once stopping begins: visitors get 503, new agents are refused.
         self.draining = False
         #: Set once the tunnels close: one finishing its handshake is closed too.
@@ -103,7 +129,14 @@ class Bridge:
         self.port: int | None = None
 
     def _make_app(self) -> web.Application:
-        app = web.Application(handler_args={"max_field_size": 8190, "max_line_size": 8190})
+        app = web.Application(
+            handler_args={
+                "max_line_size": MAX_REQUEST_LINE,
+                "max_field_size": MAX_HEADER_FIELD,
+                "max_headers": MAX_HEADERS,
+                "keepalive_timeout": self.config.idle_timeout,
+            }
+        )
         # Bound ``__call__``s, not the handler objects: aiohttp takes a callable object for a
         # deprecated plain-function handler (DeprecationWarning now, an error in aiohttp 4).
         app.router.add_get(CONNECT_PATH, self._agents.__call__)
@@ -117,8 +150,9 @@ class Bridge:
         """Listen; raises OSError (e.g. address in use) before anything is left running."""
         # handler_cancellation: a visitor who hangs up cancels its handler, which resets the
         # stream, which makes the agent drop its request to the home app.
-        runner = web.AppRunner(
+        runner = BridgeRunner(
             self.app,
+            HeadLimits(MAX_REQUEST_LINE, MAX_HEADER_FIELD, MAX_REQUEST_HEAD, MAX_HEADERS, self.config.header_timeout),
             access_log=None,
             handle_signals=False,
             handler_cancellation=True,

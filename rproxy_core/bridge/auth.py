@@ -1,24 +1,61 @@
-"""Agent credentials: the tokens an agent may present, and the tunnel names each may serve."""
+"""Agent credentials: the tokens an agent may present, and the tunnel names each may serve.
+
+An accepted token may be written as ``sha256:HEX``, the SHA-256 of the token, so that the
+bridge's config and token file hold nothing an agent could log in with. A plain, unsalted
+SHA-256 is enough because agent tokens are long random strings (``rproxy hash-token --new``
+makes 256-bit ones): there is no dictionary to try, so a slow password hash would only add
+cost to every agent connection for no gain.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..config import TokenGrant
+from ..config import TOKEN_HASH_PREFIX, TokenGrant, check_token_entry
 from ..exceptions import ConfigError
 from ..headers import is_tunnel_name
 
-__all__ = ["TokenAuth", "TokenGrant", "read_token_file"]
+__all__ = ["TokenAuth", "TokenGrant", "hash_token", "read_token_file", "token_digest"]
+
+
+def hash_token(token: str) -> str:
+    """The ``sha256:HEX`` line that stands for ``token`` in a token file or config."""
+    return TOKEN_HASH_PREFIX + hashlib.sha256(token.encode()).hexdigest()
+
+
+def token_digest(entry: str) -> bytes:
+    """The SHA-256 an accepted-token entry stands for: written out if hashed, computed if clear.
+
+    Raises:
+        ValueError: a malformed ``sha256:`` entry.
+    """
+    entry = check_token_entry(entry)
+    if entry.startswith(TOKEN_HASH_PREFIX):
+        return bytes.fromhex(entry[len(TOKEN_HASH_PREFIX) :])
+    return hashlib.sha256(entry.encode()).digest()
 
 
 class TokenAuth:
-    """The accepted agent tokens, compared in constant time."""
+    """The accepted agent tokens, compared in constant time.
+
+    Every entry, clear or hashed, is kept as a SHA-256 digest and a presented token is hashed
+    once: each comparison is then between two 32-byte digests, so neither a token's length nor
+    whether its entry was hashed shows in the time an answer takes.
+    """
 
     def __init__(self, tokens: Iterable[str | TokenGrant]) -> None:
         grants = [t if isinstance(t, TokenGrant) else TokenGrant(t) for t in tokens]
-        self._grants = [(grant.token.encode(), grant) for grant in grants if grant.token]
+        self._grants: list[tuple[bytes, TokenGrant]] = []
+        for number, grant in enumerate(grants, 1):
+            if not grant.token:
+                continue
+            try:
+                self._grants.append((token_digest(grant.token), grant))
+            except ValueError as err:
+                raise ConfigError(f"token {number}: {err}") from None
 
     def __bool__(self) -> bool:
         return bool(self._grants)
@@ -30,10 +67,10 @@ class TokenAuth:
         """The grant whose token is ``presented`` (every token is compared: no timing hint)."""
         if not presented:
             return None
-        candidate = presented.encode()
+        candidate = hashlib.sha256(presented.encode()).digest()
         found: TokenGrant | None = None
-        for token, grant in self._grants:
-            if hmac.compare_digest(candidate, token) and found is None:
+        for digest, grant in self._grants:
+            if hmac.compare_digest(candidate, digest) and found is None:
                 found = grant
         return found
 
@@ -51,11 +88,12 @@ def read_token_file(path: str | Path) -> list[TokenGrant]:
     """Tokens from a file: one per line, optionally followed by the tunnel names it may serve.
 
     ``TOKEN`` alone may serve any name; ``TOKEN garage shed`` only ``garage`` and ``shed``.
+    TOKEN may be written as its hash, ``sha256:HEX`` (``rproxy hash-token`` prints such lines).
     Blank lines and ``#`` comments are skipped.
 
     Raises:
-        ConfigError: the file cannot be read, or a line names an invalid tunnel (the message
-            names the file and line, never the token).
+        ConfigError: the file cannot be read, or a line names an invalid tunnel or holds a
+            malformed hash (the message names the file and line, never the token).
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -69,6 +107,10 @@ def read_token_file(path: str | Path) -> list[TokenGrant]:
         if not fields or fields[0].startswith("#"):
             continue
         token, names = fields[0], fields[1:]
+        try:
+            token = check_token_entry(token)
+        except ValueError as err:
+            raise ConfigError(f"{path}: line {number}: {err}") from None
         for name in names:
             if not is_tunnel_name(name):
                 raise ConfigError(f"{path}: line {number}: expected a DNS label (a-z, 0-9, -), got {name!r}")

@@ -12,11 +12,15 @@ import abc
 import itertools
 from collections.abc import Collection, Mapping
 
-from ..exceptions import NoAgentError, TunnelClosedError
+from ..exceptions import NoAgentError, RproxyError, TunnelClosedError
 from ..protocol.heads import RequestHead
 from ..transport import TunnelConnection, TunnelStream
 
-__all__ = ["TunnelRegistry", "MemoryRegistry"]
+__all__ = ["TunnelRegistry", "MemoryRegistry", "TunnelBusyError"]
+
+
+class TunnelBusyError(RproxyError):
+    """The tunnel has agents, but they (or the tunnel's limit) take no more streams now."""
 
 
 class TunnelRegistry(abc.ABC):
@@ -36,6 +40,7 @@ class TunnelRegistry(abc.ABC):
 
         Raises:
             NoAgentError: no live agent serves ``name``.
+            TunnelBusyError: agents serve ``name`` but none takes another stream now.
         """
 
     @abc.abstractmethod
@@ -54,7 +59,9 @@ class TunnelRegistry(abc.ABC):
 class MemoryRegistry(TunnelRegistry):
     """Tunnels held by this process (the embedded default)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_streams_per_tunnel: int | None = None) -> None:
+        #: Streams at once over all agents of one tunnel; None: each agent's own limit only.
+        self.max_streams_per_tunnel = max_streams_per_tunnel
         self._pools: dict[str, list[TunnelConnection]] = {}
         self._turns: dict[str, itertools.count[int]] = {}
 
@@ -80,7 +87,11 @@ class MemoryRegistry(TunnelRegistry):
         pool = self._pools.get(name)
         if not pool:
             raise NoAgentError(name)
+        limit = self.max_streams_per_tunnel
+        if limit is not None and sum(len(c.streams) for c in pool) >= limit:
+            raise TunnelBusyError(f"tunnel {name!r} is at its limit of {limit} streams")
         start = next(self._turns[name])
+        full = False
         # Round robin, skipping agents that are closing or full; each is tried at most once.
         for offset in range(len(pool)):
             connection = pool[(start + offset) % len(pool)]
@@ -89,7 +100,10 @@ class MemoryRegistry(TunnelRegistry):
             try:
                 return connection.open_stream(head, end_stream=end_stream)
             except TunnelClosedError:
-                continue
+                # Refused while open: it is at the stream limit it announced in its HELLO.
+                full = full or not connection.closed
+        if full:
+            raise TunnelBusyError(f"every agent of tunnel {name!r} is at its stream limit")
         raise NoAgentError(name)
 
     def names(self) -> Collection[str]:

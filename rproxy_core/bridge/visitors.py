@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, TypeVar
 
 from aiohttp import WSMsgType, hdrs, web
 
-from ..const import MAX_WEBSOCKET_MESSAGE
+from ..const import BUSY_RETRY_AFTER, MAX_WEBSOCKET_MESSAGE
 from ..exceptions import NoAgentError, StreamResetError
 from ..headers import WEBSOCKET_HOP_HEADERS, strip_hop_by_hop
 from ..protocol.frames import ErrorCode, MessageKind, decode_code, encode_code, sendable_close_code
 from ..protocol.heads import KIND_HTTP, KIND_WEBSOCKET, RequestHead, ResponseHead
 from ..transport import TunnelStream
 from .pages import error_response
+from .registry import TunnelBusyError
 from .routing import resolve_tunnel
 
 if TYPE_CHECKING:
@@ -51,6 +52,9 @@ _STATUS_FOR_RESET = {
     ErrorCode.REQUEST_REJECTED: (400, "the request cannot be forwarded"),
     ErrorCode.REFUSED_STREAM: (503, "the agent is too busy, try again"),
 }
+
+#: Reason of the reset that stops an upload over max_body_size (how the reply side tells 413).
+_BODY_TOO_LARGE = "request body over the bridge's max_body_size"
 
 
 class VisitorHandler:
@@ -93,12 +97,26 @@ class VisitorHandler:
                 return log.done(error_response(request, 503, "no agent is connected", {"Retry-After": "5"}))
             return log.done(error_response(request, 404, f"no tunnel is named by host {request.host!r}"))
         has_body = request.body_exists and not is_websocket
+        max_body = bridge.config.max_body_size
+        if max_body is not None and has_body and (request.content_length or 0) > max_body:
+            # Refused before anything reaches the agent; the connection closes rather than
+            # reading the body it announced.
+            return log.done(_body_too_large(request, max_body))
         try:
             # A WebSocket's half stays open for the visitor's messages; an HTTP request without
             # a body ends with its OPEN frame.
             stream = await bridge.registry.open_stream(name, head, end_stream=not (has_body or is_websocket))
         except NoAgentError:
             return log.done(error_response(request, 503, f"no agent is connected for {name!r}", {"Retry-After": "5"}))
+        except TunnelBusyError:
+            return log.done(
+                error_response(
+                    request,
+                    503,
+                    f"tunnel {name!r} is busy (too many requests at once), try again shortly",
+                    {"Retry-After": str(BUSY_RETRY_AFTER)},
+                )
+            )
         try:
             if is_websocket:
                 return await self._relay_websocket(request, stream, log)
@@ -135,11 +153,17 @@ class VisitorHandler:
             stream.reset(ErrorCode.CANCEL, "request timeout")
             return log.done(error_response(request, 504, "the home app did not answer in time"))
         except StreamResetError as err:
+            if str(err) == _BODY_TOO_LARGE:
+                return log.done(_body_too_large(request, self._bridge.config.max_body_size or 0))
             status, message = _STATUS_FOR_RESET.get(err.code, (502, "the tunnel dropped the request"))  # type: ignore[call-overload]
             return log.done(error_response(request, status, message))
 
     async def _relay_http(self, request: web.Request, stream: TunnelStream, has_body: bool, log: _Access) -> web.StreamResponse:
-        upload = asyncio.create_task(_pump_request_body(request, stream)) if has_body else None
+        upload = None
+        if has_body:
+            limit = self._bridge.config.max_body_size
+            pump = _pump_request_body(request, stream) if limit is None else _pump_bounded_body(request, stream, limit)
+            upload = asyncio.create_task(pump)
         try:
             head = await self._await_reply(request, stream, log)
             if not isinstance(head, ResponseHead):
@@ -309,6 +333,37 @@ async def _pump_request_body(request: web.Request, stream: TunnelStream) -> None
     except Exception as err:  # visitor went away mid-upload, or sent a broken body
         _LOGGER.debug("upload of %s failed: %r", stream.head.request_id, err)
         stream.reset(ErrorCode.CANCEL, "visitor upload failed")
+
+
+async def _pump_bounded_body(request: web.Request, stream: TunnelStream, limit: int) -> None:
+    """As _pump_request_body, but a body over ``limit`` bytes resets the stream (the visitor gets 413).
+
+    The check is on what arrives: a chunked body announces no length.
+    """
+    content = request.content
+    received = 0
+    try:
+        while chunk := await content.readany():
+            received += len(chunk)
+            if received > limit:
+                _LOGGER.info("request %s: body over %d bytes, stream reset", stream.head.request_id, limit)
+                stream.reset(ErrorCode.CANCEL, _BODY_TOO_LARGE)
+                return
+            await stream.write(chunk)
+        await stream.end()
+    except StreamResetError:
+        pass
+    except Exception as err:
+        _LOGGER.debug("upload of %s failed: %r", stream.head.request_id, err)
+        stream.reset(ErrorCode.CANCEL, "visitor upload failed")
+
+
+def _body_too_large(request: web.Request, limit: int) -> web.Response:
+    response = error_response(request, 413, f"the request body is larger than this bridge accepts ({limit} bytes)")
+    # The rest of the body is not wanted: aiohttp reads it away for a moment (so the visitor
+    # sees this answer, not a reset), then closes instead of parsing it as the next request.
+    response.force_close()
+    return response
 
 
 async def _pump_visitor_messages(ws: web.WebSocketResponse, stream: TunnelStream) -> None:

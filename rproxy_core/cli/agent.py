@@ -53,6 +53,9 @@ AGENT_FLAGS = {
     "target": "--target",
     "name": "--name",
     "agent_id": "--agent-id",
+    "ca_file": "--ca-file",
+    "pin_sha256": "--pin-sha256",
+    "insecure": "--insecure",
     "log_level": "--log-level",
 }
 #: REMOTE_URL, LOCAL_URL and AGENT_ID are the names a seed system used; both spellings work.
@@ -62,6 +65,9 @@ AGENT_ENV = {
     "target": ("RPROXY_TARGET", "LOCAL_URL"),
     "name": ("RPROXY_NAME",),
     "agent_id": ("RPROXY_AGENT_ID", "AGENT_ID"),
+    "ca_file": ("RPROXY_CA_FILE",),
+    "pin_sha256": ("RPROXY_PIN_SHA256",),
+    "insecure": ("RPROXY_INSECURE",),
     "log_level": ("RPROXY_LOG_LEVEL",),
 }
 
@@ -82,6 +88,18 @@ def add_parser(commands: Any) -> None:
     agent.add_argument("--agent-id", metavar="ID",
                        help="this agent's identity in logs, e.g. mac@home (default: host name) "
                             "($RPROXY_AGENT_ID, $AGENT_ID)")
+    agent.add_argument("--ca-file", metavar="FILE",
+                       help="PEM file of the CAs to trust for a wss:// bridge instead of the system's, e.g. a "
+                            "private CA ($RPROXY_CA_FILE)")
+    agent.add_argument("--pin-sha256", dest="pin_sha256", action="append", metavar="HEX",
+                       help="accept the wss:// bridge only with this certificate: its SHA-256 fingerprint "
+                            "(openssl x509 -noout -fingerprint -sha256), colons optional; enough on its own, "
+                            "e.g. for a self-signed certificate; repeatable, to rotate certificates "
+                            "($RPROXY_PIN_SHA256, comma-separated)")
+    agent.add_argument("--insecure", action="store_const", const=True,
+                       help="allow plain ws:// or http:// to a bridge that is not on this machine (a LAN bridge "
+                            "without TLS): the token and all traffic travel unencrypted; certificates of a "
+                            "wss:// bridge are still checked ($RPROXY_INSECURE)")
     agent.add_argument("--discover", action="store_true",
                        help="list the web apps announced on the LAN (mDNS) and exit; needs no other setting")
     agent.add_argument("--discover-timeout", metavar="SECONDS", type=_discover_seconds, default=DISCOVER_TIMEOUT,
@@ -118,7 +136,10 @@ def agent_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
     agent_id = settings.get("agent_id") or socket.gethostname()
     tunnels = [(settings["name"], settings["target"])] + [(s["name"], s["target"]) for s in settings["services"]]
     configs = [
-        AgentConfig(bridge=settings["bridge"], token=settings["token"], target=target, name=name, agent_id=agent_id)
+        AgentConfig(
+            bridge=settings["bridge"], token=settings["token"], target=target, name=name, agent_id=agent_id,
+            ca_file=settings.get("ca_file"), pins=tuple(settings["pin_sha256"]), insecure=settings["insecure"],
+        )
         for name, target in tunnels
     ]
     return AgentSettings(configs, settings.get("log_level"))

@@ -14,8 +14,10 @@ import os
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from ..agent.client import certificate_sha256
 from ..bridge import Bridge, BridgeConfig
 from ..bridge.auth import TokenGrant, read_token_file
 from ..config import BRIDGE_SCHEMA, load_file, merge, validate
@@ -38,6 +40,11 @@ BRIDGE_FLAGS = {
     "tls_key": "--tls-key",
     "access_log": "--no-access-log",
     "trusted_proxies": "--trusted-proxy",
+    "max_body_size": "--max-body-size",
+    "header_timeout": "--header-timeout",
+    "idle_timeout": "--idle-timeout",
+    "max_streams_per_tunnel": "--max-streams-per-tunnel",
+    "max_pending_handshakes": "--max-pending-handshakes",
     "log_level": "--log-level",
 }
 BRIDGE_ENV = {
@@ -51,10 +58,26 @@ BRIDGE_ENV = {
     "tls_key": ("RPROXY_TLS_KEY",),
     "access_log": ("RPROXY_ACCESS_LOG",),
     "trusted_proxies": ("RPROXY_TRUSTED_PROXIES",),
+    "max_body_size": ("RPROXY_MAX_BODY_SIZE",),
+    "header_timeout": ("RPROXY_HEADER_TIMEOUT",),
+    "idle_timeout": ("RPROXY_IDLE_TIMEOUT",),
+    "max_streams_per_tunnel": ("RPROXY_MAX_STREAMS_PER_TUNNEL",),
+    "max_pending_handshakes": ("RPROXY_MAX_PENDING_HANDSHAKES",),
     "log_level": ("RPROXY_LOG_LEVEL",),
 }
 #: Settings that only a restart changes (a reload logs that they differ).
-_RESTART_ONLY = ("listen", "domain", "request_timeout", "access_log", "trusted_proxies")
+_RESTART_ONLY = (
+    "listen",
+    "domain",
+    "request_timeout",
+    "access_log",
+    "trusted_proxies",
+    "max_body_size",
+    "header_timeout",
+    "idle_timeout",
+    "max_streams_per_tunnel",
+    "max_pending_handshakes",
+)
 
 
 def add_parser(commands: Any) -> None:
@@ -86,6 +109,19 @@ def add_parser(commands: Any) -> None:
     bridge.add_argument("--trusted-proxy", dest="trusted_proxies", action="append", metavar="CIDR",
                         help="a load balancer or proxy in front of the bridge whose X-Forwarded-For/-Proto "
                              "the bridge believes (repeatable; $RPROXY_TRUSTED_PROXIES, comma-separated)")
+    bridge.add_argument("--max-body-size", metavar="SIZE",
+                        help="largest visitor request body, e.g. 10M, 512K or bytes; larger gets 413 "
+                             "(default: no limit)")
+    bridge.add_argument("--header-timeout", metavar="SECONDS",
+                        help="time a visitor has to send a request head before getting 408 (default 10)")
+    bridge.add_argument("--idle-timeout", metavar="SECONDS",
+                        help="close a kept-alive visitor connection idle this long (default 75)")
+    bridge.add_argument("--max-streams-per-tunnel", metavar="N",
+                        help="requests in flight at once per tunnel, over all its agents; more get 503 "
+                             "(default: each agent's own limit)")
+    bridge.add_argument("--max-pending-handshakes", metavar="N",
+                        help="agents connecting but not through their handshake at once; more get 503 "
+                             "(default 64)")
     bridge.add_argument("--no-access-log", dest="access_log", action="store_const", const=False,
                         help="do not log one line per visitor request")
 
@@ -132,6 +168,11 @@ def bridge_settings(args: argparse.Namespace, environ: Mapping[str, str] | None 
         ssl_context=ssl_context,
         access_log=settings["access_log"],
         trusted_proxies=settings["trusted_proxies"],
+        max_body_size=settings.get("max_body_size"),
+        header_timeout=settings["header_timeout"],
+        idle_timeout=settings["idle_timeout"],
+        max_streams_per_tunnel=settings.get("max_streams_per_tunnel"),
+        max_pending_handshakes=settings["max_pending_handshakes"],
     )
     return BridgeSettings(config, settings, settings.get("log_level"))
 
@@ -148,6 +189,19 @@ def load_certificate(context: ssl.SSLContext, cert: str, key: str) -> None:
         raise ConfigError(f"--tls-cert/--tls-key: cannot load: {getattr(err, 'strerror', None) or err}") from None
 
 
+def _log_fingerprint(cert: str) -> None:
+    """Log the served certificate's SHA-256, the value agents pin with --pin-sha256."""
+    try:
+        pem = Path(cert).read_text(encoding="ascii", errors="replace")
+        start = pem.index("-----BEGIN CERTIFICATE-----")
+        end = pem.index("-----END CERTIFICATE-----", start) + len("-----END CERTIFICATE-----")
+        der = ssl.PEM_cert_to_DER_cert(pem[start:end])
+    except (OSError, ValueError) as err:
+        _LOGGER.debug("no fingerprint for %s: %s", cert, err)
+        return
+    _LOGGER.info("TLS certificate SHA-256 (for agents' --pin-sha256): %s", certificate_sha256(der))
+
+
 async def _reload(bridge: Bridge, current: BridgeSettings, args: argparse.Namespace) -> BridgeSettings:
     """Apply new tokens and certificate; a bad new config changes nothing and is logged."""
     try:
@@ -162,6 +216,7 @@ async def _reload(bridge: Bridge, current: BridgeSettings, args: argparse.Namesp
         # Loaded into the running context, so new connections get the new certificate and
         # established ones keep theirs.
         load_certificate(old_context, fresh.values["tls_cert"], fresh.values["tls_key"])
+        _log_fingerprint(fresh.values["tls_cert"])
     revoked = await bridge.set_tokens(fresh.config.tokens)
     bridge.config.shutdown_grace = fresh.config.shutdown_grace
     changed = [key for key in _RESTART_ONLY if fresh.values.get(key) != current.values.get(key)]
@@ -182,6 +237,8 @@ async def _reload(bridge: Bridge, current: BridgeSettings, args: argparse.Namesp
 async def _serve(settings: BridgeSettings, args: argparse.Namespace, signals: Signals) -> None:
     bridge = Bridge(settings.config)
     await bridge.start()
+    if settings.values.get("tls_cert"):
+        _log_fingerprint(settings.values["tls_cert"])
     signals.on_second_stop = bridge.hurry
     stop = asyncio.ensure_future(signals.stop.wait())
     reload = asyncio.ensure_future(signals.reload.wait())

@@ -101,7 +101,11 @@ class TunnelConnection:
         try:
             async with asyncio.timeout(timeout):
                 while self.mux.peer_settings is None:
-                    message = await self.socket.receive()
+                    try:
+                        message = await self.socket.receive()
+                    except RemoteProtocolError as err:  # e.g. a text message: not our protocol
+                        self.mux.fail(err)
+                        raise HandshakeError(str(err), err.error_code) from None
                     if message is None:
                         raise HandshakeError("closed before HELLO")
                     self.mux.receive_data(message)

@@ -16,11 +16,13 @@ import json
 from pathlib import Path
 import re
 import socket
+import subprocess
 from typing import Any
 import uuid
 
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
+import pytest_socket
 from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
@@ -43,7 +45,7 @@ from custom_components.rproxy.const import (
     ZEROCONF_HTTP_TYPE,
     ZEROCONF_TYPE,
 )
-from rproxy_core import Bridge
+from rproxy_core import Bridge, BridgeConfig
 from rproxy_core.agent import FORWARDED_HEADERS
 
 from .common import entry_data, free_port, setup_tunnel, start_homeassistant_http, wait_for
@@ -216,6 +218,28 @@ async def test_user_cannot_connect(hass: HomeAssistant, socket_enabled: None) ->
     assert result["type"] is FlowResultType.FORM
     assert result["errors"] == {"base": "cannot_connect"}
     assert result["description_placeholders"]["error"]
+
+
+async def test_user_plain_bridge_on_the_lan_is_probed(hass: HomeAssistant, socket_enabled: None) -> None:
+    """A ws:// bridge on another address (rproxy's command-line agent wants --insecure for one) is
+    still accepted here, as before; the entry then raises the insecure_bridge repair."""
+    output = subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=False).stdout
+    lan = next((a for a in output.split() if "." in a and not a.startswith("127.")), None)
+    if lan is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to put a bridge on")
+    # The plugin lets tests connect to 127.0.0.1 only; this machine's own LAN address is no
+    # farther away (its next test's setup restores the plugin's list).
+    pytest_socket.socket_allow_hosts(["127.0.0.1", lan])
+    bridge = Bridge(BridgeConfig(host=lan, port=0, tokens=[TOKEN], access_log=False))
+    await bridge.start()
+    try:
+        result = await _start_user(hass)
+        result = await _bridge_step(hass, result["flow_id"], f"ws://{lan}:{bridge.port}")
+        assert result["type"] is FlowResultType.FORM
+        assert result["step_id"] == "target", result["errors"]
+        await wait_for(lambda: bridge.registry.tunnels() == {}, what="the probe to leave the bridge")
+    finally:
+        await bridge.stop()
 
 
 async def test_user_retry_after_error(hass: HomeAssistant, bridge: Bridge, lan_zeroconf: HaAsyncZeroconf) -> None:

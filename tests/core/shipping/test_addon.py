@@ -85,7 +85,7 @@ def test_config_yaml_is_valid_and_its_defaults_fit_its_schema(config: dict[str, 
     assert config["slug"] == "rproxy"
     assert sorted(config["arch"]) == ["aarch64", "amd64", "armv7"]
     assert option_problems(config["options"], config["schema"]) == []
-    assert set(config["schema"]) == {"bridge", "token", "name", "target", "services", "log_level"}
+    assert set(config["schema"]) == {"bridge", "token", "name", "target", "services", "log_level", "insecure"}
     assert config["schema"]["token"] == "password"  # masked in the UI
     assert config["options"]["target"] == "http://homeassistant:8123"
 

@@ -17,6 +17,7 @@ import pytest
 import trustme
 from aiohttp import web
 
+from rproxy_core.agent.client import certificate_sha256
 from rproxy_core.const import HEADER_PROTOCOL, HEADER_TUNNEL
 from tests.conftest import ROOT, TOKEN, Proc, free_port, running_agent, running_bridge, start_app, text_app, wait_http
 from tests.core.tunnel.test_cli import clean_env, fetch, one_error_line, rproxy, wait_tunnel
@@ -294,6 +295,9 @@ async def test_sighup_reloads_the_tls_certificate_for_new_connections(
     bridge.popen.send_signal(signal.SIGHUP)
     await wait_output(bridge, "TLS certificate reloaded")
     assert await served_certificate() == second_der
+    # The fingerprint agents pin is logged at start and after each reload.
+    for der in (first_der, second_der):
+        assert f"TLS certificate SHA-256 (for agents' --pin-sha256): {certificate_sha256(der)}" in bridge.output()
     async with aiohttp.ClientSession() as session, session.get(url + "/after", ssl=tls) as response:
         assert (response.status, await response.text()) == (200, "hello from home /after")
     assert bridge.output().count("connected (protocol") == 1
