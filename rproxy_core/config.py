@@ -225,6 +225,27 @@ def _token_grant(value: Any) -> TokenGrant:
     return TokenGrant(entry["token"])
 
 
+def _visitor_login(value: Any) -> tuple[str, str]:
+    """``USER:HASH``, a visitor login the agent asks the bridge to require."""
+    from .bridge.visitor_policy import parse_password_hash
+
+    user, colon, hashed = value.partition(":") if isinstance(value, str) else ("", "", "")
+    if not user or not colon:
+        raise vol.Invalid("expected USER:HASH (a user name, a colon, the scrypt hash of the password)")
+    try:
+        parse_password_hash(hashed)
+    except ValueError as err:
+        raise vol.Invalid(str(err)) from None
+    return user, hashed
+
+
+def _tunnel_policies(value: Any) -> Any:
+    """``tunnels:``, visitor protection per tunnel (imported here: the bridge package imports this module)."""
+    from .bridge.visitor_policy import parse_tunnel_policies
+
+    return parse_tunnel_policies(value)
+
+
 def _networks(value: Any) -> list[IPv4Network | IPv6Network]:
     if isinstance(value, str):
         value = [part for part in value.replace(",", " ").split() if part]
@@ -327,6 +348,9 @@ BRIDGE_SCHEMA = vol.Schema(
         vol.Optional("idle_timeout", default=75.0): _seconds(1, 86400),
         vol.Optional("max_streams_per_tunnel"): _optional(_count(1, 1 << 20)),
         vol.Optional("max_pending_handshakes", default=64): _count(1, 100_000),
+        vol.Optional("authorized_keys"): _optional(_text("a file name")),
+        vol.Optional("open_registration", default=False): _boolean,
+        vol.Optional("tunnels", default={}): _tunnel_policies,
         vol.Optional("log_level"): _optional(_log_level),
     }
 )
@@ -359,15 +383,20 @@ def _unique_names(services: list[dict[str, str]]) -> list[dict[str, str]]:
 AGENT_SCHEMA = vol.Schema(
     {
         vol.Required("bridge", msg="is required (the bridge's URL)"): _url(("ws", "wss", "http", "https")),
-        vol.Required("token", msg="is required"): _agent_token,
+        # One of token and key is required (checked by the agent's CLI, which names both).
+        vol.Optional("token"): _optional(_agent_token),
+        vol.Optional("key"): _optional(_text("a file name")),
         vol.Required("target", msg="is required (the home app's URL)"): _target,
-        vol.Optional("name", default="home"): _tunnel_name,
+        # No default here: with a key and no name, the agent takes the name derived from the key.
+        vol.Optional("name"): _optional(_tunnel_name),
         vol.Optional("agent_id"): _optional(_agent_id),
         vol.Optional("services", default=[]): vol.All(_service_list, [_SERVICE], _unique_names),
         vol.Optional("log_level"): _optional(_log_level),
         vol.Optional("ca_file"): _optional(_text("a file name")),
         vol.Optional("pin_sha256", default=[]): vol.All(_pin_list, [parse_sha256_pin]),
         vol.Optional("insecure", default=False): _boolean,
+        vol.Optional("visitor_allow", default=[]): vol.All(_networks, lambda networks: [str(n) for n in networks]),
+        vol.Optional("visitor_auth", default=[]): vol.All(_pin_list, [_visitor_login]),
     }
 )
 

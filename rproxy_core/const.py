@@ -5,6 +5,8 @@ from __future__ import annotations
 #: Path prefix reserved for the bridge's own endpoints; everything else is visitor traffic.
 RESERVED_PREFIX = "/_rproxy/"
 CONNECT_PATH = "/_rproxy/connect"
+#: Where a key-holding agent gets the nonce it signs before connecting.
+CHALLENGE_PATH = "/_rproxy/challenge"
 HEALTH_PATH = "/_rproxy/health"
 
 #: HTTP headers of the agent's upgrade request (docs/PROTOCOL.md §1).

@@ -28,6 +28,7 @@ from typing import Any, Self
 
 import aiohttp
 import voluptuous as vol
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 from yarl import URL
@@ -37,6 +38,7 @@ from ..const import (
     BACKOFF_INITIAL,
     BACKOFF_MAX,
     BACKOFF_RESET_AFTER,
+    CHALLENGE_PATH,
     CONNECT_PATH,
     DEAD_AFTER,
     DEFAULT_TUNNEL_NAME,
@@ -49,10 +51,12 @@ from ..const import (
 )
 from ..config import ZEROCONF_TARGET_PREFIX, parse_sha256_pin
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
+from ..bridge.keys import sign
 from ..headers import is_tunnel_name
 from ..protocol.mux import SUPPORTED_VERSIONS, Multiplexer, Role
 from ..protocol.frames import ErrorCode
 from ..transport import AiohttpFrameSocket, FrameSocket, HandshakeError, TunnelConnection, TunnelStream, WebsocketsFrameSocket
+from ..bridge.visitor_policy import parse_agent_policy
 from .upstream import FORWARDED_HEADERS, RedirectRefused, Upstream, create_upstream_session, refuse_redirect
 
 __all__ = [
@@ -263,6 +267,11 @@ class AgentConfig:
     forward_headers: tuple[str, ...] = FORWARDED_HEADERS
     #: ``(user, password)`` visitors must give (HTTP basic auth), checked by the agent.
     visitor_credentials: tuple[str, str] | None = None
+    #: Asked of the bridge in the HELLO (it checks them before anything reaches the tunnel;
+    #: its own config wins where it sets the same part): visitor addresses allowed (CIDRs) ...
+    visitor_allow: tuple[str, ...] = ()
+    #: ... and ``(user, scrypt password hash)`` pairs for HTTP basic auth at the bridge.
+    visitor_basic: tuple[tuple[str, str], ...] = ()
     #: PEM file of the CAs that may vouch for a wss:// bridge, instead of the system's.
     ca_file: str | None = None
     #: SHA-256 fingerprints of the wss:// bridge's certificate (hex, colons allowed); any one
@@ -270,6 +279,9 @@ class AgentConfig:
     pins: tuple[str, ...] = ()
     #: Allow plain ws:// to a bridge that is not on this machine (a LAN bridge without TLS).
     insecure: bool = False
+    #: Prove the agent's identity with this key (a signed challenge) instead of ``token``,
+    #: which is then empty.
+    key: Ed25519PrivateKey | None = field(default=None, repr=False)
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad setting."""
@@ -289,9 +301,11 @@ class AgentConfig:
             self.pinned_sha256()
         if not _is_deferred_target(self.target):
             _check_target(self.target)
-        if not self.token:
-            raise ConfigError("--token: an agent token is required")
-        if not self.token.isprintable() or self.token != self.token.strip():
+        if self.key is not None and self.token:
+            raise ConfigError("--token and --key: give one of them, not both")
+        if self.key is None and not self.token:
+            raise ConfigError("--token: an agent token (or --key) is required")
+        if self.token and (not self.token.isprintable() or self.token != self.token.strip()):
             raise ConfigError("--token: must be one line of printable characters without surrounding spaces")
         if not is_tunnel_name(self.name):
             raise ConfigError(f"--name {self.name!r}: use a lower-case DNS label (a-z, 0-9, -)")
@@ -303,7 +317,20 @@ class AgentConfig:
             user, password = self.visitor_credentials
             if not user or ":" in user or not password:
                 raise ConfigError("visitor credentials: a user name without ':' and a non-empty password are required")
+        try:
+            parse_agent_policy(self.visitor_policy_hello())
+        except ValueError as err:
+            raise ConfigError(f"--visitor-allow/--visitor-auth: {err}") from None
 
+
+    def visitor_policy_hello(self) -> dict[str, Any]:
+        """HELLO settings asking the bridge to guard this tunnel's visitors (none when nothing is asked)."""
+        hello: dict[str, Any] = {}
+        if self.visitor_allow:
+            hello["visitor_allow"] = list(self.visitor_allow)
+        if self.visitor_basic:
+            hello["visitor_basic"] = [{"user": user, "password_hash": hashed} for user, hashed in self.visitor_basic]
+        return hello
 
     def pinned_sha256(self) -> frozenset[str]:
         """``pins`` as lower-case hex without colons (ConfigError names a malformed one)."""
@@ -593,26 +620,65 @@ class Agent:
             self.reconnects += 1
             await asyncio.sleep(delay)
 
-    def _upgrade_headers(self) -> dict[str, str]:
+    def _upgrade_headers(self, nonce: str | None) -> dict[str, str]:
         config = self.config
+        if config.key is not None and nonce is not None:
+            host = URL(self.connect_url).host or ""
+            authorization = sign(config.key, nonce, config.name, host)
+        else:
+            authorization = f"Bearer {config.token}"
         return {
-            "Authorization": f"Bearer {config.token}",
+            "Authorization": authorization,
             HEADER_PROTOCOL: ",".join(map(str, sorted(SUPPORTED_VERSIONS))),
             HEADER_TUNNEL: config.name,
             HEADER_AGENT_ID: config.agent_id,
         }
 
+    async def _fetch_nonce(self, session: aiohttp.ClientSession) -> str:
+        """A fresh challenge from the bridge, for a key-holding agent to sign."""
+        url = URL(self.connect_url)
+        url = url.with_scheme("https" if url.scheme == "wss" else "http")
+        url = url.with_path(url.path[: -len(CONNECT_PATH)] + CHALLENGE_PATH)
+        try:
+            async with session.get(
+                url,
+                allow_redirects=False,
+                proxy=None,
+                ssl=self._tls if self._tls is not None else True,
+                timeout=aiohttp.ClientTimeout(total=HANDSHAKE_TIMEOUT),
+            ) as response:
+                if response.status == 404:
+                    raise _FatalRefusal("the bridge does not accept agent keys (no challenge endpoint): use --token")
+                if response.status != 200:
+                    raise RproxyConnectionError(f"the bridge answered HTTP {response.status} to the key challenge")
+                data = await response.json(content_type=None)
+        except aiohttp.ClientConnectorCertificateError as err:
+            cause = err.certificate_error
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                raise self._untrusted(cause) from None
+            raise RproxyConnectionError(_describe(err)) from None
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as err:
+            raise RproxyConnectionError(f"key challenge: {_describe(err)}") from None
+        nonce = data.get("nonce") if isinstance(data, dict) else None
+        if not isinstance(nonce, str) or not nonce.isascii() or not nonce.isprintable() or " " in nonce:
+            raise RproxyConnectionError("the bridge's key challenge is malformed")
+        return nonce
+
     async def _dial(self) -> FrameSocket:
-        """Open the tunnel WebSocket (no handshake yet)."""
+        """Open the tunnel WebSocket (no handshake yet); with a key, sign a fresh challenge first."""
         if self._tunnel_session is not None:
             return await self._dial_aiohttp(self._tunnel_session)
+        nonce = None
+        if self.config.key is not None:
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False) as session:
+                nonce = await self._fetch_nonce(session)
         # Only with a context of our own: for wss:// websockets then makes the system's.
         tls: dict[str, Any] = {"ssl": self._tls} if self._tls is not None else {}
         try:
             ws = await _NoRedirects(
                 self.connect_url,
                 **tls,
-                additional_headers=self._upgrade_headers(),
+                additional_headers=self._upgrade_headers(nonce),
                 user_agent_header=f"rproxy-agent/{__version__}",
                 max_size=TUNNEL_MESSAGE_LIMIT,
                 ping_interval=None,
@@ -623,7 +689,7 @@ class Agent:
                 logger=_TUNNEL_LOGGER,
             )
         except InvalidStatus as err:
-            raise _refusal(err.response.status_code, bytes(err.response.body or b"")) from None
+            raise _refusal(err.response.status_code, bytes(err.response.body or b""), key=self.config.key is not None) from None
         except ssl.SSLCertVerificationError as err:
             raise self._untrusted(err) from None
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as err:
@@ -644,9 +710,10 @@ class Agent:
             trace_configs=[no_redirects],
         )
         try:
+            nonce = await self._fetch_nonce(session) if self.config.key is not None else None
             ws = await session.ws_connect(
                 self.connect_url,
-                headers={**self._upgrade_headers(), "User-Agent": f"rproxy-agent/{__version__}"},
+                headers={**self._upgrade_headers(nonce), "User-Agent": f"rproxy-agent/{__version__}"},
                 max_msg_size=TUNNEL_MESSAGE_LIMIT,
                 autoping=True,
                 heartbeat=None,
@@ -657,13 +724,16 @@ class Agent:
             )
         except aiohttp.WSServerHandshakeError as err:
             await session.close()
-            raise _refusal(err.status, b"") from None
+            raise _refusal(err.status, b"", key=self.config.key is not None) from None
         except aiohttp.ClientConnectorCertificateError as err:
             await session.close()
             cause = err.certificate_error
             if isinstance(cause, ssl.SSLCertVerificationError):
                 raise self._untrusted(cause) from None
             raise RproxyConnectionError(_describe(err)) from None
+        except RproxyConnectionError:
+            await session.close()
+            raise
         except RedirectRefused as err:
             await session.close()
             raise RproxyConnectionError(f"the bridge redirected the agent (HTTP {err.response.status}); not followed") from None
@@ -704,7 +774,9 @@ class Agent:
             dead_after=config.dead_after,
         )
         try:
-            settings = await connection.handshake(agent_id=config.agent_id, software=f"rproxy/{__version__}")
+            settings = await connection.handshake(
+                agent_id=config.agent_id, software=f"rproxy/{__version__}", **config.visitor_policy_hello()
+            )
         except HandshakeError as err:
             await connection.close(err.error_code, str(err))
             raise RproxyConnectionError(f"handshake failed: {err}") from None
@@ -812,9 +884,11 @@ class _FatalRefusal(RproxyConnectionError):
     """The bridge refused in a way retrying cannot fix (protocol version, tunnel name)."""
 
 
-def _refusal(status: int, raw_body: bytes) -> RproxyConnectionError:
+def _refusal(status: int, raw_body: bytes, *, key: bool = False) -> RproxyConnectionError:
     body = raw_body.decode("utf-8", "replace").strip()[:200]
     if status == 401:
+        if key:
+            return AuthenticationError("the bridge refused the agent key (401): its signed challenge was not accepted")
         return AuthenticationError("the bridge refused the agent token (401): check the token")
     if status == 403:
         return AuthenticationError(f"the bridge refused the agent (403): {body or 'not allowed'}: check the token and the tunnel name")

@@ -1,15 +1,17 @@
 """The agent endpoint, /_rproxy/connect: authentication, version choice, handshake.
 
 Everything that can be refused is refused with a plain HTTP answer before the WebSocket
-upgrade (401 bad token, 426 no common protocol version, 400 bad tunnel name, 403 a name the
-token may not serve), so no tunnel
-ever exists for an agent that should not have one.
+upgrade (401 bad token or key signature, 426 no common protocol version, 400 bad tunnel name,
+403 a name the token or key may not serve), so no tunnel ever exists for an agent that should
+not have one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aiohttp import hdrs, web
@@ -19,6 +21,8 @@ from ..headers import is_tunnel_name
 from ..protocol.frames import ErrorCode
 from ..protocol.mux import Multiplexer, Role, SUPPORTED_VERSIONS
 from ..transport import AiohttpFrameSocket, HandshakeError, TunnelConnection
+from .keys import AUTH_SCHEME, decode_public_key, fingerprint, signed_message, verify_signature
+from .visitor_policy import parse_agent_policy
 
 if TYPE_CHECKING:
     from .app import Bridge
@@ -32,14 +36,34 @@ def _refuse(status: int, message: str) -> web.Response:
     return web.Response(status=status, text=message + "\n")
 
 
+#: Whether the credential an agent presented still lets it serve a name (asked again on reload).
+Allows = Callable[[str], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class _Credential:
+    allows: Allows
+    #: How logs name it: ``token``, or ``key SHA256:...`` (a public fingerprint, never a secret).
+    what: str
+
+
+def _request_host(request: web.Request) -> str:
+    """The host name the agent dialled, without port, as the agent signs it."""
+    host = request.host
+    if host.startswith("["):
+        return host[1 : host.find("]")].lower() if "]" in host else host.lower()
+    return host.rsplit(":", 1)[0].lower() if host.count(":") == 1 else host.lower()
+
+
 class AgentHandler:
     """aiohttp handler for agents dialling in."""
 
     def __init__(self, bridge: Bridge) -> None:
         self._bridge = bridge
         self._handshaking: set[TunnelConnection] = set()
-        #: The token each connected agent presented, to cut it off when that token is revoked.
-        self._tokens: dict[TunnelConnection, tuple[str, str]] = {}
+        #: What each connected agent presented, and its tunnel name, to cut it off when its
+        #: token or key is revoked.
+        self._credentials: dict[TunnelConnection, tuple[_Credential, str]] = {}
         #: Agents refused for too many pending handshakes since the backlog was last clear
         #: (logged once when the burst starts and once when it is over, not per attempt).
         self._refused_backlog = 0
@@ -50,13 +74,43 @@ class AgentHandler:
         return list(self._handshaking)
 
     async def revoke(self) -> int:
-        """Close the tunnels whose token is no longer accepted for their name; return how many."""
-        auth = self._bridge.auth
-        revoked = [c for c, (token, name) in self._tokens.items() if not auth.allows(token, name)]
-        for connection in revoked:
-            _LOGGER.warning("agent %s cut off: its token is no longer accepted", connection.label)
-        await asyncio.gather(*(c.close(ErrorCode.NO_ERROR, "agent token revoked") for c in revoked))
+        """Close the tunnels whose token or key is no longer accepted for their name; return how many."""
+        revoked = {c: cred for c, (cred, name) in self._credentials.items() if not cred.allows(name)}
+        for connection, credential in revoked.items():
+            _LOGGER.warning("agent %s cut off: its %s is no longer accepted", connection.label, credential.what)
+        await asyncio.gather(*(c.close(ErrorCode.NO_ERROR, "agent credential revoked") for c in revoked))
         return len(revoked)
+
+    def _key_credential(self, request: web.Request, value: str, name: str) -> _Credential | str:
+        """Check a ``Rproxy-Key`` Authorization: the function that says which names its key may
+        serve, or why it is refused (401)."""
+        fields = value.split()
+        if len(fields) != 4:
+            return "malformed key authorization"
+        _, public, nonce, signature = fields
+        try:
+            raw_key = decode_public_key(public)
+        except ValueError:
+            return "malformed key authorization"
+        # Consumed before the signature is checked: a nonce is spent by any attempt at all, so
+        # an observed one can never be tried again.
+        if not self._bridge.challenges.consume(nonce):
+            return f"key {fingerprint(raw_key)}: unknown, expired or reused challenge"
+        if not verify_signature(raw_key, signature, signed_message(nonce, name, _request_host(request))):
+            return f"key {fingerprint(raw_key)}: bad signature"
+        bridge = self._bridge
+        return _Credential(lambda tunnel: bridge.keys.allows(raw_key, tunnel), f"key {fingerprint(raw_key)}")
+
+    def _credential(self, request: web.Request, name: str) -> _Credential | str:
+        auth = request.headers.get(hdrs.AUTHORIZATION, "")
+        scheme = auth.split(None, 1)[0].lower() if auth.strip() else ""
+        if scheme == AUTH_SCHEME.lower():
+            return self._key_credential(request, auth, name)
+        token = auth[7:].strip() if scheme == "bearer" else None
+        if not token or self._bridge.auth.match(token) is None:
+            return "invalid token" if token else "no token"
+        bridge = self._bridge
+        return _Credential(lambda tunnel: bridge.auth.allows(token, tunnel), "token")
 
     def _cut_off(self, connection: TunnelConnection, reason: str) -> None:
         if connection.closed:
@@ -69,12 +123,11 @@ class AgentHandler:
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         bridge = self._bridge
         remote = request.remote or "?"
-        auth = request.headers.get(hdrs.AUTHORIZATION, "")
-        token = auth[7:].strip() if auth[:7].lower() == "bearer " else None
-        grant = bridge.auth.match(token)
-        if grant is None or token is None:
-            _LOGGER.warning("refused agent from %s: %s", remote, "invalid token" if token else "no token")
-            return _refuse(401, "invalid or missing agent token")
+        name = request.headers.get(HEADER_TUNNEL, "")
+        credential = self._credential(request, name)
+        if isinstance(credential, str):
+            _LOGGER.warning("refused agent from %s: %s", remote, credential)
+            return _refuse(401, "invalid or missing agent token or key")
         offered = {v.strip() for v in request.headers.get(HEADER_PROTOCOL, "").split(",")}
         common = [v for v in SUPPORTED_VERSIONS if str(v) in offered]
         if not common:
@@ -83,13 +136,12 @@ class AgentHandler:
             return web.Response(
                 status=426, text=f"this bridge speaks rproxy protocol {supported}\n", headers={HEADER_PROTOCOL: supported}
             )
-        name = request.headers.get(HEADER_TUNNEL, "")
         if not is_tunnel_name(name):
             _LOGGER.warning("refused agent from %s: invalid tunnel name %r", remote, name[:80])
             return _refuse(400, "tunnel name must be a lower-case DNS label (a-z, 0-9, -)")
-        if not grant.allows(name):
-            _LOGGER.warning("refused agent from %s: its token may not serve tunnel %r", remote, name)
-            return _refuse(403, f"this agent token may not serve tunnel {name!r}")
+        if not credential.allows(name):
+            _LOGGER.warning("refused agent from %s: its %s may not serve tunnel %r", remote, credential.what, name)
+            return _refuse(403, f"this agent {credential.what.split()[0]} may not serve tunnel {name!r}")
         agent_id = request.headers.get(HEADER_AGENT_ID, "")[:128] or remote
         if not agent_id.isprintable():
             agent_id = remote
@@ -141,10 +193,18 @@ class AgentHandler:
         if bridge.stopping:  # its HELLO came after the tunnels were closed: it would be missed
             await connection.close(ErrorCode.NO_ERROR, "bridge shutting down")
             return ws
-        if not bridge.auth.allows(token, name):  # revoked by a reload during the handshake
-            await connection.close(ErrorCode.NO_ERROR, "agent token revoked")
+        if not credential.allows(name):  # revoked by a reload during the handshake
+            await connection.close(ErrorCode.NO_ERROR, "agent credential revoked")
             return ws
-        self._tokens[connection] = (token, name)
+        try:
+            asked = parse_agent_policy(connection.peer_settings)
+        except ValueError as err:
+            _LOGGER.warning("agent %s refused: bad visitor policy in its HELLO: %s", label, err)
+            await connection.close(ErrorCode.PROTOCOL_ERROR, f"bad visitor policy: {err}")
+            return ws
+        # Set before the tunnel is listed, so no visitor slips in unprotected meanwhile.
+        bridge.visitor_guard.set_agent_policy(name, asked)
+        self._credentials[connection] = (credential, name)
         await bridge.registry.add(name, connection)
         _LOGGER.info(
             "agent %s connected (protocol %s, %d agent(s) now serve %r)",
@@ -156,8 +216,12 @@ class AgentHandler:
         try:
             await connection.run()
         finally:
-            self._tokens.pop(connection, None)
+            self._credentials.pop(connection, None)
             await bridge.registry.remove(name, connection)
+            if not bridge.registry.tunnels().get(name):
+                # Forget what its agents asked for, so policies of names long gone do not pile
+                # up (the next agent's HELLO sets it again before the tunnel is listed).
+                bridge.visitor_guard.set_agent_policy(name, None)
             # aiohttp ends the WebSocket itself on a message over max_msg_size (or a broken
             # frame) and the tunnel only sees it closed: the cause is the socket's exception.
             broken = ws.exception()

@@ -15,6 +15,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from .. import __version__
 from ..const import (
+    CHALLENGE_PATH,
     CONNECT_PATH,
     DEAD_AFTER,
     HEADER_TIMEOUT,
@@ -34,10 +35,12 @@ from ..protocol.frames import ErrorCode
 from ..protocol.heads import KIND_WEBSOCKET
 from .agents import AgentHandler
 from .auth import TokenAuth, TokenGrant
+from .keys import ChallengeStore, KeyAuth, KeyGrant
 from .limits import BridgeRunner, HeadLimits
 from .pages import error_response
 from .registry import MemoryRegistry, TunnelRegistry
-from .visitors import VisitorHandler
+from .visitor_policy import DEFAULT_MAX_TRACKED_VISITORS, VisitorGuard, VisitorPolicy
+from .visitors import VisitorHandler, behind_proxies
 
 __all__ = ["Bridge", "BridgeConfig"]
 
@@ -89,6 +92,11 @@ class BridgeConfig:
     trusted_proxies: list[IPv4Network | IPv6Network] = field(default_factory=list)
     #: Largest visitor request body in bytes (413 beyond it); None: no limit.
     max_body_size: int | None = None
+    #: Visitor protection per tunnel name (allowlist, login, rate limit); agents may ask for
+    #: more in their HELLO, but where this sets a part, this wins.
+    visitor_policies: dict[str, VisitorPolicy] = field(default_factory=dict)
+    #: Visitor addresses remembered per protected tunnel (bounded: this faces the internet).
+    max_tracked_visitors: int = DEFAULT_MAX_TRACKED_VISITORS
     #: Seconds a visitor has to send a request head (408 and hang up after); None: no limit.
     header_timeout: float | None = HEADER_TIMEOUT
     #: Seconds a kept-alive visitor connection may sit without a request.
@@ -98,6 +106,13 @@ class BridgeConfig:
     max_streams_per_tunnel: int | None = None
     #: Agents upgraded but not through HELLO at once; more get 503 before the upgrade.
     max_pending_handshakes: int = MAX_PENDING_HANDSHAKES
+    #: Agent keys accepted (each with the names it may claim), beside or instead of tokens.
+    authorized_keys: list[KeyGrant] = field(default_factory=list)
+    #: Any key may connect, under the name derived from it (``keys.derived_name``).
+    open_registration: bool = False
+
+
+_NO_CREDENTIALS = "no agent credential configured: pass --token, --token-file, --authorized-keys or --open-registration"
 
 
 class Bridge:
@@ -114,9 +129,14 @@ class Bridge:
         if config.domain is not None:
             config.domain = config.domain.strip(".").lower()
         self.auth = TokenAuth(config.tokens)
-        if not self.auth:
-            raise ConfigError("no agent token configured: pass --token or --token-file")
+        self.keys = KeyAuth(config.authorized_keys, open_registration=config.open_registration)
+        if not self.auth and not self.keys:
+            raise ConfigError(_NO_CREDENTIALS)
+        if config.open_registration and config.domain is None:
+            raise ConfigError("--open-registration: needs --domain (each key's tunnel gets its own host name)")
+        self.challenges = ChallengeStore()
         self.registry = registry if registry is not None else MemoryRegistry(config.max_streams_per_tunnel)
+        self.visitor_guard = VisitorGuard(config.visitor_policies, config.max_tracked_visitors)
         #: Set once stopping begins: visitors get 503, new agents are refused.
         self.draining = False
         #: Set once the tunnels close: one finishing its handshake is closed too.
@@ -141,6 +161,7 @@ class Bridge:
         # deprecated plain-function handler (DeprecationWarning now, an error in aiohttp 4).
         app.router.add_get(CONNECT_PATH, self._agents.__call__)
         app.router.add_get(HEALTH_PATH, self._health)
+        app.router.add_get(CHALLENGE_PATH, self._challenge)
         app.router.add_route("*", RESERVED_PREFIX + "{tail:.*}", self._reserved)
         app.router.add_route("*", "/{tail:.*}", VisitorHandler(self).__call__)
         app.on_shutdown.append(self._close_tunnels)
@@ -222,10 +243,19 @@ class Bridge:
             ConfigError: ``tokens`` is empty (a bridge without tokens would serve nobody).
         """
         auth = TokenAuth(tokens)
-        if not auth:
-            raise ConfigError("no agent token configured: pass --token or --token-file")
+        if not auth and not self.keys:
+            raise ConfigError(_NO_CREDENTIALS)
         self.config.tokens = list(tokens)
         self.auth = auth
+        return await self._agents.revoke()
+
+    async def set_keys(self, grants: list[KeyGrant]) -> int:
+        """Replace the authorized keys; tunnels of keys no longer allowed are closed. Returns how many."""
+        keys = KeyAuth(grants, open_registration=self.config.open_registration)
+        if not self.auth and not keys:
+            raise ConfigError(_NO_CREDENTIALS)
+        self.config.authorized_keys = list(grants)
+        self.keys = keys
         return await self._agents.revoke()
 
     async def __aenter__(self) -> Self:
@@ -268,6 +298,17 @@ class Bridge:
     async def _health(self, request: web.Request) -> web.Response:
         tunnels: dict[str, Any] = {name: {"agents": count} for name, count in self.registry.tunnels().items()}
         return web.json_response({"status": "ok", "version": __version__, "tunnels": tunnels})
+
+    async def _challenge(self, request: web.Request) -> web.Response:
+        # Per client: behind a trusted proxy, the address it forwards (else every agent would
+        # share the proxy's allowance).
+        source = request.remote or "?"
+        if self.config.trusted_proxies:
+            source, _ = behind_proxies(request, source, "http", self.config.trusted_proxies)
+        nonce = self.challenges.issue(source)
+        return web.json_response(
+            {"nonce": nonce, "expires_in": self.challenges.lifetime}, headers={"Cache-Control": "no-store"}
+        )
 
     async def _reserved(self, request: web.Request) -> web.Response:
         return error_response(request, 404, "no such bridge endpoint")

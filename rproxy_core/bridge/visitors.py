@@ -96,6 +96,12 @@ class VisitorHandler:
                 # its agent is away (reconnecting): temporary, not "no such page".
                 return log.done(error_response(request, 503, "no agent is connected", {"Retry-After": "5"}))
             return log.done(error_response(request, 404, f"no tunnel is named by host {request.host!r}"))
+        guard = bridge.visitor_guard
+        if guard.protects(name):
+            # Before any stream exists: a refused visitor never reaches the agent or the home app.
+            refused = await guard.admit(request, name, self._visitor_address(request)[0])
+            if refused is not None:
+                return log.done(refused)
         has_body = request.body_exists and not is_websocket
         max_body = bridge.config.max_body_size
         if max_body is not None and has_body and (request.content_length or 0) > max_body:
@@ -134,16 +140,21 @@ class VisitorHandler:
     def _forward_headers(self, request: web.Request, is_websocket: bool) -> list[tuple[str, str]]:
         extra = _FORWARDING_HEADERS | WEBSOCKET_HOP_HEADERS if is_websocket else _FORWARDING_HEADERS
         headers = strip_hop_by_hop(request.headers.items(), extra)
-        address, scheme = request.remote or "", "https" if request.secure else "http"
-        trusted = self._bridge.config.trusted_proxies
-        if trusted:
-            address, scheme = _behind_proxies(request, address, scheme, trusted)
+        address, scheme = self._visitor_address(request)
         # One address, the visitor's: the agent and the home app never have to pick the
         # right entry out of a chain a visitor could have written half of.
         headers.append(("X-Forwarded-For", address))
         headers.append(("X-Forwarded-Proto", scheme))
         headers.append(("X-Forwarded-Host", request.host))
         return headers
+
+    def _visitor_address(self, request: web.Request) -> tuple[str, str]:
+        """The visitor's address and scheme as the bridge believes them (the forwarded ones from trusted proxies)."""
+        address, scheme = request.remote or "", "https" if request.secure else "http"
+        trusted = self._bridge.config.trusted_proxies
+        if trusted:
+            address, scheme = behind_proxies(request, address, scheme, trusted)
+        return address, scheme
 
     async def _await_reply(self, request: web.Request, stream: TunnelStream, log: _Access) -> ResponseHead | web.StreamResponse:
         try:
@@ -266,7 +277,7 @@ class VisitorHandler:
         return log.done(ws)
 
 
-def _behind_proxies(
+def behind_proxies(
     request: web.Request, address: str, scheme: str, trusted: list[IPv4Network | IPv6Network]
 ) -> tuple[str, str]:
     """The visitor's address and scheme when the bridge sits behind trusted proxies.

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from .. import __version__
 from ..config import LOG_LEVELS
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
-from . import agent, bridge, demo, hash_token
+from . import agent, bridge, demo, hash_token, keygen
 from .agent import agent_config
 from .bridge import bridge_config
 from .common import EXIT_OK, EXIT_REFUSED, EXIT_RUNTIME, EXIT_USAGE, Parser
@@ -34,10 +34,12 @@ def _build_parser() -> argparse.ArgumentParser:
     agent.add_parser(commands)
     demo.add_parser(commands)
     hash_token.add_parser(commands)
+    keygen.add_parser(commands)
     return parser
 
 
-_COMMANDS = {"bridge": bridge.main, "agent": agent.main, "demo": demo.main, "hash-token": hash_token.main}
+_COMMANDS = {"bridge": bridge.main, "agent": agent.main, "demo": demo.main, "hash-token": hash_token.main,
+             "keygen": keygen.main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

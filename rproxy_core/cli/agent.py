@@ -30,9 +30,12 @@ from ..agent.discovery import (
     discover,
     zeroconf_target_name,
 )
+from ..bridge.keys import derived_name
 from ..config import AGENT_SCHEMA, load_file, merge, validate
+from ..const import DEFAULT_TUNNEL_NAME
 from ..exceptions import ConfigError
 from .common import EXIT_OK, Signals, log_level, run, setup_logging
+from .keygen import load_private_key
 
 __all__ = [
     "AGENT_ENV",
@@ -50,24 +53,30 @@ _LOGGER = logging.getLogger("rproxy.agent")
 AGENT_FLAGS = {
     "bridge": "--bridge",
     "token": "--token",
+    "key": "--key",
     "target": "--target",
     "name": "--name",
     "agent_id": "--agent-id",
     "ca_file": "--ca-file",
     "pin_sha256": "--pin-sha256",
     "insecure": "--insecure",
+    "visitor_allow": "--visitor-allow",
+    "visitor_auth": "--visitor-auth",
     "log_level": "--log-level",
 }
 #: REMOTE_URL, LOCAL_URL and AGENT_ID are the names a seed system used; both spellings work.
 AGENT_ENV = {
     "bridge": ("RPROXY_BRIDGE", "REMOTE_URL"),
     "token": ("RPROXY_TOKEN",),
+    "key": ("RPROXY_KEY",),
     "target": ("RPROXY_TARGET", "LOCAL_URL"),
     "name": ("RPROXY_NAME",),
     "agent_id": ("RPROXY_AGENT_ID", "AGENT_ID"),
     "ca_file": ("RPROXY_CA_FILE",),
     "pin_sha256": ("RPROXY_PIN_SHA256",),
     "insecure": ("RPROXY_INSECURE",),
+    "visitor_allow": ("RPROXY_VISITOR_ALLOW",),
+    "visitor_auth": ("RPROXY_VISITOR_AUTH",),
     "log_level": ("RPROXY_LOG_LEVEL",),
 }
 
@@ -81,6 +90,9 @@ def add_parser(commands: Any) -> None:
     agent.add_argument("--bridge", metavar="URL",
                        help="the bridge, e.g. wss://bridge.example.com ($RPROXY_BRIDGE, $REMOTE_URL)")
     agent.add_argument("--token", metavar="T", help="agent token the bridge accepts ($RPROXY_TOKEN)")
+    agent.add_argument("--key", metavar="FILE",
+                       help="instead of --token: the agent's private key from rproxy keygen; without --name the "
+                            "tunnel is named after the key, as an --open-registration bridge wants ($RPROXY_KEY)")
     agent.add_argument("--target", metavar="URL",
                        help="the home app, e.g. http://127.0.0.1:8123, or zeroconf:NAME for an app announced "
                             "on the LAN ($RPROXY_TARGET, $LOCAL_URL)")
@@ -100,6 +112,12 @@ def add_parser(commands: Any) -> None:
                        help="allow plain ws:// or http:// to a bridge that is not on this machine (a LAN bridge "
                             "without TLS): the token and all traffic travel unencrypted; certificates of a "
                             "wss:// bridge are still checked ($RPROXY_INSECURE)")
+    agent.add_argument("--visitor-allow", dest="visitor_allow", action="append", metavar="CIDR",
+                       help="ask the bridge to admit visitors only from these addresses (repeatable; the "
+                            "bridge's own tunnels: config wins) ($RPROXY_VISITOR_ALLOW, comma-separated)")
+    agent.add_argument("--visitor-auth", dest="visitor_auth", action="append", metavar="USER:HASH",
+                       help="ask the bridge to require HTTP basic auth: a user and the scrypt hash of its "
+                            "password (see docs/BRIDGE.md, Visitor protection); repeatable ($RPROXY_VISITOR_AUTH)")
     agent.add_argument("--discover", action="store_true",
                        help="list the web apps announced on the LAN (mDNS) and exit; needs no other setting")
     agent.add_argument("--discover-timeout", metavar="SECONDS", type=_discover_seconds, default=DISCOVER_TIMEOUT,
@@ -131,14 +149,23 @@ def agent_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
     flags = {key: getattr(args, key, None) for key in AGENT_FLAGS if key != "log_level"}
     values, origin = merge(flags, AGENT_ENV, load_file(config_file), environ, file=config_file, flag_names=AGENT_FLAGS)
     settings = validate(AGENT_SCHEMA, values, origin, AGENT_FLAGS)
+    token, key_file = settings.get("token"), settings.get("key")
+    if bool(token) == bool(key_file):
+        raise ConfigError("--token: give an agent token or --key (one of them)" if not token
+                          else "--token and --key: give one of them, not both")
+    key = load_private_key(key_file) if key_file else None
+    if not settings.get("name"):
+        # A key's own name is the one an --open-registration bridge gives it.
+        settings["name"] = derived_name(key.public_key().public_bytes_raw()) if key else DEFAULT_TUNNEL_NAME
     if any(s["name"] == settings["name"] for s in settings["services"]):
         raise ConfigError(f"{config_file}: services: {settings['name']!r} is already the main tunnel's name")
     agent_id = settings.get("agent_id") or socket.gethostname()
     tunnels = [(settings["name"], settings["target"])] + [(s["name"], s["target"]) for s in settings["services"]]
     configs = [
         AgentConfig(
-            bridge=settings["bridge"], token=settings["token"], target=target, name=name, agent_id=agent_id,
+            bridge=settings["bridge"], token=token or "", key=key, target=target, name=name, agent_id=agent_id,
             ca_file=settings.get("ca_file"), pins=tuple(settings["pin_sha256"]), insecure=settings["insecure"],
+            visitor_allow=tuple(settings["visitor_allow"]), visitor_basic=tuple(settings["visitor_auth"]),
         )
         for name, target in tunnels
     ]

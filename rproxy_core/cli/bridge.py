@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 from ..agent.client import certificate_sha256
 from ..bridge import Bridge, BridgeConfig
 from ..bridge.auth import TokenGrant, read_token_file
+from ..bridge.keys import KeyGrant, read_authorized_keys
 from ..config import BRIDGE_SCHEMA, load_file, merge, validate
 from ..exceptions import ConfigError
 from .common import EXIT_OK, Signals, log_level, run, setup_logging
@@ -45,6 +46,8 @@ BRIDGE_FLAGS = {
     "idle_timeout": "--idle-timeout",
     "max_streams_per_tunnel": "--max-streams-per-tunnel",
     "max_pending_handshakes": "--max-pending-handshakes",
+    "authorized_keys": "--authorized-keys",
+    "open_registration": "--open-registration",
     "log_level": "--log-level",
 }
 BRIDGE_ENV = {
@@ -63,6 +66,8 @@ BRIDGE_ENV = {
     "idle_timeout": ("RPROXY_IDLE_TIMEOUT",),
     "max_streams_per_tunnel": ("RPROXY_MAX_STREAMS_PER_TUNNEL",),
     "max_pending_handshakes": ("RPROXY_MAX_PENDING_HANDSHAKES",),
+    "authorized_keys": ("RPROXY_AUTHORIZED_KEYS",),
+    "open_registration": ("RPROXY_OPEN_REGISTRATION",),
     "log_level": ("RPROXY_LOG_LEVEL",),
 }
 #: Settings that only a restart changes (a reload logs that they differ).
@@ -77,6 +82,8 @@ _RESTART_ONLY = (
     "idle_timeout",
     "max_streams_per_tunnel",
     "max_pending_handshakes",
+    "open_registration",
+    "tunnels",
 )
 
 
@@ -122,6 +129,12 @@ def add_parser(commands: Any) -> None:
     bridge.add_argument("--max-pending-handshakes", metavar="N",
                         help="agents connecting but not through their handshake at once; more get 503 "
                              "(default 64)")
+    bridge.add_argument("--authorized-keys", metavar="FILE",
+                        help="agent keys accepted: lines 'ed25519 KEY NAME...' as rproxy keygen prints them, "
+                             "NAME * for any name; reloaded on SIGHUP ($RPROXY_AUTHORIZED_KEYS)")
+    bridge.add_argument("--open-registration", action="store_const", const=True,
+                        help="accept any agent key, serving it under a name derived from the key "
+                             "(needs --domain) ($RPROXY_OPEN_REGISTRATION)")
     bridge.add_argument("--no-access-log", dest="access_log", action="store_const", const=False,
                         help="do not log one line per visitor request")
 
@@ -148,8 +161,16 @@ def bridge_settings(args: argparse.Namespace, environ: Mapping[str, str] | None 
     tokens: list[str | TokenGrant] = list(settings["tokens"])
     if settings.get("token_file"):
         tokens += read_token_file(settings["token_file"])
-    if not tokens:
-        raise ConfigError("--token: the bridge needs at least one agent token (--token, --token-file or tokens)")
+    authorized_keys: list[KeyGrant] = []
+    if settings.get("authorized_keys"):
+        authorized_keys = read_authorized_keys(settings["authorized_keys"])
+    if settings["open_registration"] and not settings.get("domain"):
+        raise ConfigError("--open-registration: needs --domain (each key's tunnel gets its own host name)")
+    if not tokens and not authorized_keys and not settings["open_registration"]:
+        raise ConfigError(
+            "--token: the bridge needs at least one agent token (--token, --token-file or tokens) "
+            "or agent key (--authorized-keys, --open-registration)"
+        )
     host, port = settings["listen"]
     cert, key = settings.get("tls_cert"), settings.get("tls_key")
     if bool(cert) != bool(key):
@@ -173,6 +194,9 @@ def bridge_settings(args: argparse.Namespace, environ: Mapping[str, str] | None 
         idle_timeout=settings["idle_timeout"],
         max_streams_per_tunnel=settings.get("max_streams_per_tunnel"),
         max_pending_handshakes=settings["max_pending_handshakes"],
+        authorized_keys=authorized_keys,
+        open_registration=settings["open_registration"],
+        visitor_policies=settings["tunnels"],
     )
     return BridgeSettings(config, settings, settings.get("log_level"))
 
@@ -217,7 +241,12 @@ async def _reload(bridge: Bridge, current: BridgeSettings, args: argparse.Namesp
         # established ones keep theirs.
         load_certificate(old_context, fresh.values["tls_cert"], fresh.values["tls_key"])
         _log_fingerprint(fresh.values["tls_cert"])
-    revoked = await bridge.set_tokens(fresh.config.tokens)
+    # Each setter refuses to leave the bridge with no credential at all, so the kind the new
+    # settings still have goes in first; tunnels of the other kind are untouched by it.
+    if fresh.config.tokens:
+        revoked = await bridge.set_tokens(fresh.config.tokens) + await bridge.set_keys(fresh.config.authorized_keys)
+    else:
+        revoked = await bridge.set_keys(fresh.config.authorized_keys) + await bridge.set_tokens(fresh.config.tokens)
     bridge.config.shutdown_grace = fresh.config.shutdown_grace
     changed = [key for key in _RESTART_ONLY if fresh.values.get(key) != current.values.get(key)]
     if changed:
@@ -225,13 +254,47 @@ async def _reload(bridge: Bridge, current: BridgeSettings, args: argparse.Namesp
     level = log_level(args.log_level, fresh.log_level)
     logging.getLogger().setLevel(level.upper())
     _LOGGER.info(
-        "reloaded: %d token(s)%s%s",
+        "reloaded: %d token(s), %d key(s)%s%s",
         len(bridge.auth),
+        len(bridge.keys),
         ", TLS certificate reloaded" if old_context is not None and new_context is not None else "",
-        f", {revoked} tunnel(s) closed for a revoked token" if revoked else "",
+        f", {revoked} tunnel(s) closed for a revoked token or key" if revoked else "",
     )
     fresh.config.ssl_context = old_context
     return fresh
+
+
+#: Seconds between looks at the token and authorized-keys files for edits.
+_WATCH_INTERVAL = 1.0
+
+
+def _file_state(path: str) -> tuple[int, int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size, info.st_ino
+
+
+async def _watch_credential_files(paths: Callable[[], list[str]], reload: asyncio.Event) -> None:
+    """Reload when the token file or the authorized-keys file is edited, as SIGHUP would.
+
+    A change counts once the file has stayed the same for one more look: an editor that
+    truncates and rewrites in place would otherwise be caught half-way, and a file read empty
+    would revoke every agent, which then stops for good.
+    """
+    seen = {path: _file_state(path) for path in paths()}
+    pending: dict[str, tuple[int, int, int] | None] = {}
+    while True:
+        await asyncio.sleep(_WATCH_INTERVAL)
+        now = {path: _file_state(path) for path in paths()}
+        settled = [path for path, state in now.items() if path in pending and pending[path] == state]
+        pending = {path: state for path, state in now.items() if state != seen.get(path, state) and path not in settled}
+        if settled:
+            _LOGGER.info("%s changed: reloading", ", ".join(settled))
+            seen.update({path: now[path] for path in settled})
+            reload.set()
+        seen.update({path: state for path, state in now.items() if path not in seen})
 
 
 async def _serve(settings: BridgeSettings, args: argparse.Namespace, signals: Signals) -> None:
@@ -242,16 +305,22 @@ async def _serve(settings: BridgeSettings, args: argparse.Namespace, signals: Si
     signals.on_second_stop = bridge.hurry
     stop = asyncio.ensure_future(signals.stop.wait())
     reload = asyncio.ensure_future(signals.reload.wait())
+    current = [settings]
+    watcher = asyncio.ensure_future(_watch_credential_files(
+        lambda: [path for key in ("token_file", "authorized_keys") if (path := current[0].values.get(key))],
+        signals.reload,
+    ))
     try:
         while not stop.done():
             await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
             if reload.done() and not stop.done():
                 signals.reload.clear()
-                settings = await _reload(bridge, settings, args)
+                settings = current[0] = await _reload(bridge, settings, args)
                 reload = asyncio.ensure_future(signals.reload.wait())
     finally:
         stop.cancel()
         reload.cancel()
+        watcher.cancel()
         _LOGGER.info("stopping (grace period %gs; a second signal stops at once)", bridge.config.shutdown_grace)
         await bridge.stop()
 
