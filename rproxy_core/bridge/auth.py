@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..config import TOKEN_HASH_PREFIX, TokenGrant, check_token_entry
@@ -84,6 +84,24 @@ class TokenAuth:
         return grant is not None and grant.allows(name)
 
 
+def credential_lines(path: str | Path) -> Iterator[tuple[int, list[str]]]:
+    """The non-blank, non-comment lines of a credentials file, as (line number, fields).
+
+    Raises:
+        ConfigError: the file cannot be read or is not UTF-8 (the message names it).
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if fields and not fields[0].startswith("#"):
+            yield number, fields
+
+
 def read_token_file(path: str | Path) -> list[TokenGrant]:
     """Tokens from a file: one per line, optionally followed by the tunnel names it may serve.
 
@@ -95,17 +113,8 @@ def read_token_file(path: str | Path) -> list[TokenGrant]:
         ConfigError: the file cannot be read, or a line names an invalid tunnel or holds a
             malformed hash (the message names the file and line, never the token).
     """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
     grants: list[TokenGrant] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        fields = line.split()
-        if not fields or fields[0].startswith("#"):
-            continue
+    for number, fields in credential_lines(path):
         token, names = fields[0], fields[1:]
         try:
             token = check_token_entry(token)

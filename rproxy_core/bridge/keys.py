@@ -20,6 +20,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ..exceptions import ConfigError
+from .auth import credential_lines
 from ..headers import is_tunnel_name
 
 __all__ = [
@@ -142,17 +143,8 @@ def read_authorized_keys(path: str | Path) -> list[KeyGrant]:
     Raises:
         ConfigError: unreadable file, or a bad line (the message names the file and line).
     """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
     grants: list[KeyGrant] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        fields = line.split()
-        if not fields or fields[0].startswith("#"):
-            continue
+    for number, fields in credential_lines(path):
         where = f"{path}: line {number}"
         if fields[0].lower() != _KEY_TYPE:
             raise ConfigError(f"{where}: expected 'ed25519 KEY NAME...', got key type {fields[0][:20]!r}")
