@@ -20,12 +20,23 @@ from ..exceptions import ConfigError
 from ..headers import is_tunnel_name
 from .common import EXIT_OK
 
-__all__ = ["MIN_TOKEN_LENGTH", "add_parser", "main"]
+__all__ = ["MIN_TOKEN_LENGTH", "add_parser", "main", "new_token"]
 
 #: Below this, a token's hash may be reversed by trying likely tokens; said, not refused.
 MIN_TOKEN_LENGTH = 20
 #: Bytes of randomness in a ``--new`` token (256 bits, 43 characters of URL-safe base64).
 _NEW_TOKEN_BYTES = 32
+
+
+def new_token() -> str:
+    """A random agent token (256 bits, URL-safe base64) that does not start with ``-``.
+
+    One in 64 would otherwise, and ``--token -Xy...`` reads as a flag on every command line.
+    """
+    while True:
+        token = secrets.token_urlsafe(_NEW_TOKEN_BYTES)
+        if not token.startswith("-"):
+            return token
 
 
 def add_parser(commands: Any) -> None:
@@ -60,7 +71,7 @@ def main(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
         if not is_tunnel_name(name):
             raise ConfigError(f"--name: expected a DNS label (a-z, 0-9, -), got {name!r}")
     if args.new:
-        token = secrets.token_urlsafe(_NEW_TOKEN_BYTES)
+        token = new_token()
     else:
         token = _read_token(stdin or sys.stdin)
         if len(token) < MIN_TOKEN_LENGTH:

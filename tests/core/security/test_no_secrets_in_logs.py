@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import signal
 import subprocess
 from collections.abc import Callable, Iterable
@@ -21,6 +20,7 @@ from typing import Any
 import pytest
 
 from rproxy_core.bridge.auth import hash_token
+from rproxy_core.cli.hash_token import new_token as make_new_token
 from tests.conftest import Proc, free_port, wait_http
 from tests.core.shipping.test_addon import config, run_addon, write_options
 from tests.core.tunnel.test_cli import clean_env, fetch, home, one_error_line, rproxy, wait_tunnel
@@ -33,7 +33,7 @@ PIECE = 12
 
 def new_token() -> str:
     """A token as ``rproxy hash-token --new`` makes them: random, so no piece of it occurs by chance."""
-    return secrets.token_urlsafe(32)
+    return make_new_token()
 
 
 def leaks(texts: Iterable[str], tokens: Iterable[str]) -> list[str]:

@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 
 from rproxy_core.bridge.auth import TokenAuth, hash_token, read_token_file
+from rproxy_core.cli.hash_token import new_token
 from rproxy_core.config import TokenGrant
 from rproxy_core.const import CONNECT_PATH, HEADER_PROTOCOL, HEADER_TUNNEL
 from rproxy_core.exceptions import ConfigError
@@ -260,3 +261,11 @@ async def test_sighup_cuts_off_an_agent_whose_hashed_token_was_removed(
     )
     assert await fetch(base, "/still", host="home.example.test") == (200, "hello from home /still")
     assert stays.popen.poll() is None
+
+
+def test_new_tokens_never_start_with_a_dash() -> None:
+    """``--token -Xy...`` would read as a flag: one random token in 64 would start with ``-``."""
+    tokens = [new_token() for _ in range(2000)]
+    assert not any(token.startswith("-") for token in tokens)
+    assert len(set(tokens)) == len(tokens)
+    assert all(len(token) == 43 for token in tokens)
