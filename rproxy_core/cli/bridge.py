@@ -318,9 +318,9 @@ async def _serve(settings: BridgeSettings, args: argparse.Namespace, signals: Si
                 settings = current[0] = await _reload(bridge, settings, args)
                 reload = asyncio.ensure_future(signals.reload.wait())
     finally:
-        stop.cancel()
-        reload.cancel()
-        watcher.cancel()
+        for task in (stop, reload, watcher):
+            task.cancel()
+        await asyncio.gather(stop, reload, watcher, return_exceptions=True)
         _LOGGER.info("stopping (grace period %gs; a second signal stops at once)", bridge.config.shutdown_grace)
         await bridge.stop()
 
