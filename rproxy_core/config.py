@@ -33,6 +33,7 @@ __all__ = [
     "FileSettings",
     "BRIDGE_SCHEMA",
     "LOG_LEVELS",
+    "TCP_TARGET_PREFIX",
     "TOKEN_HASH_PREFIX",
     "ZEROCONF_TARGET_PREFIX",
     "TokenGrant",
@@ -41,6 +42,7 @@ __all__ = [
     "merge",
     "parse_listen",
     "parse_sha256_pin",
+    "parse_tcp_target",
     "validate",
 ]
 
@@ -116,6 +118,31 @@ def _url(schemes: tuple[str, ...]) -> Callable[[Any], str]:
 
 #: ``--target zeroconf:NAME``: the web app announced on the LAN under NAME (mDNS).
 ZEROCONF_TARGET_PREFIX = "zeroconf:"
+TCP_TARGET_PREFIX = "tcp://"
+
+
+def parse_tcp_target(target: str) -> tuple[str, int]:
+    """``tcp://host:port`` → (host, port); IPv6 hosts in brackets (``tcp://[fd00::5]:22``).
+
+    Raises:
+        ValueError: not that form (the message names the target, never more).
+    """
+    rest = target.strip()[len(TCP_TARGET_PREFIX) :] if target.strip().lower().startswith(TCP_TARGET_PREFIX) else None
+    problem = f"{target!r}: expected tcp://HOST:PORT, e.g. tcp://192.168.1.5:22"
+    if not rest or any(c in rest for c in "/?#@ \t\r\n"):
+        raise ValueError(problem)
+    if rest.startswith("["):
+        host, _, port_text = rest[1:].partition("]")
+        if not port_text.startswith(":"):
+            raise ValueError(problem)
+        port_text = port_text[1:]
+    else:
+        host, _, port_text = rest.rpartition(":")
+        if ":" in host:
+            raise ValueError(f"{target!r}: write an IPv6 address in brackets, e.g. tcp://[fd00::5]:22")
+    if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(problem)
+    return host, int(port_text)
 
 
 def _target(value: Any) -> str:
@@ -260,6 +287,43 @@ def _networks(value: Any) -> list[IPv4Network | IPv6Network]:
     return networks
 
 
+def _aliases(value: Any) -> dict[str, tuple[str, str]]:
+    """``aliases:``: host name → ``TUNNEL`` or ``SERVICE.TUNNEL``, as (tunnel, service)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise vol.Invalid("expected host names mapped to TUNNEL or SERVICE.TUNNEL, e.g. garden.example.com: garden.home")
+    aliases: dict[str, tuple[str, str]] = {}
+    for host, route in value.items():
+        name = _domain(host)
+        parts = str(route).strip().lower().split(".") if isinstance(route, str) else []
+        if not 1 <= len(parts) <= 2 or not all(is_tunnel_name(part) for part in parts):
+            raise vol.Invalid(f"expected TUNNEL or SERVICE.TUNNEL (DNS labels), got {route!r}", path=[host])
+        aliases[name] = (parts[-1], parts[0] if len(parts) == 2 else "")
+    return aliases
+
+
+_TCP_PORT = vol.Schema(
+    {
+        vol.Required("listen", msg="is required (HOST:PORT or PORT)"): parse_listen,
+        vol.Required("tunnel", msg="is required (the tunnel whose service this port reaches)"): _tunnel_name,
+        vol.Required("service", msg="is required (the agent's TCP service)"): _tunnel_name,
+        # No default: a port open to the whole internet must be asked for (0.0.0.0/0).
+        vol.Required("allow", msg="is required: the client addresses allowed (0.0.0.0/0 and ::/0 for anyone)"): vol.All(
+            _networks, vol.Length(min=1, msg="expected at least one address or network")
+        ),
+    }
+)
+
+
+def _port_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise vol.Invalid("expected a list of ports, each with listen, tunnel, service and allow")
+    return value
+
+
 def _boolean(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -351,21 +415,53 @@ BRIDGE_SCHEMA = vol.Schema(
         vol.Optional("authorized_keys"): _optional(_text("a file name")),
         vol.Optional("open_registration", default=False): _boolean,
         vol.Optional("tunnels", default={}): _tunnel_policies,
+        vol.Optional("aliases", default={}): _aliases,
+        vol.Optional("tcp_ports", default=[]): vol.All(_port_list, [_TCP_PORT]),
         vol.Optional("log_level"): _optional(_log_level),
     }
 )
 
+def _service_target(value: Any) -> str:
+    """A service: a web app (as ``target``) or a TCP service, ``tcp://host:port``."""
+    text = str(value).strip()
+    if text.lower().startswith(TCP_TARGET_PREFIX):
+        try:
+            parse_tcp_target(text)
+        except ValueError as err:
+            raise vol.Invalid(str(err)) from None
+        return text
+    try:
+        return _target(value)
+    except vol.Invalid:
+        raise vol.Invalid(f"expected an http(s):// URL, zeroconf:NAME or tcp://HOST:PORT, got {value!r}") from None
+
+
 _SERVICE = vol.Schema(
     {
-        vol.Required("name", msg="is required (the service's tunnel name)"): _tunnel_name,
-        vol.Required("target", msg="is required (the service's URL)"): _target,
+        vol.Required("name", msg="is required (the service's name, a DNS label)"): _tunnel_name,
+        vol.Required("target", msg="is required (the service's URL)"): _service_target,
     }
 )
 
 
+def _service_entry(value: Any) -> dict[str, Any]:
+    """``{name, target}``, or ``NAME=URL`` as ``--service`` writes it."""
+    if isinstance(value, str):
+        name, equals, target = value.partition("=")
+        if not equals:
+            raise vol.Invalid(f"expected NAME=URL, e.g. ssh=tcp://192.168.1.5:22, got {value!r}")
+        value = {"name": name.strip(), "target": target.strip()}
+    return dict(_SERVICE(value))
+
+
 def _service_list(value: Any) -> list[Any]:
+    """Services as a list, a mapping of name to URL, or NAME=URL strings (comma-separated in a variable)."""
     if value is None:
         return []
+    if isinstance(value, dict):
+        return [{"name": name, "target": target} for name, target in value.items()]
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
     if not isinstance(value, list):
         raise vol.Invalid(f"expected a list of services (each a name and a target), got {type(value).__name__}")
     return value
@@ -386,11 +482,12 @@ AGENT_SCHEMA = vol.Schema(
         # One of token and key is required (checked by the agent's CLI, which names both).
         vol.Optional("token"): _optional(_agent_token),
         vol.Optional("key"): _optional(_text("a file name")),
-        vol.Required("target", msg="is required (the home app's URL)"): _target,
+        # Required unless there are services (checked by the agent's CLI, which names both).
+        vol.Optional("target"): _optional(_target),
         # No default here: with a key and no name, the agent takes the name derived from the key.
         vol.Optional("name"): _optional(_tunnel_name),
         vol.Optional("agent_id"): _optional(_agent_id),
-        vol.Optional("services", default=[]): vol.All(_service_list, [_SERVICE], _unique_names),
+        vol.Optional("services", default=[]): vol.All(_service_list, [_service_entry], _unique_names),
         vol.Optional("log_level"): _optional(_log_level),
         vol.Optional("ca_file"): _optional(_text("a file name")),
         vol.Optional("pin_sha256", default=[]): vol.All(_pin_list, [parse_sha256_pin]),

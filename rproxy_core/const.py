@@ -8,6 +8,8 @@ CONNECT_PATH = "/_rproxy/connect"
 #: Where a key-holding agent gets the nonce it signs before connecting.
 CHALLENGE_PATH = "/_rproxy/challenge"
 HEALTH_PATH = "/_rproxy/health"
+#: Where visitors open raw TCP channels: ``/_rproxy/tcp/<tunnel>/<service>`` (PROTOCOL.md §8).
+TCP_PATH = "/_rproxy/tcp"
 
 #: HTTP headers of the agent's upgrade request (docs/PROTOCOL.md §1).
 HEADER_PROTOCOL = "Rproxy-Protocol"
@@ -63,6 +65,11 @@ BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 60.0
 #: A connection that lived this long resets the backoff to its initial value.
 BACKOFF_RESET_AFTER = 30.0
+
+#: Services one agent may offer besides its main web app (each is announced in its HELLO).
+MAX_SERVICES = 64
+#: Largest chunk read from a TCP service or client at once: one DATA frame or channel message.
+TCP_READ_SIZE = 64 << 10
 
 #: Default tunnel name for an agent started without --name.
 DEFAULT_TUNNEL_NAME = "home"

@@ -35,6 +35,7 @@ from yarl import URL
 
 from .. import __version__
 from ..const import (
+    MAX_SERVICES,
     BACKOFF_INITIAL,
     BACKOFF_MAX,
     BACKOFF_RESET_AFTER,
@@ -55,8 +56,10 @@ from ..bridge.keys import sign
 from ..headers import is_tunnel_name
 from ..protocol.mux import SUPPORTED_VERSIONS, Multiplexer, Role
 from ..protocol.frames import ErrorCode
+from ..protocol.heads import KIND_HTTP, KIND_TCP
 from ..transport import AiohttpFrameSocket, FrameSocket, HandshakeError, TunnelConnection, TunnelStream, WebsocketsFrameSocket
 from ..bridge.visitor_policy import parse_agent_policy
+from .tcp import TCP_SCHEME, TcpService, parse_tcp_target
 from .upstream import FORWARDED_HEADERS, RedirectRefused, Upstream, create_upstream_session, refuse_redirect
 
 __all__ = [
@@ -67,6 +70,7 @@ __all__ = [
     "Backoff",
     "bridge_connect_url",
     "certificate_sha256",
+    "check_service",
     "is_cleartext_remote",
 ]
 
@@ -241,6 +245,31 @@ def _check_target(target: str) -> URL:
     return url
 
 
+def check_service(name: str, target: str) -> str:
+    """Check one ``--service NAME=URL``; return its kind (``http`` or ``tcp``).
+
+    Raises:
+        ConfigError: a bad name or target, named in the message.
+    """
+    if not is_tunnel_name(name):
+        raise ConfigError(f"--service {name!r}: a service name is a lower-case DNS label (a-z, 0-9, -)")
+    if target.strip().lower().startswith(TCP_SCHEME):
+        try:
+            parse_tcp_target(target)
+        except ValueError as err:
+            raise ConfigError(f"--service {name}: {err}") from None
+        return KIND_TCP
+    if _is_deferred_target(target):
+        return KIND_HTTP
+    try:
+        _check_target(target)
+    except ConfigError:
+        raise ConfigError(
+            f"--service {name}: {target!r}: expected an http(s):// URL, zeroconf:NAME or tcp://HOST:PORT"
+        ) from None
+    return KIND_HTTP
+
+
 def _is_deferred_target(target: str) -> bool:
     """A ``zeroconf:NAME`` target: an app found on the LAN at run time, not a URL."""
     return target.startswith(ZEROCONF_TARGET_PREFIX) and bool(target[len(ZEROCONF_TARGET_PREFIX) :].strip())
@@ -254,8 +283,13 @@ class AgentConfig:
     token: str
     #: The home app's URL, or ``zeroconf:NAME``: an app announced on the LAN, which whoever runs
     #: the agent finds and hands over with ``Agent.set_target`` (visitors get 502 until then).
+    #: Empty when the agent offers only ``services``.
     target: str
     name: str = DEFAULT_TUNNEL_NAME
+    #: More services over the same connection, by name: web apps (an http(s) URL or
+    #: ``zeroconf:NAME``, visited as ``<service>.<tunnel>.<domain>``) and TCP services
+    #: (``tcp://host:port``, reached with ``rproxy tcp``). Nothing else is ever connected to.
+    services: dict[str, str] = field(default_factory=dict)
     agent_id: str = field(default_factory=socket.gethostname)
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     dead_after: float = DEAD_AFTER
@@ -299,8 +333,14 @@ class AgentConfig:
             if self.ca_file is not None and not self.ca_file.strip():
                 raise ConfigError("--ca-file: expected a file name")
             self.pinned_sha256()
-        if not _is_deferred_target(self.target):
+        if self.target and not _is_deferred_target(self.target):
             _check_target(self.target)
+        elif not self.target and not self.services:
+            raise ConfigError("--target: the home app's URL is required (or at least one --service)")
+        if len(self.services) > MAX_SERVICES:
+            raise ConfigError(f"--service: at most {MAX_SERVICES} services, got {len(self.services)}")
+        for service, target in self.services.items():
+            check_service(service, target)
         if self.key is not None and self.token:
             raise ConfigError("--token and --key: give one of them, not both")
         if self.key is None and not self.token:
@@ -414,8 +454,17 @@ class Agent:
         self._tunnel_session = tunnel_session
         self._in_process = in_process
         self._admit = admit
-        self._target: str | None = None if _is_deferred_target(config.target) else config.target
-        self._upstream: Upstream | None = None
+        #: Each service's kind and current target ("" is the main web app); None: a
+        #: ``zeroconf:NAME`` app not found yet.
+        self._kinds: dict[str, str] = {}
+        self._targets: dict[str, str | None] = {}
+        for service, target in ([("", config.target)] if config.target else []) + list(config.services.items()):
+            self._kinds[service] = check_service(service or "main", target) if service else KIND_HTTP
+            self._targets[service] = None if _is_deferred_target(target) else target.strip()
+        if in_process and any(kind == KIND_HTTP for service, kind in self._kinds.items() if service):
+            raise ConfigError("an in-process agent serves its own app only: web services need their own agent")
+        #: What serves each service's streams, while the agent runs.
+        self._handlers: dict[str, Upstream | TcpService] = {}
         self._task: asyncio.Task[None] | None = None
         self._stream_tasks: set[asyncio.Task[None]] = set()
         self._listeners: list[Callable[[Agent], None]] = []
@@ -437,15 +486,20 @@ class Agent:
             self._session = create_upstream_session()
             self._owns_session = True
         config = self.config
-        self._upstream = Upstream(
-            self._target,
-            self._session,
-            request_timeout=config.request_timeout,
-            forward_headers=config.forward_headers,
-            visitor_credentials=config.visitor_credentials,
-            in_process=self._in_process,
-            admit=self._admit,
-        )
+        for service, target in self._targets.items():
+            if self._kinds[service] == KIND_TCP and target is not None:
+                host, port = parse_tcp_target(target)
+                self._handlers[service] = TcpService(service, host, port)
+                continue
+            self._handlers[service] = Upstream(
+                target,
+                self._session,
+                request_timeout=config.request_timeout,
+                forward_headers=config.forward_headers,
+                visitor_credentials=config.visitor_credentials,
+                in_process=self._in_process,
+                admit=self._admit,
+            )
         self.failure = None
         if is_cleartext_remote(config.bridge):
             _LOGGER.warning("tunnel %r: plain ws:// to %s (insecure is on): the token and all traffic cross the "
@@ -466,10 +520,10 @@ class Agent:
             await asyncio.wait({task})
             if not task.cancelled():
                 task.exception()  # a refusal was already reported through wait(): mark it retrieved
-        if self._upstream is not None:
-            await self._upstream.close()
-            self._served_before += self._upstream.requests_served
-            self._upstream = None
+        handlers, self._handlers = self._handlers, {}
+        for handler in handlers.values():
+            await handler.close()
+            self._served_before += handler.requests_served
         if self._owns_session and self._session is not None:
             await self._session.close()
             self._session = None
@@ -481,21 +535,30 @@ class Agent:
     @property
     def target(self) -> str | None:
         """Where requests go now (None: a ``zeroconf:NAME`` app not found yet)."""
-        return self._target
+        return self._targets.get("")
 
-    def set_target(self, target: str) -> None:
-        """Send the next requests to ``target``, an http(s) URL, without touching the tunnel.
+    def service_target(self, service: str) -> str | None:
+        """Where a service's streams go now ("" is the main web app; None: not found yet)."""
+        return self._targets.get(service)
+
+    def set_target(self, target: str, service: str = "") -> None:
+        """Send the next requests of a web ``service`` ("": the main app) to ``target``, an
+        http(s) URL, without touching the tunnel.
 
         Requests under way finish where they started. The target lasts across reconnections
-        and restarts of this agent; ``config.target`` keeps what was configured.
+        and restarts of this agent; ``config`` keeps what was configured.
 
         Raises:
-            ConfigError: ``target`` is not a URL ``--target`` accepts.
+            ConfigError: ``target`` is not a URL ``--target`` accepts, or the agent has no such
+                web service.
         """
         _check_target(target)
-        self._target = target.strip()
-        if self._upstream is not None:
-            self._upstream.set_target(self._target)
+        if self._kinds.get(service) != KIND_HTTP:
+            raise ConfigError(f"no web service {service!r} to point at {target!r}")
+        self._targets[service] = target.strip()
+        handler = self._handlers.get(service)
+        if isinstance(handler, Upstream):
+            handler.set_target(target.strip())
 
     async def wait(self) -> None:
         """Run until stopped; raises AuthenticationError/RproxyConnectionError if refused for good."""
@@ -564,7 +627,12 @@ class Agent:
     @property
     def requests_served(self) -> int:
         """Streams served since the agent was made."""
-        return self._served_before + (self._upstream.requests_served if self._upstream else 0)
+        return self._served_before + sum(handler.requests_served for handler in self._handlers.values())
+
+    @property
+    def services(self) -> dict[str, str]:
+        """The kind (``http`` or ``tcp``) of each service offered; "" is the main web app."""
+        return dict(self._kinds)
 
     @property
     def stats(self) -> AgentStats:
@@ -775,7 +843,10 @@ class Agent:
         )
         try:
             settings = await connection.handshake(
-                agent_id=config.agent_id, software=f"rproxy/{__version__}", **config.visitor_policy_hello()
+                agent_id=config.agent_id,
+                software=f"rproxy/{__version__}",
+                services=self._kinds,
+                **config.visitor_policy_hello(),
             )
         except HandshakeError as err:
             await connection.close(err.error_code, str(err))
@@ -794,7 +865,22 @@ class Agent:
         self.last_error = None
         self._connected.set()
         self._set_state(AgentState.CONNECTED)
-        _LOGGER.info("tunnel %r is up: %s → %s", config.name, self.public_url or "(no public URL given)", config.target)
+        if config.target:
+            _LOGGER.info("tunnel %r is up: %s → %s", config.name, self.public_url or "(no public URL given)", config.target)
+        else:
+            _LOGGER.info("tunnel %r is up (no main web app; services only)", config.name)
+        service_url = settings.get("service_url")
+        for service, kind in self._kinds.items():
+            if not service:
+                continue
+            target = config.services[service]
+            if kind == KIND_TCP:
+                _LOGGER.info("service %r → %s: reach it with rproxy tcp --tunnel %s --service %s",
+                             service, target, config.name, service)
+            elif isinstance(service_url, str) and "{service}" in service_url:
+                _LOGGER.info("service %r is up: %s → %s", service, service_url.replace("{service}", service), target)
+            else:
+                _LOGGER.info("service %r is up: %s.%s.<domain> → %s", service, service, config.name, target)
         try:
             await connection.run()
         finally:
@@ -807,10 +893,18 @@ class Agent:
         raise RproxyConnectionError(f"tunnel lost: {connection.close_reason or 'closed'}")
 
     def _serve_stream(self, stream: TunnelStream) -> None:
-        if self._upstream is None:  # a probe: its tunnel serves nobody
+        if not self._handlers:  # a probe: its tunnel serves nobody
             stream.reset(ErrorCode.REFUSED_STREAM, "agent not serving")
             return
-        task = asyncio.create_task(self._upstream.serve(stream))
+        head = stream.head
+        handler = self._handlers.get(head.service)
+        if handler is None or (head.kind == KIND_TCP) != isinstance(handler, TcpService):
+            # Whatever the bridge asks: only configured services, each only as its own kind.
+            _LOGGER.warning("refused a %s stream for service %r: %s", head.kind, head.service[:64],
+                            "not offered by this agent" if handler is None else "it is not that kind of service")
+            stream.reset(ErrorCode.REQUEST_REJECTED, "no such service")
+            return
+        task = asyncio.create_task(handler.serve(stream))
         self._stream_tasks.add(task)
         task.add_done_callback(self._stream_tasks.discard)
 

@@ -10,24 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import hdrs, web
 
-from ..const import HANDSHAKE_TIMEOUT, HEADER_AGENT_ID, HEADER_PROTOCOL, HEADER_TUNNEL, TUNNEL_MESSAGE_LIMIT
+from ..const import HANDSHAKE_TIMEOUT, HEADER_AGENT_ID, HEADER_PROTOCOL, HEADER_TUNNEL, MAX_SERVICES, TUNNEL_MESSAGE_LIMIT
 from ..headers import is_tunnel_name
 from ..protocol.frames import ErrorCode
 from ..protocol.mux import Multiplexer, Role, SUPPORTED_VERSIONS
 from ..transport import AiohttpFrameSocket, HandshakeError, TunnelConnection
+from ..protocol.heads import SERVICE_KINDS
 from .keys import AUTH_SCHEME, decode_public_key, fingerprint, signed_message, verify_signature
+from .registry import MAIN_SERVICE
 from .visitor_policy import parse_agent_policy
 
 if TYPE_CHECKING:
     from .app import Bridge
 
-__all__ = ["AgentHandler"]
+__all__ = ["AgentHandler", "Credential", "parse_services"]
 
 _LOGGER = logging.getLogger("rproxy.bridge")
 
@@ -40,8 +42,29 @@ def _refuse(status: int, message: str) -> web.Response:
 Allows = Callable[[str], bool]
 
 
+def parse_services(settings: Mapping[str, Any]) -> Mapping[str, str]:
+    """The services an agent's HELLO announces (name → kind; "" is its main web app).
+
+    Raises:
+        ValueError: the announcement is malformed (the agent is refused).
+    """
+    services = settings.get("services")
+    if services is None:  # an agent from before services: its main web app only
+        return MAIN_SERVICE
+    if not isinstance(services, dict):
+        raise ValueError("services must be an object")
+    if len(services) > MAX_SERVICES + 1:
+        raise ValueError(f"more than {MAX_SERVICES} services")
+    for service, kind in services.items():
+        if service and not is_tunnel_name(service):
+            raise ValueError(f"service name {service[:64]!r} is not a DNS label")
+        if kind not in SERVICE_KINDS:
+            raise ValueError(f"service {service!r} has unknown kind {str(kind)[:32]!r}")
+    return dict(services)
+
+
 @dataclass(frozen=True, slots=True)
-class _Credential:
+class Credential:
     allows: Allows
     #: How logs name it: ``token``, or ``key SHA256:...`` (a public fingerprint, never a secret).
     what: str
@@ -63,7 +86,7 @@ class AgentHandler:
         self._handshaking: set[TunnelConnection] = set()
         #: What each connected agent presented, and its tunnel name, to cut it off when its
         #: token or key is revoked.
-        self._credentials: dict[TunnelConnection, tuple[_Credential, str]] = {}
+        self._credentials: dict[TunnelConnection, tuple[Credential, str]] = {}
         #: Agents refused for too many pending handshakes since the backlog was last clear
         #: (logged once when the burst starts and once when it is over, not per attempt).
         self._refused_backlog = 0
@@ -81,7 +104,7 @@ class AgentHandler:
         await asyncio.gather(*(c.close(ErrorCode.NO_ERROR, "agent credential revoked") for c in revoked))
         return len(revoked)
 
-    def _key_credential(self, request: web.Request, value: str, name: str) -> _Credential | str:
+    def _key_credential(self, request: web.Request, value: str, name: str) -> Credential | str:
         """Check a ``Rproxy-Key`` Authorization: the function that says which names its key may
         serve, or why it is refused (401)."""
         fields = value.split()
@@ -99,9 +122,11 @@ class AgentHandler:
         if not verify_signature(raw_key, signature, signed_message(nonce, name, _request_host(request))):
             return f"key {fingerprint(raw_key)}: bad signature"
         bridge = self._bridge
-        return _Credential(lambda tunnel: bridge.keys.allows(raw_key, tunnel), f"key {fingerprint(raw_key)}")
+        return Credential(lambda tunnel: bridge.keys.allows(raw_key, tunnel), f"key {fingerprint(raw_key)}")
 
-    def _credential(self, request: web.Request, name: str) -> _Credential | str:
+    def credential(self, request: web.Request, name: str) -> Credential | str:
+        """What the request's Authorization proves (a token, or a key signed for tunnel ``name``),
+        or why it proves nothing (the caller answers 401)."""
         auth = request.headers.get(hdrs.AUTHORIZATION, "")
         scheme = auth.split(None, 1)[0].lower() if auth.strip() else ""
         if scheme == AUTH_SCHEME.lower():
@@ -110,7 +135,7 @@ class AgentHandler:
         if not token or self._bridge.auth.match(token) is None:
             return "invalid token" if token else "no token"
         bridge = self._bridge
-        return _Credential(lambda tunnel: bridge.auth.allows(token, tunnel), "token")
+        return Credential(lambda tunnel: bridge.auth.allows(token, tunnel), "token")
 
     def _cut_off(self, connection: TunnelConnection, reason: str) -> None:
         if connection.closed:
@@ -124,7 +149,7 @@ class AgentHandler:
         bridge = self._bridge
         remote = request.remote or "?"
         name = request.headers.get(HEADER_TUNNEL, "")
-        credential = self._credential(request, name)
+        credential = self.credential(request, name)
         if isinstance(credential, str):
             _LOGGER.warning("refused agent from %s: %s", remote, credential)
             return _refuse(401, "invalid or missing agent token or key")
@@ -177,6 +202,7 @@ class AgentHandler:
                 tunnel=name,
                 public_url=bridge.public_url(name, request),
                 heartbeat=bridge.config.heartbeat_interval,
+                **bridge.service_url_setting(name, request),
             )
         except HandshakeError as err:
             if bridge.stopping:
@@ -202,10 +228,16 @@ class AgentHandler:
             _LOGGER.warning("agent %s refused: bad visitor policy in its HELLO: %s", label, err)
             await connection.close(ErrorCode.PROTOCOL_ERROR, f"bad visitor policy: {err}")
             return ws
+        try:
+            services = parse_services(connection.peer_settings)
+        except ValueError as err:
+            _LOGGER.warning("agent %s refused: bad services in its HELLO: %s", label, err)
+            await connection.close(ErrorCode.PROTOCOL_ERROR, f"bad services: {err}")
+            return ws
         # Set before the tunnel is listed, so no visitor slips in unprotected meanwhile.
         bridge.visitor_guard.set_agent_policy(name, asked)
         self._credentials[connection] = (credential, name)
-        await bridge.registry.add(name, connection)
+        await bridge.registry.add(name, connection, services)
         _LOGGER.info(
             "agent %s connected (protocol %s, %d agent(s) now serve %r)",
             label,

@@ -29,11 +29,13 @@ from ..const import (
     MAX_REQUEST_LINE,
     REQUEST_TIMEOUT,
     RESERVED_PREFIX,
+    TCP_PATH,
 )
 from ..exceptions import ConfigError
 from ..protocol.frames import ErrorCode
 from ..protocol.heads import KIND_WEBSOCKET
-from .agents import AgentHandler
+from .agents import AgentHandler, Credential
+from .channels import ChannelHandler, TcpPort, TcpPortServer
 from .auth import TokenAuth, TokenGrant
 from .keys import ChallengeStore, KeyAuth, KeyGrant
 from .limits import BridgeRunner, HeadLimits
@@ -110,6 +112,11 @@ class BridgeConfig:
     authorized_keys: list[KeyGrant] = field(default_factory=list)
     #: Any key may connect, under the name derived from it (``keys.derived_name``).
     open_registration: bool = False
+    #: Host names the operator maps to a tunnel's service (``garden.example.com`` → service
+    #: ``garden`` of tunnel ``home``: ``("home", "garden")``), beside ``<service>.<tunnel>.<domain>``.
+    aliases: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: Extra public TCP ports, each carrying its connections to one TCP service.
+    tcp_ports: list[TcpPort] = field(default_factory=list)
 
 
 _NO_CREDENTIALS = "no agent credential configured: pass --token, --token-file, --authorized-keys or --open-registration"
@@ -144,6 +151,7 @@ class Bridge:
         self._hurry = asyncio.Event()
         self._agents = AgentHandler(self)
         self.app = self._make_app()
+        self.tcp_ports = [TcpPortServer(self, port) for port in config.tcp_ports]
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.port: int | None = None
@@ -162,6 +170,7 @@ class Bridge:
         app.router.add_get(CONNECT_PATH, self._agents.__call__)
         app.router.add_get(HEALTH_PATH, self._health)
         app.router.add_get(CHALLENGE_PATH, self._challenge)
+        app.router.add_get(TCP_PATH + "/{tunnel}/{service}", ChannelHandler(self).__call__)
         app.router.add_route("*", RESERVED_PREFIX + "{tail:.*}", self._reserved)
         app.router.add_route("*", "/{tail:.*}", VisitorHandler(self).__call__)
         app.on_shutdown.append(self._close_tunnels)
@@ -184,9 +193,15 @@ class Bridge:
         )
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, self.config.port, ssl_context=self.config.ssl_context)
+        started: list[TcpPortServer] = []
         try:
             await site.start()
+            for port in self.tcp_ports:
+                await port.start()
+                started.append(port)
         except BaseException:
+            for port in started:
+                await port.stop()
             await runner.cleanup()
             raise
         self._runner, self._site = runner, site
@@ -210,6 +225,8 @@ class Bridge:
         self.draining = True
         for site in list(runner.sites):
             await site.stop()  # closes the listening socket; open connections stay
+        for port in self.tcp_ports:
+            await port.stop()
         grace = self.config.shutdown_grace if grace is None else grace
         if grace > 0 and self._streams_in_flight():
             _LOGGER.info("stopping: waiting up to %gs for %d request(s) in flight", grace, self._streams_in_flight())
@@ -275,6 +292,28 @@ class Bridge:
         if ":" in host:
             host = f"[{host}]"
         return f"{scheme}://{host}:{self.port or self.config.port}"
+
+    def credential(self, request: web.Request, name: str) -> Credential | str:
+        """What the request's agent token or key proves for tunnel ``name`` (a str: why nothing)."""
+        return self._agents.credential(request, name)
+
+    def visitor_address(self, request: web.Request) -> tuple[str, str]:
+        """The visitor's address and scheme as the bridge believes them (the forwarded ones
+        from trusted proxies)."""
+        address, scheme = request.remote or "", "https" if request.secure else "http"
+        trusted = self.config.trusted_proxies
+        if trusted:
+            address, scheme = behind_proxies(request, address, scheme, trusted)
+        return address, scheme
+
+    def service_url_setting(self, name: str, request: web.BaseRequest) -> dict[str, str]:
+        """For an agent's HELLO: its web services' address, ``{service}`` standing for the name.
+
+        Only with a domain: without one, which names reach a service depends on the DNS.
+        """
+        if self.config.domain is None:
+            return {}
+        return {"service_url": self.public_url(name, request).replace("://", "://{service}.", 1)}
 
     def public_url(self, name: str, request: web.BaseRequest) -> str:
         """The address visitors use for tunnel ``name``, as seen from the agent's request."""

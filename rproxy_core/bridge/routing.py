@@ -1,10 +1,10 @@
-"""Which tunnel a visitor's Host names (README, "Routing")."""
+"""Which tunnel, and which of its services, a visitor's Host names (README, "Routing")."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
-__all__ = ["host_name", "resolve_tunnel"]
+__all__ = ["host_name", "resolve_route", "resolve_tunnel"]
 
 
 def host_name(host: str) -> str:
@@ -18,24 +18,46 @@ def host_name(host: str) -> str:
     return host.rstrip(".")
 
 
-def resolve_tunnel(host: str, domain: str | None, tunnels: Collection[str]) -> str | None:
-    """Return the tunnel name ``host`` reaches, or None.
+def resolve_route(
+    host: str,
+    domain: str | None,
+    tunnels: Collection[str],
+    aliases: Mapping[str, tuple[str, str]] | None = None,
+) -> tuple[str, str] | None:
+    """Return ``(tunnel, service)`` for ``host`` ("" is the tunnel's main web app), or None.
 
-    With a ``domain``, ``<name>.<domain>`` reaches tunnel ``name`` (and, for services of a
-    tunnel, ``<service>.<name>.<domain>`` too: the label just left of the domain counts).
-    Without one, a Host whose first label names a tunnel reaches it; otherwise, when exactly
-    one tunnel exists, it serves every host (the one-home case).
+    An operator's ``aliases`` (host name → tunnel and service) come first. With a ``domain``,
+    ``<tunnel>.<domain>`` reaches a tunnel's main app and ``<service>.<tunnel>.<domain>`` one
+    of its services; deeper names reach nothing. Without one, a Host whose first label names a
+    tunnel reaches its main app, ``<service>.<tunnel>.…`` a service, and otherwise, when
+    exactly one tunnel exists, it serves every host (the one-home case).
     """
     name = host_name(host)
+    if aliases:
+        route = aliases.get(name)
+        if route is not None:
+            return route
     if domain is not None:
         suffix = "." + domain
         if not name.endswith(suffix):
             return None
         labels = name[: -len(suffix)].split(".")
-        return labels[-1] or None
-    first = name.split(".", 1)[0]
-    if first in tunnels:
-        return first
+        if len(labels) == 1:
+            return (labels[0], "") if labels[0] else None
+        if len(labels) == 2 and all(labels):
+            return labels[1], labels[0]
+        return None
+    labels = name.split(".", 2)
+    if labels[0] in tunnels:
+        return labels[0], ""
+    if len(labels) > 1 and labels[1] in tunnels:
+        return labels[1], labels[0]
     if len(tunnels) == 1:
-        return next(iter(tunnels))
+        return next(iter(tunnels)), ""
     return None
+
+
+def resolve_tunnel(host: str, domain: str | None, tunnels: Collection[str]) -> str | None:
+    """The tunnel ``host`` reaches (see :func:`resolve_route`), or None."""
+    route = resolve_route(host, domain, tunnels)
+    return None if route is None else route[0]

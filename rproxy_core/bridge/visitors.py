@@ -26,8 +26,8 @@ from ..protocol.frames import ErrorCode, MessageKind, decode_code, encode_code, 
 from ..protocol.heads import KIND_HTTP, KIND_WEBSOCKET, RequestHead, ResponseHead
 from ..transport import TunnelStream
 from .pages import error_response
-from .registry import TunnelBusyError
-from .routing import resolve_tunnel
+from .registry import NoServiceError, TunnelBusyError
+from .routing import resolve_route
 
 if TYPE_CHECKING:
     from .app import Bridge
@@ -73,7 +73,8 @@ class VisitorHandler:
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         bridge = self._bridge
         started = time.monotonic()
-        name = resolve_tunnel(request.host, bridge.config.domain, bridge.registry.names())
+        route = resolve_route(request.host, bridge.config.domain, bridge.registry.names(), bridge.config.aliases)
+        name, service = route if route is not None else (None, "")
         is_websocket = (
             request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
             and request.method == "GET"
@@ -84,8 +85,10 @@ class VisitorHandler:
             headers=self._forward_headers(request, is_websocket),
             kind=KIND_WEBSOCKET if is_websocket else KIND_HTTP,
             request_id=self._next_request_id(),
+            service=service,
         )
-        log = _Access(request, name, head.request_id, started, bridge.config.access_log)
+        log = _Access(request, f"{service}.{name}" if service and name else name, head.request_id, started,
+                      bridge.config.access_log)
         if bridge.draining:
             return log.done(
                 error_response(request, 503, "the bridge is restarting", {"Retry-After": "5", "Connection": "close"})
@@ -96,10 +99,14 @@ class VisitorHandler:
                 # its agent is away (reconnecting): temporary, not "no such page".
                 return log.done(error_response(request, 503, "no agent is connected", {"Retry-After": "5"}))
             return log.done(error_response(request, 404, f"no tunnel is named by host {request.host!r}"))
+        if service and bridge.registry.service_kind(name, service) not in (KIND_HTTP, None):
+            return log.done(
+                error_response(request, 404, f"{service!r} of tunnel {name!r} is a TCP service: reach it with rproxy tcp")
+            )
         guard = bridge.visitor_guard
         if guard.protects(name):
             # Before any stream exists: a refused visitor never reaches the agent or the home app.
-            refused = await guard.admit(request, name, self._visitor_address(request)[0])
+            refused = await guard.admit(request, name, self._bridge.visitor_address(request)[0])
             if refused is not None:
                 return log.done(refused)
         has_body = request.body_exists and not is_websocket
@@ -114,6 +121,8 @@ class VisitorHandler:
             stream = await bridge.registry.open_stream(name, head, end_stream=not (has_body or is_websocket))
         except NoAgentError:
             return log.done(error_response(request, 503, f"no agent is connected for {name!r}", {"Retry-After": "5"}))
+        except NoServiceError:
+            return log.done(error_response(request, 404, f"tunnel {name!r} has no web app named {service!r}"))
         except TunnelBusyError:
             return log.done(
                 error_response(
@@ -140,7 +149,7 @@ class VisitorHandler:
     def _forward_headers(self, request: web.Request, is_websocket: bool) -> list[tuple[str, str]]:
         extra = _FORWARDING_HEADERS | WEBSOCKET_HOP_HEADERS if is_websocket else _FORWARDING_HEADERS
         headers = strip_hop_by_hop(request.headers.items(), extra)
-        address, scheme = self._visitor_address(request)
+        address, scheme = self._bridge.visitor_address(request)
         # One address, the visitor's: the agent and the home app never have to pick the
         # right entry out of a chain a visitor could have written half of.
         headers.append(("X-Forwarded-For", address))
@@ -148,13 +157,6 @@ class VisitorHandler:
         headers.append(("X-Forwarded-Host", request.host))
         return headers
 
-    def _visitor_address(self, request: web.Request) -> tuple[str, str]:
-        """The visitor's address and scheme as the bridge believes them (the forwarded ones from trusted proxies)."""
-        address, scheme = request.remote or "", "https" if request.secure else "http"
-        trusted = self._bridge.config.trusted_proxies
-        if trusted:
-            address, scheme = behind_proxies(request, address, scheme, trusted)
-        return address, scheme
 
     async def _await_reply(self, request: web.Request, stream: TunnelStream, log: _Access) -> ResponseHead | web.StreamResponse:
         try:

@@ -1,7 +1,9 @@
 """``rproxy agent``: the home side, next to the web app.
 
-One process serves the main tunnel (``--name``/``--target``) and, from a config file, any
-extra ``services``: each is a tunnel of its own, on its own connection to the same bridge.
+One process serves one tunnel (``--name``) over one connection: its main web app
+(``--target``) and any further services (``--service NAME=URL``, or ``services`` in a config
+file): web apps visited as ``<service>.<tunnel>.<domain>`` and TCP services (``tcp://host:port``)
+reached with ``rproxy tcp``. The agent connects to nothing that is not in this list.
 
 A target may be ``zeroconf:NAME``: the web app announced on the LAN under NAME (mDNS), found
 at run time and followed when it moves. ``--discover`` lists the apps announced on the LAN.
@@ -55,6 +57,7 @@ AGENT_FLAGS = {
     "token": "--token",
     "key": "--key",
     "target": "--target",
+    "services": "--service",
     "name": "--name",
     "agent_id": "--agent-id",
     "ca_file": "--ca-file",
@@ -70,6 +73,7 @@ AGENT_ENV = {
     "token": ("RPROXY_TOKEN",),
     "key": ("RPROXY_KEY",),
     "target": ("RPROXY_TARGET", "LOCAL_URL"),
+    "services": ("RPROXY_SERVICES",),
     "name": ("RPROXY_NAME",),
     "agent_id": ("RPROXY_AGENT_ID", "AGENT_ID"),
     "ca_file": ("RPROXY_CA_FILE",),
@@ -96,6 +100,11 @@ def add_parser(commands: Any) -> None:
     agent.add_argument("--target", metavar="URL",
                        help="the home app, e.g. http://127.0.0.1:8123, or zeroconf:NAME for an app announced "
                             "on the LAN ($RPROXY_TARGET, $LOCAL_URL)")
+    agent.add_argument("--service", dest="services", action="append", metavar="NAME=URL",
+                       help="one more service over the same tunnel (repeatable): a web app (http://..., "
+                            "zeroconf:NAME), visited as NAME.<tunnel>.<domain>, or a TCP service "
+                            "(tcp://192.168.1.5:22) reached with rproxy tcp; the agent connects to nothing "
+                            "else ($RPROXY_SERVICES, comma-separated)")
     agent.add_argument("--name", metavar="NAME", help="tunnel name, a DNS label (default: home) ($RPROXY_NAME)")
     agent.add_argument("--agent-id", metavar="ID",
                        help="this agent's identity in logs, e.g. mac@home (default: host name) "
@@ -136,7 +145,7 @@ def _discover_seconds(text: str) -> float:
 
 @dataclass(slots=True)
 class AgentSettings:
-    """The tunnels this agent process serves: the main one first, then the extra services."""
+    """The tunnel this agent process serves (one config: its services ride on it)."""
 
     configs: list[AgentConfig]
     log_level: str | None
@@ -157,19 +166,16 @@ def agent_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
     if not settings.get("name"):
         # A key's own name is the one an --open-registration bridge gives it.
         settings["name"] = derived_name(key.public_key().public_bytes_raw()) if key else DEFAULT_TUNNEL_NAME
-    if any(s["name"] == settings["name"] for s in settings["services"]):
-        raise ConfigError(f"{config_file}: services: {settings['name']!r} is already the main tunnel's name")
+    if not settings.get("target") and not settings["services"]:
+        raise ConfigError("--target: the home app's URL is required (or at least one --service NAME=URL)")
     agent_id = settings.get("agent_id") or socket.gethostname()
-    tunnels = [(settings["name"], settings["target"])] + [(s["name"], s["target"]) for s in settings["services"]]
-    configs = [
-        AgentConfig(
-            bridge=settings["bridge"], token=token or "", key=key, target=target, name=name, agent_id=agent_id,
-            ca_file=settings.get("ca_file"), pins=tuple(settings["pin_sha256"]), insecure=settings["insecure"],
-            visitor_allow=tuple(settings["visitor_allow"]), visitor_basic=tuple(settings["visitor_auth"]),
-        )
-        for name, target in tunnels
-    ]
-    return AgentSettings(configs, settings.get("log_level"))
+    config = AgentConfig(
+        bridge=settings["bridge"], token=token or "", key=key, target=settings.get("target") or "",
+        name=settings["name"], services={s["name"]: s["target"] for s in settings["services"]}, agent_id=agent_id,
+        ca_file=settings.get("ca_file"), pins=tuple(settings["pin_sha256"]), insecure=settings["insecure"],
+        visitor_allow=tuple(settings["visitor_allow"]), visitor_basic=tuple(settings["visitor_auth"]),
+    )
+    return AgentSettings([config], settings.get("log_level"))
 
 
 def agent_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> AgentConfig:
@@ -182,19 +188,20 @@ def agent_config(args: argparse.Namespace, environ: Mapping[str, str] | None = N
 _FIND_GRACE = DISCOVER_TIMEOUT
 
 
-async def _follow_app(agent: Agent, name: str, browser: AppBrowser) -> None:
-    """Point ``agent`` at the app announced as ``name``, now and whenever it moves, until cancelled."""
-    tunnel = agent.config.name
+async def _follow_app(agent: Agent, name: str, browser: AppBrowser, service: str = "") -> None:
+    """Point ``agent``'s web ``service`` ("": its main app) at the app announced as ``name``,
+    now and whenever it moves, until cancelled."""
+    tunnel = agent.config.name if not service else f"{agent.config.name}/{service}"
     found = asyncio.Event()
 
     def on_change(app: DiscoveredApp | None) -> None:
         if app is None:
             _LOGGER.warning("tunnel %r: %r is no longer announced on the LAN; requests still go to %s",
-                            tunnel, name, agent.target)
+                            tunnel, name, agent.service_target(service))
             return
-        previous = agent.target
+        previous = agent.service_target(service)
         try:
-            agent.set_target(app.url)
+            agent.set_target(app.url, service)
         except ConfigError:
             _LOGGER.warning("tunnel %r: %r is announced at %s, which is not a usable URL", tunnel, name, app.url)
             return
@@ -225,7 +232,12 @@ async def _follow_app(agent: Agent, name: str, browser: AppBrowser) -> None:
 async def _serve(configs: list[AgentConfig], signals: Signals) -> None:
     """Run one Agent per tunnel until a stop signal, or until one is refused for good."""
     agents = [Agent(config) for config in configs]
-    wanted = [(agent, name) for agent in agents if (name := zeroconf_target_name(agent.config.target))]
+    wanted = [
+        (agent, name, service)
+        for agent in agents
+        for service, target in [("", agent.config.target), *agent.config.services.items()]
+        if (name := zeroconf_target_name(target))
+    ]
     browser: AppBrowser | None = None
     followers: list[asyncio.Task[None]] = []
     waiters: dict[asyncio.Future[Any], Agent] = {}
@@ -235,7 +247,9 @@ async def _serve(configs: list[AgentConfig], signals: Signals) -> None:
         if wanted:
             browser = AppBrowser()
             await browser.start()
-            followers = [asyncio.create_task(_follow_app(agent, name, browser)) for agent, name in wanted]
+            followers = [
+                asyncio.create_task(_follow_app(agent, name, browser, service)) for agent, name, service in wanted
+            ]
         for agent in agents:
             await agent.start()
         waiters = {asyncio.ensure_future(agent.wait()): agent for agent in agents}

@@ -20,6 +20,7 @@ from typing import Any
 from ..agent.client import certificate_sha256
 from ..bridge import Bridge, BridgeConfig
 from ..bridge.auth import TokenGrant, read_token_file
+from ..bridge.channels import TcpPort
 from ..bridge.keys import KeyGrant, read_authorized_keys
 from ..config import BRIDGE_SCHEMA, load_file, merge, validate
 from ..exceptions import ConfigError
@@ -84,6 +85,8 @@ _RESTART_ONLY = (
     "max_pending_handshakes",
     "open_registration",
     "tunnels",
+    "aliases",
+    "tcp_ports",
 )
 
 
@@ -197,6 +200,11 @@ def bridge_settings(args: argparse.Namespace, environ: Mapping[str, str] | None 
         authorized_keys=authorized_keys,
         open_registration=settings["open_registration"],
         visitor_policies=settings["tunnels"],
+        aliases=settings["aliases"],
+        tcp_ports=[
+            TcpPort(port["listen"][0], port["listen"][1], port["tunnel"], port["service"], tuple(port["allow"]))
+            for port in settings["tcp_ports"]
+        ],
     )
     return BridgeSettings(config, settings, settings.get("log_level"))
 

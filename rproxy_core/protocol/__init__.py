@@ -8,7 +8,7 @@ from __future__ import annotations
 from .events import *  # noqa: F403
 from .events import __all__ as _events_all
 from .frames import ErrorCode, Flags, FrameType, MessageKind
-from .heads import KIND_HTTP, KIND_WEBSOCKET, RequestHead, ResponseHead
+from .heads import KIND_HTTP, KIND_TCP, KIND_WEBSOCKET, SERVICE_KINDS, RequestHead, ResponseHead
 from .mux import (
     DEFAULT_MAX_FRAME_SIZE,
     DEFAULT_MAX_STREAMS,
@@ -26,7 +26,9 @@ __all__ = [
     "FrameType",
     "MessageKind",
     "KIND_HTTP",
+    "KIND_TCP",
     "KIND_WEBSOCKET",
+    "SERVICE_KINDS",
     "RequestHead",
     "ResponseHead",
     "Multiplexer",

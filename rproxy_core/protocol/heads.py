@@ -13,11 +13,15 @@ from typing import Any, Self
 from ..exceptions import RemoteProtocolError
 from ..typing import Headers
 
-__all__ = ["RequestHead", "ResponseHead", "KIND_HTTP", "KIND_WEBSOCKET"]
+__all__ = ["RequestHead", "ResponseHead", "KIND_HTTP", "KIND_TCP", "KIND_WEBSOCKET", "SERVICE_KINDS"]
 
 KIND_HTTP = "http"
 KIND_WEBSOCKET = "websocket"
-_KINDS = frozenset({KIND_HTTP, KIND_WEBSOCKET})
+#: A raw TCP connection to one of the agent's TCP services (docs/PROTOCOL.md §8).
+KIND_TCP = "tcp"
+_KINDS = frozenset({KIND_HTTP, KIND_WEBSOCKET, KIND_TCP})
+#: What an agent's service can be: a web app (HTTP and WebSocket streams) or a TCP service.
+SERVICE_KINDS = frozenset({KIND_HTTP, KIND_TCP})
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 
@@ -61,7 +65,9 @@ class RequestHead:
     """What the bridge tells the agent about a visitor's request.
 
     ``target`` is the request target in origin form (path and query, as the visitor sent
-    them); the agent joins it to its own configured base URL and nothing else.
+    them); the agent joins it to its own configured base URL and nothing else. ``service``
+    names which of the agent's services the stream is for ("" is the tunnel's main web app);
+    the agent serves only services it was configured with.
     """
 
     method: str
@@ -69,12 +75,14 @@ class RequestHead:
     headers: Headers = field(default_factory=list)
     kind: str = KIND_HTTP
     request_id: str = ""
+    service: str = ""
 
     def encode(self) -> bytes:
         """Serialize for an OPEN frame."""
-        return _dumps(
-            {"m": self.method, "t": self.target, "h": self.headers, "k": self.kind, "i": self.request_id}
-        ).encode()
+        head = {"m": self.method, "t": self.target, "h": self.headers, "k": self.kind, "i": self.request_id}
+        if self.service:
+            head["v"] = self.service
+        return _dumps(head).encode()
 
     @classmethod
     def decode(cls, payload: bytes | memoryview) -> Self:
@@ -93,6 +101,7 @@ class RequestHead:
             headers=_headers(obj),
             kind=kind,
             request_id=_str(obj, "i", ""),
+            service=_str(obj, "v", ""),
         )
 
 

@@ -299,8 +299,8 @@ async def test_an_app_not_announced_yet_gets_502_until_it_appears(procs: Callabl
 
 
 async def test_a_config_file_follows_an_announced_app_per_service(procs: Callable[..., Proc], tmp_path: Path) -> None:
-    """``target: zeroconf:NAME`` in a config file, for the main tunnel and for a service: each tunnel
-    serves its own app (matched by TXT name for one, by mDNS instance name for the other)."""
+    """``target: zeroconf:NAME`` in a config file, for the main app and for a service of the same
+    tunnel: each serves its own app (matched by TXT name for one, by mDNS instance name for the other)."""
     lights, garden = unique("Lights"), unique("Garden")
     _, base = await start_bridge(procs, "--domain", "example.test")
     async with lan() as aiozc, home_app("lights app") as lights_port, home_app("garden app") as garden_port:
@@ -316,7 +316,7 @@ async def test_a_config_file_follows_an_announced_app_per_service(procs: Callabl
         )
         procs("agent", "--config", str(config))
         await wait_for_text(base + "/", "lights app", host="house.example.test")
-        await wait_for_text(base + "/", "garden app", host="garden.example.test")
+        await wait_for_text(base + "/", "garden app", host="garden.house.example.test")
 
 
 async def test_set_target_moves_the_next_requests_and_lets_those_under_way_finish() -> None:

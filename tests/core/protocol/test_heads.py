@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rproxy_core.exceptions import RemoteProtocolError
-from rproxy_core.protocol import KIND_HTTP, KIND_WEBSOCKET, RequestHead, ResponseHead
+from rproxy_core.protocol import KIND_HTTP, KIND_TCP, KIND_WEBSOCKET, RequestHead, ResponseHead
 
 header_lists = st.lists(st.tuples(st.text(max_size=20), st.text(max_size=40)), max_size=8)
 
@@ -226,3 +226,18 @@ def test_decoding_arbitrary_json_objects_raises_only_remote_protocol_error(obj):
             continue
         for name, value in head.headers:
             assert isinstance(name, str) and isinstance(value, str)
+
+
+def test_service_and_tcp_kind_round_trip_and_the_main_app_sends_no_service_field():
+    """A head for a TCP service keeps its kind and service; a head for the main web app leaves
+    the service field off the wire (older agents never see it)."""
+    head = RequestHead("CONNECT", "", [("X-Forwarded-For", "192.0.2.7")], KIND_TCP, "r1", service="ssh")
+    assert RequestHead.decode(head.encode()) == head
+    assert b'"v"' not in RequestHead("GET", "/").encode()
+    assert RequestHead.decode(b'{"m":"GET","t":"/"}').service == ""
+
+
+def test_request_head_with_a_non_string_service_is_refused():
+    """A service that is not a string is a protocol error, not a crash later."""
+    with pytest.raises(RemoteProtocolError, match="'v'"):
+        RequestHead.decode(b'{"m":"GET","t":"/","v":7}')

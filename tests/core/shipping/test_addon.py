@@ -393,7 +393,8 @@ async def visit(bridge_url: str, host: str, path: str) -> tuple[int, str]:
 async def test_the_start_script_publishes_home_assistant_and_a_service(
     config: dict[str, Any], tmp_path: Path
 ) -> None:
-    """Options as the Supervisor writes them bring up both tunnels; no token in the log; SIGTERM exits 0."""
+    """Options as the Supervisor writes them bring up the tunnel with its service, over one
+    connection; no token in the log; SIGTERM exits 0."""
     async with (
         running_bridge(domain=DOMAIN) as bridge,
         home_app("home assistant") as hass_url,
@@ -406,13 +407,13 @@ async def test_the_start_script_publishes_home_assistant_and_a_service(
         log = tmp_path / "addon.log"
         with started_addon(options, log) as addon:
             await wait_for_tunnel(bridge, "house", timeout=30)
-            await wait_for_tunnel(bridge, "printer", timeout=30)
+            assert len(bridge.registry.connections()) == 1
             # exec: the shell is gone, rproxy itself is the process the Supervisor signals.
             command_line = Path(f"/proc/{addon.pid}/cmdline").read_bytes().split(b"\0")
             assert b"agent" in command_line and not any(b"run.sh" in part for part in command_line), command_line
 
             assert await visit(bridge.url, f"house.{DOMAIN}", "/lovelace") == (200, "home assistant /lovelace for 127.0.0.1")
-            assert await visit(bridge.url, f"printer.{DOMAIN}", "/jobs") == (200, "printer /jobs for 127.0.0.1")
+            assert await visit(bridge.url, f"printer.house.{DOMAIN}", "/jobs") == (200, "printer /jobs for 127.0.0.1")
 
             started = time.monotonic()
             addon.send_signal(signal.SIGTERM)
@@ -424,7 +425,7 @@ async def test_the_start_script_publishes_home_assistant_and_a_service(
                 await asyncio.sleep(0.05)
     output = log.read_text()
     assert f"tunnel 'house' is up: http://house.{DOMAIN}:" in output, output
-    assert f"tunnel 'printer' is up: http://printer.{DOMAIN}:" in output, output
+    assert f"service 'printer' is up: http://printer.house.{DOMAIN}:" in output, output
     assert TOKEN not in output
 
 

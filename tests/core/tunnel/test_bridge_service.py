@@ -365,9 +365,9 @@ async def test_an_agent_config_file_serves_extra_services(procs: Callable[..., P
         )
         agent = procs("agent", "--config", str(config))
         await wait_tunnel(base, "house")
-        await wait_tunnel(base, "garden")
         assert await fetch(base, "/a", host="house.example.test") == (200, "hello from home /a")
-        assert await fetch(base, "/zone/1", host="garden.example.test") == (200, "sprinklers /zone/1")
+        assert await fetch(base, "/zone/1", host="garden.house.example.test") == (200, "sprinklers /zone/1")
+        assert (await fetch(base, "/zone/1", host="garden.example.test"))[0] == 503  # no tunnel of its own
         assert "DEBUG" in agent.output()  # log_level from the file
         assert await asyncio.to_thread(agent.stop) == 0
 
@@ -377,13 +377,13 @@ async def test_an_agent_config_file_serves_extra_services(procs: Callable[..., P
     [
         ("services: [{name: garden}]\n", "services[0].target: is required (the service's URL)"),
         ("services: [{name: garden, target: 'ftp://x'}]\n",
-         "services[0].target: expected a http:// or https:// URL with a host, got 'ftp://x'"),
+         "services[0].target: expected an http(s):// URL, zeroconf:NAME or tcp://HOST:PORT, got 'ftp://x'"),
         ("services: [{name: a, target: 'http://x'}, {name: a, target: 'http://y'}]\n", "services[1].name: 'a' is named twice"),
-        ("services: [{name: home, target: 'http://x'}]\n", "services: 'home' is already the main tunnel's name"),
+        ("services: {ssh: 'tcp://pi'}\n", "services[0].target: 'tcp://pi': expected tcp://HOST:PORT, e.g. tcp://192.168.1.5:22"),
         ("services: [{name: a, target: 'http://x', port: 1}]\n", "services[0].port: unknown key"),
         ("target: 'zeroconf:'\n", "target: expected zeroconf:NAME with the name of an announced app, got 'zeroconf:'"),
     ],
-    ids=["no-target", "bad-target", "twice", "main-name", "unknown", "zeroconf-empty"],
+    ids=["no-target", "bad-target", "twice", "tcp-without-port", "unknown", "zeroconf-empty"],
 )
 def test_each_mistake_in_an_agent_config_file_is_one_exact_line(content: str, message: str, tmp_path: Path) -> None:
     config = tmp_path / "agent.yaml"

@@ -90,9 +90,10 @@ async def test_with_a_domain_each_name_reaches_its_own_home_app(http: aiohttp.Cl
         assert await _path_seen_via(http, bridge, "alpha.example.test", "/for-alpha") == 200
         assert await _path_seen_via(http, bridge, f"beta.example.test:{port}", "/for-beta") == 200
         assert await _path_seen_via(http, bridge, "ALPHA.Example.Test.", "/alpha-again") == 200
-        assert await _path_seen_via(http, bridge, "svc.beta.example.test", "/beta-service") == 200
+        # A service beta's agent does not offer: 404, and beta's main app sees nothing of it.
+        assert await _path_seen_via(http, bridge, "svc.beta.example.test", "/beta-service") == 404
         assert [s.raw_path for s in homes["alpha"].seen] == ["/for-alpha", "/alpha-again"]
-        assert [s.raw_path for s in homes["beta"].seen] == ["/for-beta", "/beta-service"]
+        assert [s.raw_path for s in homes["beta"].seen] == ["/for-beta"]
         assert homes["beta"].seen[0].host == f"beta.example.test:{port}"
         await assert_healthy(http, bridge, {"alpha": 1, "beta": 1})
 
