@@ -21,7 +21,7 @@ import contextlib
 import logging
 import secrets
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
+from ipaddress import IPv4Network, IPv6Network
 from typing import TYPE_CHECKING
 
 from aiohttp import WSMsgType, web
@@ -33,6 +33,7 @@ from ..protocol.frames import ErrorCode
 from ..protocol.heads import KIND_TCP, RequestHead
 from ..transport import TunnelStream
 from .registry import NoServiceError, TunnelBusyError
+from .visitor_policy import address_allowed
 
 if TYPE_CHECKING:
     from .app import Bridge
@@ -65,13 +66,7 @@ class TcpPort:
     allow: tuple[IPv4Network | IPv6Network, ...] = field(default_factory=tuple)
 
     def admits(self, address: str) -> bool:
-        try:
-            ip = ip_address(address.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self.allow)
+        return address_allowed(address.split("%", 1)[0], self.allow)
 
 
 class ChannelRefused(Exception):
@@ -153,6 +148,12 @@ class ChannelHandler:
         if not ws.can_prepare(request).ok:
             return _plain(400, "this endpoint is for rproxy tcp (WebSocket upgrade required)")
         visitor, _ = bridge.visitor_address(request)
+        policy = bridge.visitor_guard.policy(tunnel)
+        if policy is not None and policy.allow and not address_allowed(visitor, policy.allow):
+            # The tunnel's visitor allowlist holds for its TCP services too (the rest of its
+            # policy, logins and rate limits, is about web visitors).
+            _LOGGER.warning("refused TCP channel from %s to %s/%s: not in the tunnel's allow list", visitor, tunnel, service)
+            return _plain(403, "this address may not reach this tunnel")
         try:
             stream = await open_channel(bridge, tunnel, service, visitor)
         except ChannelRefused as refused:

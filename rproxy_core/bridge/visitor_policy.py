@@ -37,6 +37,7 @@ __all__ = [
     "LoginDelay",
     "VisitorGuard",
     "VisitorPolicy",
+    "address_allowed",
     "hash_password",
     "parse_agent_policy",
     "parse_password_hash",
@@ -339,7 +340,7 @@ class VisitorGuard:
         if guard is None:
             return None
         policy = guard.policy
-        if policy.allow and not _allowed(address, policy.allow):
+        if policy.allow and not address_allowed(address, policy.allow):
             return error_response(request, 403, "this address may not visit this site")
         now = time.monotonic()
         visitor = guard.visitor(address, now)
@@ -414,7 +415,8 @@ def _stored_hash(users: Mapping[str, PasswordHash], user: bytes) -> PasswordHash
     return found if found is not None else next(iter(users.values()))
 
 
-def _allowed(address: str, networks: Iterable[IPv4Network | IPv6Network]) -> bool:
+def address_allowed(address: str, networks: Iterable[IPv4Network | IPv6Network]) -> bool:
+    """Whether ``address`` (IPv4-mapped IPv6 counts as IPv4) is in one of ``networks``."""
     try:
         ip: IPv4Address | IPv6Address = ip_address(address)
     except ValueError:

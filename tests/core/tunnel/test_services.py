@@ -27,6 +27,7 @@ from rproxy_core import Agent, AgentConfig, ConfigError
 from rproxy_core.bridge.auth import TokenGrant
 from rproxy_core.bridge.channels import TcpPort
 from rproxy_core.bridge.routing import resolve_route
+from rproxy_core.bridge.visitor_policy import VisitorPolicy
 from rproxy_core.exceptions import StreamResetError
 from rproxy_core.protocol import ErrorCode
 from rproxy_core.protocol.heads import KIND_HTTP, KIND_TCP, KIND_WEBSOCKET, RequestHead
@@ -127,13 +128,12 @@ async def channel_exchange(base: str, service: str, payload: bytes, *, tunnel: s
 
 async def refusal(base: str, path: str, headers: dict[str, str]) -> tuple[int, str]:
     """The HTTP status and body a channel upgrade is refused with."""
-    async with aiohttp.ClientSession() as session:
-        async with session.get(
-            base + path,
-            headers={**headers, "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
-                     "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="},
-        ) as response:
-            return response.status, await response.text()
+    async with aiohttp.ClientSession() as session, session.get(
+        base + path,
+        headers={**headers, "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+                 "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="},
+    ) as response:
+        return response.status, await response.text()
 
 
 def test_routes_name_a_tunnel_and_one_of_its_services() -> None:
@@ -368,3 +368,19 @@ async def test_an_agent_announcing_malformed_services_is_refused(caplog: pytest.
             assert not bridge.registry.connections()
         finally:
             await agent.stop()
+
+
+async def test_a_tunnels_visitor_allow_list_holds_for_its_tcp_services() -> None:
+    """``tunnels: home: allow:`` on the bridge keeps other addresses from its TCP services too."""
+    async with digest_service() as digest:
+        for allow, status in [("10.0.0.0/8", 403), ("127.0.0.0/8", None)]:
+            policies = {"home": VisitorPolicy(allow=(ip_network(allow),))}
+            async with running_bridge(visitor_policies=policies) as bridge, serving(
+                bridge.url, bridge, "", {"digest": f"tcp://127.0.0.1:{digest.port}"}
+            ):
+                if status is None:
+                    assert await channel_exchange(bridge.url, "digest", b"ok") == expected_digest_reply(b"ok")
+                else:
+                    answer = await refusal(bridge.url, f"{CHANNEL}/home/digest", BEARER)
+                    assert answer == (403, "this address may not reach this tunnel\n")
+        assert digest.connections == 1
