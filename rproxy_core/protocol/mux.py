@@ -124,6 +124,9 @@ class Multiplexer:
         self._next_stream_id = 1 if role is Role.BRIDGE else 2
         self._last_peer_stream_id = 0
         self._peer_parity = 0 if role is Role.BRIDGE else 1
+        #: Streams alive by who opened them, [ours, the peer's]: asked on every open, so kept
+        #: as counts rather than counted.
+        self._open_counts = [0, 0]
         self._events: list[ev.Event] = []
         self._out: deque[tuple[bytes, bytes | bytearray | memoryview | None, int]] = deque()
         self._out_bytes = 0
@@ -208,6 +211,7 @@ class Multiplexer:
         stream = _Stream(self.peer_stream_window, self.stream_window)
         stream.machine.process(IN.SEND_OPEN)
         self._streams[stream_id] = stream
+        self._open_counts[0] += 1
         self._emit(FrameType.OPEN, Flags.FIN if end_stream else 0, stream_id, head.encode())
         if end_stream:
             self._advance(stream_id, stream, IN.SEND_FIN)
@@ -259,7 +263,7 @@ class Multiplexer:
 
     def reset_stream(self, stream_id: int, code: int = ErrorCode.CANCEL, reason: str = "") -> None:
         """Abandon a stream; a stream already closed is left alone."""
-        stream = self._streams.pop(stream_id, None)
+        stream = self._drop(stream_id)
         if stream is None or self.closed:
             return
         stream.machine.process(IN.SEND_RESET)
@@ -292,8 +296,14 @@ class Multiplexer:
         """Streams alive now; ``local`` counts only ours (True) or only the peer's (False)."""
         if local is None:
             return len(self._streams)
-        parity = self._peer_parity ^ 1 if local else self._peer_parity
-        return sum(1 for stream_id in self._streams if stream_id % 2 == parity)
+        return self._open_counts[0 if local else 1]
+
+    def _drop(self, stream_id: int) -> _Stream | None:
+        """Forget a stream (if alive), keeping the counts by opener right."""
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            self._open_counts[stream_id % 2 == self._peer_parity] -= 1
+        return stream
 
     def stream_ids(self) -> list[int]:
         """Ids of the streams alive now."""
@@ -320,7 +330,7 @@ class Multiplexer:
 
     def _advance(self, stream_id: int, stream: _Stream, event: StreamInput) -> None:
         if stream.machine.process(event) is StreamState.CLOSED:
-            del self._streams[stream_id]
+            self._drop(stream_id)
 
     def fail(self, err: RemoteProtocolError) -> None:
         """End the connection because of a peer fault the transport detected (e.g. a text message)."""
@@ -363,7 +373,7 @@ class Multiplexer:
             raise
         except RemoteProtocolError as err:
             # Confined to this stream: reset it, keep the connection.
-            self._streams.pop(frame.stream_id, None)
+            self._drop(frame.stream_id)
             self._emit(FrameType.RESET, 0, frame.stream_id, encode_code(err.error_code, str(err)))
             self._events.append(ev.StreamReset(frame.stream_id, err.error_code, str(err), remote=False))
 
@@ -425,6 +435,7 @@ class Multiplexer:
         if end_stream:
             stream.machine.process(IN.RECV_FIN)
         self._streams[stream_id] = stream
+        self._open_counts[1] += 1
         self._events.append(ev.StreamOpened(stream_id, head, end_stream))
 
     def _receive_reply(self, frame: Frame, stream: _Stream) -> None:
@@ -456,7 +467,7 @@ class Multiplexer:
     def _receive_reset(self, frame: Frame, stream: _Stream) -> None:
         code, reason = decode_code(frame.payload)
         stream.machine.process(IN.RECV_RESET)
-        del self._streams[frame.stream_id]
+        self._drop(frame.stream_id)
         self._events.append(ev.StreamReset(frame.stream_id, ErrorCode.coerce(code), reason, remote=True))
 
 

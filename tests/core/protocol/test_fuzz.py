@@ -90,6 +90,10 @@ def check_outcome(mux: Multiplexer, events: list[ev.Event], output: bytes) -> No
         assert not terminated
         assert mux.error is None
         assert not goaways
+    # The kept counts of open streams (by opener) agree with the streams actually alive.
+    ids = mux.stream_ids()
+    ours = sum(1 for stream_id in ids if stream_id % 2 == (0 if mux.role is Role.AGENT else 1))
+    assert (mux.open_stream_count(local=True), mux.open_stream_count(local=False)) == (ours, len(ids) - ours)
 
 
 def assert_usable(mux: Multiplexer) -> None:
