@@ -11,7 +11,6 @@ service's socket gets ``write_eof`` and may still answer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from ..config import TCP_TARGET_PREFIX as TCP_SCHEME
@@ -21,6 +20,7 @@ from ..exceptions import StreamResetError
 from ..protocol.frames import ErrorCode
 from ..protocol.heads import ResponseHead
 from ..transport import TunnelStream
+from ..transport.sockets import close_socket, relay_socket
 
 __all__ = ["TCP_SCHEME", "TcpService", "parse_tcp_target"]
 
@@ -67,16 +67,8 @@ class TcpService:
                 stream.reset(ErrorCode.TARGET_UNREACHABLE, "service unreachable")
                 return
             stream.send_reply(ResponseHead(200, "Connected"))
-            to_service = asyncio.create_task(_to_service(stream, writer))
-            try:
-                await _from_service(reader, stream)
-                await to_service
-                finished = True
-            finally:
-                if not to_service.done():
-                    to_service.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StreamResetError, ConnectionError):
-                    await to_service
+            await relay_socket(stream, reader, writer)
+            finished = True
         except StreamResetError:
             pass  # the visitor went away or the tunnel dropped
         except ConnectionError as err:
@@ -91,25 +83,4 @@ class TcpService:
             stream.on_abandoned = None
             self.requests_served += 1
             if writer is not None:
-                if finished:
-                    writer.close()
-                else:
-                    writer.transport.abort()  # abandoned: the service sees a reset, not an orderly end
-                with contextlib.suppress(ConnectionError, OSError):
-                    await writer.wait_closed()
-
-
-async def _from_service(reader: asyncio.StreamReader, stream: TunnelStream) -> None:
-    """Service → stream, then FIN when the service shuts its sending side."""
-    while chunk := await reader.read(TCP_READ_SIZE):
-        await stream.write(chunk)
-    await stream.end()
-
-
-async def _to_service(stream: TunnelStream, writer: asyncio.StreamWriter) -> None:
-    """Stream → service, then shut the service's receiving side when the visitor's FIN comes."""
-    while chunk := await stream.read():
-        writer.write(chunk)
-        await writer.drain()
-    if writer.can_write_eof() and not writer.is_closing():
-        writer.write_eof()
+                await close_socket(writer, orderly=finished)

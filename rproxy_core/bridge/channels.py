@@ -32,6 +32,7 @@ from ..headers import is_tunnel_name
 from ..protocol.frames import ErrorCode
 from ..protocol.heads import KIND_TCP, RequestHead
 from ..transport import TunnelStream
+from ..transport.sockets import close_socket, relay_socket
 from .registry import NoServiceError, TunnelBusyError
 from .visitor_policy import address_allowed
 
@@ -271,34 +272,11 @@ class TcpPortServer:
             except ChannelRefused as refused:
                 _LOGGER.info("TCP port %d: connection from %s refused: %s", self.port, visitor, refused)
                 return
-            to_agent = asyncio.create_task(_socket_to_stream(reader, stream))
-            try:
-                while chunk := await stream.read():
-                    writer.write(chunk)
-                    await writer.drain()
-                if writer.can_write_eof():
-                    writer.write_eof()
-                await to_agent
-                finished = True
-            finally:
-                if not to_agent.done():
-                    to_agent.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StreamResetError, ConnectionError):
-                    await to_agent
+            await relay_socket(stream, reader, writer)
+            finished = True
         except (StreamResetError, ConnectionError) as err:
             _LOGGER.info("TCP port %d: connection from %s ended: %s", self.port, visitor, err)
         finally:
             if stream is not None and not stream.closed:
                 stream.reset(ErrorCode.CANCEL, "client gone")
-            if finished:
-                writer.close()
-            else:
-                writer.transport.abort()
-            with contextlib.suppress(ConnectionError, OSError):
-                await writer.wait_closed()
-
-
-async def _socket_to_stream(reader: asyncio.StreamReader, stream: TunnelStream) -> None:
-    while chunk := await reader.read(TCP_READ_SIZE):
-        await stream.write(chunk)
-    await stream.end()
+            await close_socket(writer, orderly=finished)

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from ipaddress import ip_network
@@ -69,10 +69,18 @@ async def digest_service() -> AsyncIterator[TcpServer]:
         await writer.drain()
         writer.close()
 
+    async with listening(handle, record):
+        yield record
+
+
+@asynccontextmanager
+async def listening(handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+                    record: TcpServer) -> AsyncIterator[None]:
+    """Serve ``handle`` on a free loopback port, noted in ``record``."""
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     record.port = server.sockets[0].getsockname()[1]
     try:
-        yield record
+        yield
     finally:
         server.close()
         await server.wait_closed()
@@ -83,7 +91,6 @@ async def banner_service() -> AsyncIterator[TcpServer]:
     """Sends a banner and shuts its sending side at once, then reads what the client sends
     until the client's EOF: the other half-close direction."""
     record = TcpServer()
-    done = asyncio.Event()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         record.connections += 1
@@ -91,15 +98,9 @@ async def banner_service() -> AsyncIterator[TcpServer]:
         writer.write_eof()
         record.received.append(await reader.read())
         writer.close()
-        done.set()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    record.port = server.sockets[0].getsockname()[1]
-    try:
+    async with listening(handle, record):
         yield record
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 def expected_digest_reply(data: bytes) -> bytes:
@@ -249,18 +250,16 @@ async def test_the_agent_serves_only_its_configured_services_whatever_the_bridge
         bait.connections += 1
         writer.close()
 
-    bait_server = await asyncio.start_server(count, "127.0.0.1", 0)
-    bait.port = bait_server.sockets[0].getsockname()[1]
-    asks = [
-        RequestHead("CONNECT", "", [], KIND_TCP, "1", service="bait"),
-        RequestHead("CONNECT", f"127.0.0.1:{bait.port}", [], KIND_TCP, "2", service=""),
-        RequestHead("CONNECT", f"127.0.0.1:{bait.port}", [], KIND_TCP, "3", service="garden"),
-        RequestHead("GET", "/", [], KIND_HTTP, "4", service="ssh"),
-        RequestHead("GET", "/", [], KIND_WEBSOCKET, "5", service="ssh"),
-        RequestHead("GET", "/", [], KIND_HTTP, "6", service=f"127.0.0.1:{bait.port}"),
-        RequestHead("GET", f"http://127.0.0.1:{bait.port}/", [], KIND_HTTP, "7", service="garden"),
-    ]
-    try:
+    async with listening(count, bait):
+        asks = [
+            RequestHead("CONNECT", "", [], KIND_TCP, "1", service="bait"),
+            RequestHead("CONNECT", f"127.0.0.1:{bait.port}", [], KIND_TCP, "2", service=""),
+            RequestHead("CONNECT", f"127.0.0.1:{bait.port}", [], KIND_TCP, "3", service="garden"),
+            RequestHead("GET", "/", [], KIND_HTTP, "4", service="ssh"),
+            RequestHead("GET", "/", [], KIND_WEBSOCKET, "5", service="ssh"),
+            RequestHead("GET", "/", [], KIND_HTTP, "6", service=f"127.0.0.1:{bait.port}"),
+            RequestHead("GET", f"http://127.0.0.1:{bait.port}/", [], KIND_HTTP, "7", service="garden"),
+        ]
         async with (
             text_app(lambda r: "web") as web_app,
             digest_service() as ssh,
@@ -276,9 +275,6 @@ async def test_the_agent_serves_only_its_configured_services_whatever_the_bridge
                 assert refused.value.code == ErrorCode.REQUEST_REJECTED, head
             assert bait.connections == 0 and ssh.connections == 0
             assert "refused a tcp stream for service 'bait': not offered by this agent" in caplog.text
-    finally:
-        bait_server.close()
-        await bait_server.wait_closed()
 
 
 async def test_two_services_under_load_at_once(http: aiohttp.ClientSession) -> None:
