@@ -70,8 +70,11 @@ __all__ = [
     "Backoff",
     "bridge_connect_url",
     "certificate_sha256",
+    "check_bridge_access",
+    "check_credential",
     "check_service",
     "is_cleartext_remote",
+    "pinned_sha256",
 ]
 
 _LOGGER = logging.getLogger("rproxy.agent")
@@ -319,20 +322,7 @@ class AgentConfig:
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad setting."""
-        bridge_connect_url(self.bridge)
-        if is_cleartext_remote(self.bridge) and not self.insecure:
-            raise ConfigError(
-                f"--bridge {self.bridge!r}: refusing plain ws:// (or http://) to a bridge that is not on this "
-                "machine: the agent token and all traffic would cross the network in clear text; use wss:// "
-                "(or https://), or --insecure for a bridge on a network you trust"
-            )
-        if self.ca_file is not None or self.pins:
-            if URL(bridge_connect_url(self.bridge)).scheme != "wss":
-                what = "--ca-file" if self.ca_file is not None else "--pin-sha256"
-                raise ConfigError(f"{what}: only means something for a wss:// or https:// bridge")
-            if self.ca_file is not None and not self.ca_file.strip():
-                raise ConfigError("--ca-file: expected a file name")
-            self.pinned_sha256()
+        check_bridge_access(self.bridge, self.ca_file, self.pins, self.insecure, "the agent token")
         if self.target and not _is_deferred_target(self.target):
             _check_target(self.target)
         elif not self.target and not self.services:
@@ -341,12 +331,7 @@ class AgentConfig:
             raise ConfigError(f"--service: at most {MAX_SERVICES} services, got {len(self.services)}")
         for service, target in self.services.items():
             check_service(service, target)
-        if self.key is not None and self.token:
-            raise ConfigError("--token and --key: give one of them, not both")
-        if self.key is None and not self.token:
-            raise ConfigError("--token: an agent token (or --key) is required")
-        if self.token and (not self.token.isprintable() or self.token != self.token.strip()):
-            raise ConfigError("--token: must be one line of printable characters without surrounding spaces")
+        check_credential(self.token, self.key, "--token: an agent token (or --key) is required")
         if not is_tunnel_name(self.name):
             raise ConfigError(f"--name {self.name!r}: use a lower-case DNS label (a-z, 0-9, -)")
         if not self.agent_id or len(self.agent_id) > 128 or not self.agent_id.isprintable():
@@ -374,10 +359,52 @@ class AgentConfig:
 
     def pinned_sha256(self) -> frozenset[str]:
         """``pins`` as lower-case hex without colons (ConfigError names a malformed one)."""
-        try:
-            return frozenset(parse_sha256_pin(pin) for pin in self.pins)
-        except vol.Invalid as err:
-            raise ConfigError(f"--pin-sha256: {err.msg}") from None
+        return pinned_sha256(self.pins)
+
+
+def pinned_sha256(pins: tuple[str, ...]) -> frozenset[str]:
+    """``--pin-sha256`` values as lower-case hex without colons (ConfigError names a malformed one)."""
+    try:
+        return frozenset(parse_sha256_pin(pin) for pin in pins)
+    except vol.Invalid as err:
+        raise ConfigError(f"--pin-sha256: {err.msg}") from None
+
+
+def check_bridge_access(bridge: str, ca_file: str | None, pins: tuple[str, ...], insecure: bool, secret: str) -> None:
+    """Check how a bridge is dialled: its URL, and that ``secret`` (what travels to it, for the
+    message) is never sent in clear text across a network unless ``insecure`` says so.
+
+    Raises:
+        ConfigError: naming the first bad setting.
+    """
+    bridge_connect_url(bridge)
+    if is_cleartext_remote(bridge) and not insecure:
+        raise ConfigError(
+            f"--bridge {bridge!r}: refusing plain ws:// (or http://) to a bridge that is not on this "
+            f"machine: {secret} and all traffic would cross the network in clear text; use wss:// "
+            "(or https://), or --insecure for a bridge on a network you trust"
+        )
+    if ca_file is not None or pins:
+        if URL(bridge_connect_url(bridge)).scheme != "wss":
+            what = "--ca-file" if ca_file is not None else "--pin-sha256"
+            raise ConfigError(f"{what}: only means something for a wss:// or https:// bridge")
+        if ca_file is not None and not ca_file.strip():
+            raise ConfigError("--ca-file: expected a file name")
+        pinned_sha256(pins)
+
+
+def check_credential(token: str, key: Ed25519PrivateKey | None, missing: str) -> None:
+    """Exactly one of a token and a key, and a token that fits in a header line.
+
+    Raises:
+        ConfigError: ``missing`` when there is neither; otherwise naming the problem (never the token).
+    """
+    if key is not None and token:
+        raise ConfigError("--token and --key: give one of them, not both")
+    if key is None and not token:
+        raise ConfigError(missing)
+    if token and (not token.isprintable() or token != token.strip()):
+        raise ConfigError("--token: must be one line of printable characters without surrounding spaces")
 
 
 class Backoff:

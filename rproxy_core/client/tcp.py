@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
-import voluptuous as vol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
@@ -45,10 +44,11 @@ from ..agent.client import (
     _NoSecretsFilter,
     _PinMismatch,
     bridge_connect_url,
-    is_cleartext_remote,
+    check_bridge_access,
+    check_credential,
+    pinned_sha256,
 )
 from ..bridge.keys import sign
-from ..config import parse_sha256_pin
 from ..const import CHALLENGE_PATH, CONNECT_PATH, DEFAULT_TUNNEL_NAME, HANDSHAKE_TIMEOUT, TCP_PATH, TCP_READ_SIZE
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
 from ..headers import is_tunnel_name
@@ -141,40 +141,16 @@ class TcpClientConfig:
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad setting."""
-        connect = URL(bridge_connect_url(self.bridge))
-        if is_cleartext_remote(self.bridge) and not self.insecure:
-            raise ConfigError(
-                f"--bridge {self.bridge!r}: refusing plain ws:// (or http://) to a bridge that is not on this "
-                "machine: the credential and all traffic would cross the network in clear text; use wss:// "
-                "(or https://), or --insecure for a bridge on a network you trust"
-            )
-        if self.ca_file is not None or self.pins:
-            if connect.scheme != "wss":
-                what = "--ca-file" if self.ca_file is not None else "--pin-sha256"
-                raise ConfigError(f"{what}: only means something for a wss:// or https:// bridge")
-            if self.ca_file is not None and not self.ca_file.strip():
-                raise ConfigError("--ca-file: expected a file name")
-            self.pinned_sha256()
+        check_bridge_access(self.bridge, self.ca_file, self.pins, self.insecure, "the credential")
         if not is_tunnel_name(self.tunnel):
             raise ConfigError(f"--tunnel {self.tunnel!r}: a tunnel name is a lower-case DNS label (a-z, 0-9, -)")
         if not is_tunnel_name(self.service):
             raise ConfigError(f"--service {self.service!r}: a service name is a lower-case DNS label (a-z, 0-9, -)")
-        if self.key is not None and self.token:
-            raise ConfigError("--token and --key: give one of them, not both")
-        if self.key is None and not self.token:
-            raise ConfigError("--token: a credential is required (--token, --token-file or --key)")
-        if self.token and (not self.token.isprintable() or self.token != self.token.strip()):
-            raise ConfigError("--token: must be one line of printable characters without surrounding spaces")
+        check_credential(self.token, self.key, "--token: a credential is required (--token, --token-file or --key)")
 
     def pinned_sha256(self) -> frozenset[str]:
         """``pins`` as lower-case hex without colons (ConfigError names a malformed one)."""
-        pins: set[str] = set()
-        for pin in self.pins:
-            try:
-                pins.add(parse_sha256_pin(pin))
-            except vol.Invalid as err:
-                raise ConfigError(f"--pin-sha256: {err.msg}") from None
-        return frozenset(pins)
+        return pinned_sha256(self.pins)
 
 
 # The local ends of a channel: where its bytes come from and go to.
