@@ -1,7 +1,8 @@
-"""The ``rproxy`` command: ``bridge`` on a public server, ``agent`` at home, ``demo`` to try it.
+"""The ``rproxy`` command: ``bridge`` on a public server, ``agent`` at home, ``tcp`` to reach a TCP service, ``demo`` to try it.
 
-Exit codes: 0 stopped cleanly · 1 runtime failure (e.g. address in use) · 2 bad flag,
-variable or config value · 3 the bridge refused the agent (token or protocol).
+Exit codes: 0 stopped cleanly · 1 runtime failure (e.g. address in use, or a TCP channel
+the bridge could not connect) · 2 bad flag, variable or config value · 3 the bridge refused
+the agent or ``rproxy tcp`` (token, key or protocol).
 """
 
 from __future__ import annotations
