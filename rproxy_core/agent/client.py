@@ -902,8 +902,8 @@ class Agent:
                 continue
             target = config.services[service]
             if kind == KIND_TCP:
-                _LOGGER.info("service %r → %s: reach it with rproxy tcp --tunnel %s --service %s",
-                             service, target, config.name, service)
+                _LOGGER.info("service %r → %s: reach it with rproxy tcp --bridge %s --tunnel %s --service %s",
+                             service, target, config.bridge, config.name, service)
             elif isinstance(service_url, str) and "{service}" in service_url:
                 _LOGGER.info("service %r is up: %s → %s", service, service_url.replace("{service}", service), target)
             else:
