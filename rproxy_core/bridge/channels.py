@@ -253,6 +253,8 @@ class TcpPortServer:
             self._connections.add(task)
         try:
             await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            pass  # the bridge is stopping (on Python 3.11 start_server would log a cancelled handler as an error)
         finally:
             if task is not None:
                 self._connections.discard(task)

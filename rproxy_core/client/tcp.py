@@ -578,6 +578,10 @@ class TcpClient:
             else:
                 _LOGGER.debug("connection from %s ended: %d bytes sent, %d received", peer, channel.bytes_sent,
                               channel.bytes_received)
+        except asyncio.CancelledError:
+            # The listener is stopping. Ending quietly: on Python 3.11 start_server reports a
+            # handler task that ends cancelled as an error, with a traceback.
+            pass
         except Exception:  # a bug: say so here rather than as asyncio's unhandled-exception dump
             _LOGGER.exception("connection from %s: unexpected failure", peer)
         finally:

@@ -459,3 +459,20 @@ async def test_the_token_is_in_no_output_at_debug_level(tunnel: Tunnel) -> None:
     for token in (TOKEN, wrong):
         pieces = {token[i : i + 12] for i in range(len(token) - 11)}
         assert not [piece for piece in pieces if piece in text], text
+
+
+async def test_sigterm_with_a_connection_open_stops_cleanly(tunnel: Tunnel) -> None:
+    """SIGTERM while a channel is carrying a connection: exit code 0, no traceback (Python 3.11's
+    start_server reports a cancelled connection handler as an error unless it ends quietly)."""
+    async with listener(tunnel.ws) as (port, proc):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"half a request")
+        await writer.drain()
+        await asyncio.sleep(0.5)  # the channel opens and the service starts reading
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            _, stderr = await proc.communicate()
+            assert await reader.read() == b""  # the local connection was closed
+        writer.close()
+        assert proc.returncode == 0, stderr.decode()
+        assert "Traceback" not in stderr.decode() and "Exception in callback" not in stderr.decode(), stderr.decode()

@@ -380,3 +380,25 @@ async def test_a_tunnels_visitor_allow_list_holds_for_its_tcp_services() -> None
                     answer = await refusal(bridge.url, f"{CHANNEL}/home/digest", BEARER)
                     assert answer == (403, "this address may not reach this tunnel\n")
         assert digest.connections == 1
+
+
+async def test_stopping_the_bridge_with_an_extra_port_connection_open_is_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    """A connection still open on an extra port is cut when the bridge stops, without asyncio's
+    'Exception in callback' dump."""
+    async with digest_service() as digest:
+        bridge_cm = running_bridge(tcp_ports=[TcpPort("127.0.0.1", 0, "home", "digest", (ip_network("127.0.0.0/8"),))])
+        bridge = await bridge_cm.__aenter__()
+        try:
+            async with serving(bridge.url, bridge, "", {"digest": f"tcp://127.0.0.1:{digest.port}"}):
+                reader, writer = await asyncio.open_connection("127.0.0.1", bridge.tcp_ports[0].port)
+                writer.write(b"unfinished")
+                async with asyncio.timeout(10):
+                    while not digest.connections:
+                        await asyncio.sleep(0.02)
+                await bridge.stop()
+                async with asyncio.timeout(10):
+                    assert await reader.read() == b""
+                writer.close()
+        finally:
+            await bridge_cm.__aexit__(None, None, None)
+    assert "Exception in callback" not in caplog.text and "Traceback" not in caplog.text
