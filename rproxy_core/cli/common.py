@@ -89,8 +89,27 @@ class Signals:
         self.stop.set()
 
 
+def raise_open_file_limit() -> None:
+    """Lift the soft limit on open files to the hard one, as nginx and Go programs do.
+
+    Each visitor connection, tunnel stream to the home app and TCP channel is a socket; the
+    usual soft limit of 1024 would cap a bridge or agent far below what it can carry.
+    """
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run(work: Callable[[Signals], Awaitable[None]], *, reload: bool = False) -> None:
     """Run ``work`` on a fresh event loop until it returns; signals arrive through ``Signals``."""
+    raise_open_file_limit()
 
     async def main() -> None:
         signals = Signals()

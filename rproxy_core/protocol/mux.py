@@ -57,8 +57,11 @@ DEFAULT_STREAM_WINDOW = 1 << 20
 #: Largest frame payload. Big enough that bulk transfers cost few frames, small enough that one
 #: stream's frame never delays the others' by more than a few hundred microseconds on a LAN.
 DEFAULT_MAX_FRAME_SIZE = 256 << 10
-#: Streams the peer may have open at once (visitor requests in flight through one agent).
-DEFAULT_MAX_STREAMS = 4096
+#: Streams the peer may have open at once (visitor requests in flight through one agent). A
+#: visitor WebSocket holds a stream for as long as it lives, so a house full of dashboards
+#: (10,000 sockets through one agent, the benchmark's check) must fit; an open stream costs
+#: nothing until data flows, and the bridge's max_streams_per_tunnel can set a lower bound.
+DEFAULT_MAX_STREAMS = 16384
 
 #: Bounds on settings a peer may announce; anything outside is a protocol error.
 _MIN_FRAME_SIZE = 16 << 10

@@ -215,3 +215,30 @@ async def test_sigterm_stops_bridge_and_agent_with_exit_code_0(procs: Callable[.
             await asyncio.sleep(0.05)
     assert "home/sig from 127.0.0.1 disconnected: peer said goodbye" in bridge.output()
     assert await asyncio.to_thread(bridge.stop) == 0
+
+
+async def test_the_bridge_lifts_its_open_file_limit_to_the_hard_limit(tmp_path: Path) -> None:
+    """Started with the common soft limit of 1024 open files, the bridge raises it to the hard limit:
+    each visitor connection and stream is a socket, and 1024 would cap it far below its capacity."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY:
+        assert hard > 1024, "this test needs a hard limit above 1024"
+    port = free_port()
+    log = (tmp_path / "bridge.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rproxy_core", "bridge", "--listen", f"127.0.0.1:{port}", "--token", TOKEN],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard)),
+    )
+    try:
+        await wait_http(f"http://127.0.0.1:{port}/_rproxy/health")
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        line = next(row for row in limits.splitlines() if row.startswith("Max open files"))
+        soft = line.split()[3]
+        assert soft == (str(hard) if hard != resource.RLIM_INFINITY else str(1 << 20)), line
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+        log.close()
