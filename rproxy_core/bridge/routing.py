@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 
-__all__ = ["host_name", "resolve_route", "resolve_tunnel"]
+__all__ = ["host_name", "resolve_route"]
 
 
 def host_name(host: str) -> str:
@@ -55,9 +55,3 @@ def resolve_route(
     if len(tunnels) == 1:
         return next(iter(tunnels)), ""
     return None
-
-
-def resolve_tunnel(host: str, domain: str | None, tunnels: Collection[str]) -> str | None:
-    """The tunnel ``host`` reaches (see :func:`resolve_route`), or None."""
-    route = resolve_route(host, domain, tunnels)
-    return None if route is None else route[0]
