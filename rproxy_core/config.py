@@ -415,6 +415,7 @@ BRIDGE_SCHEMA = vol.Schema(
         vol.Optional("authorized_keys"): _optional(_text("a file name")),
         vol.Optional("open_registration", default=False): _boolean,
         vol.Optional("tunnels", default={}): _tunnel_policies,
+        vol.Optional("admin_token"): _optional(_accepted_token),
         vol.Optional("aliases", default={}): _aliases,
         vol.Optional("tcp_ports", default=[]): vol.All(_port_list, [_TCP_PORT]),
         vol.Optional("log_level"): _optional(_log_level),

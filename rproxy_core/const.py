@@ -8,6 +8,9 @@ CONNECT_PATH = "/_rproxy/connect"
 #: Where a key-holding agent gets the nonce it signs before connecting.
 CHALLENGE_PATH = "/_rproxy/challenge"
 HEALTH_PATH = "/_rproxy/health"
+#: Prometheus metrics and the status data; both need the admin token, and are off without one.
+METRICS_PATH = "/_rproxy/metrics"
+STATUS_JSON_PATH = "/_rproxy/status.json"
 #: Where visitors open raw TCP channels: ``/_rproxy/tcp/<tunnel>/<service>`` (PROTOCOL.md §8).
 TCP_PATH = "/_rproxy/tcp"
 

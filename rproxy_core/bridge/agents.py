@@ -152,34 +152,41 @@ class AgentHandler:
         credential = self.credential(request, name)
         if isinstance(credential, str):
             _LOGGER.warning("refused agent from %s: %s", remote, credential)
+            bridge.metrics.handshake_failed("credential")
             return _refuse(401, "invalid or missing agent token or key")
         offered = {v.strip() for v in request.headers.get(HEADER_PROTOCOL, "").split(",")}
         common = [v for v in SUPPORTED_VERSIONS if str(v) in offered]
         if not common:
             _LOGGER.warning("refused agent from %s: protocol versions %s not supported", remote, sorted(offered))
             supported = ",".join(map(str, sorted(SUPPORTED_VERSIONS)))
+            bridge.metrics.handshake_failed("protocol_version")
             return web.Response(
                 status=426, text=f"this bridge speaks rproxy protocol {supported}\n", headers={HEADER_PROTOCOL: supported}
             )
         if not is_tunnel_name(name):
             _LOGGER.warning("refused agent from %s: invalid tunnel name %r", remote, name[:80])
+            bridge.metrics.handshake_failed("tunnel_name")
             return _refuse(400, "tunnel name must be a lower-case DNS label (a-z, 0-9, -)")
         if not credential.allows(name):
             _LOGGER.warning("refused agent from %s: its %s may not serve tunnel %r", remote, credential.what, name)
+            bridge.metrics.handshake_failed("name_not_allowed")
             return _refuse(403, f"this agent {credential.what.split()[0]} may not serve tunnel {name!r}")
         agent_id = request.headers.get(HEADER_AGENT_ID, "")[:128] or remote
         if not agent_id.isprintable():
             agent_id = remote
         ws = web.WebSocketResponse(max_msg_size=TUNNEL_MESSAGE_LIMIT, compress=False, autoping=True)
         if not ws.can_prepare(request).ok:
+            bridge.metrics.handshake_failed("not_websocket")
             return _refuse(400, "this endpoint is for rproxy agents (WebSocket upgrade required)")
         if bridge.draining:  # on a connection opened before the listener closed
+            bridge.metrics.handshake_failed("draining")
             return web.Response(status=503, text="the bridge is shutting down\n", headers={"Retry-After": "5"})
         limit = bridge.config.max_pending_handshakes
         if len(self._handshaking) >= limit:
             if not self._refused_backlog:
                 _LOGGER.warning("%d agents are in their handshake (the limit): refusing more for now", limit)
             self._refused_backlog += 1
+            bridge.metrics.handshake_failed("too_many_pending")
             return web.Response(status=503, text="too many agents connecting, try again\n", headers={"Retry-After": "5"})
         await ws.prepare(request)
         label = f"{name}/{agent_id} from {remote}"
@@ -209,6 +216,7 @@ class AgentHandler:
                 _LOGGER.info("agent %s closed during its handshake: bridge shutting down", label)
             else:
                 _LOGGER.warning("agent %s failed its handshake: %s", label, err)
+                bridge.metrics.handshake_failed("hello")
             await connection.close(err.error_code, str(err))
             return ws
         finally:
@@ -226,18 +234,21 @@ class AgentHandler:
             asked = parse_agent_policy(connection.peer_settings)
         except ValueError as err:
             _LOGGER.warning("agent %s refused: bad visitor policy in its HELLO: %s", label, err)
+            bridge.metrics.handshake_failed("hello")
             await connection.close(ErrorCode.PROTOCOL_ERROR, f"bad visitor policy: {err}")
             return ws
         try:
             services = parse_services(connection.peer_settings)
         except ValueError as err:
             _LOGGER.warning("agent %s refused: bad services in its HELLO: %s", label, err)
+            bridge.metrics.handshake_failed("hello")
             await connection.close(ErrorCode.PROTOCOL_ERROR, f"bad services: {err}")
             return ws
         # Set before the tunnel is listed, so no visitor slips in unprotected meanwhile.
         bridge.visitor_guard.set_agent_policy(name, asked)
         self._credentials[connection] = (credential, name)
         await bridge.registry.add(name, connection, services)
+        bridge.metrics.agent_connected(name, connection)
         _LOGGER.info(
             "agent %s connected (protocol %s, %d agent(s) now serve %r)",
             label,

@@ -12,6 +12,7 @@ from typing import Any, Self
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
 from ..const import (
@@ -21,6 +22,8 @@ from ..const import (
     HEADER_TIMEOUT,
     HEALTH_PATH,
     HEARTBEAT_INTERVAL,
+    METRICS_PATH,
+    STATUS_JSON_PATH,
     IDLE_TIMEOUT,
     MAX_HEADER_FIELD,
     MAX_HEADERS,
@@ -39,6 +42,7 @@ from .channels import ChannelHandler, TcpPort, TcpPortServer
 from .auth import TokenAuth, TokenGrant
 from .keys import ChallengeStore, KeyAuth, KeyGrant
 from .limits import BridgeRunner, HeadLimits
+from .metrics import BridgeMetrics
 from .pages import error_response
 from .registry import MemoryRegistry, TunnelRegistry
 from .visitor_policy import DEFAULT_MAX_TRACKED_VISITORS, VisitorGuard, VisitorPolicy
@@ -117,6 +121,9 @@ class BridgeConfig:
     aliases: dict[str, tuple[str, str]] = field(default_factory=dict)
     #: Extra public TCP ports, each carrying its connections to one TCP service.
     tcp_ports: list[TcpPort] = field(default_factory=list)
+    #: Opens /_rproxy/metrics and /_rproxy/status.json to ``Authorization: Bearer`` with this
+    #: token (or its ``sha256:`` hash); without one they do not exist (404).
+    admin_token: str | None = field(default=None, repr=False)
 
 
 _NO_CREDENTIALS = "no agent credential configured: pass --token, --token-file, --authorized-keys or --open-registration"
@@ -144,6 +151,8 @@ class Bridge:
         self.challenges = ChallengeStore()
         self.registry = registry if registry is not None else MemoryRegistry(config.max_streams_per_tunnel)
         self.visitor_guard = VisitorGuard(config.visitor_policies, config.max_tracked_visitors)
+        self.metrics = BridgeMetrics(self)
+        self._admin = TokenAuth([config.admin_token]) if config.admin_token else None
         #: Set once stopping begins: visitors get 503, new agents are refused.
         self.draining = False
         #: Set once the tunnels close: one finishing its handshake is closed too.
@@ -171,6 +180,8 @@ class Bridge:
         app.router.add_get(HEALTH_PATH, self._health)
         app.router.add_get(CHALLENGE_PATH, self._challenge)
         app.router.add_get(TCP_PATH + "/{tunnel}/{service}", ChannelHandler(self).__call__)
+        app.router.add_get(METRICS_PATH, self._metrics)
+        app.router.add_get(STATUS_JSON_PATH, self._status_json)
         app.router.add_route("*", RESERVED_PREFIX + "{tail:.*}", self._reserved)
         app.router.add_route("*", "/{tail:.*}", VisitorHandler(self).__call__)
         app.on_shutdown.append(self._close_tunnels)
@@ -348,6 +359,40 @@ class Bridge:
         return web.json_response(
             {"nonce": nonce, "expires_in": self.challenges.lifetime}, headers={"Cache-Control": "no-store"}
         )
+
+    def visitor_connections(self) -> int:
+        """HTTP connections open to the bridge, less the agents' own."""
+        runner = self._runner
+        if runner is None or runner.server is None:
+            return 0
+        agents = len(self.registry.connections()) + len(self._agents.handshaking())
+        return max(len(runner.server.connections) - agents, 0)
+
+    def _admin_refusal(self, request: web.Request) -> web.Response | None:
+        """None if the request carries the admin token; else the answer (404 when there is none)."""
+        if self._admin is None:
+            return error_response(request, 404, "no such bridge endpoint (set an admin token to enable it)")
+        auth = request.headers.get("Authorization", "")
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        if not token or self._admin.match(token) is None:
+            _LOGGER.warning("refused %s %s from %s: %s admin token", request.method, request.path,
+                            request.remote, "wrong" if token else "no")
+            return error_response(request, 401, "the admin token is required", {"WWW-Authenticate": 'Bearer realm="rproxy"'})
+        return None
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        refused = self._admin_refusal(request)
+        if refused is not None:
+            return refused
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST, "Cache-Control": "no-store"})
+
+    async def _status_json(self, request: web.Request) -> web.Response:
+        refused = self._admin_refusal(request)
+        if refused is not None:
+            return refused
+        status = {"version": __version__, **self.metrics.snapshot()}
+        return web.json_response(status, headers={"Cache-Control": "no-store"})
 
     async def _reserved(self, request: web.Request) -> web.Response:
         return error_response(request, 404, "no such bridge endpoint")

@@ -72,6 +72,10 @@ class TunnelRegistry(abc.ABC):
     def connections(self) -> list[TunnelConnection]:
         """Agent connections held by this bridge process."""
 
+    @abc.abstractmethod
+    def connections_by_tunnel(self) -> Mapping[str, list[TunnelConnection]]:
+        """Agent connections held by this bridge process, by tunnel name."""
+
 
 class MemoryRegistry(TunnelRegistry):
     """Tunnels held by this process (the embedded default)."""
@@ -148,3 +152,6 @@ class MemoryRegistry(TunnelRegistry):
 
     def connections(self) -> list[TunnelConnection]:
         return [c for pool in self._pools.values() for c in pool]
+
+    def connections_by_tunnel(self) -> Mapping[str, list[TunnelConnection]]:
+        return {name: list(pool) for name, pool in self._pools.items()}

@@ -31,6 +31,7 @@ from .routing import resolve_route
 
 if TYPE_CHECKING:
     from .app import Bridge
+    from .metrics import BridgeMetrics
 
 __all__ = ["VisitorHandler"]
 
@@ -88,7 +89,7 @@ class VisitorHandler:
             service=service,
         )
         log = _Access(request, f"{service}.{name}" if service and name else name, head.request_id, started,
-                      bridge.config.access_log)
+                      bridge.config.access_log, bridge.metrics, name)
         if bridge.draining:
             return log.done(
                 error_response(request, 503, "the bridge is restarting", {"Retry-After": "5", "Connection": "close"})
@@ -413,9 +414,19 @@ _R = TypeVar("_R", bound=web.StreamResponse | None)
 class _Access:
     """One access-log line per visitor request, written when the response is done."""
 
-    __slots__ = ("request", "tunnel", "request_id", "started", "enabled", "status", "bytes", "note")
+    __slots__ = ("request", "tunnel", "request_id", "started", "enabled", "status", "bytes", "note", "metrics",
+                 "tunnel_name", "finished")
 
-    def __init__(self, request: web.Request, tunnel: str | None, request_id: str, started: float, enabled: bool) -> None:
+    def __init__(
+        self,
+        request: web.Request,
+        tunnel: str | None,
+        request_id: str,
+        started: float,
+        enabled: bool,
+        metrics: BridgeMetrics,
+        tunnel_name: str | None,
+    ) -> None:
         self.request = request
         self.tunnel = tunnel
         self.request_id = request_id
@@ -424,13 +435,20 @@ class _Access:
         self.status = 0
         self.bytes = 0
         self.note = ""
+        self.metrics = metrics
+        self.tunnel_name = tunnel_name
+        self.finished = False
 
     def done(self, response: _R) -> _R:
-        """Log the line (once) and return ``response``; None means the visitor left (499)."""
+        """Count the request and log its line (once); return ``response``. None means the
+        visitor left (499)."""
+        if self.finished:
+            return response
+        self.finished = True
+        status = self.status or (response.status if response is not None else 499)
+        self.metrics.request_done(self.tunnel_name, status, time.monotonic() - self.started)
         if self.enabled:
-            self.enabled = False
             request = self.request
-            status = self.status or (response.status if response is not None else 499)
             if isinstance(response, web.Response) and response.body is not None:
                 self.bytes = self.bytes or len(response.body)  # type: ignore[arg-type]
             _ACCESS.info(

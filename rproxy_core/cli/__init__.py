@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from .. import __version__
 from ..config import LOG_LEVELS
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
-from . import agent, bridge, demo, hash_token, keygen, tcp
+from . import agent, bridge, demo, hash_token, keygen, status, tcp
 from .agent import agent_config
 from .bridge import bridge_config
 from .common import EXIT_OK, EXIT_REFUSED, EXIT_RUNTIME, EXIT_USAGE, Parser
@@ -37,11 +37,12 @@ def _build_parser() -> argparse.ArgumentParser:
     hash_token.add_parser(commands)
     keygen.add_parser(commands)
     tcp.add_parser(commands)
+    status.add_parser(commands)
     return parser
 
 
 _COMMANDS = {"bridge": bridge.main, "agent": agent.main, "demo": demo.main, "hash-token": hash_token.main,
-             "keygen": keygen.main, "tcp": tcp.main}
+             "keygen": keygen.main, "tcp": tcp.main, "status": status.main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,6 +49,7 @@ BRIDGE_FLAGS = {
     "max_pending_handshakes": "--max-pending-handshakes",
     "authorized_keys": "--authorized-keys",
     "open_registration": "--open-registration",
+    "admin_token": "--admin-token",
     "log_level": "--log-level",
 }
 BRIDGE_ENV = {
@@ -69,6 +70,7 @@ BRIDGE_ENV = {
     "max_pending_handshakes": ("RPROXY_MAX_PENDING_HANDSHAKES",),
     "authorized_keys": ("RPROXY_AUTHORIZED_KEYS",),
     "open_registration": ("RPROXY_OPEN_REGISTRATION",),
+    "admin_token": ("RPROXY_ADMIN_TOKEN",),
     "log_level": ("RPROXY_LOG_LEVEL",),
 }
 #: Settings that only a restart changes (a reload logs that they differ).
@@ -87,6 +89,7 @@ _RESTART_ONLY = (
     "tunnels",
     "aliases",
     "tcp_ports",
+    "admin_token",
 )
 
 
@@ -138,6 +141,10 @@ def add_parser(commands: Any) -> None:
     bridge.add_argument("--open-registration", action="store_const", const=True,
                         help="accept any agent key, serving it under a name derived from the key "
                              "(needs --domain) ($RPROXY_OPEN_REGISTRATION)")
+    bridge.add_argument("--admin-token", metavar="T",
+                        help="open /_rproxy/metrics (Prometheus) and /_rproxy/status.json to this bearer token, or "
+                             "its sha256: hash from rproxy hash-token; without it they do not exist "
+                             "($RPROXY_ADMIN_TOKEN)")
     bridge.add_argument("--no-access-log", dest="access_log", action="store_const", const=False,
                         help="do not log one line per visitor request")
 
@@ -201,6 +208,7 @@ def bridge_settings(args: argparse.Namespace, environ: Mapping[str, str] | None 
         open_registration=settings["open_registration"],
         visitor_policies=settings["tunnels"],
         aliases=settings["aliases"],
+        admin_token=settings.get("admin_token"),
         tcp_ports=[
             TcpPort(port["listen"][0], port["listen"][1], port["tunnel"], port["service"], tuple(port["allow"]))
             for port in settings["tcp_ports"]

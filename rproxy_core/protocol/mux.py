@@ -136,6 +136,9 @@ class Multiplexer:
         #: Bytes of tunnel messages taken in and handed out so far (traffic counters).
         self.bytes_received = 0
         self.bytes_sent = 0
+        #: RESET frames received and sent (streams abandoned by either side).
+        self.resets_received = 0
+        self.resets_sent = 0
 
     # Public methods for receiving data.
 
@@ -270,6 +273,7 @@ class Multiplexer:
         if stream is None or self.closed:
             return
         stream.machine.process(IN.SEND_RESET)
+        self.resets_sent += 1
         self._emit(FrameType.RESET, 0, stream_id, encode_code(code, reason))
 
     def acknowledge_received_data(self, stream_id: int, size: int) -> None:
@@ -377,6 +381,7 @@ class Multiplexer:
         except RemoteProtocolError as err:
             # Confined to this stream: reset it, keep the connection.
             self._drop(frame.stream_id)
+            self.resets_sent += 1
             self._emit(FrameType.RESET, 0, frame.stream_id, encode_code(err.error_code, str(err)))
             self._events.append(ev.StreamReset(frame.stream_id, err.error_code, str(err), remote=False))
 
@@ -425,11 +430,13 @@ class Multiplexer:
             raise RemoteProtocolError(f"OPEN with invalid stream id {stream_id}")
         self._last_peer_stream_id = stream_id
         if self.open_stream_count(local=False) >= self.max_streams:
+            self.resets_sent += 1
             self._emit(FrameType.RESET, 0, stream_id, encode_code(ErrorCode.REFUSED_STREAM, "too many streams"))
             return
         try:
             head = RequestHead.decode(frame.payload)
         except RemoteProtocolError as err:
+            self.resets_sent += 1
             self._emit(FrameType.RESET, 0, stream_id, encode_code(ErrorCode.PROTOCOL_ERROR, str(err)))
             return
         stream = _Stream(self.peer_stream_window, self.stream_window)
@@ -470,6 +477,7 @@ class Multiplexer:
     def _receive_reset(self, frame: Frame, stream: _Stream) -> None:
         code, reason = decode_code(frame.payload)
         stream.machine.process(IN.RECV_RESET)
+        self.resets_received += 1
         self._drop(frame.stream_id)
         self._events.append(ev.StreamReset(frame.stream_id, ErrorCode.coerce(code), reason, remote=True))
 
