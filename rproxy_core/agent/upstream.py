@@ -249,6 +249,10 @@ class Upstream:
     def _request_headers(self, stream: TunnelStream, extra_drop: frozenset[str] = frozenset()) -> tuple[CIMultiDict[str], list[str]]:
         drop = extra_drop | self._drop if extra_drop else self._drop  # no new set per plain request
         headers = CIMultiDict(strip_hop_by_hop(stream.head.headers, drop))
+        if stream.head.request_id:
+            # The bridge's id (replacing any the visitor sent), so that the home app's log, the
+            # agent's and the bridge's access log name the same request the same way.
+            headers["X-Request-Id"] = stream.head.request_id
         skip = [name for name in _AUTO_HEADERS if name not in headers]
         return headers, skip
 
@@ -271,6 +275,8 @@ class Upstream:
             async with asyncio.timeout(self._request_timeout):
                 response = await sending
         async with response:
+            if _LOGGER.isEnabledFor(logging.DEBUG):
+                _LOGGER.debug("request %s: %s %s → %d", head.request_id, head.method, url.path, response.status)
             content = response.content
             reply = ResponseHead(response.status, response.reason or "", strip_hop_by_hop(response.headers.items()))
             if content.at_eof():

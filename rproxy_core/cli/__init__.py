@@ -8,13 +8,14 @@ the agent or ``rproxy tcp`` (token, key or protocol).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from .. import __version__
 from ..config import LOG_LEVELS
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
-from . import agent, bridge, demo, hash_token, keygen, status, tcp
+from . import agent, bridge, common, demo, hash_token, keygen, status, tcp
 from .agent import agent_config
 from .bridge import bridge_config
 from .common import EXIT_OK, EXIT_REFUSED, EXIT_RUNTIME, EXIT_USAGE, Parser
@@ -30,6 +31,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rproxy {__version__}")
     parser.add_argument("--log-level", choices=LOG_LEVELS,
                         help="log verbosity (default: info; $RPROXY_LOG_LEVEL, or log_level in a config file)")
+    parser.add_argument("--log-format", choices=common.LOG_FORMATS,
+                        help="text for people (default) or json, one object per line ($RPROXY_LOG_FORMAT)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     bridge.add_parser(commands)
     agent.add_parser(commands)
@@ -53,6 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     prog = f"rproxy {args.command}"
+    chosen = args.log_format or os.environ.get("RPROXY_LOG_FORMAT") or "text"
+    if chosen not in common.LOG_FORMATS:
+        print(f"{prog}: error: $RPROXY_LOG_FORMAT: expected text or json, got {chosen!r}", file=sys.stderr)
+        return EXIT_USAGE
+    common.log_format = chosen
     try:
         return _COMMANDS[args.command](args)
     except ConfigError as err:
