@@ -11,6 +11,7 @@ HEALTH_PATH = "/_rproxy/health"
 #: Prometheus metrics and the status data; both need the admin token, and are off without one.
 METRICS_PATH = "/_rproxy/metrics"
 STATUS_JSON_PATH = "/_rproxy/status.json"
+STATUS_PAGE_PATH = "/_rproxy/status"
 #: Where visitors open raw TCP channels: ``/_rproxy/tcp/<tunnel>/<service>`` (PROTOCOL.md §8).
 TCP_PATH = "/_rproxy/tcp"
 

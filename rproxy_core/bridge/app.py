@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import secrets
 import ssl
+from importlib import resources
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any, Self
@@ -24,6 +27,7 @@ from ..const import (
     HEARTBEAT_INTERVAL,
     METRICS_PATH,
     STATUS_JSON_PATH,
+    STATUS_PAGE_PATH,
     IDLE_TIMEOUT,
     MAX_HEADER_FIELD,
     MAX_HEADERS,
@@ -126,6 +130,11 @@ class BridgeConfig:
     admin_token: str | None = field(default=None, repr=False)
 
 
+@functools.cache
+def _status_page_template() -> str:
+    return resources.files(__package__).joinpath("status.html").read_text(encoding="utf-8")
+
+
 _NO_CREDENTIALS = "no agent credential configured: pass --token, --token-file, --authorized-keys or --open-registration"
 
 
@@ -182,6 +191,7 @@ class Bridge:
         app.router.add_get(TCP_PATH + "/{tunnel}/{service}", ChannelHandler(self).__call__)
         app.router.add_get(METRICS_PATH, self._metrics)
         app.router.add_get(STATUS_JSON_PATH, self._status_json)
+        app.router.add_get(STATUS_PAGE_PATH, self._status_page)
         app.router.add_route("*", RESERVED_PREFIX + "{tail:.*}", self._reserved)
         app.router.add_route("*", "/{tail:.*}", VisitorHandler(self).__call__)
         app.on_shutdown.append(self._close_tunnels)
@@ -393,6 +403,23 @@ class Bridge:
             return refused
         status = {"version": __version__, **self.metrics.snapshot()}
         return web.json_response(status, headers={"Cache-Control": "no-store"})
+
+    async def _status_page(self, request: web.Request) -> web.Response:
+        # The page itself holds no data (it asks for the token, then fetches status.json with
+        # it), so it is served to anyone, but only where an admin token makes it usable.
+        if self._admin is None:
+            return error_response(request, 404, "no such bridge endpoint (set an admin token to enable it)")
+        nonce = secrets.token_urlsafe(16)
+        csp = (
+            f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; connect-src 'self'; "
+            "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        )
+        return web.Response(
+            text=_status_page_template().replace("__NONCE__", nonce),
+            content_type="text/html",
+            headers={"Content-Security-Policy": csp, "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+                     "Referrer-Policy": "no-referrer"},
+        )
 
     async def _reserved(self, request: web.Request) -> web.Response:
         return error_response(request, 404, "no such bridge endpoint")

@@ -32,6 +32,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 #: Status classes a request is counted under (499: the visitor left before the answer).
 _CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+_ERRORS = ("502", "503", "504")
 
 
 @dataclass(slots=True)
@@ -39,6 +40,9 @@ class TunnelCounts:
     """Counters of one tunnel name since the bridge started."""
 
     requests: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_CLASSES, 0))
+    #: The bridge's own failure answers, by code: the agent or home app unreachable (502), no
+    #: agent or busy (503), too slow (504).
+    errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_ERRORS, 0))
     #: Latency histogram: counts per bucket of LATENCY_BUCKETS (+Inf last), and the sum.
     buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = 0.0
@@ -71,6 +75,8 @@ class BridgeMetrics:
             return
         counts = self.tunnels[tunnel]
         counts.requests[status_class] += 1
+        if 502 <= status <= 504:
+            counts.errors[str(status)] += 1
         if status != 101:  # a WebSocket's time is its lifetime, not an answer's latency
             counts.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
             counts.latency_sum += seconds
@@ -125,6 +131,7 @@ class BridgeMetrics:
                         for c in connections
                     ],
                     "requests": dict(counts.requests),
+                    "errors": dict(counts.errors),
                     "bytes_from_agents": received,
                     "bytes_to_agents": sent,
                     "stream_resets": counts.resets_received_closed

@@ -225,6 +225,7 @@ def test_the_wheel_holds_the_library_and_nothing_else(built: dict[str, Path]) ->
     assert len(sources) > 20
     assert sources <= names, f"missing from the wheel: {sorted(sources - names)}"
     assert "rproxy_core/py.typed" in names
+    assert "rproxy_core/bridge/status.html" in names  # the status page, read at run time
     dist_info = f"rproxy_core-{VERSION}.dist-info/"
     assert f"{dist_info}licenses/LICENSE" in names
     unexpected = {n for n in names if not n.startswith(("rproxy_core/", dist_info))}
