@@ -98,9 +98,12 @@ async def test_the_status_page_lists_the_tunnel_and_its_chart_moves_with_traffic
 
 
 async def test_the_status_page_does_not_exist_without_an_admin_token() -> None:
-    async with running_bridge() as bridge, aiohttp.ClientSession() as session:
-        async with session.get(bridge.url + "/_rproxy/status") as response:
-            assert response.status == 404
+    async with (
+        running_bridge() as bridge,
+        aiohttp.ClientSession() as session,
+        session.get(bridge.url + "/_rproxy/status") as response,
+    ):
+        assert response.status == 404
 
 
 async def test_the_status_page_is_locked_down_by_its_headers() -> None:

@@ -6,18 +6,30 @@ Real bridge, real agent, real aiohttp home app on 127.0.0.1; the JSON test runs 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import ROOT, TOKEN, free_port, running_agent, running_bridge, start_app, wait_for_tunnel
+from tests.conftest import (
+    ROOT,
+    TOKEN,
+    Proc,
+    free_port,
+    running_agent,
+    running_bridge,
+    start_app,
+    wait_for_tunnel,
+    wait_http,
+)
 
 
 async def test_one_request_id_in_the_bridges_log_the_agents_log_and_the_home_app(caplog: pytest.LogCaptureFixture) -> None:
@@ -74,3 +86,27 @@ def test_log_format_json_writes_one_object_per_line() -> None:
                          capture_output=True, text=True, timeout=30, env={**os.environ, "RPROXY_LOG_FORMAT": "xml"})
     assert bad.returncode == 2 and bad.stderr.strip() == (
         "rproxy bridge: error: $RPROXY_LOG_FORMAT: expected text or json, got 'xml'"), bad.stderr
+
+
+async def test_the_agent_says_its_public_url_on_each_connect_and_one_line_per_loss(procs: Callable[..., Proc]) -> None:
+    """``rproxy agent`` prints its public address when the tunnel comes up, one line when it is
+    lost (with the wait before the next attempt), and the address again once it is back."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    bridge = procs("bridge", "--listen", f"127.0.0.1:{port}", "--token", TOKEN)
+    await wait_http(base + "/_rproxy/health")
+    agent = procs("agent", "--bridge", base, "--token", TOKEN, "--target", "http://127.0.0.1:9")
+    await wait_output(agent, f"tunnel 'home' is up: {base}/", 1)
+    bridge.kill()
+    await wait_output(agent, "bridge unavailable (tunnel lost:", 1)
+    procs("bridge", "--listen", f"127.0.0.1:{port}", "--token", TOKEN)
+    await wait_output(agent, f"tunnel 'home' is up: {base}/", 2)
+    lines = agent.output().splitlines()
+    assert sum("tunnel lost" in line for line in lines) == 1, lines
+    assert all("Traceback" not in line for line in lines)
+
+
+async def wait_output(proc: Proc, text: str, count: int, timeout: float = 30) -> None:
+    async with asyncio.timeout(timeout):
+        while proc.output().count(text) < count:
+            await asyncio.sleep(0.05)
