@@ -49,7 +49,11 @@ async def test_the_status_page_lists_the_tunnel_and_its_chart_moves_with_traffic
             async_playwright() as playwright,
         ):
             await wait_for_tunnel(bridge)
-            browser = await playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+            # Headless (Playwright's default), and no name resolves but the loopback address.
+            browser = await playwright.chromium.launch(
+                executable_path=chromium_path(),
+                args=[*CHROMIUM_ARGS, "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"],
+            )
             try:
                 page = await browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
                 page.on("console", on_console)
