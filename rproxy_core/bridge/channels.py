@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import socket
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from typing import TYPE_CHECKING
@@ -145,7 +146,12 @@ class ChannelHandler:
         if not credential.allows(tunnel):
             _LOGGER.warning("refused TCP channel from %s: its %s may not reach tunnel %r", remote, credential.what, tunnel)
             return _plain(403, f"this {credential.what.split()[0]} may not reach tunnel {tunnel!r}")
-        ws = web.WebSocketResponse(max_msg_size=_MAX_CHANNEL_MESSAGE, compress=False, autoping=True)
+        # Pings find a client that vanished without closing (a laptop gone to sleep, a dropped
+        # mobile link), so its stream and the agent's socket to the service do not stay open forever.
+        ws = web.WebSocketResponse(
+            max_msg_size=_MAX_CHANNEL_MESSAGE, compress=False, autoping=True,
+            heartbeat=bridge.config.heartbeat_interval * 3,
+        )
         if not ws.can_prepare(request).ok:
             return _plain(400, "this endpoint is for rproxy tcp (WebSocket upgrade required)")
         visitor, _ = bridge.visitor_address(request)
@@ -260,6 +266,7 @@ class TcpPortServer:
                 self._connections.discard(task)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _keep_alive(writer)
         peer = writer.get_extra_info("peername")
         visitor = str(peer[0]) if peer else "?"
         port = self.config
@@ -282,3 +289,16 @@ class TcpPortServer:
             if stream is not None and not stream.closed:
                 stream.reset(ErrorCode.CANCEL, "client gone")
             await close_socket(writer, orderly=finished)
+
+
+def _keep_alive(writer: asyncio.StreamWriter) -> None:
+    """TCP keepalive after a minute of silence, so a client that vanished is noticed in about
+    two minutes rather than the system default of two hours."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 15)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)

@@ -10,6 +10,7 @@ channel client here is aiohttp's WebSocket client speaking the documented contra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -402,3 +403,30 @@ async def test_stopping_the_bridge_with_an_extra_port_connection_open_is_quiet(c
         finally:
             await bridge_cm.__aexit__(None, None, None)
     assert "Exception in callback" not in caplog.text and "Traceback" not in caplog.text
+
+
+async def test_a_channel_whose_client_vanished_is_closed_by_its_heartbeat() -> None:
+    """A client that stops answering pings (gone without a goodbye) loses its channel: the
+    stream ends and the service's connection is closed, instead of staying open forever."""
+    ended = asyncio.Event()
+
+    async def service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+        ended.set()
+        writer.close()
+
+    record = TcpServer()
+    async with listening(service, record), running_bridge(heartbeat_interval=0.2, dead_after=5) as bridge, serving(
+        bridge.url, bridge, "", {"quiet": f"tcp://127.0.0.1:{record.port}"}
+    ), aiohttp.ClientSession() as session:
+        # autoping off and nothing read: pings from the bridge go unanswered, as from a dead peer.
+        ws = await session.ws_connect(f"{bridge.url}{CHANNEL}/home/quiet", headers=BEARER, autoping=False)
+        try:
+            async with asyncio.timeout(10):
+                await ended.wait()
+            async with asyncio.timeout(5):
+                while sum(len(c.streams) for c in bridge.registry.connections()):
+                    await asyncio.sleep(0.05)
+        finally:
+            await ws.close()
