@@ -135,6 +135,9 @@ class VisitorHandler:
             )
         try:
             if is_websocket:
+                # The head went out with the OPEN; a WebSocket may live for days, and its copy
+                # of the visitor's header fields is of no further use here.
+                head.headers = []
                 return await self._relay_websocket(request, stream, log)
             return await self._relay_http(request, stream, has_body, log)
         except asyncio.CancelledError:

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 __all__ = ["TunnelStream"]
 
 _EMPTY = memoryview(b"")
+#: Shared by streams that have received nothing yet: an empty deque still costs about 600
+#: bytes, which an idle visitor WebSocket would carry for as long as it lives.
+_NO_CHUNKS: deque[tuple[memoryview, int]] = deque()
 
 
 class TunnelStream:
@@ -52,7 +55,7 @@ class TunnelStream:
         self.id = stream_id
         self.head = head
         self._conn = conn
-        self._chunks: deque[tuple[memoryview, int]] = deque()
+        self._chunks = _NO_CHUNKS
         #: The peer ended its half (FIN); chunks may still wait to be read.
         self._eof = remote_done
         self._error: StreamResetError | None = None
@@ -269,6 +272,8 @@ class TunnelStream:
             self._on_end()
 
     def _on_data(self, data: memoryview, flags: int) -> None:
+        if self._chunks is _NO_CHUNKS:
+            self._chunks = deque()
         self._chunks.append((data, flags))
         self.bytes_received += len(data)
         waiter = self._read_waiter
