@@ -230,19 +230,15 @@ class AgentHandler:
         if not credential.allows(name):  # revoked by a reload during the handshake
             await connection.close(ErrorCode.NO_ERROR, "agent credential revoked")
             return ws
+        part = "visitor policy"
         try:
             asked = parse_agent_policy(connection.peer_settings)
-        except ValueError as err:
-            _LOGGER.warning("agent %s refused: bad visitor policy in its HELLO: %s", label, err)
-            bridge.metrics.handshake_failed("hello")
-            await connection.close(ErrorCode.PROTOCOL_ERROR, f"bad visitor policy: {err}")
-            return ws
-        try:
+            part = "services"
             services = parse_services(connection.peer_settings)
         except ValueError as err:
-            _LOGGER.warning("agent %s refused: bad services in its HELLO: %s", label, err)
+            _LOGGER.warning("agent %s refused: bad %s in its HELLO: %s", label, part, err)
             bridge.metrics.handshake_failed("hello")
-            await connection.close(ErrorCode.PROTOCOL_ERROR, f"bad services: {err}")
+            await connection.close(ErrorCode.PROTOCOL_ERROR, f"bad {part}: {err}")
             return ws
         # Set before the tunnel is listed, so no visitor slips in unprotected meanwhile.
         bridge.visitor_guard.set_agent_policy(name, asked)
