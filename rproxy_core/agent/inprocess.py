@@ -36,7 +36,9 @@ import contextvars
 import errno
 import ipaddress
 from collections import deque
-from collections.abc import Callable
+from asyncio.constants import _SendfileMode
+from asyncio.transports import _FlowControlMixin
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import aiohttp
@@ -66,40 +68,60 @@ _SERVER_SOCKNAME = ("127.0.0.1", 0)
 ServerFactory = Callable[[], asyncio.Protocol]
 
 
-class InProcessTransport(asyncio.Transport):
+class InProcessTransport(_FlowControlMixin):
     """One end of an in-memory connection; see :func:`transport_pair`.
 
-    Bytes written at one end reach the other end's protocol in order, from a loop callback,
-    at most ``_MAX_READ`` at a time. The receiver's ``pause_reading()`` holds them back, and
-    the writer's protocol is paused while more than the high-water mark waits unread, like a
-    socket whose peer stopped reading.
+    It behaves as asyncio's socket transport does towards its protocol, so an aiohttp server
+    or client (or any streaming or buffered protocol) cannot tell it from a TCP connection:
 
-    Closing behaves like closing a TCP socket whose kernel buffer takes everything: the
-    closing end's protocol loses the connection at once (its writes are done), while the
-    other end still reads what was written before the close, then gets ``eof_received()``
-    and ``connection_lost(None)``; what it writes after the close goes nowhere, and
-    ``is_closing()`` tells it so. ``abort()`` drops everything unread in both directions
-    and gives the other end a ``ConnectionResetError``.
+    - Bytes written at one end reach the other end's protocol in order, from a loop callback,
+      at most ``_MAX_READ`` at a time (a copy: the writer may reuse its buffer at once). The
+      receiver's ``pause_reading()`` holds them back, and the writer's protocol is paused
+      while more than the high-water mark waits unread, like a socket whose peer stopped
+      reading; ``get_write_buffer_size()`` is what waits.
+    - ``write_eof()`` half-closes, as ``shutdown(SHUT_WR)`` does: the other end reads what was
+      written, then gets ``eof_received()``; if that returns a false value its transport
+      closes itself, else it may go on writing to this end, which still reads.
+    - ``close()`` behaves like closing a TCP socket whose kernel buffer takes everything: the
+      closing end's protocol loses the connection at once (its writes are done), while the
+      other end still reads what was written before the close, then gets ``eof_received()``
+      and ``connection_lost(None)``; what it writes after the close goes nowhere, and
+      ``is_closing()`` tells it so. ``abort()`` drops everything unread in both directions
+      and gives the other end a ``ConnectionResetError``.
+    - While reading is paused nothing arrives, the end of the stream included (asyncio's
+      sendfile fallback relies on it): a socket does not see its peer's FIN unread either.
+    - ``loop.sendfile()`` works: asyncio reads the file in pieces and writes them under this
+      transport's flow control (its fallback mode, as for TLS transports), so a file response
+      holds at most about the high-water mark in memory. uvloop has no ``loop.sendfile()``;
+      aiohttp then falls back to its own chunked copy.
     """
 
+    # asyncio's sendfile fallback takes only transports derived from its flow-control mix-in
+    # (it reads ``_protocol_paused``); the flow control itself is this class's own.
+    _sendfile_compatible = _SendfileMode.FALLBACK
+    # Set by the mix-in (slots its stubs do not declare).
+    _loop: asyncio.AbstractEventLoop
+    _protocol_paused: bool
+    _high_water: int
+    _low_water: int
+
     def __init__(self, loop: asyncio.AbstractEventLoop, context: contextvars.Context, extra: dict[str, Any]) -> None:
-        super().__init__(extra)
-        self._loop = loop
+        super().__init__(extra, loop)
         # Every callback into a protocol runs in the connection's own context, as it would
         # under a socket, not in whichever task happened to write last.
         self._context = context
-        self._protocol: asyncio.Protocol | None = None
+        self._protocol: asyncio.BaseProtocol | None = None
         self._peer: InProcessTransport | None = None
         # Bytes the peer wrote that this end's protocol has not received yet.
         self._inbox: deque[bytes] = deque()
         self._inbox_offset = 0
         self._inbox_size = 0
         self._reading_paused = False
-        self._writing_paused = False
-        self._high_water = _DEFAULT_HIGH_WATER
-        self._low_water = _DEFAULT_HIGH_WATER // 4
         self._closed = False  # this end called close() or abort()
-        self._peer_gone = False  # the other end did
+        self._eof_written = False  # this end called write_eof()
+        self._peer_closed = False  # the other end called close() or abort()
+        self._peer_eof = False  # the other end called write_eof()
+        self._eof_delivered = False  # this end's protocol had its eof_received()
         self._lost = False  # connection_lost is on its way to (or reached) this end's protocol
         self._pump_handle: asyncio.Handle | None = None
 
@@ -114,13 +136,13 @@ class InProcessTransport(asyncio.Transport):
         return self._protocol
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        if not isinstance(protocol, asyncio.Protocol):
-            raise TypeError("an in-process transport needs a streaming protocol")
+        if not isinstance(protocol, (asyncio.Protocol, asyncio.BufferedProtocol)):
+            raise TypeError("an in-process transport needs a streaming or buffered protocol")
         self._protocol = protocol
 
     def is_closing(self) -> bool:
         # True once either end closed: nothing written from now on would be read.
-        return self._closed or self._peer_gone or self._lost
+        return self._closed or self._peer_closed or self._lost
 
     def close(self) -> None:
         if self._closed or self._lost:
@@ -129,7 +151,7 @@ class InProcessTransport(asyncio.Transport):
         # What this end wrote stays with the peer to be read; what it did not read is dropped
         # (by _lose) as a socket's unread bytes are.
         if (peer := self._peer) is not None:
-            peer._peer_gone = True
+            peer._peer_closed = True
             peer._schedule()
         self._lose(None)
 
@@ -170,23 +192,25 @@ class InProcessTransport(asyncio.Transport):
         return 0 if peer is None else peer._inbox_size
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"data argument must be a bytes-like object, not {type(data).__name__!r}")
-        peer = self._peer
-        if not data or peer is None or self.is_closing():
-            return
-        # A copy: the caller may reuse its buffer once write() returns, as with a socket.
-        chunk = bytes(data)
-        peer._inbox.append(chunk)
-        peer._inbox_size += len(chunk)
-        peer._schedule()
+        self._append(data)
+        self._check_writer()
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        # Each piece as it is, without joining them first: the peer reads them as one stream.
+        for data in list_of_data:
+            self._append(data)
         self._check_writer()
 
     def can_write_eof(self) -> bool:
-        return False
+        return True
 
     def write_eof(self) -> None:
-        raise NotImplementedError("in-process connections do not half-close")
+        if self._eof_written or self.is_closing():
+            return
+        self._eof_written = True
+        if (peer := self._peer) is not None:
+            peer._peer_eof = True
+            peer._schedule()
 
     def abort(self) -> None:
         if self._lost:
@@ -194,7 +218,7 @@ class InProcessTransport(asyncio.Transport):
         self._closed = True
         peer = self._peer
         if peer is not None and not peer._lost:
-            peer._peer_gone = True
+            peer._peer_closed = True
             peer._lose(ConnectionResetError(errno.ECONNRESET, "connection reset by peer"))
         self._lose(None)
 
@@ -204,33 +228,58 @@ class InProcessTransport(asyncio.Transport):
         self._protocol = protocol
         self._peer = peer
 
+    def _append(self, data: bytes | bytearray | memoryview) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data argument must be a bytes-like object, not {type(data).__name__!r}")
+        if self._eof_written:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        peer = self._peer
+        if not data or peer is None or self.is_closing():
+            return
+        # A copy: the caller may reuse its buffer once write() returns, as with a socket
+        # (asyncio's sendfile fallback reads every piece of the file into one buffer).
+        chunk = bytes(data)
+        peer._inbox.append(chunk)
+        peer._inbox_size += len(chunk)
+        peer._schedule()
+
     def _schedule(self) -> None:
         if self._pump_handle is None and not self._lost:
             self._pump_handle = self._loop.call_soon(self._pump, context=self._context)
 
     def _pump(self) -> None:
-        """Move waiting bytes (and, after the last of them, the peer's close) to the protocol."""
+        """Move waiting bytes (and, after the last of them, the peer's EOF or close) to the protocol."""
         self._pump_handle = None
         if self._lost:
             return
-        if self._peer_gone and self._writing_paused:
+        if self._peer_closed and self._protocol_paused:
             # Nobody will read what this end writes any more; a protocol waiting to write
             # must wake up and find the transport closing rather than wait forever.
-            self._writing_paused = False
+            self._protocol_paused = False
             self._call_protocol("resume_writing")
-        if self._inbox and not self._reading_paused:
-            data = self._take(_MAX_READ)
-            self._call_protocol("data_received", data)
+            if self._lost:
+                return
+        if self._reading_paused:
+            return  # resume_reading() schedules the rest
+        if self._inbox:
+            self._deliver(self._take(_MAX_READ))
             if (peer := self._peer) is not None:
                 peer._check_writer()
-        if self._lost:
+            if not self._lost and (self._inbox or self._peer_closed or self._peer_eof):
+                self._schedule()  # the rest on a later turn, after other callbacks had theirs
             return
-        if self._inbox:
-            if not self._reading_paused:
-                self._schedule()
-        elif self._peer_gone:
+        if self._peer_closed:
             # Everything the peer wrote has been read: now its close arrives.
-            self._lose(None, eof=True)
+            if not self._eof_delivered:
+                self._eof_delivered = True
+                self._call_protocol("eof_received")
+            self._lose(None)
+        elif self._peer_eof and not self._eof_delivered:
+            self._eof_delivered = True
+            # As asyncio's socket transports do: a protocol that does not ask to keep the
+            # connection open after the peer's EOF gets it closed.
+            if not self._call_protocol("eof_received"):
+                self.close()
 
     def _take(self, limit: int) -> bytes:
         parts: list[bytes] = []
@@ -255,24 +304,32 @@ class InProcessTransport(asyncio.Transport):
         self._inbox_offset = 0
         self._inbox_size = 0
 
+    def _deliver(self, data: bytes) -> None:
+        protocol = self._protocol
+        if isinstance(protocol, asyncio.BufferedProtocol):
+            self._guarded("protocol.get_buffer()/buffer_updated()", _feed_buffered, protocol, data)
+        elif isinstance(protocol, asyncio.Protocol):
+            self._guarded("protocol.data_received()", protocol.data_received, data)
+
     def _check_writer(self) -> None:
         """Pause or resume this end's protocol's writing by how much of it waits unread."""
         if self._lost:
             return
         waiting = self.get_write_buffer_size()
-        if not self._writing_paused and waiting > self._high_water and not self._peer_gone:
-            self._writing_paused = True
+        if not self._protocol_paused and waiting > self._high_water and not self._peer_closed:
+            self._protocol_paused = True
             self._call_protocol("pause_writing")
-        elif self._writing_paused and waiting <= self._low_water:
-            self._writing_paused = False
+        elif self._protocol_paused and waiting <= self._low_water:
+            self._protocol_paused = False
             self._call_protocol("resume_writing")
 
-    def _call_protocol(self, method: str, *args: Any) -> None:
+    def _call_protocol(self, method: str) -> Any:
         protocol = self._protocol
-        if protocol is None:
-            return
+        return None if protocol is None else self._guarded(f"protocol.{method}()", getattr(protocol, method))
+
+    def _guarded(self, what: str, function: Callable[..., Any], *args: Any) -> Any:
         try:
-            getattr(protocol, method)(*args)
+            return function(*args)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
@@ -280,15 +337,16 @@ class InProcessTransport(asyncio.Transport):
             # connection in an unknown state, so report it and end the connection.
             self._loop.call_exception_handler(
                 {
-                    "message": f"in-process connection: protocol.{method}() failed",
+                    "message": f"in-process connection: {what} failed",
                     "exception": exc,
                     "transport": self,
-                    "protocol": protocol,
+                    "protocol": self._protocol,
                 }
             )
             self.abort()
+            return None
 
-    def _lose(self, exc: Exception | None, *, eof: bool = False) -> None:
+    def _lose(self, exc: Exception | None) -> None:
         if self._lost:
             return
         self._lost = True
@@ -296,20 +354,31 @@ class InProcessTransport(asyncio.Transport):
             self._pump_handle.cancel()
             self._pump_handle = None
         self._drop_inbox()
-        self._loop.call_soon(self._connection_lost, exc, eof, context=self._context)
+        self._loop.call_soon(self._connection_lost, exc, context=self._context)
 
-    def _connection_lost(self, exc: Exception | None, eof: bool) -> None:
+    def _connection_lost(self, exc: Exception | None) -> None:
         protocol = self._protocol
         try:
             if protocol is not None:
-                if eof:
-                    protocol.eof_received()
                 protocol.connection_lost(exc)
         finally:
             # Break the cycle between the two ends once this one is finished.
             peer, self._peer = self._peer, None
             if peer is not None and peer._lost:
                 peer._peer = None
+
+
+def _feed_buffered(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
+    """Hand ``data`` to a buffered protocol through the buffers it offers, as asyncio does."""
+    view = memoryview(data)
+    while view:
+        buffer = memoryview(protocol.get_buffer(len(view))).cast("B")
+        size = min(len(buffer), len(view))
+        if not size:
+            raise RuntimeError("get_buffer() returned an empty buffer")
+        buffer[:size] = view[:size]
+        protocol.buffer_updated(size)
+        view = view[size:]
 
 
 def transport_pair(

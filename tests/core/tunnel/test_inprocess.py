@@ -71,6 +71,8 @@ class Recorder(asyncio.Protocol):
         self.events: list[tuple[str, Any]] = []
         self.data = bytearray()
         self.chunks: list[int] = []
+        #: What eof_received() answers: True keeps the connection open after the peer's EOF.
+        self.keep_open = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, InProcessTransport)
@@ -84,7 +86,7 @@ class Recorder(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self.events.append(("eof", None))
-        return None
+        return self.keep_open or None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.events.append(("lost", exc))
@@ -141,9 +143,7 @@ async def test_extra_info_names_the_visitor_on_the_server_end() -> None:
         assert end.get_extra_info("socket") is None
         assert end.get_extra_info("sslcontext") is None
         assert end.get_extra_info("missing", "dflt") == "dflt"
-        assert end.can_write_eof() is False
-        with pytest.raises(NotImplementedError):
-            end.write_eof()
+        assert end.can_write_eof() is True
     client_end.close()
     await settle()
 
@@ -242,6 +242,219 @@ async def test_abort_drops_everything_and_resets_the_peer() -> None:
     assert [event for event, _ in server.events] == ["made", "lost"]
     assert isinstance(server.events[-1][1], ConnectionResetError)
     assert not pending_callbacks(asyncio.get_running_loop())
+
+
+async def test_write_eof_half_closes_and_the_reader_closes_unless_it_keeps_open() -> None:
+    # The reader does not ask to stay open: after the data and the EOF its end closes, so the
+    # half-closed writer gets its EOF and loses the connection too, as over TCP.
+    client, server, client_end, server_end = make_pair()
+    client_end.write(b"request")
+    client_end.write_eof()
+    client_end.write_eof()  # again: nothing more happens
+    assert not client_end.is_closing()
+    with pytest.raises(RuntimeError):
+        client_end.write(b"after eof")
+    await settle()
+    assert server.data == b"request"
+    assert server.events == [("made", None), ("eof", None), ("lost", None)]
+    assert client.events == [("made", None), ("eof", None), ("lost", None)]
+
+    # The reader keeps the connection open: it answers, the half-closed end still reads.
+    client, server, client_end, server_end = make_pair()
+    server.keep_open = True
+    client_end.write(b"question")
+    client_end.write_eof()
+    await settle()
+    assert server.events == [("made", None), ("eof", None)]
+    server_end.write(b"answer")
+    server_end.writelines([b" in ", bytearray(b"three "), memoryview(b"parts")])
+    server_end.close()
+    await settle()
+    assert client.data == b"answer in three parts"
+    assert client.events == [("made", None), ("eof", None), ("lost", None)]
+    assert server.count("lost") == 1
+    assert not pending_callbacks(asyncio.get_running_loop())
+
+
+async def test_nothing_arrives_while_reading_is_paused_not_even_the_end() -> None:
+    # A socket whose reader is paused does not see its peer's FIN either; asyncio's sendfile
+    # fallback fails if a paused transport hands its protocol data or an EOF.
+    client, server, client_end, server_end = make_pair()
+    server_end.pause_reading()
+    client_end.close()
+    await settle()
+    assert server.events == [("made", None)]
+    assert server_end.is_closing() and not server_end.is_reading()
+
+    server_end.resume_reading()
+    await settle()
+    assert server.events == [("made", None), ("eof", None), ("lost", None)]
+
+    client, server, client_end, server_end = make_pair()
+    server_end.pause_reading()
+    client_end.write_eof()
+    await settle()
+    assert server.events == [("made", None)]
+    server_end.resume_reading()
+    await settle()
+    assert server.count("eof") == 1
+    assert client.events[-1] == ("lost", None)
+
+
+async def test_writelines_copies_each_piece_and_counts_towards_flow_control() -> None:
+    client, server, client_end, _ = make_pair()
+    buffer = bytearray(b"a" * (40 << 10))
+    client_end.writelines([buffer, memoryview(buffer)])  # 80 KiB waiting: above the mark
+    buffer[:] = b"b" * len(buffer)  # reusing the buffer at once must not change what was sent
+    assert client.count("pause_writing") == 1
+    assert client_end.get_write_buffer_size() == 80 << 10
+    with pytest.raises(TypeError):
+        client_end.writelines([b"ok", "text"])  # type: ignore[list-item]
+    await settle()
+    assert server.data[: 80 << 10] == b"a" * (80 << 10)
+    assert server.data[80 << 10 :] == b"ok"
+    assert client.count("resume_writing") == 1
+    client_end.close()
+    await settle()
+
+
+class Buffered(asyncio.BufferedProtocol):
+    """A buffered protocol that offers a small buffer, so data arrives in many pieces."""
+
+    def __init__(self, size: int) -> None:
+        self.buffer = bytearray(size)
+        self.data = bytearray()
+        self.pieces = 0
+        self.lost: list[Exception | None] = []
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data += self.buffer[:nbytes]
+        self.pieces += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.append(exc)
+
+
+async def test_a_buffered_protocol_gets_the_stream_through_its_buffers() -> None:
+    client = Recorder()
+    buffered = Buffered(1000)
+    client_end, server_end = transport_pair(client, Recorder(), peer_address="198.51.100.4")
+    server_end.set_protocol(buffered)
+    payload = bytes(range(256)) * 40
+    client_end.write(payload)
+    client_end.close()
+    await settle()
+    assert buffered.data == payload
+    assert buffered.pieces == 11
+    assert buffered.lost == [None]
+    with pytest.raises(TypeError):
+        server_end.set_protocol(asyncio.DatagramProtocol())
+
+
+async def test_set_protocol_sends_the_next_bytes_to_the_new_protocol() -> None:
+    _, server, client_end, server_end = make_pair()
+    client_end.write(b"first")
+    await settle()
+    other = Recorder()
+    server_end.set_protocol(other)
+    assert server_end.get_protocol() is other
+    client_end.write(b"second")
+    client_end.close()
+    await settle()
+    assert (server.data, other.data) == (b"first", b"second")
+    assert other.events == [("eof", None), ("lost", None)]
+    assert server.count("lost") == 0
+
+
+async def test_a_protocol_that_fails_on_data_ends_the_connection_and_is_reported() -> None:
+    class Failing(Recorder):
+        def data_received(self, data: bytes) -> None:
+            raise ValueError("cannot take this")
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        client, failing = Recorder(), Failing()
+        client_end, _ = transport_pair(client, failing, peer_address="198.51.100.4")
+        client_end.write(b"poison")
+        await settle()
+    finally:
+        loop.set_exception_handler(None)
+    assert [type(context["exception"]) for context in reported] == [ValueError]
+    assert "data_received" in reported[0]["message"]
+    assert isinstance(client.events[-1][1], ConnectionResetError)
+    assert failing.events[-1] == ("lost", None)
+
+
+async def test_a_server_may_write_in_connection_made() -> None:
+    class Greeter(Recorder):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(b"220 hello\r\n")
+
+    client = Recorder()
+    client_end, _ = transport_pair(client, Greeter(), peer_address="198.51.100.4")
+    await settle()
+    assert client.data == b"220 hello\r\n"
+    client_end.close()
+    await settle()
+
+
+async def test_loop_sendfile_copies_a_file_under_flow_control(tmp_path: Any) -> None:
+    # What aiohttp's FileResponse does: loop.sendfile(transport, file, offset, count). asyncio
+    # copies in pieces, waiting whenever the reader is behind: the reader stops, so does the copy.
+    client, server, client_end, server_end = make_pair()
+    path = tmp_path / "file.bin"
+    size = 3 * MB + 123
+    with path.open("wb") as out:
+        async for block in pattern(size):
+            out.write(block)
+    client_end.pause_reading()
+    loop = asyncio.get_running_loop()
+    with path.open("rb") as file:
+        copy = asyncio.create_task(loop.sendfile(server_end, file, 1000, size - 2000))
+        await asyncio.sleep(0.2)
+        assert not copy.done()
+        low, high = server_end.get_write_buffer_limits()
+        assert high < server_end.get_write_buffer_size() <= high + (16 << 10)
+        assert server.count("pause_writing") == 0, "the copy's own pausing reached the protocol"
+        client_end.resume_reading()
+        assert await asyncio.wait_for(copy, 10) == size - 2000
+        assert file.tell() == size - 1000
+    await settle()
+    expected = b"".join([block async for block in pattern(size)])[1000:-1000]
+    assert client.data == expected
+    # The transport is the server protocol's again, reading as before.
+    assert server_end.get_protocol() is server and server_end.is_reading()
+    client_end.write(b"still there")
+    await settle()
+    assert server.data == b"still there"
+    client_end.close()
+    await settle()
+
+
+async def test_loop_sendfile_to_a_reader_that_leaves_fails_and_restores_the_protocol(tmp_path: Any) -> None:
+    client, server, client_end, server_end = make_pair()
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"x" * (2 * MB))
+    client_end.pause_reading()
+    with path.open("rb") as file:
+        copy = asyncio.create_task(asyncio.get_running_loop().sendfile(server_end, file))
+        await asyncio.sleep(0.1)
+        client_end.close()
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(copy, 5)
+    await settle()
+    assert server_end.get_protocol() is server
+    assert server.events[-2:] == [("eof", None), ("lost", None)]
+    with pytest.raises(RuntimeError, match="closing"):
+        with path.open("rb") as file:
+            await asyncio.get_running_loop().sendfile(server_end, file)
 
 
 # -- a real aiohttp application behind the in-process session ----------------------------------
