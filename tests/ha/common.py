@@ -3,20 +3,38 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
+from homeassistant.components.http.ban import KEY_BAN_MANAGER
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import HomeAssistant
 from homeassistant.setup import async_setup_component
 
 from custom_components.rproxy.const import DOMAIN
+from rproxy_core import Bridge
 
 from .conftest import TOKEN, free_port
 
-__all__ = ["entry_data", "free_port", "setup_tunnel", "start_homeassistant_http", "wait_for"]
+__all__ = [
+    "claim",
+    "entry_data",
+    "free_port",
+    "homeassistant_tunnel",
+    "setup_tunnel",
+    "start_homeassistant_http",
+    "wait_for",
+]
+
+
+def claim(address: str) -> dict[str, str]:
+    """Headers of a visitor of ``proxied_bridge`` claiming ``address`` (believed: that bridge
+    trusts 127.0.0.0/8)."""
+    return {"X-Forwarded-For": address}
 
 
 def entry_data(bridge_url: str, target_url: str | None = None, *, name: str = "home", token: str = TOKEN) -> dict[str, Any]:
@@ -88,3 +106,27 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 5.0, what: st
                 await asyncio.sleep(0.02)
     except TimeoutError:
         raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+
+
+@asynccontextmanager
+async def homeassistant_tunnel(
+    hass: HomeAssistant, bridge: Bridge, tmp_path: Path, **http_config: Any
+) -> AsyncIterator[MockConfigEntry]:
+    """Home Assistant's HTTP server running (with ``auth`` and ``api``) and a tunnel to it through ``bridge``.
+
+    The ban manager's file goes to ``tmp_path``: a ban must never land in the plugin's shared
+    ``testing_config`` directory (where it would ban the same address in every later test).
+    """
+    await start_homeassistant_http(hass, **http_config)
+    entry: MockConfigEntry | None = None
+    try:
+        if (ban_manager := hass.http.app.get(KEY_BAN_MANAGER)) is not None:
+            ban_manager.path = str(tmp_path / "ip_bans.yaml")
+        assert await async_setup_component(hass, "auth", {})
+        assert await async_setup_component(hass, "api", {})
+        entry = await setup_tunnel(hass, bridge.url, None)
+        yield entry
+    finally:
+        if entry is not None:
+            assert await hass.config_entries.async_unload(entry.entry_id)
+        await hass.http.stop()

@@ -8,6 +8,10 @@ Fixtures for integration tests (besides the plugin's ``hass``, ``hass_client``, 
 - ``home_app``: a running aiohttp app standing in for the web app at home (``home_app.url``):
   ``GET /`` answers ``HELLO``, ``/ws`` echoes WebSocket messages.
 - ``loopback_zeroconf``: a real ``AsyncZeroconf`` bound to 127.0.0.1 only, closed afterwards.
+- ``proxied_bridge``: a real bridge that takes its loopback visitors for a trusted proxy: a
+  visitor sending ``X-Forwarded-For: 203.0.113.7`` (``common.claim``) is, to the bridge, the
+  agent and Home Assistant, the visitor at 203.0.113.7, as behind nginx or a load balancer.
+- ``visitor``: an aiohttp client session for visitors of such a bridge.
 
 ``running_agent(bridge_url, target)`` is an async context manager for a connected
 ``rproxy_core.Agent`` (for tests that need a tunnel without the integration).
@@ -20,8 +24,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from ipaddress import ip_network
 from unittest.mock import patch
 
+import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 from zeroconf import IPVersion
@@ -113,3 +119,25 @@ async def loopback_zeroconf(socket_enabled: None) -> AsyncIterator[AsyncZeroconf
         yield aiozc
     finally:
         await aiozc.async_close()
+
+
+@pytest.fixture
+async def proxied_bridge(socket_enabled: None) -> AsyncIterator[Bridge]:
+    """A real bridge that takes its loopback visitors for a trusted proxy (see the module docstring)."""
+    bridge = Bridge(
+        BridgeConfig(
+            host="127.0.0.1", port=0, tokens=[TOKEN], access_log=False, trusted_proxies=[ip_network("127.0.0.0/8")]
+        )
+    )
+    await bridge.start()
+    try:
+        yield bridge
+    finally:
+        await bridge.stop()
+
+
+@pytest.fixture
+async def visitor(socket_enabled: None) -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client for visitors (each request says who it is with ``common.claim``)."""
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+        yield session

@@ -22,10 +22,8 @@ ban the same address in every later test).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 import hashlib
-from ipaddress import ip_address, ip_network
+from ipaddress import ip_address
 import logging
 from pathlib import Path
 import random
@@ -34,7 +32,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 import pytest
-from pytest_homeassistant_custom_component.common import MockConfigEntry, register_auth_provider
+from pytest_homeassistant_custom_component.common import register_auth_provider
 
 from homeassistant.auth.const import GROUP_ID_USER
 from homeassistant.auth.providers.homeassistant import HassAuthProvider
@@ -46,11 +44,10 @@ from homeassistant.setup import async_setup_component
 
 from custom_components.rproxy.const import DOMAIN
 from custom_components.rproxy.coordinator import RproxyCoordinator
-from rproxy_core import Bridge, BridgeConfig
+from rproxy_core import Bridge
 from rproxy_core.agent import AgentState
 
-from .common import free_port, setup_tunnel, start_homeassistant_http
-from .conftest import TOKEN
+from .common import claim, free_port, homeassistant_tunnel, setup_tunnel
 
 #: What the login flows are asked for; Home Assistant's indieauth accepts any http(s) URL
 #: as a client id and a redirect URI on the client's own host.
@@ -65,33 +62,6 @@ WHOAMI_PATH = "/api/rproxy_test/whoami"
 BIG_PATH = "/api/rproxy_test/big"
 #: Just over 5 MB, not a multiple of any buffer size.
 BIG_SIZE = 5 * 1024 * 1024 + 4321
-
-
-def claim(address: str) -> dict[str, str]:
-    """Headers of a visitor claiming ``address`` (believed: the bridge trusts 127.0.0.0/8)."""
-    return {"X-Forwarded-For": address}
-
-
-@pytest.fixture
-async def proxied_bridge(socket_enabled: None) -> AsyncIterator[Bridge]:
-    """A real bridge that takes its loopback visitors for a trusted proxy (see module docstring)."""
-    bridge = Bridge(
-        BridgeConfig(
-            host="127.0.0.1", port=0, tokens=[TOKEN], access_log=False, trusted_proxies=[ip_network("127.0.0.0/8")]
-        )
-    )
-    await bridge.start()
-    try:
-        yield bridge
-    finally:
-        await bridge.stop()
-
-
-@pytest.fixture
-async def visitor(socket_enabled: None) -> AsyncIterator[aiohttp.ClientSession]:
-    """An HTTP client for visitors (each request says who it is with ``claim``)."""
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
-        yield session
 
 
 class WhoAmIView(HomeAssistantView):
@@ -130,26 +100,6 @@ class BigView(HomeAssistantView):
             piece += 1
         await response.write_eof()
         return response
-
-
-@asynccontextmanager
-async def homeassistant_tunnel(
-    hass: HomeAssistant, bridge: Bridge, tmp_path: Path, **http_config: Any
-) -> AsyncIterator[MockConfigEntry]:
-    """Home Assistant's HTTP server running (with ``auth`` and ``api``) and a tunnel to it through ``bridge``."""
-    await start_homeassistant_http(hass, **http_config)
-    entry: MockConfigEntry | None = None
-    try:
-        if (ban_manager := hass.http.app.get(KEY_BAN_MANAGER)) is not None:
-            ban_manager.path = str(tmp_path / "ip_bans.yaml")  # see the module docstring
-        assert await async_setup_component(hass, "auth", {})
-        assert await async_setup_component(hass, "api", {})
-        entry = await setup_tunnel(hass, bridge.url, None)
-        yield entry
-    finally:
-        if entry is not None:
-            assert await hass.config_entries.async_unload(entry.entry_id)
-        await hass.http.stop()
 
 
 def is_rproxy_refusal(status: int, body: str) -> bool:

@@ -420,7 +420,7 @@ async def test_loop_sendfile_copies_a_file_under_flow_control(tmp_path: Any) -> 
         copy = asyncio.create_task(loop.sendfile(server_end, file, 1000, size - 2000))
         await asyncio.sleep(0.2)
         assert not copy.done()
-        low, high = server_end.get_write_buffer_limits()
+        _low, high = server_end.get_write_buffer_limits()
         assert high < server_end.get_write_buffer_size() <= high + (16 << 10)
         assert server.count("pause_writing") == 0, "the copy's own pausing reached the protocol"
         client_end.resume_reading()
@@ -439,7 +439,7 @@ async def test_loop_sendfile_copies_a_file_under_flow_control(tmp_path: Any) -> 
 
 
 async def test_loop_sendfile_to_a_reader_that_leaves_fails_and_restores_the_protocol(tmp_path: Any) -> None:
-    client, server, client_end, server_end = make_pair()
+    _client, server, client_end, server_end = make_pair()
     path = tmp_path / "file.bin"
     path.write_bytes(b"x" * (2 * MB))
     client_end.pause_reading()
@@ -452,9 +452,8 @@ async def test_loop_sendfile_to_a_reader_that_leaves_fails_and_restores_the_prot
     await settle()
     assert server_end.get_protocol() is server
     assert server.events[-2:] == [("eof", None), ("lost", None)]
-    with pytest.raises(RuntimeError, match="closing"):
-        with path.open("rb") as file:
-            await asyncio.get_running_loop().sendfile(server_end, file)
+    with pytest.raises(RuntimeError, match="closing"), path.open("rb") as file:
+        await asyncio.get_running_loop().sendfile(server_end, file)
 
 
 # -- a real aiohttp application behind the in-process session ----------------------------------

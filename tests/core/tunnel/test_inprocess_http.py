@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from email.utils import format_datetime
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
 from typing import Any
 
@@ -282,7 +282,7 @@ def test_range_requests(run: Run, files: Files, path: str) -> None:
             modified = response.headers["Last-Modified"]
         async with served.session.get(URL + path, headers={"Range": "bytes=0-9", "If-Range": modified}) as response:
             assert (response.status, await response.read()) == (206, data_at(0, 10))
-        older = format_datetime(datetime(2001, 1, 1, tzinfo=timezone.utc), usegmt=True)
+        older = format_datetime(datetime(2001, 1, 1, tzinfo=UTC), usegmt=True)
         async with served.session.get(URL + path, headers={"Range": "bytes=0-9", "If-Range": older}) as response:
             assert response.status == 200
             assert response.headers["Content-Length"] == str(size)
@@ -306,7 +306,7 @@ def test_head_and_conditional_get(run: Run, files: Files, path: str) -> None:
         async with served.session.get(URL + path, headers={**IDENTITY, "If-Modified-Since": modified}) as response:
             assert response.status == 304
         # The file changes: the old validators no longer match.
-        later = datetime.now(timezone.utc) + timedelta(seconds=10)
+        later = datetime.now(UTC) + timedelta(seconds=10)
         (files.root / "app.js").write_bytes(files.script + b"//changed\n")
         os.utime(files.root / "app.js", (later.timestamp(), later.timestamp()))
         async with served.session.get(URL + path, headers={**IDENTITY, "If-None-Match": etag}) as response:
