@@ -453,6 +453,9 @@ class Agent:
             with the websockets library.
         in_process: ``session`` reaches a server in this process (``create_inprocess_session``).
         admit: a visitor check, see :class:`Upstream`.
+        service_session: with ``in_process``, the session for the web ``services``, which are
+            reached over the network (the ``admit`` check is the main app's only). Without it an
+            in-process agent offers no web services.
     """
 
     def __init__(
@@ -463,6 +466,7 @@ class Agent:
         tunnel_session: aiohttp.ClientSession | None = None,
         in_process: bool = False,
         admit: Callable[[str], str | None] | None = None,
+        service_session: aiohttp.ClientSession | None = None,
     ) -> None:
         config.validate()
         self.config = config
@@ -481,6 +485,7 @@ class Agent:
         self._tunnel_session = tunnel_session
         self._in_process = in_process
         self._admit = admit
+        self._service_session = service_session
         #: Each service's kind and current target ("" is the main web app); None: a
         #: ``zeroconf:NAME`` app not found yet.
         self._kinds: dict[str, str] = {}
@@ -488,7 +493,7 @@ class Agent:
         for service, target in ([("", config.target)] if config.target else []) + list(config.services.items()):
             self._kinds[service] = check_service(service or "main", target) if service else KIND_HTTP
             self._targets[service] = None if _is_deferred_target(target) else target.strip()
-        if in_process and any(kind == KIND_HTTP for service, kind in self._kinds.items() if service):
+        if in_process and service_session is None and any(kind == KIND_HTTP for service, kind in self._kinds.items() if service):
             raise ConfigError("an in-process agent serves its own app only: web services need their own agent")
         #: What serves each service's streams, while the agent runs.
         self._handlers: dict[str, Upstream | TcpService] = {}
@@ -518,14 +523,18 @@ class Agent:
                 host, port = parse_tcp_target(target)
                 self._handlers[service] = TcpService(service, host, port)
                 continue
+            # An in-process agent's web services are apps on the network: their own session.
+            networked = self._in_process and bool(service)
+            session = self._service_session if networked else self._session
+            assert session is not None  # __init__ refused web services without one
             self._handlers[service] = Upstream(
                 target,
-                self._session,
+                session,
                 request_timeout=config.request_timeout,
                 forward_headers=config.forward_headers,
                 visitor_credentials=config.visitor_credentials,
-                in_process=self._in_process,
-                admit=self._admit,
+                in_process=self._in_process and not networked,
+                admit=None if networked else self._admit,
             )
         self.failure = None
         if is_cleartext_remote(config.bridge):

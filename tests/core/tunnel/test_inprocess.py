@@ -19,12 +19,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from rproxy_core import Agent, AgentConfig
 from rproxy_core.agent.inprocess import (
     VISITOR_ADDRESS,
     InProcessTransport,
     create_inprocess_session,
     transport_pair,
 )
+from rproxy_core.exceptions import ConfigError
+from tests.conftest import TOKEN, running_bridge, start_app, wait_for_tunnel
 
 MB = 1 << 20
 BLOCK = 64 << 10
@@ -807,3 +810,49 @@ async def test_connections_are_never_reused(served: Served) -> None:
     await settle()
     assert served.runner.server is not None and served.runner.server.connections == []
     assert [remote for remote, _ in served.home.remotes] == ["192.0.2.10", "192.0.2.11", "192.0.2.12"]
+
+
+async def test_an_in_process_agent_serves_web_services_on_the_network_through_their_own_session(
+    served: Served,
+) -> None:
+    """The main app in-process (the visitor as its peer, no forwarded headers, the visitor check
+    applied); a web service on the network through ``service_session`` (the bridge's forwarded
+    headers, no visitor check); without that session an in-process agent refuses web services."""
+    seen: list[tuple[str | None, str | None]] = []
+
+    async def garden(request: web.Request) -> web.Response:
+        seen.append((request.remote, request.headers.get("X-Forwarded-For")))
+        return web.Response(text="garden app")
+
+    app = web.Application()
+    app.router.add_get("/", garden)
+    garden_runner, garden_url = await start_app(app)
+    admitted: list[str] = []
+
+    def admit(address: str) -> str | None:
+        admitted.append(address)
+        return None
+
+    config = AgentConfig(bridge="", token=TOKEN, target="http://homeassistant.inprocess", agent_id="in-process",
+                         services={"garden": garden_url, "ssh": "tcp://127.0.0.1:22"})
+    try:
+        async with running_bridge(domain="example.com") as bridge:
+            config.bridge = bridge.url
+            with pytest.raises(ConfigError, match="web services"):
+                Agent(config, session=served.session, in_process=True)
+            async with aiohttp.ClientSession() as service_session, aiohttp.ClientSession() as visitor:
+                agent = Agent(config, session=served.session, in_process=True, admit=admit,
+                              service_session=service_session)
+                await agent.start()
+                try:
+                    await wait_for_tunnel(bridge)
+                    async with visitor.get(bridge.url + "/whoami", headers={"Host": "home.example.com"}) as response:
+                        assert (await response.json())["remote"] == "127.0.0.1"
+                    async with visitor.get(bridge.url + "/", headers={"Host": "garden.home.example.com"}) as response:
+                        assert await response.text() == "garden app"
+                finally:
+                    await agent.stop()
+    finally:
+        await garden_runner.cleanup()
+    assert admitted == ["127.0.0.1"], "the visitor check is the main app's, not the services'"
+    assert seen == [("127.0.0.1", "127.0.0.1")]
