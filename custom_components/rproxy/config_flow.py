@@ -43,7 +43,9 @@ from .const import (
     CONF_BRIDGE_URL,
     CONF_EXPOSED,
     CONF_FORWARD_HEADERS,
+    CONF_PUBLIC_URL,
     CONF_REQUEST_TIMEOUT,
+    CONF_SERVICES,
     CONF_TARGET,
     CONF_TARGET_NAME,
     CONF_TARGET_URL,
@@ -61,11 +63,14 @@ from .const import (
 )
 from .coordinator import agent_id, cleartext_bridge
 from .discovery import DiscoveredApp, app_from_service_info, discovered_apps
+from .service_list import ServiceError, is_tcp, parse_services, service_lines
 
 _LOGGER = logging.getLogger(__package__)
 
 _PASSWORD = TextSelector(TextSelectorConfig(type=TextSelectorType.PASSWORD))
 _URL = TextSelector(TextSelectorConfig(type=TextSelectorType.URL))
+#: One ``NAME=URL`` per field, as ``rproxy agent --service`` takes them.
+_SERVICES = TextSelector(TextSelectorConfig(multiple=True))
 
 #: Time the target step's check of a typed URL may take.
 _URL_CHECK_TIMEOUT = 10
@@ -408,49 +413,90 @@ class RproxyConfigFlow(ConfigFlow, domain=DOMAIN):
 
 
 class RproxyOptionsFlow(OptionsFlow):
-    """Request timeout, visitor authentication, forwarded headers."""
+    """Request timeout, the public address, extra services; for a web app other than Home
+    Assistant also visitor authentication and forwarded headers."""
 
     async def async_step_init(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
-        """One form for all options."""
+        """One form for all options that apply to this tunnel's target."""
         entry = self.config_entry
+        homeassistant = entry.data[CONF_TARGET] == TARGET_HOMEASSISTANT
         errors: dict[str, str] = {}
+        placeholders = {"service": ""}
         if user_input is not None:
-            if user_input[CONF_VISITOR_AUTH] == VISITOR_AUTH_BASIC:
-                if entry.data[CONF_TARGET] == TARGET_HOMEASSISTANT:
-                    errors[CONF_VISITOR_AUTH] = "basic_auth_homeassistant"
-                elif not user_input.get(CONF_VISITOR_USERNAME) or ":" in user_input[CONF_VISITOR_USERNAME]:
+            if not homeassistant and user_input.get(CONF_VISITOR_AUTH) == VISITOR_AUTH_BASIC:
+                if not user_input.get(CONF_VISITOR_USERNAME) or ":" in user_input[CONF_VISITOR_USERNAME]:
                     errors[CONF_VISITOR_USERNAME] = "invalid_username"
                 elif not user_input.get(CONF_VISITOR_PASSWORD):
                     errors[CONF_VISITOR_PASSWORD] = "password_required"
+            if public_url := (user_input.get(CONF_PUBLIC_URL) or "").strip():
+                url = _parse_url(public_url)
+                if url is None or url.scheme not in ("http", "https") or not url.host:
+                    errors[CONF_PUBLIC_URL] = "invalid_public_url"
+                else:
+                    user_input[CONF_PUBLIC_URL] = public_url
+            else:
+                user_input.pop(CONF_PUBLIC_URL, None)
+            try:
+                services = parse_services(user_input.get(CONF_SERVICES) or ())
+                for name, target in services.items():
+                    if not is_tcp(target) and await _is_this_homeassistant(self.hass, URL(target)):
+                        raise ServiceError("service_is_homeassistant", name)
+            except ServiceError as err:
+                errors[CONF_SERVICES] = err.key
+                placeholders["service"] = err.service
+            else:
+                if services:
+                    user_input[CONF_SERVICES] = service_lines(services)
+                else:
+                    user_input.pop(CONF_SERVICES, None)
             if not errors:
                 # The switch's state lives in the options too: keep it, and only it (a field
-                # the user emptied, such as a password, must go).
+                # the user emptied, such as a password, must go, and so must options that do
+                # not apply to this target).
                 kept = {CONF_EXPOSED: entry.options[CONF_EXPOSED]} if CONF_EXPOSED in entry.options else {}
                 return self.async_create_entry(data={**kept, **user_input})
         current = user_input or entry.options
-        schema = vol.Schema(
+        fields: dict[vol.Marker, Any] = {
+            vol.Required(
+                CONF_REQUEST_TIMEOUT, default=current.get(CONF_REQUEST_TIMEOUT, DEFAULT_REQUEST_TIMEOUT)
+            ): NumberSelector(
+                NumberSelectorConfig(min=1, max=600, step=1, unit_of_measurement="s", mode=NumberSelectorMode.BOX)
+            ),
+        }
+        if not homeassistant:
+            fields.update(
+                {
+                    vol.Required(
+                        CONF_VISITOR_AUTH, default=current.get(CONF_VISITOR_AUTH, VISITOR_AUTH_NONE)
+                    ): SelectSelector(
+                        SelectSelectorConfig(
+                            options=[VISITOR_AUTH_NONE, VISITOR_AUTH_BASIC], translation_key=CONF_VISITOR_AUTH
+                        )
+                    ),
+                    vol.Optional(
+                        CONF_VISITOR_USERNAME, description={"suggested_value": current.get(CONF_VISITOR_USERNAME)}
+                    ): str,
+                    vol.Optional(
+                        CONF_VISITOR_PASSWORD, description={"suggested_value": current.get(CONF_VISITOR_PASSWORD)}
+                    ): _PASSWORD,
+                    vol.Required(
+                        CONF_FORWARD_HEADERS, default=list(current.get(CONF_FORWARD_HEADERS, FORWARDED_HEADERS))
+                    ): SelectSelector(SelectSelectorConfig(options=list(FORWARDED_HEADERS), multiple=True)),
+                }
+            )
+        fields.update(
             {
-                vol.Required(
-                    CONF_REQUEST_TIMEOUT, default=current.get(CONF_REQUEST_TIMEOUT, DEFAULT_REQUEST_TIMEOUT)
-                ): NumberSelector(
-                    NumberSelectorConfig(min=1, max=600, step=1, unit_of_measurement="s", mode=NumberSelectorMode.BOX)
-                ),
-                vol.Required(
-                    CONF_VISITOR_AUTH, default=current.get(CONF_VISITOR_AUTH, VISITOR_AUTH_NONE)
-                ): SelectSelector(
-                    SelectSelectorConfig(
-                        options=[VISITOR_AUTH_NONE, VISITOR_AUTH_BASIC], translation_key=CONF_VISITOR_AUTH
-                    )
-                ),
                 vol.Optional(
-                    CONF_VISITOR_USERNAME, description={"suggested_value": current.get(CONF_VISITOR_USERNAME)}
-                ): str,
+                    CONF_PUBLIC_URL, description={"suggested_value": current.get(CONF_PUBLIC_URL)}
+                ): _URL,
                 vol.Optional(
-                    CONF_VISITOR_PASSWORD, description={"suggested_value": current.get(CONF_VISITOR_PASSWORD)}
-                ): _PASSWORD,
-                vol.Required(
-                    CONF_FORWARD_HEADERS, default=list(current.get(CONF_FORWARD_HEADERS, FORWARDED_HEADERS))
-                ): SelectSelector(SelectSelectorConfig(options=list(FORWARDED_HEADERS), multiple=True)),
+                    CONF_SERVICES, description={"suggested_value": list(current.get(CONF_SERVICES) or [])}
+                ): _SERVICES,
             }
         )
-        return self.async_show_form(step_id="init", data_schema=schema, errors=errors)
+        return self.async_show_form(
+            step_id="init",
+            data_schema=vol.Schema(fields),
+            errors=errors,
+            description_placeholders=placeholders,
+        )

@@ -20,6 +20,11 @@ CONF_VISITOR_AUTH: Final = "visitor_auth"
 CONF_VISITOR_USERNAME: Final = "visitor_username"
 CONF_VISITOR_PASSWORD: Final = "visitor_password"
 CONF_FORWARD_HEADERS: Final = "forward_headers"
+#: More apps over the same tunnel, as ``NAME=URL`` lines (``rproxy agent --service``): web apps
+#: (http:// or https://), visited as NAME.<tunnel>.<domain>, and TCP services (tcp://HOST:PORT).
+CONF_SERVICES: Final = "services"
+#: The address visitors open, where the bridge cannot know it (set by the user).
+CONF_PUBLIC_URL: Final = "public_url"
 #: Whether the tunnel is up; the switch entity flips it and it survives restarts.
 CONF_EXPOSED: Final = "exposed"
 
@@ -29,6 +34,13 @@ TARGET_URL: Final = "url"
 
 VISITOR_AUTH_NONE: Final = "none"
 VISITOR_AUTH_BASIC: Final = "basic"
+
+#: Where the Public URL sensor's address comes from (its ``source`` attribute).
+PUBLIC_URL_FROM_BRIDGE: Final = "bridge"
+PUBLIC_URL_FROM_OPTIONS: Final = "options"
+#: The bridge named an address on this network (it was dialled there and has no domain):
+#: visitors from the internet use another one, which nobody told it.
+PUBLIC_URL_LOCAL_BRIDGE: Final = "local_bridge"
 
 DEFAULT_REQUEST_TIMEOUT: Final = 30
 DEFAULT_TUNNEL_NAME: Final = "home"

@@ -25,12 +25,15 @@ from homeassistant.helpers import issue_registry as ir
 from homeassistant.helpers.aiohttp_client import async_create_clientsession, async_get_clientsession
 from homeassistant.helpers.update_coordinator import DataUpdateCoordinator
 from homeassistant.util.network import is_local
+from yarl import URL
 
 from .const import (
     CONF_BRIDGE_URL,
     CONF_EXPOSED,
     CONF_FORWARD_HEADERS,
+    CONF_PUBLIC_URL,
     CONF_REQUEST_TIMEOUT,
+    CONF_SERVICES,
     CONF_TARGET,
     CONF_TARGET_URL,
     CONF_TUNNEL_NAME,
@@ -40,11 +43,15 @@ from .const import (
     DEFAULT_REQUEST_TIMEOUT,
     DOMAIN,
     HOMEASSISTANT_TARGET_URL,
+    PUBLIC_URL_FROM_BRIDGE,
+    PUBLIC_URL_FROM_OPTIONS,
+    PUBLIC_URL_LOCAL_BRIDGE,
     SETUP_TIMEOUT,
     TARGET_HOMEASSISTANT,
     VISITOR_AUTH_BASIC,
 )
 from .homeassistant_target import homeassistant_server, trusted_networks_refusal
+from .service_list import ServiceError, is_tcp, parse_services, service_addresses
 
 _LOGGER = logging.getLogger(__package__)
 
@@ -57,7 +64,17 @@ class TunnelSnapshot:
 
     state: AgentState
     exposed: bool
+    #: The address visitors open (None: not known, see ``public_url_source``).
     public_url: str | None
+    #: Where ``public_url`` comes from: PUBLIC_URL_FROM_BRIDGE, PUBLIC_URL_FROM_OPTIONS, or
+    #: PUBLIC_URL_LOCAL_BRIDGE (unknown: the bridge named an address on this network); None
+    #: while the tunnel has never been up and nothing is set.
+    public_url_source: str | None
+    #: What the bridge said when the tunnel came up (the address the agent dialled, or
+    #: ``<tunnel>.<domain>``).
+    bridge_public_url: str | None
+    #: Where visitors reach each extra service (see ``service_addresses``).
+    services: dict[str, str | None]
     connected_since: float | None
     #: The agent's counters (kept from the last run while the agent is stopped).
     stats: AgentStats
@@ -84,6 +101,12 @@ class RproxyCoordinator(DataUpdateCoordinator[TunnelSnapshot]):
         self.agent: Agent | None = None
         #: The agent's session to the target, made per start: ours to release at stop.
         self._target_session: aiohttp.ClientSession | None = None
+        #: With Home Assistant as the target, the session to the extra web services.
+        self._service_session: aiohttp.ClientSession | None = None
+        try:
+            self._services = parse_services(entry.options.get(CONF_SERVICES, ()))
+        except ServiceError:  # the agent is refused them too, and setup says why
+            self._services = {}
         self._unsubscribe: list[Any] = []
         self._was_connected = False
         self._reauth_started = False
@@ -93,10 +116,14 @@ class RproxyCoordinator(DataUpdateCoordinator[TunnelSnapshot]):
         )
         #: The options the agent was built with, but for the switch's (see async_set_exposed).
         self.applied_options = {k: v for k, v in entry.options.items() if k != CONF_EXPOSED}
+        public_url, source = self._visitor_url(None)
         self.data = TunnelSnapshot(
             state=AgentState.STOPPED,
             exposed=self.exposed,
-            public_url=None,
+            public_url=public_url,
+            public_url_source=source,
+            bridge_public_url=None,
+            services=self._service_addresses(public_url),
             connected_since=None,
             stats=AgentStats(
                 active_streams=0, requests_served=0, bytes_received=0, bytes_sent=0, rtt=None, reconnects=0
@@ -162,6 +189,9 @@ class RproxyCoordinator(DataUpdateCoordinator[TunnelSnapshot]):
                 await session.close()  # in-process: its connector is ours
             else:
                 session.detach()  # Home Assistant's connector stays with Home Assistant
+        if (session := self._service_session) is not None:
+            self._service_session = None
+            session.detach()
         self._was_connected = False
         self._publish()
 
@@ -228,38 +258,71 @@ class RproxyCoordinator(DataUpdateCoordinator[TunnelSnapshot]):
                 stats=replace(previous.stats, active_streams=0, rtt=None),
                 last_error=None,
             )
+        bridge_url = agent.public_url or self.data.bridge_public_url
+        public_url, source = self._visitor_url(bridge_url)
         return TunnelSnapshot(
             state=agent.state,
             exposed=self.exposed,
-            public_url=agent.public_url,
+            public_url=public_url,
+            public_url_source=source,
+            bridge_public_url=bridge_url,
+            services=self._service_addresses(public_url),
             connected_since=agent.connected_since,
             stats=agent.stats,
             last_error=agent.last_error,
         )
+
+    def _visitor_url(self, bridge_url: str | None) -> tuple[str | None, str | None]:
+        """The address visitors open, and where it comes from (see ``TunnelSnapshot``)."""
+        if configured := self.config_entry.options.get(CONF_PUBLIC_URL):
+            return str(configured), PUBLIC_URL_FROM_OPTIONS
+        if not bridge_url:
+            return None, None
+        if is_local_address(URL(bridge_url).host or ""):
+            # Without a domain the bridge names the address the agent dialled: from here,
+            # and not where visitors from the internet find it.
+            return None, PUBLIC_URL_LOCAL_BRIDGE
+        return bridge_url, PUBLIC_URL_FROM_BRIDGE
+
+    def _service_addresses(self, public_url: str | None) -> dict[str, str | None]:
+        return service_addresses(public_url, self.config_entry.data[CONF_TUNNEL_NAME], self._services)
 
     # Building the agent.
 
     def _build_agent(self) -> Agent:
         hass, entry = self.hass, self.config_entry
         data, options = entry.data, entry.options
+        try:
+            services = parse_services(options.get(CONF_SERVICES, ()))
+        except ServiceError as err:  # stored by hand or by a later version
+            raise ConfigError(f"services: {err.service!r} is not a service the agent can serve ({err.key})") from None
+        # Home Assistant has its own login and learns the visitor's address in-process: a
+        # password in front of it and forwarded headers are for the other web apps only.
         credentials = None
-        if options.get(CONF_VISITOR_AUTH) == VISITOR_AUTH_BASIC:
-            credentials = (options[CONF_VISITOR_USERNAME], options[CONF_VISITOR_PASSWORD])
+        forward_headers = FORWARDED_HEADERS
+        if not self.exposes_homeassistant:
+            if options.get(CONF_VISITOR_AUTH) == VISITOR_AUTH_BASIC:
+                credentials = (options[CONF_VISITOR_USERNAME], options[CONF_VISITOR_PASSWORD])
+            forward_headers = tuple(options.get(CONF_FORWARD_HEADERS, FORWARDED_HEADERS))
         config = AgentConfig(
             bridge=data[CONF_BRIDGE_URL],
             token=data[CONF_TOKEN],
             target=data.get(CONF_TARGET_URL) or HOMEASSISTANT_TARGET_URL,
             name=data[CONF_TUNNEL_NAME],
+            services=services,
             agent_id=agent_id(hass),
             request_timeout=float(options.get(CONF_REQUEST_TIMEOUT, DEFAULT_REQUEST_TIMEOUT)),
-            forward_headers=tuple(options.get(CONF_FORWARD_HEADERS, FORWARDED_HEADERS)),
+            forward_headers=forward_headers,
             visitor_credentials=credentials,
             # The agent refuses such a bridge unless told; entries made before it did keep
             # working, and the insecure_bridge repair tells the user to move to TLS.
             insecure=cleartext_bridge(data[CONF_BRIDGE_URL]),
         )
+        config.validate()  # before any session is made: a refusal leaves nothing to release
         tunnel_session = async_get_clientsession(hass)
         if self.exposes_homeassistant:
+            if any(not is_tcp(target) for target in services.values()):
+                self._service_session = self._network_session()
             self._target_session = create_inprocess_session(lambda: homeassistant_server(hass))
             return Agent(
                 config,
@@ -267,13 +330,17 @@ class RproxyCoordinator(DataUpdateCoordinator[TunnelSnapshot]):
                 tunnel_session=tunnel_session,
                 in_process=True,
                 admit=self._admit_visitor,
+                service_session=self._service_session,
             )
-        # Home Assistant's connection pool, but no cookie jar (visitors must not share one)
-        # and bodies passed through as they are.
-        self._target_session = async_create_clientsession(
-            hass, auto_cleanup=False, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
-        )
+        self._target_session = self._network_session()
         return Agent(config, session=self._target_session, tunnel_session=tunnel_session)
+
+    def _network_session(self) -> aiohttp.ClientSession:
+        """Home Assistant's connection pool, but no cookie jar (visitors must not share one)
+        and bodies passed through as they are."""
+        return async_create_clientsession(
+            self.hass, auto_cleanup=False, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
+        )
 
     def _admit_visitor(self, address: str) -> str | None:
         """Refuse tunnelled visitors Home Assistant would take for local ones.
@@ -316,6 +383,16 @@ class RproxyCoordinator(DataUpdateCoordinator[TunnelSnapshot]):
         elif refusal is None and self._refusing_local_visitors:
             self._refusing_local_visitors = False
             ir.async_delete_issue(self.hass, DOMAIN, visitor_refused_issue_id(entry))
+
+
+def is_local_address(host: str) -> bool:
+    """Whether visitors from the internet cannot use ``host``: a loopback, private or
+    link-local address, ``localhost``, an mDNS ``.local`` name or a name without a dot."""
+    host = host.lower().rstrip(".")
+    try:
+        return is_local(ip_address(host.strip("[]")))
+    except ValueError:
+        return host == "localhost" or host.endswith((".localhost", ".local")) or "." not in host
 
 
 def cleartext_bridge(bridge_url: str) -> bool:

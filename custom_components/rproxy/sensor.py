@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from homeassistant.components.sensor import SensorDeviceClass, SensorEntity, SensorEntityDescription, SensorStateClass
 from homeassistant.const import EntityCategory, UnitOfInformation, UnitOfTime
@@ -23,6 +24,7 @@ class RproxySensorDescription(SensorEntityDescription):
     """A sensor and how to read it from a snapshot."""
 
     value: Callable[[TunnelSnapshot], str | int | float | datetime | None]
+    attributes: Callable[[TunnelSnapshot], Mapping[str, Any]] | None = None
 
 
 def _connected_since(data: TunnelSnapshot) -> datetime | None:
@@ -30,7 +32,12 @@ def _connected_since(data: TunnelSnapshot) -> datetime | None:
 
 
 SENSORS: tuple[RproxySensorDescription, ...] = (
-    RproxySensorDescription(key="public_url", value=lambda data: data.public_url),
+    RproxySensorDescription(
+        key="public_url",
+        value=lambda data: data.public_url,
+        # Why the address is what it is, or unknown; and where the extra services are.
+        attributes=lambda data: {"source": data.public_url_source, "services": data.services},
+    ),
     RproxySensorDescription(
         key="active_connections",
         state_class=SensorStateClass.MEASUREMENT,
@@ -47,6 +54,7 @@ SENSORS: tuple[RproxySensorDescription, ...] = (
         state_class=SensorStateClass.TOTAL_INCREASING,
         native_unit_of_measurement=UnitOfInformation.BYTES,
         suggested_unit_of_measurement=UnitOfInformation.MEBIBYTES,
+        suggested_display_precision=2,
         value=lambda data: data.stats.bytes_received,
     ),
     RproxySensorDescription(
@@ -55,6 +63,7 @@ SENSORS: tuple[RproxySensorDescription, ...] = (
         state_class=SensorStateClass.TOTAL_INCREASING,
         native_unit_of_measurement=UnitOfInformation.BYTES,
         suggested_unit_of_measurement=UnitOfInformation.MEBIBYTES,
+        suggested_display_precision=2,
         value=lambda data: data.stats.bytes_sent,
     ),
     RproxySensorDescription(
@@ -101,3 +110,8 @@ class RproxySensor(RproxyEntity, SensorEntity):
     @property
     def native_value(self) -> str | int | float | datetime | None:
         return self.entity_description.value(self.coordinator.data)
+
+    @property
+    def extra_state_attributes(self) -> Mapping[str, Any] | None:
+        attributes = self.entity_description.attributes
+        return None if attributes is None else attributes(self.coordinator.data)

@@ -110,7 +110,7 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 5.0, what: st
 
 @asynccontextmanager
 async def homeassistant_tunnel(
-    hass: HomeAssistant, bridge: Bridge, tmp_path: Path, **http_config: Any
+    hass: HomeAssistant, bridge: Bridge, tmp_path: Path, *, options: dict[str, Any] | None = None, **http_config: Any
 ) -> AsyncIterator[MockConfigEntry]:
     """Home Assistant's HTTP server running (with ``auth`` and ``api``) and a tunnel to it through ``bridge``.
 
@@ -124,7 +124,7 @@ async def homeassistant_tunnel(
             ban_manager.path = str(tmp_path / "ip_bans.yaml")
         assert await async_setup_component(hass, "auth", {})
         assert await async_setup_component(hass, "api", {})
-        entry = await setup_tunnel(hass, bridge.url, None)
+        entry = await setup_tunnel(hass, bridge.url, None, options=options)
         yield entry
     finally:
         if entry is not None:

@@ -29,13 +29,15 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 from homeassistant.components.zeroconf.models import HaAsyncZeroconf, HaZeroconf
 from homeassistant.config_entries import SOURCE_USER, SOURCE_ZEROCONF, ConfigEntryState
 from homeassistant.core import HomeAssistant
-from homeassistant.data_entry_flow import FlowResultType
+from homeassistant.data_entry_flow import FlowResultType, InvalidData
 from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 
 from custom_components.rproxy.const import (
     CONF_EXPOSED,
     CONF_FORWARD_HEADERS,
+    CONF_PUBLIC_URL,
     CONF_REQUEST_TIMEOUT,
+    CONF_SERVICES,
     CONF_VISITOR_AUTH,
     CONF_VISITOR_PASSWORD,
     CONF_VISITOR_USERNAME,
@@ -886,6 +888,8 @@ async def test_options_defaults_and_timeout(hass: HomeAssistant, bridge: Bridge,
         CONF_VISITOR_USERNAME: None,
         CONF_VISITOR_PASSWORD: None,
         CONF_FORWARD_HEADERS: list(FORWARDED_HEADERS),
+        CONF_PUBLIC_URL: None,
+        CONF_SERVICES: [],
     }
     coordinator = entry.runtime_data
     result = await hass.config_entries.options.async_configure(
@@ -966,23 +970,106 @@ async def test_options_basic_auth_off_forgets_credentials(hass: HomeAssistant, b
     assert CONF_VISITOR_USERNAME not in entry.options
 
 
-async def test_options_basic_auth_refused_for_homeassistant(hass: HomeAssistant, bridge: Bridge) -> None:
-    entry = await setup_tunnel(hass, bridge.url)
+async def test_options_for_homeassistant_offer_only_what_applies(hass: HomeAssistant, bridge: Bridge) -> None:
+    """Home Assistant has its own login and learns the visitor's address in-process: its form
+    has no visitor password and no forwarded headers, and options an older version stored for
+    them are dropped on save and never reach the agent."""
+    await start_homeassistant_http(hass)
+    stale = {
+        CONF_REQUEST_TIMEOUT: 30,
+        CONF_VISITOR_AUTH: "basic",
+        CONF_VISITOR_USERNAME: "anna",
+        CONF_VISITOR_PASSWORD: "s3cret",
+        CONF_FORWARD_HEADERS: ["X-Forwarded-For"],
+    }
+    try:
+        entry = await setup_tunnel(hass, bridge.url, options=stale)
+        agent = entry.runtime_data.agent
+        assert agent is not None
+        assert agent.config.visitor_credentials is None
+        assert agent.config.forward_headers == FORWARDED_HEADERS  # what its extra services get
+
+        result = await hass.config_entries.options.async_init(entry.entry_id)
+        assert result["type"] is FlowResultType.FORM
+        assert _defaults(result) == {CONF_REQUEST_TIMEOUT: 30, CONF_PUBLIC_URL: None, CONF_SERVICES: []}
+        with pytest.raises(InvalidData):  # the frontend cannot send a field the form lacks
+            await hass.config_entries.options.async_configure(result["flow_id"], stale)
+        result = await hass.config_entries.options.async_configure(result["flow_id"], {CONF_REQUEST_TIMEOUT: 20})
+        assert result["type"] is FlowResultType.CREATE_ENTRY
+        assert entry.options == {CONF_REQUEST_TIMEOUT: 20}
+        await _wait_loaded(hass, entry.entry_id)
+        assert await hass.config_entries.async_unload(entry.entry_id)
+    finally:
+        await hass.http.stop()
+
+
+async def test_options_services_are_checked_line_by_line(hass: HomeAssistant, bridge: Bridge, home_app: HomeApp) -> None:
+    """Each NAME=URL the agent would refuse gets its own error naming the line; good lines are
+    stored tidied and reach the agent; emptied, they are gone."""
+    port = await start_homeassistant_http(hass)
+    try:
+        entry = await setup_tunnel(hass, bridge.url, home_app.url)
+        result = await hass.config_entries.options.async_init(entry.entry_id)
+        flow_id = result["flow_id"]
+        base = {CONF_REQUEST_TIMEOUT: 30, CONF_VISITOR_AUTH: "none", CONF_FORWARD_HEADERS: list(FORWARDED_HEADERS)}
+        cases = [
+            (["nodered"], "service_format", "nodered"),
+            (["=http://192.0.2.1"], "service_format", "=http://192.0.2.1"),
+            (["Node_Red=http://192.0.2.1:1880"], "service_name", "Node_Red"),
+            (["a=http://192.0.2.1", "a=http://192.0.2.2"], "service_twice", "a"),
+            (["lights=zeroconf:Lights"], "service_zeroconf", "lights"),
+            (["ssh=tcp://192.0.2.5"], "service_target", "ssh"),
+            (["ftp=ftp://192.0.2.5"], "service_target", "ftp"),
+            ([f"me=http://127.0.0.1:{port}/"], "service_is_homeassistant", "me"),
+            ([f"s{i}=tcp://192.0.2.5:{1000 + i}" for i in range(65)], "too_many_services", "64"),
+        ]
+        for lines, error, named in cases:
+            result = await hass.config_entries.options.async_configure(flow_id, {**base, CONF_SERVICES: lines})
+            assert result["type"] is FlowResultType.FORM, lines
+            assert result["errors"] == {CONF_SERVICES: error}, lines
+            assert result["description_placeholders"] == {"service": named}, lines
+            assert _defaults(result)[CONF_SERVICES] == lines  # what was typed stays
+        assert entry.options == {}
+
+        result = await hass.config_entries.options.async_configure(
+            flow_id, {**base, CONF_SERVICES: [" nodered = http://192.0.2.1:1880/ ", "", "ssh=tcp://192.0.2.5:22"]}
+        )
+        assert result["type"] is FlowResultType.CREATE_ENTRY
+        assert entry.options == {**base, CONF_SERVICES: ["nodered=http://192.0.2.1:1880/", "ssh=tcp://192.0.2.5:22"]}
+        await _wait_loaded(hass, entry.entry_id)
+        agent = entry.runtime_data.agent
+        assert agent is not None
+        assert agent.config.services == {"nodered": "http://192.0.2.1:1880/", "ssh": "tcp://192.0.2.5:22"}
+
+        result = await hass.config_entries.options.async_init(entry.entry_id)
+        assert _defaults(result)[CONF_SERVICES] == ["nodered=http://192.0.2.1:1880/", "ssh=tcp://192.0.2.5:22"]
+        result = await hass.config_entries.options.async_configure(result["flow_id"], {**base, CONF_SERVICES: []})
+        assert entry.options == base
+        await _wait_loaded(hass, entry.entry_id)
+        assert entry.runtime_data.agent is not None
+        assert entry.runtime_data.agent.config.services == {}
+    finally:
+        await hass.http.stop()
+
+
+async def test_options_public_url(hass: HomeAssistant, bridge: Bridge, home_app: HomeApp) -> None:
+    """The address visitors open, where the bridge cannot know it: checked, stored, shown."""
+    entry = await setup_tunnel(hass, bridge.url, home_app.url)
+    base = {CONF_REQUEST_TIMEOUT: 30, CONF_VISITOR_AUTH: "none", CONF_FORWARD_HEADERS: list(FORWARDED_HEADERS)}
     result = await hass.config_entries.options.async_init(entry.entry_id)
+    for bad in ("home.example.com", "ftp://home.example.com", "https://"):
+        result = await hass.config_entries.options.async_configure(result["flow_id"], {**base, CONF_PUBLIC_URL: bad})
+        assert result["errors"] == {CONF_PUBLIC_URL: "invalid_public_url"}, bad
     result = await hass.config_entries.options.async_configure(
-        result["flow_id"],
-        {
-            CONF_REQUEST_TIMEOUT: 30,
-            CONF_VISITOR_AUTH: "basic",
-            CONF_VISITOR_USERNAME: "anna",
-            CONF_VISITOR_PASSWORD: "s3cret",
-            CONF_FORWARD_HEADERS: list(FORWARDED_HEADERS),
-        },
+        result["flow_id"], {**base, CONF_PUBLIC_URL: " https://home.example.com/ "}
     )
-    assert result["type"] is FlowResultType.FORM
-    assert result["errors"] == {CONF_VISITOR_AUTH: "basic_auth_homeassistant"}
-    assert entry.options == {}
-    hass.config_entries.options.async_abort(result["flow_id"])
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert entry.options == {**base, CONF_PUBLIC_URL: "https://home.example.com/"}
+    await _wait_loaded(hass, entry.entry_id)
+    public_url = hass.states.get("sensor.rproxy_home_public_url")
+    assert public_url is not None
+    assert public_url.state == "https://home.example.com/"
+    assert public_url.attributes["source"] == "options"
 
 
 async def test_options_keep_exposed(hass: HomeAssistant, bridge: Bridge, home_app: HomeApp) -> None:
@@ -1049,6 +1136,16 @@ def _flow_keys() -> dict[str, set[str]]:
                     keys["config:abort"].add("already_configured")
                 if node.attr == "async_update_reload_and_abort":
                     keys["config:abort"].update({"reauth_successful", "reconfigure_successful"})
+    # ServiceError("key", ...): an options error (errors[CONF_SERVICES] = err.key).
+    for source in ("config_flow.py", "service_list.py"):
+        for node in ast.walk(ast.parse((INTEGRATION / source).read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "ServiceError"
+                and isinstance(node.args[0], ast.Constant)
+            ):
+                keys["options:error"].add(node.args[0].value)
     return keys
 
 
@@ -1073,7 +1170,19 @@ def test_flow_keys_found() -> None:
             "reauth_successful",
             "reconfigure_successful",
         },
-        "options:error": {"basic_auth_homeassistant", "invalid_username", "password_required"},
+        "options:error": {
+            "invalid_username",
+            "password_required",
+            "invalid_public_url",
+            # ServiceError("key", ...) in service_list.py and config_flow.py
+            "service_format",
+            "service_name",
+            "service_twice",
+            "service_zeroconf",
+            "service_target",
+            "service_is_homeassistant",
+            "too_many_services",
+        },
     }
 
 

@@ -95,7 +95,9 @@ async def test_diagnostics_redacted(
     tunnel = diagnostics["tunnel"]
     assert tunnel["state"] == "connected"
     assert tunnel["exposed"] is True
-    assert tunnel["public_url"] == bridge.url + "/"
+    # The bridge names the address the agent dialled, 127.0.0.1: no use to visitors.
+    assert tunnel["bridge_public_url"] == bridge.url + "/"
+    assert (tunnel["public_url"], tunnel["public_url_source"]) == (None, "local_bridge")
     assert tunnel["requests_served"] == 2
     assert tunnel["bytes_received"] > 0
     assert tunnel["bytes_sent"] > 2 * len(HELLO)

@@ -23,7 +23,7 @@ ban the same address in every later test).
 from __future__ import annotations
 
 import hashlib
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_network
 import logging
 from pathlib import Path
 import random
@@ -44,10 +44,11 @@ from homeassistant.setup import async_setup_component
 
 from custom_components.rproxy.const import DOMAIN
 from custom_components.rproxy.coordinator import RproxyCoordinator
-from rproxy_core import Bridge
+from rproxy_core import Bridge, BridgeConfig
 from rproxy_core.agent import AgentState
 
 from .common import claim, free_port, homeassistant_tunnel, setup_tunnel
+from .conftest import HELLO, TOKEN, HomeApp
 
 #: What the login flows are asked for; Home Assistant's indieauth accepts any http(s) URL
 #: as a client id and a redirect URI on the client's own host.
@@ -469,3 +470,41 @@ async def test_large_streamed_response_arrives_intact(
                 received += len(chunk)
         assert received == BIG_SIZE
         assert digest.hexdigest() == hashlib.sha256(payload).hexdigest()
+
+
+async def test_extra_services_ride_on_the_tunnel_to_homeassistant(
+    hass: HomeAssistant, visitor: aiohttp.ClientSession, home_app: HomeApp, tmp_path: Path
+) -> None:
+    """Home Assistant in-process at <tunnel>.<domain>, a web app on the network one label down
+    (it gets the bridge's forwarded headers; Home Assistant gets none), a TCP service offered."""
+    bridge = Bridge(
+        BridgeConfig(
+            host="127.0.0.1",
+            port=0,
+            tokens=[TOKEN],
+            access_log=False,
+            domain="example.test",
+            trusted_proxies=[ip_network("127.0.0.0/8")],
+        )
+    )
+    await bridge.start()
+    try:
+        options = {"services": [f"garden={home_app.url}", "ssh=tcp://127.0.0.1:22"]}
+        async with homeassistant_tunnel(hass, bridge, tmp_path, options=options) as entry:
+            whoami = WhoAmIView()
+            hass.http.register_view(whoami)
+            agent = entry.runtime_data.agent
+            assert agent is not None
+            assert agent.config.services == {"garden": home_app.url, "ssh": "tcp://127.0.0.1:22"}
+            headers = claim(PUBLIC_VISITOR)
+            async with visitor.get(
+                f"{bridge.url}{WHOAMI_PATH}", headers={**headers, "Host": "home.example.test"}
+            ) as response:
+                seen = await response.json()
+            assert seen["remote"] == PUBLIC_VISITOR
+            assert "x-forwarded-for" not in seen["headers"]
+            async with visitor.get(f"{bridge.url}/", headers={**headers, "Host": "garden.home.example.test"}) as response:
+                assert (response.status, await response.text()) == (200, HELLO)
+            assert home_app.requests == ["/"]
+    finally:
+        await bridge.stop()

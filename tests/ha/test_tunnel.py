@@ -29,6 +29,7 @@ from homeassistant.exceptions import ServiceValidationError
 from homeassistant.helpers import device_registry as dr, entity_registry as er, issue_registry as ir
 
 from custom_components.rproxy.const import DOMAIN
+from custom_components.rproxy.coordinator import is_local_address
 from rproxy_core import Bridge, BridgeConfig
 from rproxy_core.agent import AgentState
 
@@ -107,9 +108,9 @@ async def visit(bridge_url: str, path: str = "/", **kwargs: Any) -> tuple[int, s
 
 
 @asynccontextmanager
-async def another_bridge(port: int, tokens: list[str]) -> AsyncIterator[Bridge]:
+async def another_bridge(port: int, tokens: list[str], domain: str | None = None) -> AsyncIterator[Bridge]:
     """A bridge on a given port (to stand in for a restarted one); stopped afterwards."""
-    bridge = Bridge(BridgeConfig(host="127.0.0.1", port=port, tokens=tokens, access_log=False))
+    bridge = Bridge(BridgeConfig(host="127.0.0.1", port=port, tokens=tokens, access_log=False, domain=domain))
     await bridge.start()
     try:
         yield bridge
@@ -186,7 +187,13 @@ async def test_setup_creates_device_and_entities(hass: HomeAssistant, bridge: Br
     assert tunnel.attributes["device_class"] == "connectivity"
     assert tunnel.attributes["state"] == "connected"
     assert tunnel.attributes["last_error"] is None
-    assert state(hass, PUBLIC_URL) == bridge.url + "/"
+    # The bridge (no domain) names the address the agent dialled, 127.0.0.1: the sensor does
+    # not pass that off as the address visitors use, and says why.
+    public_url = hass.states.get(PUBLIC_URL)
+    assert public_url is not None
+    assert public_url.state == STATE_UNKNOWN
+    assert public_url.attributes["source"] == "local_bridge"
+    assert public_url.attributes["services"] == {}
     assert state(hass, EXPOSE) == STATE_ON
     assert state(hass, RECONNECT) == STATE_UNKNOWN  # never pressed
     assert state(hass, REQUESTS) == "0"
@@ -199,6 +206,41 @@ async def test_setup_creates_device_and_entities(hass: HomeAssistant, bridge: Br
     assert hass.states.get(RECONNECTS) is None
 
 
+async def test_public_url_names_what_visitors_open(hass: HomeAssistant, home_app: HomeApp) -> None:
+    """With a domain the bridge names <tunnel>.<domain>, which visitors use; the extra web
+    services are one label further down, TCP services are reached with rproxy tcp."""
+    async with another_bridge(free_port(), [TOKEN], domain="example.test") as bridge:
+        await setup_tunnel(
+            hass,
+            bridge.url,
+            home_app.url,
+            options={"services": [f"garden={home_app.url}", "ssh=tcp://127.0.0.1:22"]},
+        )
+        port = bridge.url.rsplit(":", 1)[1]
+        public_url = hass.states.get(PUBLIC_URL)
+        assert public_url is not None
+        assert public_url.state == f"http://home.example.test:{port}/"
+        assert public_url.attributes["source"] == "bridge"
+        assert public_url.attributes["services"] == {"garden": f"http://garden.home.example.test:{port}/", "ssh": "tcp"}
+        # The address works: a visitor there reaches the app, and its service.
+        assert (await visit(bridge.url, headers={"Host": f"home.example.test:{port}"}))[1] == HELLO
+        assert (await visit(bridge.url, headers={"Host": f"garden.home.example.test:{port}"}))[1] == HELLO
+        await hass.config_entries.async_unload(hass.config_entries.async_entries(DOMAIN)[0].entry_id)
+
+
+@pytest.mark.parametrize(
+    ("host", "local"),
+    [
+        ("127.0.0.1", True), ("::1", True), ("[::1]", True), ("10.1.2.3", True), ("192.168.1.5", True),
+        ("fe80::1", True), ("localhost", True), ("bridge", True), ("homeassistant.local", True),
+        ("bridge.example.com", False), ("203.0.113.1", False), ("2001:db8::1", False),
+    ],
+)
+def test_which_bridge_addresses_visitors_cannot_use(host: str, local: bool) -> None:
+    """A loopback, private or link-local address, localhost, .local and dotless names are local."""
+    assert is_local_address(host) is local
+
+
 async def test_traffic_counters(hass: HomeAssistant, bridge: Bridge, home_app: HomeApp) -> None:
     """Requests, bytes and open connections through the tunnel reach the sensors (pushed)."""
     await setup_tunnel(hass, bridge.url, home_app.url)
@@ -208,6 +250,10 @@ async def test_traffic_counters(hass: HomeAssistant, bridge: Bridge, home_app: H
         assert current is not None
         assert current.attributes["unit_of_measurement"] == "MiB"  # the suggested unit
         assert current.attributes["device_class"] == "data_size"
+        # Shown with two decimals (the frontend rounds by the registry's display precision).
+        registered = er.async_get(hass).async_get(entity_id)
+        assert registered is not None
+        assert registered.options["sensor"]["suggested_display_precision"] == 2
 
     visits = 5
     async with aiohttp.ClientSession() as visitor:
@@ -652,6 +698,16 @@ async def test_bridge_url_with_userinfo(hass: HomeAssistant, bridge: Bridge, hom
     assert time.monotonic() - started < 5
     assert entry.state is ConfigEntryState.SETUP_ERROR
     assert entry.reason is not None and "secret" not in entry.reason
+    assert not bridge.registry.names()
+
+
+async def test_services_stored_by_hand_that_the_agent_refuses(hass: HomeAssistant, bridge: Bridge, home_app: HomeApp) -> None:
+    """Options edited by hand (or by a later version) with a service the agent cannot serve end
+    setup with the translated "invalid settings" error naming it."""
+    entry = await setup_tunnel(
+        hass, bridge.url, home_app.url, options={"services": ["garden=ftp://192.0.2.1"]}, expect=ConfigEntryState.SETUP_ERROR
+    )
+    assert entry.reason is not None and "'garden'" in entry.reason
     assert not bridge.registry.names()
 
 
