@@ -41,6 +41,8 @@ PUBLIC_URL_FROM_OPTIONS: Final = "options"
 #: The bridge named an address on this network (it was dialled there and has no domain):
 #: visitors from the internet use another one, which nobody told it.
 PUBLIC_URL_LOCAL_BRIDGE: Final = "local_bridge"
+#: The bridge named something that is not an http(s) address.
+PUBLIC_URL_INVALID: Final = "invalid"
 
 DEFAULT_REQUEST_TIMEOUT: Final = 30
 DEFAULT_TUNNEL_NAME: Final = "home"

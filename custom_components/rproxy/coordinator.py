@@ -45,6 +45,7 @@ from .const import (
     HOMEASSISTANT_TARGET_URL,
     PUBLIC_URL_FROM_BRIDGE,
     PUBLIC_URL_FROM_OPTIONS,
+    PUBLIC_URL_INVALID,
     PUBLIC_URL_LOCAL_BRIDGE,
     SETUP_TIMEOUT,
     TARGET_HOMEASSISTANT,
@@ -258,7 +259,8 @@ class RproxyCoordinator(DataUpdateCoordinator[TunnelSnapshot]):
                 stats=replace(previous.stats, active_streams=0, rtt=None),
                 last_error=None,
             )
-        bridge_url = agent.public_url or self.data.bridge_public_url
+        # What the bridge says goes into a state and the diagnostics: bounded, whatever it sent.
+        bridge_url = (agent.public_url or self.data.bridge_public_url or "")[:MAX_URL_LENGTH] or None
         public_url, source = self._visitor_url(bridge_url)
         return TunnelSnapshot(
             state=agent.state,
@@ -274,15 +276,7 @@ class RproxyCoordinator(DataUpdateCoordinator[TunnelSnapshot]):
 
     def _visitor_url(self, bridge_url: str | None) -> tuple[str | None, str | None]:
         """The address visitors open, and where it comes from (see ``TunnelSnapshot``)."""
-        if configured := self.config_entry.options.get(CONF_PUBLIC_URL):
-            return str(configured), PUBLIC_URL_FROM_OPTIONS
-        if not bridge_url:
-            return None, None
-        if is_local_address(URL(bridge_url).host or ""):
-            # Without a domain the bridge names the address the agent dialled: from here,
-            # and not where visitors from the internet find it.
-            return None, PUBLIC_URL_LOCAL_BRIDGE
-        return bridge_url, PUBLIC_URL_FROM_BRIDGE
+        return visitor_url(bridge_url, self.config_entry.options.get(CONF_PUBLIC_URL))
 
     def _service_addresses(self, public_url: str | None) -> dict[str, str | None]:
         return service_addresses(public_url, self.config_entry.data[CONF_TUNNEL_NAME], self._services)
@@ -383,6 +377,31 @@ class RproxyCoordinator(DataUpdateCoordinator[TunnelSnapshot]):
         elif refusal is None and self._refusing_local_visitors:
             self._refusing_local_visitors = False
             ir.async_delete_issue(self.hass, DOMAIN, visitor_refused_issue_id(entry))
+
+
+#: Home Assistant's longest state; a URL visitors type is far shorter.
+MAX_URL_LENGTH = 255
+
+
+def visitor_url(bridge_url: str | None, configured: str | None) -> tuple[str | None, str | None]:
+    """The address visitors open and where it comes from (``PUBLIC_URL_FROM_*``), given what
+    the bridge named (None: nothing yet) and the Public URL option."""
+    if configured:
+        return configured, PUBLIC_URL_FROM_OPTIONS
+    if not bridge_url:
+        return None, None
+    try:
+        url = URL(bridge_url)
+        valid = url.scheme in ("http", "https") and bool(url.host) and bridge_url.isprintable()
+    except (ValueError, TypeError):
+        valid = False
+    if not valid or len(bridge_url) > MAX_URL_LENGTH:
+        return None, PUBLIC_URL_INVALID  # a bridge that lies, or speaks a later protocol
+    if is_local_address(url.host or ""):
+        # Without a domain the bridge names the address the agent dialled: from here,
+        # and not where visitors from the internet find it.
+        return None, PUBLIC_URL_LOCAL_BRIDGE
+    return bridge_url, PUBLIC_URL_FROM_BRIDGE
 
 
 def is_local_address(host: str) -> bool:

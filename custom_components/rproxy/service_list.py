@@ -73,8 +73,11 @@ def service_addresses(public_url: str | None, tunnel: str, services: Mapping[str
     ``<tunnel>.<domain>``, else None (a bridge without a domain routes by whatever names the
     DNS gives it).
     """
-    base = URL(public_url) if public_url else None
-    host = (base.host or "") if base is not None else ""
+    try:
+        base = URL(public_url) if public_url else None
+        host = (base.host or "") if base is not None else ""
+    except (ValueError, TypeError):  # options edited by hand
+        base, host = None, ""
     addresses: dict[str, str | None] = {}
     for name, target in services.items():
         if is_tcp(target):

@@ -29,7 +29,7 @@ from homeassistant.exceptions import ServiceValidationError
 from homeassistant.helpers import device_registry as dr, entity_registry as er, issue_registry as ir
 
 from custom_components.rproxy.const import DOMAIN
-from custom_components.rproxy.coordinator import is_local_address
+from custom_components.rproxy.coordinator import is_local_address, visitor_url
 from rproxy_core import Bridge, BridgeConfig
 from rproxy_core.agent import AgentState
 
@@ -239,6 +239,28 @@ async def test_public_url_names_what_visitors_open(hass: HomeAssistant, home_app
 def test_which_bridge_addresses_visitors_cannot_use(host: str, local: bool) -> None:
     """A loopback, private or link-local address, localhost, .local and dotless names are local."""
     assert is_local_address(host) is local
+
+
+@pytest.mark.parametrize(
+    ("named", "configured", "shown"),
+    [
+        (None, None, (None, None)),
+        ("https://home.example.com/", None, ("https://home.example.com/", "bridge")),
+        ("http://127.0.0.1:8080/", None, (None, "local_bridge")),
+        ("http://127.0.0.1:8080/", "https://home.example.com/", ("https://home.example.com/", "options")),
+        # What a lying bridge may send never becomes the state as it is.
+        ("javascript:alert(1)", None, (None, "invalid")),
+        ("https://" + "a" * 300 + ".example.com/", None, (None, "invalid")),
+        ("https://home.example.com/\x1b[2J", None, (None, "invalid")),
+        ("https://[::1/", None, (None, "invalid")),
+        ("not a url", None, (None, "invalid")),
+    ],
+)
+def test_the_public_url_shown_for_what_the_bridge_named(
+    named: str | None, configured: str | None, shown: tuple[str | None, str | None]
+) -> None:
+    """The bridge's address when visitors can use it, the option's when set; else why not."""
+    assert visitor_url(named, configured) == shown
 
 
 async def test_traffic_counters(hass: HomeAssistant, bridge: Bridge, home_app: HomeApp) -> None:
