@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 import re
 
 from .typing import Headers
 
-__all__ = ["HOP_BY_HOP", "strip_hop_by_hop", "TUNNEL_NAME_RE", "is_tunnel_name"]
+__all__ = ["HOP_BY_HOP", "strip_hop_by_hop", "TUNNEL_NAME_RE", "is_tunnel_name", "ASCII_ONLY", "non_ascii_field"]
 
 #: Connection-specific fields a proxy must not forward (RFC 9110 §7.6.1), plus ``Trailer``
 #: (trailers are not relayed) and ``Expect`` (each hop answers 100-continue itself).
@@ -46,3 +46,20 @@ TUNNEL_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 def is_tunnel_name(name: str) -> bool:
     """Whether ``name`` may name a tunnel (lower-case DNS label)."""
     return bool(TUNNEL_NAME_RE.match(name))
+
+
+#: Fields whose values are ASCII by definition (credentials are token68 or quoted ASCII, the
+#: WebSocket handshake fields are base64 and tokens). A visitor's bytes that are not ASCII here
+#: are refused with 400 before any handler parses them: a parser that expects ASCII (base64,
+#: str.encode) would otherwise fail with a 500.
+ASCII_ONLY = ("Authorization", "Proxy-Authorization", "Sec-WebSocket-Key", "Sec-WebSocket-Version",
+              "Sec-WebSocket-Protocol", "Sec-WebSocket-Extensions")
+
+
+def non_ascii_field(headers: Mapping[str, str]) -> str | None:
+    """The name of the first ASCII-only field in ``headers`` whose value is not printable ASCII, or None."""
+    for name in ASCII_ONLY:
+        value = headers.get(name)
+        if value is not None and not (value.isascii() and (value.isprintable() or not value)):
+            return name
+    return None

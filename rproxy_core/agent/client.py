@@ -34,6 +34,7 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 from yarl import URL
 
 from .. import __version__
+from ..logsafe import escaped
 from ..const import (
     MAX_SERVICES,
     BACKOFF_INITIAL,
@@ -902,7 +903,7 @@ class Agent:
         self._connected.set()
         self._set_state(AgentState.CONNECTED)
         if config.target:
-            _LOGGER.info("tunnel %r is up: %s → %s", config.name, self.public_url or "(no public URL given)", config.target)
+            _LOGGER.info("tunnel %r is up: %s → %s", config.name, escaped(self.public_url or "(no public URL given)"), config.target)
         else:
             _LOGGER.info("tunnel %r is up (no main web app; services only)", config.name)
         service_url = settings.get("service_url")
@@ -914,7 +915,7 @@ class Agent:
                 _LOGGER.info("service %r → %s: reach it with rproxy tcp --bridge %s --tunnel %s --service %s",
                              service, target, config.bridge, config.name, service)
             elif isinstance(service_url, str) and "{service}" in service_url:
-                _LOGGER.info("service %r is up: %s → %s", service, service_url.replace("{service}", service), target)
+                _LOGGER.info("service %r is up: %s → %s", service, escaped(service_url.replace("{service}", service)), target)
             else:
                 _LOGGER.info("service %r is up: %s.%s.<domain> → %s", service, service, config.name, target)
         try:

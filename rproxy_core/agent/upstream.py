@@ -12,6 +12,7 @@ import base64
 import contextlib
 import hmac
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Iterable
 
 import aiohttp
@@ -22,7 +23,7 @@ from ..const import MAX_WEBSOCKET_MESSAGE, TARGET_CONNECT_TIMEOUT
 from ..exceptions import StreamResetError
 from ..headers import WEBSOCKET_HOP_HEADERS, strip_hop_by_hop
 from ..protocol.frames import ErrorCode, MessageKind, decode_code, encode_code, sendable_close_code
-from ..protocol.heads import KIND_WEBSOCKET, ResponseHead
+from ..protocol.heads import KIND_WEBSOCKET, ResponseHead, close_reason, is_token
 from ..protocol.mux import DEFAULT_MAX_STREAMS
 from ..transport import TunnelStream
 from .inprocess import VISITOR_ADDRESS
@@ -163,12 +164,21 @@ class Upstream:
             self._ws_session = None
 
     def url_for(self, request_target: str) -> URL | None:
-        """The URL at the target for a visitor's request target, or None if it is not one."""
+        """The URL at the target for a visitor's request target, or None if it is not one.
+
+        Dot segments are removed before the target's path prefix is joined (RFC 3986
+        §5.2.4), so ``/../admin`` cannot climb out of ``--target http://host/app``; a target
+        that would climb above its root, or that hides a dot segment behind an encoded slash
+        or a backslash, is refused (the visitor gets 400).
+        """
         origin = self._origin
         if origin is None or not request_target.startswith("/") or any(c in request_target for c in "\r\n\t #"):
             return None
+        normalized = remove_dot_segments(request_target)
+        if normalized is None:
+            return None
         try:
-            url = URL(str(origin) + self._prefix + request_target, encoded=True)
+            url = URL(str(origin) + self._prefix + normalized, encoded=True)
         except ValueError:
             return None
         if url.origin() != origin:
@@ -238,7 +248,8 @@ class Upstream:
                 VISITOR_ADDRESS.set(address)
         if self._expected_authorization is not None:
             given = next((v for k, v in stream.head.headers if k.lower() == "authorization"), "")
-            if not hmac.compare_digest(given.encode(), self._expected_authorization):
+            # surrogateescape: bytes that were not UTF-8 compare (unequal) instead of raising.
+            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self._expected_authorization):
                 await _answer(
                     stream, 401, "Unauthorized", "this site needs a user name and password",
                     [("WWW-Authenticate", 'Basic realm="rproxy", charset="UTF-8"')],
@@ -248,7 +259,9 @@ class Upstream:
 
     def _request_headers(self, stream: TunnelStream, extra_drop: frozenset[str] = frozenset()) -> tuple[CIMultiDict[str], list[str]]:
         drop = extra_drop | self._drop if extra_drop else self._drop  # no new set per plain request
-        headers = CIMultiDict(strip_hop_by_hop(stream.head.headers, drop))
+        # Names with an underscore never reach the home app (the bridge drops them too; this
+        # holds for an older or a hostile bridge): a WSGI app would read X_Real_IP as X-Real-IP.
+        headers = CIMultiDict((n, v) for n, v in strip_hop_by_hop(stream.head.headers, drop) if "_" not in n)
         if stream.head.request_id:
             # The bridge's id (replacing any the visitor sent), so that the home app's log, the
             # agent's and the bridge's access log name the same request the same way.
@@ -296,7 +309,7 @@ class Upstream:
             for k, v in stream.head.headers
             if k.lower() == "sec-websocket-protocol"
             for p in v.split(",")
-            if p.strip()
+            if is_token(p.strip())
         ]
         try:
             ws = await self._upgrade_session().ws_connect(
@@ -329,6 +342,43 @@ class Upstream:
                     to_target.cancel()
                 with contextlib.suppress(asyncio.CancelledError, StreamResetError, aiohttp.ClientError, ConnectionError):
                     await to_target
+
+
+#: How a dot segment can be spelled (RFC 3986 §2.3: %2E is "." and must be treated as one).
+_DOT_SEGMENTS = frozenset({".", "..", "%2e", "%2E", ".%2e", ".%2E", "%2e.", "%2E.", "%2e%2e", "%2E%2E", "%2e%2E", "%2E%2e"})
+#: Separators a home server may see in a segment even though RFC 3986 does not: an encoded
+#: slash (decoded before routing by some) and a backslash (a separator on Windows servers).
+_HIDDEN_SEPARATORS = re.compile(r"\\|%2[fF]|%5[cC]")
+
+
+def remove_dot_segments(target: str) -> str | None:
+    """``target`` (path and query) with its path's dot segments removed; None if it would leave its root.
+
+    ``/a/./b/../c?q`` becomes ``/a/c?q``; ``/../x``, ``/%2e%2e/x`` and ``/x/../../y`` are None,
+    and so is any path whose segments, split also at encoded slashes and backslashes, hold a
+    dot segment (``/..%2fadmin``, ``/..\\admin``): no honest client needs those, and the home
+    server might read them as a way up. The query is kept as it is.
+    """
+    path, mark, query = target.partition("?")
+    if "." not in path and "%" not in path and "\\" not in path:
+        return target  # the common case: nothing to remove
+    out: list[str] = []
+    segments = path.split("/")[1:]
+    for index, segment in enumerate(segments):
+        if segment in _DOT_SEGMENTS:
+            if segment.replace("%2e", ".").replace("%2E", ".") == "..":
+                if not out:
+                    return None
+                out.pop()
+            if index == len(segments) - 1:
+                out.append("")  # "/a/.." is "/a/", a directory
+            continue
+        if _HIDDEN_SEPARATORS.search(segment) and any(
+            part in _DOT_SEGMENTS for part in _HIDDEN_SEPARATORS.split(segment)
+        ):
+            return None
+        out.append(segment)
+    return "/" + "/".join(out) + mark + query
 
 
 def visitor_address(headers: Iterable[tuple[str, str]]) -> str:
@@ -396,5 +446,5 @@ async def _pump_to_target(stream: TunnelStream, ws: aiohttp.ClientWebSocketRespo
             await ws.pong(data)
         elif kind is MessageKind.CLOSE:
             code, reason = decode_code(data) if len(data) >= 2 else (1000, "")
-            await ws.close(code=sendable_close_code(code), message=reason.encode())
+            await ws.close(code=sendable_close_code(code), message=close_reason(reason))
             return

@@ -14,6 +14,7 @@ from ipaddress import IPv4Network, IPv6Network
 from typing import Any, Self
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -39,6 +40,8 @@ from ..const import (
     TCP_PATH,
 )
 from ..exceptions import ConfigError
+from ..headers import non_ascii_field
+from ..logsafe import escaped
 from ..protocol.frames import ErrorCode
 from ..protocol.heads import KIND_WEBSOCKET
 from .agents import AgentHandler, Credential
@@ -181,7 +184,8 @@ class Bridge:
                 "max_field_size": MAX_HEADER_FIELD,
                 "max_headers": MAX_HEADERS,
                 "keepalive_timeout": self.config.idle_timeout,
-            }
+            },
+            middlewares=[_refuse_non_ascii_fields],
         )
         # Bound ``__call__``s, not the handler objects: aiohttp takes a callable object for a
         # deprecated plain-function handler (DeprecationWarning now, an error in aiohttp 4).
@@ -423,3 +427,20 @@ class Bridge:
 
     async def _reserved(self, request: web.Request) -> web.Response:
         return error_response(request, 404, "no such bridge endpoint")
+
+
+@web.middleware
+async def _refuse_non_ascii_fields(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """400 for a request whose credentials or WebSocket handshake fields are not ASCII.
+
+    Checked once for every endpoint (visitors, /_rproxy/connect, /_rproxy/tcp, the admin
+    pages), so that no handler meets bytes its parser cannot take (docs: SECURITY.md).
+    """
+    bad = non_ascii_field(request.headers)
+    if bad is None:
+        return await handler(request)
+    _LOGGER.info("refused %s %s from %s: %s is not printable ASCII", request.method, escaped(request.raw_path, 200),
+                 request.remote, bad)
+    response = error_response(request, 400, f"the {bad} header must be printable ASCII")
+    response.force_close()
+    return response

@@ -67,7 +67,8 @@ class TokenAuth:
         """The grant whose token is ``presented`` (every token is compared: no timing hint)."""
         if not presented:
             return None
-        candidate = hashlib.sha256(presented.encode()).digest()
+        # surrogateescape: a header that was not UTF-8 is a wrong token, not an exception.
+        candidate = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
         found: TokenGrant | None = None
         for digest, grant in self._grants:
             if hmac.compare_digest(candidate, digest) and found is None:

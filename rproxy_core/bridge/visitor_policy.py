@@ -378,7 +378,7 @@ class VisitorGuard:
         scheme, _, credentials = presented.strip().partition(" ")
         scheme = scheme.lower()
         if scheme == "bearer" and policy.bearer:
-            digest = hashlib.sha256(credentials.strip().encode()).digest()
+            digest = hashlib.sha256(credentials.strip().encode("utf-8", "surrogateescape")).digest()
             # Every entry is compared, so the time taken does not tell which one matched.
             return sum(hmac.compare_digest(digest, accepted) for accepted in policy.bearer) > 0
         if scheme != "basic" or not policy.basic:

@@ -22,8 +22,9 @@ from aiohttp import WSMsgType, hdrs, web
 from ..const import BUSY_RETRY_AFTER, MAX_WEBSOCKET_MESSAGE
 from ..exceptions import NoAgentError, StreamResetError
 from ..headers import WEBSOCKET_HOP_HEADERS, strip_hop_by_hop
+from ..logsafe import escaped
 from ..protocol.frames import ErrorCode, MessageKind, decode_code, encode_code, sendable_close_code
-from ..protocol.heads import KIND_HTTP, KIND_WEBSOCKET, RequestHead, ResponseHead
+from ..protocol.heads import KIND_HTTP, KIND_WEBSOCKET, RequestHead, ResponseHead, close_reason, is_token
 from ..transport import TunnelStream
 from .pages import error_response
 from .registry import NoServiceError, TunnelBusyError
@@ -152,7 +153,9 @@ class VisitorHandler:
 
     def _forward_headers(self, request: web.Request, is_websocket: bool) -> list[tuple[str, str]]:
         extra = _FORWARDING_HEADERS | WEBSOCKET_HOP_HEADERS if is_websocket else _FORWARDING_HEADERS
-        headers = strip_hop_by_hop(request.headers.items(), extra)
+        # Names with an underscore are dropped, all of them (as nginx does by default): CGI
+        # and WSGI apps read "X_Forwarded_For" as HTTP_X_FORWARDED_FOR, the bridge's own field.
+        headers = [(n, v) for n, v in strip_hop_by_hop(request.headers.items(), extra) if "_" not in n]
         address, scheme = self._bridge.visitor_address(request)
         # One address, the visitor's: the agent and the home app never have to pick the
         # right entry out of a chain a visitor could have written half of.
@@ -193,10 +196,29 @@ class VisitorHandler:
                     await upload
 
     async def _send_response(self, request: web.Request, stream: TunnelStream, head: ResponseHead, log: _Access) -> web.StreamResponse:
-        framed = any(name.lower() == "content-length" for name, _ in head.headers)
-        if framed and head.status >= 200 and head.status not in (204, 304) and request.method != "HEAD":
+        """Write the visitor's response from ``head`` and the stream's body, by HTTP's rules.
+
+        The response is serialized here, never passed through: aiohttp writes the head (its
+        fields were checked when the REPLY was decoded) and the bridge decides how much body
+        may follow. No body for HEAD, 204 and 304 (RFC 9110 §6.4.1); exactly Content-Length
+        bytes when the home app gave one. An agent that sends more than may follow is reset
+        and logged, and the visitor's connection is closed, never reused: bytes past the
+        message's end would otherwise be read as the next response on a keep-alive
+        connection (another request's answer, or one an attacker wrote).
+        """
+        lengths = [value for name, value in head.headers if name.lower() == "content-length"]
+        if head.status < 200 or len(lengths) > 1 or (lengths and not lengths[0].isdigit()):
+            # A 1xx as a final answer, or an ambiguous length, cannot be relayed without the
+            # visitor misreading where this response ends.
+            return self._bad_reply(request, stream, log, f"unrelayable reply head (status {head.status}, Content-Length {lengths})")
+        declared = int(lengths[0]) if lengths else None
+        bodyless = request.method == "HEAD" or head.status in (204, 304)
+        if bodyless:
+            return await self._send_bodyless(request, stream, head, declared, log)
+        first = b""
+        if declared is not None:
             body = stream.take_complete_body(_ONE_WRITE_BODY)
-            if body is not None:
+            if body is not None and len(body) == declared:
                 # The whole (small) body came with the head: answer with one write. Only for
                 # bodies the home app framed by Content-Length, so framing stays as it sent it.
                 whole = web.Response(status=head.status, reason=head.reason or None, body=body)
@@ -205,28 +227,98 @@ class VisitorHandler:
                         whole.headers.add(name, value)
                 log.status, log.bytes = head.status, len(body)
                 return log.done(whole)
+            first = body or b""
         response = web.StreamResponse(status=head.status, reason=head.reason or None)
         for name, value in strip_hop_by_hop(head.headers):
-            if name.lower() == "content-length":
-                with contextlib.suppress(ValueError):
-                    response.content_length = int(value)
-            else:
+            if name.lower() != "content-length":
                 response.headers.add(name, value)
+        if declared is not None:
+            response.content_length = declared
         log.status = head.status
         try:
             await response.prepare(request)
-            while chunk := await stream.read():
+            left = declared
+            while chunk := first or await stream.read():
+                first = b""
+                if left is not None:
+                    if len(chunk) > left:
+                        # More than the home app announced: the rest is not part of this
+                        # response, whatever it is.
+                        await response.write(chunk[:left])
+                        log.bytes += left
+                        await response.write_eof()
+                        self._misbehaved(request, stream, log, f"body longer than its Content-Length {declared}")
+                        return log.done(response)
+                    left -= len(chunk)
                 await response.write(chunk)
                 log.bytes += len(chunk)
+            if left:
+                # The body ended short of its Content-Length: the visitor must not take the
+                # next bytes on this connection as the rest of it.
+                log.note = f"body {left} bytes short of its Content-Length"
+                if request.transport is not None:
+                    request.transport.abort()
+                return log.done(response)
             await response.write_eof()
         except StreamResetError as err:
             # Headers are out: the only honest signal left is to cut the connection.
-            log.note = f"aborted: {err}"
+            log.note = f"aborted: {escaped(err, 200)}"
             if request.transport is not None:
                 request.transport.abort()
         except (ConnectionError, RuntimeError) as err:
             log.note = f"visitor gone: {err.__class__.__name__}"
             stream.reset(ErrorCode.CANCEL, "visitor gone")
+        return log.done(response)
+
+    async def _send_bodyless(
+        self, request: web.Request, stream: TunnelStream, head: ResponseHead, declared: int | None, log: _Access
+    ) -> web.StreamResponse:
+        """A response that has no body (HEAD, 204, 304): written only once the agent's half ended empty."""
+        extra: bytes | memoryview = b""
+        try:
+            async with asyncio.timeout(self._bridge.config.request_timeout):
+                extra = await stream.read()
+        except TimeoutError:
+            timed_out = True
+        except StreamResetError as err:
+            status, message = _STATUS_FOR_RESET.get(err.code, (502, "the tunnel dropped the request"))  # type: ignore[call-overload]
+            return log.done(error_response(request, status, message))
+        else:
+            timed_out = False
+        if extra:
+            return self._bad_reply(request, stream, log, f"body bytes in a {head.status} reply to {request.method}")
+        response = web.Response(status=head.status, reason=head.reason or None)
+        for name, value in strip_hop_by_hop(head.headers):
+            if name.lower() != "content-length":
+                response.headers.add(name, value)
+        if declared is not None and head.status != 204:
+            # HEAD and 304 may tell the length a GET would have had (RFC 9110 §8.6).
+            response.headers["Content-Length"] = str(declared)
+        if timed_out:
+            # The agent never ended its half: answer, but do not trust the connection after.
+            stream.reset(ErrorCode.CANCEL, "no end of a body-less reply")
+            response.force_close()
+        log.status = head.status
+        return log.done(response)
+
+    def _misbehaved(self, request: web.Request, stream: TunnelStream, log: _Access, what: str) -> None:
+        """An agent broke HTTP's framing: reset its stream, log it once, close the visitor's connection."""
+        stream.reset(ErrorCode.PROTOCOL_ERROR, what)
+        _LOGGER.warning("tunnel %s: agent reply to %s broke HTTP framing: %s; stream reset, visitor connection closed",
+                        escaped(log.tunnel or "-"), log.request_id, what)
+        log.note = what
+        if request.transport is not None:
+            # Written bytes are flushed first; nothing more is read from this connection.
+            request.transport.close()
+
+    def _bad_reply(self, request: web.Request, stream: TunnelStream, log: _Access, what: str) -> web.Response:
+        """502 for a reply the bridge will not relay; the visitor's connection is not reused."""
+        stream.reset(ErrorCode.PROTOCOL_ERROR, what)
+        _LOGGER.warning("tunnel %s: agent reply to %s refused: %s; stream reset, visitor connection closed",
+                        escaped(log.tunnel or "-"), log.request_id, what)
+        log.note = what
+        response = error_response(request, 502, "the home app's answer cannot be relayed", {"Connection": "close"})
+        response.force_close()
         return log.done(response)
 
     async def _relay_websocket(self, request: web.Request, stream: TunnelStream, log: _Access) -> web.StreamResponse:
@@ -236,6 +328,9 @@ class VisitorHandler:
         if head.status != 101:  # the home app refused the upgrade: relay its answer
             return await self._send_response(request, stream, head, log)
         protocol = next((v for k, v in head.headers if k.lower() == "sec-websocket-protocol"), None)
+        if protocol is not None and not is_token(protocol):
+            # One subprotocol, a token (RFC 6455 §4.1); anything else is the agent's invention.
+            return self._bad_reply(request, stream, log, "Sec-WebSocket-Protocol in the 101 is not a token")
         ws = web.WebSocketResponse(
             protocols=(protocol,) if protocol else (),
             autoping=False,
@@ -264,10 +359,10 @@ class VisitorHandler:
                     await ws.pong(data)
                 elif kind is MessageKind.CLOSE:
                     code, reason = decode_code(data) if len(data) >= 2 else (1000, "")
-                    await ws.close(code=sendable_close_code(code), message=reason.encode())
+                    await ws.close(code=sendable_close_code(code), message=close_reason(reason))
                     break
         except StreamResetError as err:
-            log.note = f"tunnel side ended: {err}"
+            log.note = f"tunnel side ended: {escaped(err, 200)}"
             await ws.close(code=1011 if err.code != ErrorCode.MESSAGE_TOO_BIG else 1009, message=b"tunnel closed")
         except (ConnectionError, RuntimeError) as err:
             log.note = f"visitor gone: {err.__class__.__name__}"
@@ -458,7 +553,7 @@ class _Access:
                 '%s "%s %s HTTP/%d.%d" %d %d %.3fs tunnel=%s id=%s%s',
                 request.remote,
                 request.method,
-                request.raw_path,
+                escaped(request.raw_path, 2048),
                 request.version.major,
                 request.version.minor,
                 status,

@@ -1,19 +1,34 @@
 """Request and response heads carried by OPEN and REPLY frames (docs/PROTOCOL.md §4).
 
 Heads travel as compact JSON. The peer is not trusted: ``decode`` checks every field's
-type and raises RemoteProtocolError rather than letting a malformed head reach a handler.
+type *and its bytes* and raises RemoteProtocolError rather than letting a malformed head reach
+a handler. What a decoded head holds can therefore be written into an HTTP/1.1 message as it
+is: header names are RFC 9110 tokens, header values, reasons and targets hold no CR, LF, NUL or
+other control character, so no peer can split a message or start a second one in a field.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Self
 
 from ..exceptions import RemoteProtocolError
 from ..typing import Headers
 
-__all__ = ["RequestHead", "ResponseHead", "KIND_HTTP", "KIND_TCP", "KIND_WEBSOCKET", "SERVICE_KINDS"]
+__all__ = [
+    "RequestHead",
+    "ResponseHead",
+    "KIND_HTTP",
+    "KIND_TCP",
+    "KIND_WEBSOCKET",
+    "SERVICE_KINDS",
+    "is_token",
+    "is_field_value",
+    "MAX_REASON",
+    "close_reason",
+]
 
 KIND_HTTP = "http"
 KIND_WEBSOCKET = "websocket"
@@ -22,6 +37,16 @@ KIND_TCP = "tcp"
 _KINDS = frozenset({KIND_HTTP, KIND_WEBSOCKET, KIND_TCP})
 #: What an agent's service can be: a web app (HTTP and WebSocket streams) or a TCP service.
 SERVICE_KINDS = frozenset({KIND_HTTP, KIND_TCP})
+
+#: RFC 9110 §5.6.2 token: what a header name and a method are made of.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: RFC 9110 §5.5: a field value is visible characters, spaces and tabs; any other control
+#: character (CR and LF above all) could end the line it is written on.
+_NOT_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: A request target (path and query) holds no space or control character at all.
+_NOT_IN_TARGET = re.compile(r"[\x00-\x20\x7f]")
+#: Reason phrases longer than this are refused (real ones are a few words).
+MAX_REASON = 256
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 
@@ -49,8 +74,35 @@ def _headers(obj: dict[str, Any]) -> Headers:
             or not isinstance(item[1], str)
         ):
             raise RemoteProtocolError("head header is not a [name, value] pair of strings")
-        out.append((item[0], item[1]))
+        name, value = item
+        if not _TOKEN.fullmatch(name):
+            raise RemoteProtocolError(f"head header name {name[:64]!r} is not a token")
+        if _NOT_IN_VALUE.search(value):
+            raise RemoteProtocolError(f"head header {name!r} has a control character in its value")
+        out.append((name, value))
     return out
+
+
+def close_reason(reason: str) -> bytes:
+    """A peer's WebSocket close reason as a sendable one: UTF-8 of at most 123 bytes (RFC 6455 §5.5).
+
+    Longer text is cut at a character boundary (a control frame holds 125 bytes, two of them the
+    code); characters that are not UTF-8 (lone surrogates) are replaced.
+    """
+    data = reason.encode("utf-8", "replace")
+    if len(data) <= 123:
+        return data
+    return data[:123].decode("utf-8", "ignore").encode()
+
+
+def is_token(text: str) -> bool:
+    """Whether ``text`` is an RFC 9110 token (a header name, a method, a subprotocol)."""
+    return _TOKEN.fullmatch(text) is not None
+
+
+def is_field_value(text: str) -> bool:
+    """Whether ``text`` may be written as a header value or reason phrase (no CR, LF, NUL, ...)."""
+    return _NOT_IN_VALUE.search(text) is None
 
 
 def _str(obj: dict[str, Any], key: str, default: str | None = None) -> str:
@@ -95,9 +147,15 @@ class RequestHead:
         kind = _str(obj, "k", KIND_HTTP)
         if kind not in _KINDS:
             raise RemoteProtocolError(f"unknown stream kind {kind!r}")
+        method = _str(obj, "m")
+        if not _TOKEN.fullmatch(method):
+            raise RemoteProtocolError(f"method {method[:32]!r} is not a token")
+        target = _str(obj, "t")
+        if _NOT_IN_TARGET.search(target):
+            raise RemoteProtocolError("request target has a space or control character")
         return cls(
-            method=_str(obj, "m"),
-            target=_str(obj, "t"),
+            method=method,
+            target=target,
             headers=_headers(obj),
             kind=kind,
             request_id=_str(obj, "i", ""),
@@ -128,4 +186,7 @@ class ResponseHead:
         status = obj.get("s")
         if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
             raise RemoteProtocolError(f"invalid status {status!r}")
-        return cls(status=status, reason=_str(obj, "r", ""), headers=_headers(obj))
+        reason = _str(obj, "r", "")
+        if len(reason) > MAX_REASON or _NOT_IN_VALUE.search(reason):
+            raise RemoteProtocolError("reason phrase too long or with a control character")
+        return cls(status=status, reason=reason, headers=_headers(obj))

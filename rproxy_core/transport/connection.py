@@ -19,6 +19,7 @@ from typing import Any
 
 from ..const import DEAD_AFTER, HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL, MAX_TUNNEL_MESSAGE, WRITE_HIGH_WATER
 from ..exceptions import RemoteProtocolError, StreamResetError, TunnelClosedError
+from ..logsafe import escaped
 from ..protocol import events as ev
 from ..protocol.frames import ErrorCode
 from ..protocol.heads import RequestHead
@@ -370,9 +371,10 @@ class TunnelConnection:
                     self.rtt = max(0.0, self.loop.time() - _PING.unpack(event.payload)[0])
             elif type(event) is ev.ConnectionTerminated:
                 if event.remote:
-                    self.close_reason = f"peer said goodbye: {event.reason or event.code}"
+                    # The reason is the peer's text: escaped before it can reach a log line.
+                    self.close_reason = f"peer said goodbye: {escaped(event.reason or event.code, 200)}"
                 else:
-                    self.close_reason = f"protocol error by peer: {event.reason}"
+                    self.close_reason = f"protocol error by peer: {escaped(event.reason, 200)}"
                     _LOGGER.warning("tunnel %s: %s", self.label, self.close_reason)
 
     def _on_stream_opened(self, event: ev.StreamOpened) -> None:
