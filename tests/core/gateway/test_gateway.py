@@ -298,8 +298,8 @@ async def test_a_guessed_or_foreign_id_reaches_nothing(backend: Backend) -> None
         assert len(ids) == 2
         base = f"http://127.0.0.1:{gateway.port}/"
         known = next(iter(ids))
-            for guess in ["A" * 22, known[:-1] + ("x" if known[-1] != "x" else "y"), known.swapcase(), "connect2", "",
-                          known + "/", known + "A"]:
+        for guess in ["A" * 22, known[:-1] + ("x" if known[-1] != "x" else "y"), known.swapcase(), "connect2", "",
+                      known + "/", known + "A"]:
             if guess in ids:
                 continue
             assert await backend.callback(base + guess, "hijack") == 404
