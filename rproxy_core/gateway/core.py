@@ -130,6 +130,9 @@ def is_private_address(address: IPv4Address | IPv6Address) -> bool:
 _LITERAL_HOST = re.compile(r"^[a-z][a-z0-9+.-]*\??://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?=[:/]|$)")
 
 
+_NUMERIC_HOST = re.compile(r"[0-9a-fx.]*[0-9][0-9a-fx.]*")
+
+
 class Allowlist:
     """Regexes a target URL must match as a whole (``re.fullmatch``, never ``re.match``).
 
@@ -175,7 +178,9 @@ class Allowlist:
         try:
             address = ip_address(host.strip("[]"))
         except ValueError:
-            return None  # a name: checked again where it is resolved (server.py's resolver)
+            if _NUMERIC_HOST.fullmatch(host):  # 2130706433, 0x7f.1, 127.1: an address in disguise
+                return "a numeric host that is not a dotted IPv4 address"
+            return None  # a name: checked again where it is resolved (delivery.py's resolver)
         if is_private_address(address) and str(address) not in self.explicit_hosts and host not in self.explicit_hosts:
             return "a private, loopback or link-local address the allowlist does not name"
         return None

@@ -135,6 +135,8 @@ async def deliver(delivery: Delivery, url: str, headers: list[tuple[str, str]], 
             status = await delivery.post(url, headers, body, timeout)
         except DeliveryRefused as err:
             return Outcome(False, POLICY_VIOLATION, f"{what} target refused: {err}")
+        except aiohttp.InvalidURL:
+            return Outcome(False, POLICY_VIOLATION, f"{what} target is not a URL aiohttp can reach")
         except TimeoutError:
             problem = f"no answer in {timeout:g}s"
         except (OSError, aiohttp.ClientError) as err:

@@ -213,7 +213,8 @@ class Gateway:
                 if refused is not None:
                     self.table.remove(conn)
                     return refused
-            ws = web.WebSocketResponse(max_msg_size=config.max_message_size, compress=False, autoping=True)
+            # aiohttp refuses a message of exactly max_msg_size; the limit here is inclusive.
+            ws = web.WebSocketResponse(max_msg_size=config.max_message_size + 1, compress=False, autoping=True)
             await ws.prepare(request)
         except BaseException:
             self.table.remove(conn)
