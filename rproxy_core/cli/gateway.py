@@ -46,7 +46,7 @@ GATEWAY_FLAGS = {
     "access_log": "--no-access-log",
     "log_level": "--log-level",
 }
-GATEWAY_ENV = {key: ("RPROXY_" + key.upper(),) for key in GATEWAY_FLAGS}
+GATEWAY_ENV: dict[str, tuple[str, ...]] = {key: ("RPROXY_" + key.upper(),) for key in GATEWAY_FLAGS}
 GATEWAY_ENV["secret"] = ("RPROXY_GATEWAY_SECRET",)
 GATEWAY_ENV["listen"] = ("RPROXY_LISTEN", "RPROXY_ADDRESS")
 
