@@ -127,13 +127,17 @@ def sha256(data: bytes) -> str:
 class Proc:
     """A running ``rproxy`` process with its output in a file."""
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], log: Path, env: dict[str, str] | None = None, *, cwd: Path = ROOT,
+        base_env: dict[str, str] | None = None,
+    ) -> None:
         self.args = args
         self.log_path = log
         self._log = log.open("w")
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "rproxy_core", *args],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd,
+            env={**(os.environ if base_env is None else base_env), **(env or {})},
             start_new_session=True,
         )
 
@@ -175,8 +179,9 @@ def procs(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
     """Start ``rproxy`` processes; every one is stopped at the end of the test."""
     started: list[Proc] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> Proc:
-        proc = Proc(list(args), tmp_path / f"proc-{len(started)}.log", env)
+    def start(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT,
+              base_env: dict[str, str] | None = None) -> Proc:
+        proc = Proc(list(args), tmp_path / f"proc-{len(started)}.log", env, cwd=cwd, base_env=base_env)
         started.append(proc)
         return proc
 

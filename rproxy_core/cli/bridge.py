@@ -96,10 +96,16 @@ _RESTART_ONLY = (
 def add_parser(commands: Any) -> None:
     bridge = commands.add_parser(
         "bridge",
+        usage="%(prog)s [PORT [USER:PASS]] [options]",
         help="run the public side (on a VPS)",
         description="Serve agents on /_rproxy/connect and visitors on every other path, on one port. "
         "SIGTERM stops gracefully, SIGHUP reloads tokens and the TLS certificate.",
     )
+    bridge.add_argument("port", nargs="?", metavar="PORT",
+                        help="as --listen 0.0.0.0:PORT (node-rproxy's form: rproxy bridge 8080 user:password)")
+    bridge.add_argument("userpass", nargs="?", metavar="USER:PASS",
+                        help="accept agents whose bridge URL is ws://USER:PASS@host (sent as HTTP Basic), as a "
+                             "--token; anyone who can list processes sees it: prefer --token-file on a shared machine")
     bridge.add_argument("--config", metavar="FILE",
                         help="YAML (or JSON, or .toml) file with these settings; keys are the flag names "
                              "with _ (--token is tokens) ($RPROXY_CONFIG)")
@@ -162,9 +168,10 @@ def bridge_settings(args: argparse.Namespace, environ: Mapping[str, str] | None 
     """Flags, environment and config file → validated settings (ConfigError names the culprit)."""
     environ = dict(os.environ if environ is None else environ)
     config_file = getattr(args, "check_config", None) or args.config or environ.get("RPROXY_CONFIG") or None
-    if args.listen is None and not environ.get("RPROXY_LISTEN") and environ.get("PORT"):
-        args.listen = f"0.0.0.0:{environ['PORT']}"  # hosts such as Heroku give exactly one port
     flags = {key: getattr(args, key, None) for key in BRIDGE_FLAGS if key != "log_level"}
+    _positionals(args, flags)
+    if flags["listen"] is None and not environ.get("RPROXY_LISTEN") and environ.get("PORT"):
+        flags["listen"] = f"0.0.0.0:{environ['PORT']}"  # hosts such as Heroku give exactly one port
     file_values = load_file(config_file, aliases={"token": "tokens", "trusted_proxy": "trusted_proxies"})
     values, origin = merge(flags, BRIDGE_ENV, file_values, environ, file=config_file, flag_names=BRIDGE_FLAGS)
     settings = validate(BRIDGE_SCHEMA, values, origin, BRIDGE_FLAGS)
@@ -215,6 +222,24 @@ def bridge_settings(args: argparse.Namespace, environ: Mapping[str, str] | None 
         ],
     )
     return BridgeSettings(config, settings, settings.get("log_level"))
+
+
+def _positionals(args: argparse.Namespace, flags: dict[str, Any]) -> None:
+    """PORT and USER:PASS into ``flags``: each stands for its flag (--listen, --token), and not beside it."""
+    port, userpass = getattr(args, "port", None), getattr(args, "userpass", None)
+    if port is not None:
+        if flags.get("listen") is not None:
+            raise ConfigError("PORT and --listen: give one of them, not both")
+        if not port.isdigit():
+            raise ConfigError(f"PORT: expected a port number, got {port!r}")
+        flags["listen"] = f"0.0.0.0:{port}"
+    if userpass is not None:
+        if flags.get("tokens"):
+            raise ConfigError("USER:PASS and --token: give one of them, not both")
+        user, colon, password = userpass.partition(":")
+        if not user or not colon or not password:  # not echoed: it is a password
+            raise ConfigError("USER:PASS: expected a user, a colon and a password, e.g. agent:s3cret")
+        flags["tokens"] = [userpass]
 
 
 def bridge_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> BridgeConfig:
