@@ -37,6 +37,7 @@ from ..config import AGENT_SCHEMA, load_file, merge, validate
 from ..const import DEFAULT_TUNNEL_NAME
 from ..exceptions import ConfigError
 from .common import EXIT_OK, Signals, log_level, run, setup_logging
+from .envfile import read_env_file
 from .keygen import load_private_key
 
 __all__ = [
@@ -101,6 +102,10 @@ def add_parser(commands: Any) -> None:
     agent.add_argument("--config", metavar="FILE",
                        help="YAML (or JSON, or .toml) file with these settings and extra services; keys are the "
                             "flag names with _ ($RPROXY_CONFIG)")
+    agent.add_argument("--env-file", metavar="FILE",
+                       help="read these settings' environment variables (RPROXY_*, REMOTE_URL, LOCAL_URL, AGENT_ID) "
+                            "from FILE, python-dotenv's format (default: ./.env when it exists); the real "
+                            "environment wins")
     agent.add_argument("--bridge", metavar="URL",
                        help="the bridge, e.g. wss://bridge.example.com ($RPROXY_BRIDGE, $REMOTE_URL)")
     agent.add_argument("--token", metavar="T", help="agent token the bridge accepts ($RPROXY_TOKEN)")
@@ -198,7 +203,8 @@ class AgentSettings:
 
 def agent_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> AgentSettings:
     """Flags, environment and config file → one AgentConfig per tunnel (ConfigError names the culprit)."""
-    environ = dict(os.environ if environ is None else environ)
+    # The real environment wins over the file, as with every dotenv tool.
+    environ = {**read_env_file(getattr(args, "env_file", None)), **(os.environ if environ is None else environ)}
     config_file = args.config or environ.get("RPROXY_CONFIG") or None
     flags = {key: getattr(args, key, None) for key in AGENT_FLAGS if key != "log_level"}
     _positionals(args, flags)
@@ -220,7 +226,10 @@ def agent_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
         if value
     ]
     if not given:
-        raise ConfigError("--token: give an agent token, --key, or user:password@ in the bridge URL (one of them)")
+        raise ConfigError(
+            "--token: give an agent token (--token, or RPROXY_TOKEN in the environment or .env), --key, "
+            "or user:password@ in the bridge URL (one of them)"
+        )
     if len(given) > 1:
         raise ConfigError(f"{given[0]} and {given[1]}: two credentials; give one of them, not both")
     key = load_private_key(key_file) if key_file else None

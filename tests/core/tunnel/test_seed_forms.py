@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 
 from rproxy_core import AgentConfig
-from tests.conftest import Proc, free_port, start_app, wait_http, wait_listed
+from tests.conftest import ROOT, TOKEN, Proc, free_port, start_app, wait_http, wait_listed
 from tests.core.tunnel.test_cli import clean_env, one_error_line, rproxy
 
 PASSWORD = "s3cret-pass-phrase"
@@ -180,3 +183,86 @@ def test_agent_help_shows_the_seed_forms_and_the_warning() -> None:
     assert "rproxy bridge 8080 user:password" in result.stdout
     assert "ps" in result.stdout and ".env" in result.stdout
 
+
+
+# Seed 1: NAT Web Reverse Proxy's client, configured "in a .env file".
+
+#: Its README's lines, comments included; only the URLs' ports are the test's.
+SEED1_ENV = """\
+AGENT_ID=mac@home # A unique identifier of the proxy client
+REMOTE_URL=http://localhost:{bridge} # The base URL of the proxy server
+LOCAL_URL=http://localhost:{home} # The base URL of the local HTTP server
+"""
+TOKEN_LINE = "RPROXY_TOKEN={token}\n"
+
+
+async def test_a_dotenv_file_in_the_working_directory_configures_the_agent(
+    procs: Callable[..., Proc], websocket_app: int, tmp_path: Path
+) -> None:
+    """``rproxy agent`` alone in a directory with the seed's ``.env`` (plus the bridge's token)
+    serves the home app; the http:// REMOTE_URL is the bridge's WebSocket address; AGENT_ID names
+    the agent in the bridge's log."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    bridge = procs("bridge", "--listen", f"127.0.0.1:{port}", "--token", TOKEN, base_env=clean_env())
+    await wait_http(base + "/_rproxy/health")
+    (tmp_path / ".env").write_text(SEED1_ENV.format(bridge=port, home=websocket_app) + TOKEN_LINE.format(token=TOKEN))
+    agent = procs("agent", cwd=tmp_path, base_env=clean_env())
+    await wait_listed(base, "home")
+    assert await visit(base) == (200, "rpi-webapp /lights", "echo: hello")
+    assert "home/mac@home" in bridge.output()
+    agent.stop()
+    assert TOKEN not in agent.output()
+
+
+async def test_the_real_environment_wins_over_the_dotenv_file(
+    procs: Callable[..., Proc], websocket_app: int, tmp_path: Path
+) -> None:
+    """A variable set in the environment beats the same one in ``--env-file F``."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    procs("bridge", "--listen", f"127.0.0.1:{port}", "--token", TOKEN, base_env=clean_env())
+    await wait_http(base + "/_rproxy/health")
+    env_file = tmp_path / "agent.env"
+    env_file.write_text(SEED1_ENV.format(bridge=free_port(), home=1) + TOKEN_LINE.format(token="not-the-token"))
+    procs("agent", "--env-file", str(env_file), base_env=clean_env(
+        REMOTE_URL=base, LOCAL_URL=f"http://127.0.0.1:{websocket_app}", RPROXY_TOKEN=TOKEN
+    ))
+    await wait_listed(base, "home")
+    assert (await visit(base))[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('AGENT_ID=mac@home\nRPROXY_TOKEN="unterminated\n', ".env: line 2: not a NAME=VALUE line"),
+        ("AGENT_ID=mac@home\n\nthis is not a setting\n", ".env: line 3: not a NAME=VALUE line"),
+        (b"AGENT_ID=\xff\xfe\n", ".env: not UTF-8 text"),
+    ],
+    ids=["unterminated-quote", "not-an-assignment", "not-utf8"],
+)
+def test_a_malformed_dotenv_file_is_a_one_line_error_naming_the_line(
+    content: str | bytes, expected: str, tmp_path: Path
+) -> None:
+    (tmp_path / ".env").write_bytes(content.encode() if isinstance(content, str) else content)
+    result = subprocess.run(
+        [sys.executable, "-m", "rproxy_core", "agent"], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env=clean_env(PYTHONPATH=str(ROOT)),
+    )
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert expected in line
+    assert "unterminated" not in line
+
+
+def test_a_missing_env_file_given_by_flag_is_an_error_but_no_dotenv_is_fine(tmp_path: Path) -> None:
+    missing = rproxy("agent", "--env-file", str(tmp_path / "nope.env"))
+    assert missing.returncode == 2
+    assert "--env-file" in one_error_line(missing) and "no such file" in missing.stderr
+    # Without a .env and without settings: the usual missing-setting line, nothing about .env.
+    result = subprocess.run(
+        [sys.executable, "-m", "rproxy_core", "agent"], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env=clean_env(PYTHONPATH=str(ROOT)),
+    )
+    assert result.returncode == 2
+    assert "--bridge: is required" in one_error_line(result)
