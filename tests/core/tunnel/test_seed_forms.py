@@ -14,8 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import pty
+import select
+import shlex
+import stat
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -24,6 +30,7 @@ import pytest
 from aiohttp import web
 
 from rproxy_core import AgentConfig
+from rproxy_core.cli.state import state_directory
 from tests.conftest import ROOT, TOKEN, Proc, free_port, start_app, wait_http, wait_listed
 from tests.core.tunnel.test_cli import clean_env, one_error_line, rproxy
 
@@ -266,3 +273,99 @@ def test_a_missing_env_file_given_by_flag_is_an_error_but_no_dotenv_is_fine(tmp_
     )
     assert result.returncode == 2
     assert "--bridge: is required" in one_error_line(result)
+
+
+# The bare bridge: seed 1's server "has no configuration at all".
+
+
+def _read_until(fd: int, marker: str, timeout: float = 20) -> str:
+    """What a process wrote to its terminal (``fd``, the pty's master end) up to the line holding ``marker``."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while marker.encode() not in seen or not seen.split(marker.encode(), 1)[1].count(b"\n"):
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {marker!r} on the terminal: {seen.decode(errors='replace')!r}"
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the process closed its end
+                chunk = b""
+            assert chunk, f"the terminal closed before {marker!r}: {seen.decode(errors='replace')!r}"
+            seen += chunk
+    return seen.decode()
+
+
+async def test_a_bare_bridge_makes_a_token_prints_the_agent_command_once_and_that_command_serves(
+    procs: Callable[..., Proc], websocket_app: int, tmp_path: Path
+) -> None:
+    """``rproxy bridge`` with no flags: a 0600 token file in the state directory, the agent's
+    command on the terminal, and that command (with the home app's address) serves a visitor.
+    A second start reuses the token and says where it is, without printing it."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    state = tmp_path / "state"
+    env = clean_env(RPROXY_STATE_DIRECTORY=str(state), RPROXY_LISTEN=f"127.0.0.1:{port}")
+    master, slave = pty.openpty()
+    with (tmp_path / "bridge.log").open("w") as log:
+        bridge = subprocess.Popen([sys.executable, "-m", "rproxy_core", "bridge"], stdout=slave, stderr=log,
+                                  cwd=ROOT, env=env, start_new_session=True)
+    os.close(slave)
+    try:
+        terminal = await asyncio.to_thread(_read_until, master, "rproxy agent ")
+        token_file = state / "agent-token"
+        token = token_file.read_text().strip()
+        assert len(token) == 64 and stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        assert str(token_file) in terminal
+        command = next(line.strip() for line in terminal.splitlines() if line.strip().startswith("rproxy agent "))
+        assert command == f"rproxy agent ws://127.0.0.1:{port} http://127.0.0.1:8080 --token {token}"
+        argv = [f"http://127.0.0.1:{websocket_app}" if arg == "http://127.0.0.1:8080" else arg
+                for arg in shlex.split(command)[1:]]
+        await wait_http(base + "/_rproxy/health")
+        procs(*argv, base_env=clean_env())
+        await wait_listed(base, "home")
+        assert (await visit(base))[0] == 200
+        assert token not in (tmp_path / "bridge.log").read_text()
+    finally:
+        bridge.terminate()
+        await asyncio.to_thread(bridge.wait, 15)
+        os.close(master)
+    # Again, not on a terminal (a service): the same token, named by its file only.
+    again = procs("bridge", base_env=env)
+    await wait_http(base + "/_rproxy/health")
+    again.stop()
+    assert token_file.read_text().strip() == token
+    assert f"this bridge's agent token is in {token_file}" in again.output()
+    assert token not in again.output()
+
+
+async def test_a_bare_bridge_under_a_service_manager_logs_the_file_and_listens_on_port(
+    procs: Callable[..., Proc], tmp_path: Path
+) -> None:
+    """Without a terminal the new token is never printed: the log names its file. $PORT sets the
+    port; systemd's $STATE_DIRECTORY is used when $RPROXY_STATE_DIRECTORY is not set."""
+    port = free_port()
+    state = tmp_path / "systemd-state"
+    state.mkdir(mode=0o700)
+    bridge = procs("bridge", base_env=clean_env(PORT=str(port), STATE_DIRECTORY=str(state)))
+    await wait_http(f"http://127.0.0.1:{port}/_rproxy/health")
+    bridge.stop()
+    token = (state / "agent-token").read_text().strip()
+    assert f"a new agent token is in {state}/agent-token" in bridge.output()
+    assert token not in bridge.output()
+
+
+def test_the_state_directory_follows_the_environment(tmp_path: Path) -> None:
+    home = {"HOME": str(tmp_path)}
+    assert state_directory(home) == tmp_path / ".local/state/rproxy"
+    assert state_directory({**home, "XDG_STATE_HOME": "/x"}) == Path("/x/rproxy")
+    assert state_directory({**home, "XDG_STATE_HOME": "/x", "STATE_DIRECTORY": "/s:/t"}) == Path("/s")
+    assert state_directory({**home, "STATE_DIRECTORY": "/s", "RPROXY_STATE_DIRECTORY": "/r"}) == Path("/r")
+
+
+def test_a_token_file_that_holds_no_token_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "agent-token").write_text("\n")
+    result = rproxy("bridge", "--listen", "127.0.0.1:0", env=clean_env(RPROXY_STATE_DIRECTORY=str(tmp_path)))
+    assert result.returncode == 2
+    assert "agent-token: expected one agent token on one line" in one_error_line(result)
