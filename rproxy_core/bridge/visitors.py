@@ -143,7 +143,8 @@ class VisitorHandler:
         except asyncio.CancelledError:
             # The visitor hung up (the bridge runs aiohttp with handler cancellation, so a
             # handler waiting on a slow home app or a quiet event stream learns it at once).
-            log.note = "visitor gone"
+            # After a close handshake the connection ends too: that is no error.
+            log.note = log.note or "visitor gone"
             log.done(None)
             raise
         finally:
@@ -246,7 +247,7 @@ class VisitorHandler:
         except (ConnectionError, RuntimeError):
             return log.done(ws)
         log.status = 101
-        to_agent = asyncio.create_task(_pump_visitor_messages(ws, stream))
+        to_agent = asyncio.create_task(_pump_visitor_messages(ws, stream, log))
         try:
             while True:
                 message = await stream.read_message(MAX_WEBSOCKET_MESSAGE)
@@ -264,6 +265,7 @@ class VisitorHandler:
                     await ws.pong(data)
                 elif kind is MessageKind.CLOSE:
                     code, reason = decode_code(data) if len(data) >= 2 else (1000, "")
+                    log.note = log.note or f"closed with {code}"
                     await ws.close(code=sendable_close_code(code), message=reason.encode())
                     break
         except StreamResetError as err:
@@ -383,8 +385,9 @@ def _body_too_large(request: web.Request, limit: int) -> web.Response:
     return response
 
 
-async def _pump_visitor_messages(ws: web.WebSocketResponse, stream: TunnelStream) -> None:
-    """Visitor's WebSocket messages → stream, including pings and the close code."""
+async def _pump_visitor_messages(ws: web.WebSocketResponse, stream: TunnelStream, log: _Access) -> None:
+    """Visitor's WebSocket messages → stream, including pings and the close code (noted for
+    the access log: a normal close reads ``closed with 1000``)."""
     try:
         while True:
             msg = await ws.receive()
@@ -397,6 +400,7 @@ async def _pump_visitor_messages(ws: web.WebSocketResponse, stream: TunnelStream
             elif msg.type is WSMsgType.PONG:
                 await stream.send_message(MessageKind.PONG, msg.data)
             elif msg.type is WSMsgType.CLOSE:
+                log.note = log.note or f"closed with {msg.data or 1000}"
                 await stream.send_message(MessageKind.CLOSE, encode_code(msg.data or 1000, msg.extra or ""))
                 await stream.end()
                 return
