@@ -58,6 +58,14 @@ TARGET_CONNECT_TIMEOUT = 10.0
 MAX_TUNNEL_MESSAGE = 1 << 20
 #: The tunnel WebSocket's receive limit: a full message plus one maximal frame over it.
 TUNNEL_MESSAGE_LIMIT = 4 << 20
+#: Frames of one tunnel message processed before the event loop gets a turn (other tunnels,
+#: visitors, health checks): a few hundred microseconds of work at most.
+FRAMES_PER_TURN = 256
+#: Cheap frames (PING, PONG, WINDOW, empty or tiny DATA, refused OPENs) a tunnel peer may send
+#: per second before it is cut off with GOAWAY EXCESSIVE_LOAD. A real peer sends a handful,
+#: plus one WINDOW per 256 KiB consumed (4,000 a second at 1 GB/s); a flood of empty frames,
+#: which flow control does not slow, sends 100,000s.
+CHEAP_FRAME_RATE = 20_000
 #: Queued output above this makes stream writers wait for the socket (backpressure).
 WRITE_HIGH_WATER = 1 << 20
 

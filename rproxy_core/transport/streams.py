@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..exceptions import StreamResetError, TunnelClosedError
 from ..protocol.frames import ErrorCode, Flags, MessageKind
-from ..protocol.heads import RequestHead, ResponseHead
+from ..protocol.heads import KIND_WEBSOCKET, RequestHead, ResponseHead
 
 if TYPE_CHECKING:
     from .connection import TunnelConnection
@@ -272,6 +272,10 @@ class TunnelStream:
             self._on_end()
 
     def _on_data(self, data: memoryview, flags: int) -> None:
+        if not data and self.head.kind != KIND_WEBSOCKET:
+            # An empty frame means nothing in a body; queued, a flood of them would make the
+            # reader spin through them without ever yielding to the loop.
+            return
         if self._chunks is _NO_CHUNKS:
             self._chunks = deque()
         self._chunks.append((data, flags))
