@@ -31,6 +31,7 @@ from ..protocol import events as ev
 from ..protocol.frames import ErrorCode
 from ..protocol.heads import RequestHead
 from ..protocol.mux import Multiplexer
+from .budget import DEFAULT_TUNNEL_BUDGET, PROCESS_BUDGET, MemoryBudget
 from .streams import TunnelStream
 from .websocket import FrameSocket
 
@@ -55,6 +56,9 @@ class TunnelConnection:
         on_stream: called with each stream the peer opens (the agent serves them).
         heartbeat_interval: seconds between PINGs.
         dead_after: seconds of silence after which the peer is considered dead.
+        budget: what this tunnel's streams may hold (received, not consumed) before new
+            streams are refused and the biggest holders throttled; by default 256 MiB inside
+            the process's ``budget.PROCESS_BUDGET``.
     """
 
     def __init__(
@@ -67,8 +71,12 @@ class TunnelConnection:
         on_stream: Callable[[TunnelStream], None] | None = None,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         dead_after: float = DEAD_AFTER,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self.budget = budget if budget is not None else MemoryBudget(DEFAULT_TUNNEL_BUDGET, PROCESS_BUDGET)
+        #: Backlog from which a stream is throttled while the budget is spent.
+        self.quarter_window = mux.stream_window // 4
         self.socket = socket
         self.mux = mux
         self.label = label
@@ -209,6 +217,8 @@ class TunnelConnection:
             raise TunnelClosedError("tunnel is closing")
         if not self.mux.can_open_stream():
             raise TunnelClosedError("too many streams on this tunnel")
+        if self.budget.exhausted:
+            raise TunnelClosedError("this tunnel's memory budget is spent (streams hold unread data)")
         stream_id = self.mux.open_stream(head, end_stream=end_stream)
         stream = TunnelStream(self, stream_id, head, remote_done=False)
         if end_stream:
@@ -420,6 +430,9 @@ class TunnelConnection:
 
     def _on_stream_opened(self, event: ev.StreamOpened) -> None:
         stream = TunnelStream(self, event.stream_id, event.head, remote_done=event.end_stream)
+        if self.budget.exhausted:
+            self.mux.refuse_stream(event.stream_id, ErrorCode.REFUSED_STREAM, "memory budget spent")
+            return
         if self._on_stream is None:
             # As a reply the peer must read: an agent flooding OPENs cannot queue RESETs forever.
             self.mux.refuse_stream(event.stream_id, ErrorCode.REFUSED_STREAM, "this side does not accept streams")
