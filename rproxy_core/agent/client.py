@@ -14,6 +14,7 @@ ws:// across a network needs ``insecure``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import enum
 import hashlib
 import ipaddress
@@ -69,6 +70,7 @@ __all__ = [
     "AgentStats",
     "Backoff",
     "bridge_connect_url",
+    "split_bridge_credential",
     "certificate_sha256",
     "check_bridge_access",
     "check_credential",
@@ -129,13 +131,39 @@ def bridge_connect_url(bridge: str) -> str:
     if not valid:
         raise ConfigError(f"--bridge {bridge!r}: expected ws://, wss://, http:// or https:// with a host")
     if url.user is not None or url.password is not None:
-        # Not echoed: the user:password part is a secret.
-        raise ConfigError("--bridge: the URL must not carry user:password@ (the agent proves itself with --token)")
+        # Not echoed: the user:password part is a secret. The CLI and the integration take it
+        # off first (split_bridge_credential) and send it as the agent's credential.
+        raise ConfigError("--bridge: the URL must not carry user:password@ here (give it as the token, sent as Basic)")
     base = url.with_scheme(schemes[url.scheme]).with_query(None).with_fragment(None)
     path = base.path.rstrip("/")
     if not path.endswith(CONNECT_PATH):
         path += CONNECT_PATH
     return str(base.with_path(path))
+
+
+def split_bridge_credential(bridge: str) -> tuple[str, str | None]:
+    """``ws://user:pass@host:8080`` → (``ws://host:8080``, ``"user:pass"``); without userinfo
+    the URL as given and None.
+
+    The credential is what a bridge started as ``rproxy bridge PORT USER:PASS`` accepts; the
+    agent sends it as ``Authorization: Basic`` (``AgentConfig.basic_auth``).
+
+    Raises:
+        ConfigError: userinfo without both a user and a password, or a ``:`` in the user
+            (HTTP Basic could not carry it). The message never repeats the URL.
+    """
+    try:
+        url = URL(bridge.strip())
+        user, password = url.user, url.password
+    except (ValueError, TypeError):
+        if "@" in bridge:  # not echoed: what comes before the @ may be a password
+            raise ConfigError("--bridge: not a valid URL (not shown: it may hold a password)") from None
+        return bridge, None
+    if user is None and password is None:
+        return bridge, None
+    if not user or password is None or ":" in user:
+        raise ConfigError("--bridge: user:password@ in the URL needs a user (without ':') and a password")
+    return str(url.with_user(None)), f"{user}:{password}"
 
 
 def _is_loopback_host(host: str) -> bool:
@@ -283,7 +311,7 @@ class AgentConfig:
     """Settings of an agent; the CLI fills it from flags and environment."""
 
     bridge: str
-    token: str
+    token: str = field(repr=False)  # never in a log line or a traceback's locals
     #: The home app's URL, or ``zeroconf:NAME``: an app announced on the LAN, which whoever runs
     #: the agent finds and hands over with ``Agent.set_target`` (visitors get 502 until then).
     #: Empty when the agent offers only ``services``.
@@ -319,6 +347,9 @@ class AgentConfig:
     #: Prove the agent's identity with this key (a signed challenge) instead of ``token``,
     #: which is then empty.
     key: Ed25519PrivateKey | None = field(default=None, repr=False)
+    #: Send ``token`` as HTTP Basic credentials (``user:password``, from a bridge URL's
+    #: userinfo as node-rproxy's agent takes it) instead of as a Bearer token.
+    basic_auth: bool = False
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad setting."""
@@ -332,6 +363,8 @@ class AgentConfig:
         for service, target in self.services.items():
             check_service(service, target)
         check_credential(self.token, self.key, "--token: an agent token (or --key) is required")
+        if self.basic_auth and (self.key is not None or ":" not in self.token):
+            raise ConfigError("basic_auth: needs a token written as user:password (and no --key)")
         if not is_tunnel_name(self.name):
             raise ConfigError(f"--name {self.name!r}: use a lower-case DNS label (a-z, 0-9, -)")
         if not self.agent_id or len(self.agent_id) > 128 or not self.agent_id.isprintable():
@@ -729,6 +762,8 @@ class Agent:
         if config.key is not None and nonce is not None:
             host = URL(self.connect_url).host or ""
             authorization = sign(config.key, nonce, config.name, host)
+        elif config.basic_auth:
+            authorization = "Basic " + base64.b64encode(config.token.encode()).decode("ascii")
         else:
             authorization = f"Bearer {config.token}"
         return {

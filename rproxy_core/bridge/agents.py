@@ -23,6 +23,7 @@ from ..protocol.mux import Multiplexer, Role, SUPPORTED_VERSIONS
 from ..transport import AiohttpFrameSocket, HandshakeError, TunnelConnection
 from ..transport.budget import MemoryBudget
 from ..protocol.heads import SERVICE_KINDS
+from .auth import basic_credential
 from .keys import AUTH_SCHEME, decode_public_key, fingerprint, signed_message, verify_signature
 from .registry import MAIN_SERVICE
 from .visitor_policy import parse_agent_policy
@@ -132,7 +133,12 @@ class AgentHandler:
         scheme = auth.split(None, 1)[0].lower() if auth.strip() else ""
         if scheme == AUTH_SCHEME.lower():
             return self._key_credential(request, auth, name)
-        token = auth[7:].strip() if scheme == "bearer" else None
+        if scheme == "basic":  # user:password, as node-rproxy's agent sends its credential
+            token = basic_credential(auth[6:])
+            if token is None:
+                return "malformed basic credential"
+        else:
+            token = auth[7:].strip() if scheme == "bearer" else None
         if not token or self._bridge.auth.match(token) is None:
             return "invalid token" if token else "no token"
         bridge = self._bridge
