@@ -26,6 +26,7 @@ from ..protocol.heads import SERVICE_KINDS
 from .auth import basic_credential
 from .keys import AUTH_SCHEME, decode_public_key, fingerprint, signed_message, verify_signature
 from .registry import MAIN_SERVICE
+from .routing import host_name, is_loopback_host
 from .visitor_policy import parse_agent_policy
 
 if TYPE_CHECKING:
@@ -93,6 +94,8 @@ class AgentHandler:
         #: (logged once when the burst starts and once when it is over, not per attempt).
         self._refused_backlog = 0
         self._cutting_off: set[asyncio.Task[None]] = set()
+        #: Whether the bridge said that a second tunnel without --domain changes the addresses.
+        self._warned_no_domain = False
 
     def handshaking(self) -> list[TunnelConnection]:
         """Connections upgraded but not yet through HELLO (not in the registry yet)."""
@@ -143,6 +146,22 @@ class AgentHandler:
             return "invalid token" if token else "no token"
         bridge = self._bridge
         return Credential(lambda tunnel: bridge.auth.allows(token, tunnel), "token")
+
+    def _warn_second_tunnel(self, name: str, host: str) -> None:
+        """Once: a second tunnel on a bridge without a domain means that a bare address (the
+        one the first agent was told) reaches no tunnel any more: the Host's first label picks."""
+        names = self._bridge.registry.names()
+        if self._bridge.config.domain is not None or self._warned_no_domain or len(names) < 2:
+            return
+        self._warned_no_domain = True
+        example = "NAME.localhost" if is_loopback_host(host_name(host)) else "a host name whose first label is the tunnel's"
+        _LOGGER.warning(
+            "a second tunnel (%r) on a bridge without --domain: visitors now reach each tunnel by the first label "
+            "of the host name they use (%s, e.g. %s), and an address naming none of %s reaches none; "
+            "run the bridge with --domain for a name per tunnel",
+            name, example, host_name(f"{name}.localhost") if example == "NAME.localhost" else f"{name}.example.com",
+            ", ".join(repr(n) for n in sorted(names)),
+        )
 
     def _cut_off(self, connection: TunnelConnection, reason: str) -> None:
         if connection.closed:
@@ -253,6 +272,7 @@ class AgentHandler:
         self._credentials[connection] = (credential, name)
         await bridge.registry.add(name, connection, services)
         bridge.metrics.agent_connected(name, connection)
+        self._warn_second_tunnel(name, request.host)
         _LOGGER.info(
             "agent %s connected (protocol %s, %d agent(s) now serve %r)",
             label,

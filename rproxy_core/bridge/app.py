@@ -53,6 +53,7 @@ from .limits import BridgeRunner, HeadLimits
 from .metrics import BridgeMetrics
 from .pages import error_response
 from .registry import MemoryRegistry, TunnelRegistry
+from .routing import host_name, is_loopback_host
 from .visitor_policy import DEFAULT_MAX_TRACKED_VISITORS, VisitorGuard, VisitorPolicy
 from .visitors import VisitorHandler, behind_proxies
 
@@ -357,11 +358,15 @@ class Bridge:
         """The address visitors use for tunnel ``name``, as seen from the agent's request."""
         scheme = "https" if request.secure else "http"
         host = request.host
-        if self.config.domain is None:
-            return f"{scheme}://{host}/"
         port = ""
         if not host.startswith("[") and host.count(":") == 1:
             port = ":" + host.rsplit(":", 1)[1]
+        if self.config.domain is None:
+            # With a second tunnel and no domain, the first label of the Host picks the tunnel
+            # (routing.py): on this machine NAME.localhost reaches it (it resolves to loopback).
+            if any(other != name for other in self.registry.names()) and is_loopback_host(host_name(host)):
+                return f"{scheme}://{name}.localhost{port}/"
+            return f"{scheme}://{host}/"
         return f"{scheme}://{name}.{self.config.domain}{port}/"
 
     async def _close_tunnels(self, app: web.Application) -> None:

@@ -146,7 +146,8 @@ class VisitorHandler:
         except asyncio.CancelledError:
             # The visitor hung up (the bridge runs aiohttp with handler cancellation, so a
             # handler waiting on a slow home app or a quiet event stream learns it at once).
-            log.note = "visitor gone"
+            # After a close handshake the connection ends too: that is no error.
+            log.note = log.note or "visitor gone"
             log.done(None)
             raise
         finally:
@@ -258,7 +259,7 @@ class VisitorHandler:
         except (ConnectionError, RuntimeError):
             return log.done(ws)
         log.status = 101
-        to_agent = asyncio.create_task(_pump_visitor_messages(ws, stream, config.websocket_message_rate))
+        to_agent = asyncio.create_task(_pump_visitor_messages(ws, stream, log, config.websocket_message_rate))
         relayed = 0
         try:
             while True:
@@ -280,6 +281,7 @@ class VisitorHandler:
                     await ws.pong(data)
                 elif kind is MessageKind.CLOSE:
                     code, reason = decode_code(data) if len(data) >= 2 else (1000, "")
+                    log.note = log.note or f"closed with {code}"
                     await ws.close(code=sendable_close_code(code), message=reason.encode())
                     break
         except StreamResetError as err:
@@ -399,8 +401,9 @@ def _body_too_large(request: web.Request, limit: int) -> web.Response:
     return response
 
 
-async def _pump_visitor_messages(ws: web.WebSocketResponse, stream: TunnelStream, rate: int) -> None:
-    """Visitor's WebSocket messages → stream, including pings and the close code.
+async def _pump_visitor_messages(ws: web.WebSocketResponse, stream: TunnelStream, log: _Access, rate: int) -> None:
+    """Visitor's WebSocket messages → stream, including pings and the close code (noted for
+    the access log: a normal close reads ``closed with 1000``).
 
     At most ``rate`` messages a second (any size, empty ones too: each costs the bridge, the
     agent and the home app a turn): a visitor over it is closed with 1008.
@@ -423,6 +426,7 @@ async def _pump_visitor_messages(ws: web.WebSocketResponse, stream: TunnelStream
                 else:
                     _LOGGER.warning("visitor websocket %s: more than %d messages a second, closed",
                                     stream.head.request_id, rate)
+                    log.note = f"closed with 1008: more than {rate} messages a second"
                     await stream.send_message(MessageKind.CLOSE, encode_code(1008, "too many messages"))
                     await stream.end()
                     await ws.close(code=1008, message=b"too many messages")
@@ -436,6 +440,7 @@ async def _pump_visitor_messages(ws: web.WebSocketResponse, stream: TunnelStream
             elif msg.type is WSMsgType.PONG:
                 await stream.send_message(MessageKind.PONG, msg.data)
             elif msg.type is WSMsgType.CLOSE:
+                log.note = log.note or f"closed with {msg.data or 1000}"
                 await stream.send_message(MessageKind.CLOSE, encode_code(msg.data or 1000, msg.extra or ""))
                 await stream.end()
                 return
