@@ -204,9 +204,10 @@ class Gateway:
         refusal = self.table.refusal(address)
         if refusal is not None:
             return self._refuse(*refusal)
-        headers = tuple((name, value) for name in config.forward_headers if (value := request.headers.get(name)))
+        replayed = tuple((name, value) for name in config.forward_headers if (value := request.headers.get(name)))
         loop = asyncio.get_running_loop()
-        conn = self.table.add(address, targets["f"], targets.get("d"), headers, loop.time())
+        conn = self.table.add(address, targets["f"], targets.get("d"), replayed, loop.time())
+        conn.headers = ((SEND_HEADER, conn.callback), (ID_HEADER, conn.id), (CLIENT_HEADER, address), *replayed)
         try:
             if "c" in targets:
                 refused = await self._ask_backend(conn, request, targets["c"])
@@ -319,8 +320,8 @@ class Gateway:
             link.room.set_result(None)
 
     def _post_headers(self, conn: ConnectionState, content_type: str, body: bytes) -> list[tuple[str, str]]:
-        headers = [(SEND_HEADER, conn.callback), (ID_HEADER, conn.id), (CLIENT_HEADER, conn.address),
-                   ("Content-Type", content_type), *conn.headers]
+        # conn.headers holds the x-ws-proxy-* fields and the replayed ones, built once per connection.
+        headers = [("Content-Type", content_type), *conn.headers]
         if self.config.secret is not None:
             headers.append((SIGNATURE_HEADER, sign(self.config.secret, conn.callback, body)))
         return headers
