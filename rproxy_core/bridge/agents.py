@@ -21,6 +21,7 @@ from ..headers import is_tunnel_name
 from ..protocol.frames import ErrorCode
 from ..protocol.mux import Multiplexer, Role, SUPPORTED_VERSIONS
 from ..transport import AiohttpFrameSocket, HandshakeError, TunnelConnection
+from ..transport.budget import MemoryBudget
 from ..protocol.heads import SERVICE_KINDS
 from .auth import basic_credential
 from .keys import AUTH_SCHEME, decode_public_key, fingerprint, signed_message, verify_signature
@@ -222,6 +223,7 @@ class AgentHandler:
             peer_id=agent_id,
             heartbeat_interval=bridge.config.heartbeat_interval,
             dead_after=bridge.config.dead_after,
+            budget=MemoryBudget(bridge.config.tunnel_memory_budget, bridge.memory),
             # The bridge opens every stream; one opened by an agent is an attack or a broken agent.
             on_stream=lambda stream: self._cut_off(connection, "it opened a stream (only the bridge may)"),
         )

@@ -37,10 +37,14 @@ from ..const import (
     REQUEST_TIMEOUT,
     RESERVED_PREFIX,
     TCP_PATH,
+    VISITOR_WEBSOCKET_MESSAGE,
+    WEBSOCKET_IDLE_TIMEOUT,
+    WEBSOCKET_MESSAGE_RATE,
 )
 from ..exceptions import ConfigError
 from ..protocol.frames import ErrorCode
 from ..protocol.heads import KIND_WEBSOCKET
+from ..transport.budget import DEFAULT_PROCESS_BUDGET, DEFAULT_TUNNEL_BUDGET, MemoryBudget
 from .agents import AgentHandler, Credential
 from .channels import ChannelHandler, TcpPort, TcpPortServer
 from .auth import TokenAuth, TokenGrant
@@ -117,6 +121,17 @@ class BridgeConfig:
     max_streams_per_tunnel: int | None = None
     #: Agents upgraded but not through HELLO at once; more get 503 before the upgrade.
     max_pending_handshakes: int = MAX_PENDING_HANDSHAKES
+    #: Largest WebSocket message a visitor may send (closed with 1009 beyond it).
+    max_websocket_message: int = VISITOR_WEBSOCKET_MESSAGE
+    #: Seconds of silence after which a visitor WebSocket is pinged; one that does not answer
+    #: within half that again is closed.
+    websocket_idle_timeout: float = WEBSOCKET_IDLE_TIMEOUT
+    #: WebSocket messages a visitor may send per second (closed with 1008 beyond it).
+    websocket_message_rate: int = WEBSOCKET_MESSAGE_RATE
+    #: Bytes all tunnels together, and each tunnel connection, may hold received from agents
+    #: and not yet taken by visitors; when spent, new requests get 503 (transport/budget.py).
+    memory_budget: int = DEFAULT_PROCESS_BUDGET
+    tunnel_memory_budget: int = DEFAULT_TUNNEL_BUDGET
     #: Agent keys accepted (each with the names it may claim), beside or instead of tokens.
     authorized_keys: list[KeyGrant] = field(default_factory=list)
     #: Any key may connect, under the name derived from it (``keys.derived_name``).
@@ -159,6 +174,8 @@ class Bridge:
         if config.open_registration and config.domain is None:
             raise ConfigError("--open-registration: needs --domain (each key's tunnel gets its own host name)")
         self.challenges = ChallengeStore()
+        #: What all tunnels together may hold for visitors (each tunnel's budget is inside it).
+        self.memory = MemoryBudget(config.memory_budget)
         self.registry = registry if registry is not None else MemoryRegistry(config.max_streams_per_tunnel)
         self.visitor_guard = VisitorGuard(config.visitor_policies, config.max_tracked_visitors)
         self.metrics = BridgeMetrics(self)

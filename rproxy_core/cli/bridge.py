@@ -49,6 +49,11 @@ BRIDGE_FLAGS = {
     "idle_timeout": "--idle-timeout",
     "max_streams_per_tunnel": "--max-streams-per-tunnel",
     "max_pending_handshakes": "--max-pending-handshakes",
+    "max_websocket_message": "--max-websocket-message",
+    "websocket_idle_timeout": "--websocket-idle-timeout",
+    "websocket_message_rate": "--websocket-message-rate",
+    "memory_budget": "--memory-budget",
+    "tunnel_memory_budget": "--tunnel-memory-budget",
     "authorized_keys": "--authorized-keys",
     "open_registration": "--open-registration",
     "admin_token": "--admin-token",
@@ -70,6 +75,11 @@ BRIDGE_ENV = {
     "idle_timeout": ("RPROXY_IDLE_TIMEOUT",),
     "max_streams_per_tunnel": ("RPROXY_MAX_STREAMS_PER_TUNNEL",),
     "max_pending_handshakes": ("RPROXY_MAX_PENDING_HANDSHAKES",),
+    "max_websocket_message": ("RPROXY_MAX_WEBSOCKET_MESSAGE",),
+    "websocket_idle_timeout": ("RPROXY_WEBSOCKET_IDLE_TIMEOUT",),
+    "websocket_message_rate": ("RPROXY_WEBSOCKET_MESSAGE_RATE",),
+    "memory_budget": ("RPROXY_MEMORY_BUDGET",),
+    "tunnel_memory_budget": ("RPROXY_TUNNEL_MEMORY_BUDGET",),
     "authorized_keys": ("RPROXY_AUTHORIZED_KEYS",),
     "open_registration": ("RPROXY_OPEN_REGISTRATION",),
     "admin_token": ("RPROXY_ADMIN_TOKEN",),
@@ -87,6 +97,11 @@ _RESTART_ONLY = (
     "idle_timeout",
     "max_streams_per_tunnel",
     "max_pending_handshakes",
+    "max_websocket_message",
+    "websocket_idle_timeout",
+    "websocket_message_rate",
+    "memory_budget",
+    "tunnel_memory_budget",
     "open_registration",
     "tunnels",
     "aliases",
@@ -143,6 +158,20 @@ def add_parser(commands: Any) -> None:
     bridge.add_argument("--max-pending-handshakes", metavar="N",
                         help="agents connecting but not through their handshake at once; more get 503 "
                              "(default 64)")
+    bridge.add_argument("--max-websocket-message", metavar="SIZE",
+                        help="largest WebSocket message a visitor may send, e.g. 1M; larger closes the "
+                             "socket with 1009 (default 1M)")
+    bridge.add_argument("--websocket-idle-timeout", metavar="SECONDS",
+                        help="ping a visitor WebSocket silent this long; close it if it does not answer "
+                             "within half that again (default 120)")
+    bridge.add_argument("--websocket-message-rate", metavar="N",
+                        help="WebSocket messages a visitor may send per second; more closes the socket "
+                             "with 1008 (default 2000)")
+    bridge.add_argument("--memory-budget", metavar="SIZE",
+                        help="bytes all tunnels together may hold for visitors who do not read; when "
+                             "spent, new requests get 503 (default 512M)")
+    bridge.add_argument("--tunnel-memory-budget", metavar="SIZE",
+                        help="the same for each agent's tunnel (default 256M)")
     bridge.add_argument("--authorized-keys", metavar="FILE",
                         help="agent keys accepted: lines 'ed25519 KEY NAME...' as rproxy keygen prints them, "
                              "NAME * for any name; reloaded on SIGHUP ($RPROXY_AUTHORIZED_KEYS)")
@@ -217,6 +246,11 @@ def bridge_settings(args: argparse.Namespace, environ: Mapping[str, str] | None 
         idle_timeout=settings["idle_timeout"],
         max_streams_per_tunnel=settings.get("max_streams_per_tunnel"),
         max_pending_handshakes=settings["max_pending_handshakes"],
+        max_websocket_message=settings["max_websocket_message"],
+        websocket_idle_timeout=settings["websocket_idle_timeout"],
+        websocket_message_rate=settings["websocket_message_rate"],
+        memory_budget=settings["memory_budget"],
+        tunnel_memory_budget=settings["tunnel_memory_budget"],
         authorized_keys=authorized_keys,
         open_registration=settings["open_registration"],
         visitor_policies=settings["tunnels"],
