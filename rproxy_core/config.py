@@ -512,6 +512,7 @@ BRIDGE_SCHEMA = vol.Schema(
         vol.Optional("admin_token"): _optional(_accepted_token),
         vol.Optional("aliases", default={}): _aliases,
         vol.Optional("tcp_ports", default=[]): vol.All(_port_list, [_TCP_PORT]),
+        vol.Optional("gateway"): _optional(_gateway_section),
         vol.Optional("log_level"): _optional(_log_level),
     }
 )

@@ -31,6 +31,10 @@ def test_patterns_match_the_whole_url() -> None:
                 "https://user:pw@good.example.com/x", "ftp://good.example.com/", "https://goodXexample.com/"]:
         assert allow.check(bad) is not None, bad
     assert allow.check("https://good.example.com/" + "a" * 3000) is not None  # too long to try
+    bare = Allowlist([r"https://good\.example\.com", r"http://.*\.good\.example"])
+    assert bare.check("https://good.example.com") is None
+    for bad in ["https://good.example.com.evil.test/", "https://good.example.com/", "http://x.good.example.evil/"]:
+        assert bare.check(bad) is not None, bad  # re.match would admit each of them
 
 
 def test_only_hosts_written_in_a_pattern_may_be_private() -> None:
