@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_REFUSED
     except OSError as err:
-        print(f"{prog}: error: {err.strerror or err}", file=sys.stderr)
+        print(f"{prog}: error: {common.describe_os_error(err)}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         return EXIT_OK
