@@ -108,5 +108,5 @@ def bridge_gateway(bridge: Bridge) -> Gateway | None:
     if config is None:
         return None
     gateway = Gateway(config, address_of=lambda request: bridge.visitor_address(request)[0])  # type: ignore[arg-type]
-    gateway.delivery = TunnelDelivery(bridge, HttpDelivery(gateway.allowlist))
+    gateway.delivery = TunnelDelivery(bridge, HttpDelivery(gateway.allowlist, max_connections=config.max_connections))
     return gateway

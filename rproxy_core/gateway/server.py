@@ -88,7 +88,10 @@ class Gateway:
         self.config = config
         self.allowlist = Allowlist(config.allowlist)
         self.table = ConnectionTable(config)
-        self.delivery: Delivery = delivery if delivery is not None else HttpDelivery(self.allowlist)
+        # One POST at most per connection, so the pool never needs more sockets than connections;
+        # a smaller one would make frames wait for a slot and time out on a busy gateway.
+        self.delivery: Delivery = delivery if delivery is not None else HttpDelivery(
+            self.allowlist, max_connections=config.max_connections)
         self._address_of = address_of or (lambda request: request.remote or "?")
         self._links: dict[str, _Link] = {}
         self._finishing: set[asyncio.Task[None]] = set()

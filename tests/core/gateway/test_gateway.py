@@ -59,6 +59,28 @@ async def test_disconnect_post_after_the_client_closes(backend: Backend) -> None
         await asyncio.wait_for(_until(lambda: len(gateway.table) == 0), 5)
 
 
+async def test_a_client_that_vanishes_still_gets_its_frames_and_disconnect_delivered(backend: Backend) -> None:
+    release = asyncio.Event()
+
+    async def slow(request: web.Request, post: Post) -> None:
+        if post.path == "/frame":
+            await release.wait()
+        return None
+
+    backend.answer = slow
+    async with running_gateway() as gateway:
+        ws = await connect(connect_url(gateway, backend))
+        for number in range(3):
+            await ws.send(str(number))
+        await asyncio.wait_for(_until(lambda: len(gateway.table) == 1 and len(next(iter(gateway.table)).queue) == 3), 5)
+        ws.transport.abort()  # no close frame: the TCP connection is just gone
+        release.set()
+        (gone,) = await backend.wait_posts("/disconnect", 1)
+        assert [p.body for p in backend.on("/frame")] == [b"0", b"1", b"2"]
+        assert json.loads(gone.body)["code"] == 1006
+        await asyncio.wait_for(_until(lambda: len(gateway.table) == 0), 5)
+
+
 async def _until(check: object) -> None:
     assert callable(check)
     while not check():
