@@ -414,7 +414,7 @@ BRIDGE_SCHEMA = vol.Schema(
         vol.Optional("max_pending_handshakes", default=64): _count(1, 100_000),
         vol.Optional("max_websocket_message", default=1 << 20): _byte_size,
         vol.Optional("websocket_idle_timeout", default=120.0): _seconds(1, 86400),
-        vol.Optional("websocket_message_rate", default=2000): _count(1, 10_000_000),
+        vol.Optional("websocket_message_rate", default=20_000): _count(1, 10_000_000),
         vol.Optional("memory_budget", default=512 << 20): _byte_size,
         vol.Optional("tunnel_memory_budget", default=256 << 20): _byte_size,
         vol.Optional("authorized_keys"): _optional(_text("a file name")),

@@ -166,7 +166,7 @@ def add_parser(commands: Any) -> None:
                              "within half that again (default 120)")
     bridge.add_argument("--websocket-message-rate", metavar="N",
                         help="WebSocket messages a visitor may send per second; more closes the socket "
-                             "with 1008 (default 2000)")
+                             "with 1008 (default 20000)")
     bridge.add_argument("--memory-budget", metavar="SIZE",
                         help="bytes all tunnels together may hold for visitors who do not read; when "
                              "spent, new requests get 503 (default 512M)")
