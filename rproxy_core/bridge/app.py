@@ -42,11 +42,13 @@ from ..const import (
     WEBSOCKET_MESSAGE_RATE,
 )
 from ..exceptions import ConfigError
+from ..gateway import GatewayConfig
 from ..protocol.frames import ErrorCode
 from ..protocol.heads import KIND_WEBSOCKET
 from ..transport.budget import DEFAULT_PROCESS_BUDGET, DEFAULT_TUNNEL_BUDGET, MemoryBudget
 from .agents import AgentHandler, Credential
 from .channels import ChannelHandler, TcpPort, TcpPortServer
+from .gateway import bridge_gateway
 from .auth import TokenAuth, TokenGrant
 from .keys import ChallengeStore, KeyAuth, KeyGrant
 from .limits import BridgeRunner, HeadLimits
@@ -144,6 +146,8 @@ class BridgeConfig:
     #: Opens /_rproxy/metrics and /_rproxy/status.json to ``Authorization: Bearer`` with this
     #: token (or its ``sha256:`` hash); without one they do not exist (404).
     admin_token: str | None = field(default=None, repr=False)
+    #: A WebSocket-to-POST gateway on one host name of the bridge's port (docs/GATEWAY.md).
+    gateway: GatewayConfig | None = None
 
 
 @functools.cache
@@ -186,6 +190,7 @@ class Bridge:
         self.stopping = False
         self._hurry = asyncio.Event()
         self._agents = AgentHandler(self)
+        self.gateway = bridge_gateway(self)
         self.app = self._make_app()
         self.tcp_ports = [TcpPortServer(self, port) for port in config.tcp_ports]
         self._runner: web.AppRunner | None = None
@@ -211,7 +216,8 @@ class Bridge:
         app.router.add_get(STATUS_JSON_PATH, self._status_json)
         app.router.add_get(STATUS_PAGE_PATH, self._status_page)
         app.router.add_route("*", RESERVED_PREFIX + "{tail:.*}", self._reserved)
-        app.router.add_route("*", "/{tail:.*}", VisitorHandler(self).__call__)
+        visitors = VisitorHandler(self).__call__
+        app.router.add_route("*", "/{tail:.*}", self.gateway.front(visitors) if self.gateway else visitors)
         app.on_shutdown.append(self._close_tunnels)
         return app
 
@@ -244,6 +250,8 @@ class Bridge:
             await runner.cleanup()
             raise
         self._runner, self._site = runner, site
+        if self.gateway is not None:
+            await self.gateway.start()
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self.config.port
@@ -278,6 +286,8 @@ class Bridge:
         # Say goodbye before aiohttp's cleanup: from its pre-shutdown step on, aiohttp drops
         # whatever a connection receives, so close handshakes (and the HELLO of an agent
         # still connecting) would go unread until timeouts ran out.
+        if self.gateway is not None:  # its disconnect POSTs may need the tunnels: before they close
+            await self.gateway.stop()
         await self._close_tunnels(self.app)
         await runner.cleanup()
 

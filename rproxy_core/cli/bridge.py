@@ -25,6 +25,7 @@ from ..bridge.channels import TcpPort
 from ..bridge.keys import KeyGrant, read_authorized_keys
 from ..config import BRIDGE_SCHEMA, load_file, merge, validate
 from ..exceptions import ConfigError
+from .gateway import gateway_config
 from .common import EXIT_OK, Signals, log_level, run, setup_logging
 from .state import StateToken, agent_command, state_path, state_token
 
@@ -107,6 +108,7 @@ _RESTART_ONLY = (
     "aliases",
     "tcp_ports",
     "admin_token",
+    "gateway",
 )
 
 
@@ -260,6 +262,7 @@ def bridge_settings(args: argparse.Namespace, environ: Mapping[str, str] | None 
             TcpPort(port["listen"][0], port["listen"][1], port["tunnel"], port["service"], tuple(port["allow"]))
             for port in settings["tcp_ports"]
         ],
+        gateway=gateway_config(settings["gateway"], settings["gateway"]["host"]) if settings.get("gateway") else None,
     )
     return BridgeSettings(config, settings, settings.get("log_level"), state)
 

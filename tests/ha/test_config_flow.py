@@ -870,6 +870,30 @@ async def test_reauth_cannot_connect(hass: HomeAssistant, socket_enabled: None) 
 # Reconfigure.
 
 
+async def test_reconfigure_to_a_password_in_the_url(hass: HomeAssistant, bridge: Bridge, home_app: HomeApp) -> None:
+    """Reconfigure takes ``ws://user:password@host`` too: the password becomes the token; a
+    typed token beside it is token_twice; a password without a user is invalid_url."""
+    entry = await setup_tunnel(hass, bridge.url, home_app.url)
+    await bridge.set_tokens([TOKEN, "agent:pw-123"])
+    result = await entry.start_reconfigure_flow(hass)
+    flow_id = result["flow_id"]
+    with_password = bridge.url.replace("http://", "ws://agent:pw-123@")
+    for typed, errors in (
+        ({"bridge_url": with_password, "token": TOKEN}, {"token": "token_twice"}),
+        ({"bridge_url": bridge.url.replace("http://", "ws://:pw-123@")}, {"bridge_url": "invalid_url"}),
+    ):
+        result = await hass.config_entries.flow.async_configure(flow_id, {"tunnel_name": "home", **typed})
+        assert result["type"] is FlowResultType.FORM
+        assert result["errors"] == errors
+        assert "pw-123" not in repr(_defaults(result)) or errors == {"bridge_url": "invalid_url"}
+    result = await hass.config_entries.flow.async_configure(flow_id, {"bridge_url": with_password, "tunnel_name": "home"})
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "reconfigure_successful"
+    assert entry.data["token"] == "agent:pw-123"
+    assert entry.data["bridge_url"] == bridge.url.replace("http://", "ws://")
+    await _wait_loaded(hass, entry.entry_id)
+
+
 async def test_reconfigure(hass: HomeAssistant, bridge: Bridge, home_app: HomeApp) -> None:
     entry = await setup_tunnel(hass, bridge.url, home_app.url)
     await wait_for(lambda: bridge.registry.tunnels() == {"home": 1}, what="the tunnel to be up")

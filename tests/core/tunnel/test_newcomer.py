@@ -6,17 +6,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 
 import aiohttp
 import pytest
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from aiohttp import web
 
 from rproxy_core import Agent, AgentConfig
 from rproxy_core.agent import AgentState
-from tests.conftest import running_agent, running_bridge, start_app
+from tests.conftest import TOKEN, Proc, running_agent, running_bridge, start_app, wait_http
+from tests.core.tunnel.test_cli import clean_env, one_error_line, rproxy
+from tests.core.tunnel.test_demo import public_url
 
 
 @pytest.fixture
@@ -152,3 +155,44 @@ async def test_an_agent_pointed_at_something_else_says_what_is_likely_wrong_and_
     assert "\x1b" not in error and "\n" not in error
     lines = [r.getMessage() for r in caplog.records if r.name == "rproxy.agent" and "retrying" in r.getMessage()]
     assert lines and all(hint in line and "\n" not in line for line in lines)
+
+
+@contextlib.contextmanager
+def _taken(port: int = 0) -> Iterator[tuple[socket.socket | None, int]]:
+    """A listening socket on 127.0.0.1:``port`` (None when someone else already has it)."""
+    sock = socket.socket()
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        yield None, port  # taken already: by another program, which serves the test as well
+        return
+    sock.listen()
+    try:
+        yield sock, sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("command", ["bridge", "demo"])
+def test_a_taken_port_names_the_address_and_the_flag_in_one_line(command: str) -> None:
+    """Not ``error: error while attempting to bind...``: which address, and --listen."""
+    with _taken() as (_sock, port):
+        extra = ["--token", TOKEN] if command == "bridge" else []
+        result = rproxy(command, "--listen", f"127.0.0.1:{port}", *extra)
+    assert result.returncode == 1
+    line = one_error_line(result)
+    assert line == (f"rproxy {command}: error: cannot listen on 127.0.0.1:{port}: it is already in use (another "
+                    "program, or another rproxy, listens there); pick another with --listen HOST:PORT")
+
+
+async def test_the_demo_without_listen_takes_the_next_free_port_when_8080_is_taken(
+    procs: Callable[..., Proc],
+) -> None:
+    with _taken(8080):
+        demo = procs("demo", base_env=clean_env())
+        url = await public_url(demo)
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    assert port != 8080
+    assert f"127.0.0.1:8080 is in use; the demo listens on 127.0.0.1:{port} instead" in demo.output()
+    await wait_http(url + "api/state")
