@@ -98,7 +98,7 @@ class Gateway:
         self._host = config.host.lower().rstrip(".") if config.host else None
         self.stopping = False
         self.port: int | None = None
-        self.stats = {"connections": 0, "refused": 0, "frames_in": 0, "frames_out": 0, "bytes_in": 0,
+        self.stats = {"accepted": 0, "refused": 0, "frames_in": 0, "frames_out": 0, "bytes_in": 0,
                       "bytes_out": 0, "delivery_failures": 0, "callbacks_refused": 0}
 
     # Life cycle.
@@ -220,7 +220,7 @@ class Gateway:
         except BaseException:
             self.table.remove(conn)
             raise
-        self.stats["connections"] += 1
+        self.stats["accepted"] += 1
         link = self._links[conn.id] = _Link(conn, ws)
         try:
             await self._read(link)

@@ -68,6 +68,7 @@ async def bridge_with_gateway(**gateway: object) -> AsyncIterator[tuple[Bridge, 
                            allowlist=(rf"http://(home|away)\.{DOMAIN.replace('.', '[.]')}/.*",), access_log=False,
                            retry_backoff=0.02, post_timeout=3)
     policies = gateway.pop("visitor_policies", {})
+    admin = gateway.pop("admin_token", None)
     for key, value in gateway.items():
         setattr(config, key, value)
     home = HomeApp(port)
@@ -77,7 +78,8 @@ async def bridge_with_gateway(**gateway: object) -> AsyncIterator[tuple[Bridge, 
     runner, home_url = await start_app(app)
     try:
         async with aiohttp.ClientSession() as session, \
-                running_bridge(port=port, domain=DOMAIN, gateway=config, visitor_policies=policies) as bridge, \
+                running_bridge(port=port, domain=DOMAIN, gateway=config, visitor_policies=policies,
+                               admin_token=admin) as bridge, \
                 running_agent(bridge.url, home_url):
             home.session = session
             yield bridge, home
@@ -117,6 +119,21 @@ async def test_frames_reach_the_home_app_through_the_tunnel_and_it_answers_by_ca
         async with aiohttp.ClientSession() as session, session.get(
                 f"http://127.0.0.1:{bridge.port}/", headers={"Host": GATEWAY_HOST}) as response:
             assert response.status == 404 and "/connect?f=" in await response.text()
+
+
+async def test_the_bridges_metrics_and_status_count_the_gateway() -> None:
+    admin = {"Authorization": "Bearer admin-token-for-the-test"}
+    async with bridge_with_gateway(admin_token="admin-token-for-the-test") as (bridge, home), client(bridge) as ws, \
+            aiohttp.ClientSession(headers=admin) as session:
+        await ws.send("count me")
+        assert await asyncio.wait_for(ws.recv(), 10) == "echo: count me"
+        async with session.get(f"{bridge.url}/_rproxy/status.json") as response:
+            gateway = (await response.json())["gateway"]
+        assert gateway["open"] == 1 and gateway["accepted"] == 1
+        assert gateway["frames_in"] == 1 and gateway["frames_out"] == 1 and gateway["bytes_out"] == len("echo: count me")
+        async with session.get(f"{bridge.url}/_rproxy/metrics") as response:
+            text = await response.text()
+        assert "rproxy_gateway_connections 1.0" in text and "rproxy_gateway_frames_in_total 1.0" in text
 
 
 async def test_a_protected_tunnel_is_refused_for_gateway_delivery() -> None:
