@@ -41,6 +41,9 @@ _LOGGER = logging.getLogger("rproxy.bridge")
 #: Visitor-supplied fields the bridge replaces with its own view of the connection.
 _FORWARDING_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"})
 
+#: Seconds a visitor may take to accept one chunk of a response before it is cut off.
+VISITOR_SEND_TIMEOUT = 60.0
+
 #: Messages relayed in a row before the loop gets a turn (see _pump_visitor_messages).
 MESSAGES_PER_TURN = 64
 
@@ -220,7 +223,17 @@ class VisitorHandler:
         try:
             await response.prepare(request)
             while chunk := await stream.read():
-                await response.write(chunk)
+                try:
+                    # As nginx's send_timeout: a visitor that takes no chunk for this long has
+                    # stopped reading; its stream would otherwise hold a window for good.
+                    async with asyncio.timeout(VISITOR_SEND_TIMEOUT):
+                        await response.write(chunk)
+                except TimeoutError:
+                    log.note = f"visitor stopped reading for {VISITOR_SEND_TIMEOUT:g}s"
+                    stream.reset(ErrorCode.CANCEL, "visitor stopped reading")
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return log.done(response)
                 log.bytes += len(chunk)
             await response.write_eof()
         except StreamResetError as err:

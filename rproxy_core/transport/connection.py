@@ -261,6 +261,11 @@ class TunnelConnection:
                 return
         self._flush_wanted.set()
 
+    @property
+    def writing(self) -> bool:
+        """Whether the writer task runs (so that waiting in :meth:`drain` can end)."""
+        return self._writer is not None and not self._writer.done()
+
     async def drain(self) -> None:
         """Wait until queued output falls below the high-water mark."""
         if self.mux.pending_bytes <= self.write_high_water or self._writer is None:
