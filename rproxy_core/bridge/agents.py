@@ -241,7 +241,15 @@ class AgentHandler:
             await connection.close(ErrorCode.PROTOCOL_ERROR, f"bad {part}: {err}")
             return ws
         # Set before the tunnel is listed, so no visitor slips in unprotected meanwhile.
-        bridge.visitor_guard.set_agent_policy(name, asked)
+        differs = bridge.visitor_guard.agent_joins(name, connection, asked)
+        if differs is not None:
+            _LOGGER.warning("agent %s refused: %s", label, differs)
+            bridge.metrics.handshake_failed("visitor_policy")
+            await connection.close(ErrorCode.PROTOCOL_ERROR, f"refused: {differs}")
+            return ws
+        # It stops counting as one of the tunnel's agents when it starts closing, as it leaves
+        # the registry's pool (the guard ignores a second leave).
+        connection.on_close(lambda closed: bridge.visitor_guard.agent_leaves(name, closed))
         self._credentials[connection] = (credential, name)
         await bridge.registry.add(name, connection, services)
         bridge.metrics.agent_connected(name, connection)
@@ -257,10 +265,7 @@ class AgentHandler:
         finally:
             self._credentials.pop(connection, None)
             await bridge.registry.remove(name, connection)
-            if not bridge.registry.tunnels().get(name):
-                # Forget what its agents asked for, so policies of names long gone do not pile
-                # up (the next agent's HELLO sets it again before the tunnel is listed).
-                bridge.visitor_guard.set_agent_policy(name, None)
+            bridge.visitor_guard.agent_leaves(name, connection)
             # aiohttp ends the WebSocket itself on a message over max_msg_size (or a broken
             # frame) and the tunnel only sees it closed: the cause is the socket's exception.
             broken = ws.exception()

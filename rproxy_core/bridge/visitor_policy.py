@@ -5,6 +5,13 @@ A tunnel's policy comes from the bridge's config (``tunnels:``) or from its agen
 agent cannot loosen what the operator decided. Every check runs before a stream is opened:
 a refused visitor never reaches the tunnel, the agent or the home app.
 
+Agents of one tunnel (a pool) must all ask for the same protection. Were the latest agent's
+request to win, a second agent asking for nothing would open a tunnel whose first agent asked
+for a login (and it would stay open after the second left). So the first agent of a tunnel
+sets what its agents asked for; a later one asking for anything else is refused with the
+reason, and what was asked goes when the tunnel's last agent does. The bridge's own ``tunnels:``
+config wins over all of them, part by part.
+
 All per-visitor state is bounded (an LRU of addresses per tunnel): this faces the internet,
 and an attacker with many addresses must not be able to grow it without end. The price of the
 bound is that a visitor pushed out of the table starts afresh.
@@ -21,7 +28,7 @@ import math
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any
@@ -307,6 +314,8 @@ class VisitorGuard:
             self._apply(name, policy)
         self._cache_key = secrets.token_bytes(32)
         self._checks = asyncio.Semaphore(_CONCURRENT_CHECKS)
+        #: Per tunnel with agents: what its agents asked for, and which agents they are.
+        self._asked: dict[str, tuple[VisitorPolicy | None, set[Hashable]]] = {}
 
     def _apply(self, name: str, policy: VisitorPolicy) -> None:
         guard = self._guards.get(name)
@@ -318,9 +327,41 @@ class VisitorGuard:
             guard.policy = policy
             guard.verified.clear()  # a password that was right may no longer be
 
-    def set_agent_policy(self, name: str, agent: VisitorPolicy | None) -> None:
-        """The policy the latest agent of tunnel ``name`` asked for (None: none)."""
-        self._apply(name, self._configured.get(name, VisitorPolicy()).over(agent))
+    def agent_joins(self, name: str, agent: Hashable, asked: VisitorPolicy | None) -> str | None:
+        """Agent ``agent`` of tunnel ``name`` asked for ``asked`` (None: nothing) in its HELLO.
+
+        Every agent of a tunnel must ask for the same (see the module's note on agent pools):
+        returns why ``agent`` is refused when it asks for anything else, None once it counts
+        as one of the tunnel's agents (until :meth:`agent_leaves`).
+        """
+        joined = self._asked.get(name)
+        if joined is None:
+            self._asked[name] = (asked, {agent})
+            self._apply(name, self._configured.get(name, VisitorPolicy()).over(asked))
+            return None
+        policy, agents = joined
+        if not _same_ask(policy, asked):
+            return (
+                f"its visitor policy (visitor_allow, visitor_auth) differs from the one the tunnel's "
+                f"{len(agents)} connected agent(s) asked for; give every agent of tunnel {name!r} the same"
+            )
+        agents.add(agent)
+        return None
+
+    def agent_leaves(self, name: str, agent: Hashable) -> None:
+        """``agent`` no longer serves ``name``; with the last one, what they asked for goes too."""
+        joined = self._asked.get(name)
+        if joined is None or agent not in joined[1]:
+            return
+        joined[1].discard(agent)
+        if not joined[1]:
+            del self._asked[name]
+            self._apply(name, self._configured.get(name, VisitorPolicy()))
+
+    def agent_policy(self, name: str) -> VisitorPolicy | None:
+        """What the agents of tunnel ``name`` asked for (None: nothing, or no agent)."""
+        joined = self._asked.get(name)
+        return joined[0] if joined is not None else None
 
     def policy(self, name: str) -> VisitorPolicy | None:
         guard = self._guards.get(name)
@@ -404,6 +445,13 @@ class VisitorGuard:
             if len(guard.verified) > _VERIFIED_CACHE:
                 guard.verified.popitem(last=False)
         return ok
+
+
+def _same_ask(one: VisitorPolicy | None, other: VisitorPolicy | None) -> bool:
+    """Whether two agents asked for the same protection (the order of the allowlist aside)."""
+    if one is None or other is None:
+        return one is other
+    return set(one.allow) == set(other.allow) and dict(one.basic) == dict(other.basic)
 
 
 def _stored_hash(users: Mapping[str, PasswordHash], user: bytes) -> PasswordHash:
