@@ -31,6 +31,9 @@ __all__ = ["FORWARDED_HEADERS", "Upstream", "create_upstream_session", "visitor_
 
 _LOGGER = logging.getLogger("rproxy.agent")
 
+#: WebSocket messages relayed in a row before the loop gets a turn.
+MESSAGES_PER_TURN = 64
+
 #: The headers the bridge adds about the visitor; by default all reach the home app.
 FORWARDED_HEADERS = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host")
 
@@ -284,9 +287,17 @@ class Upstream:
                 return
             # When body bytes came with the head, the first write below carries the head too.
             stream.send_reply(reply, flush=content.total_bytes == 0)
-            while chunk := await content.readany():
+            while True:
+                # Read only what the credit lets out at once: a visitor who stops reading then
+                # leaves the body in the home app's socket, not in the agent's memory.
+                chunk = await content.read(await stream.wait_for_credit())
+                if not chunk:
+                    break
                 # FIN rides on the last chunk: small responses cross the tunnel as one message.
-                await stream.write(chunk, end_stream=content.at_eof())
+                last = content.at_eof()
+                await stream.write(chunk, end_stream=last)
+                if last:
+                    break
             await stream.end()
 
     async def _serve_websocket(self, stream: TunnelStream, url: URL) -> None:
@@ -356,8 +367,12 @@ async def _request_body(stream: TunnelStream) -> AsyncIterator[bytes | memoryvie
 
 async def _pump_from_target(ws: aiohttp.ClientWebSocketResponse, stream: TunnelStream) -> None:
     """Home app's messages → stream; its close code travels as a CLOSE message."""
+    count = 0
     while True:
         msg = await ws.receive()
+        count += 1
+        if count % MESSAGES_PER_TURN == 0:
+            await asyncio.sleep(0)  # queued messages come without waiting: let other streams run
         if msg.type is aiohttp.WSMsgType.TEXT:
             await stream.send_message(MessageKind.TEXT, msg.data.encode())
         elif msg.type is aiohttp.WSMsgType.BINARY:
@@ -380,8 +395,12 @@ async def _pump_from_target(ws: aiohttp.ClientWebSocketResponse, stream: TunnelS
 
 async def _pump_to_target(stream: TunnelStream, ws: aiohttp.ClientWebSocketResponse) -> None:
     """Visitor's messages (from the stream) → home app."""
+    count = 0
     while True:
         message = await stream.read_message(MAX_WEBSOCKET_MESSAGE)
+        count += 1
+        if count % MESSAGES_PER_TURN == 0:
+            await asyncio.sleep(0)
         if message is None:
             await ws.close()
             return

@@ -22,10 +22,13 @@ from ..headers import is_tunnel_name
 from ..protocol.frames import ErrorCode
 from ..protocol.mux import Multiplexer, Role, SUPPORTED_VERSIONS
 from ..transport import AiohttpFrameSocket, HandshakeError, TunnelConnection
+from ..transport.budget import MemoryBudget
 from ..protocol.heads import SERVICE_KINDS
+from .auth import basic_credential
 from .keys import AUTH_SCHEME, decode_public_key, fingerprint, signed_message, verify_signature
 from .registry import MAIN_SERVICE
 from .shares import Shares, address_share
+from .routing import host_name, is_loopback_host
 from .visitor_policy import parse_agent_policy
 
 if TYPE_CHECKING:
@@ -103,6 +106,8 @@ class AgentHandler:
         #: Holders whose refusal was logged in their current burst.
         self._noted: set[str] = set()
         self._cutting_off: set[asyncio.Task[None]] = set()
+        #: Whether the bridge said that a second tunnel without --domain changes the addresses.
+        self._warned_no_domain = False
 
     def handshaking(self) -> list[TunnelConnection]:
         """Connections upgraded but not yet through HELLO (not in the registry yet)."""
@@ -144,7 +149,12 @@ class AgentHandler:
         scheme = auth.split(None, 1)[0].lower() if auth.strip() else ""
         if scheme == AUTH_SCHEME.lower():
             return self._key_credential(request, auth, name)
-        token = auth[7:].strip() if scheme == "bearer" else None
+        if scheme == "basic":  # user:password, as node-rproxy's agent sends its credential
+            token = basic_credential(auth[6:])
+            if token is None:
+                return "malformed basic credential"
+        else:
+            token = auth[7:].strip() if scheme == "bearer" else None
         if not token or self._bridge.auth.match(token) is None:
             return "invalid token" if token else "no token"
         bridge = self._bridge
@@ -201,6 +211,7 @@ class AgentHandler:
             peer_id=agent_id,
             heartbeat_interval=bridge.config.heartbeat_interval,
             dead_after=bridge.config.dead_after,
+            budget=MemoryBudget(bridge.config.tunnel_memory_budget, bridge.memory),
             # The bridge opens every stream; one opened by an agent is an attack or a broken agent.
             on_stream=lambda stream: self._cut_off(connection, "it opened a stream (only the bridge may)"),
         )
@@ -226,6 +237,22 @@ class AgentHandler:
         finally:
             self._handshaking.discard(connection)
         return connection
+
+    def _warn_second_tunnel(self, name: str, host: str) -> None:
+        """Once: a second tunnel on a bridge without a domain means that a bare address (the
+        one the first agent was told) reaches no tunnel any more: the Host's first label picks."""
+        names = self._bridge.registry.names()
+        if self._bridge.config.domain is not None or self._warned_no_domain or len(names) < 2:
+            return
+        self._warned_no_domain = True
+        example = "NAME.localhost" if is_loopback_host(host_name(host)) else "a host name whose first label is the tunnel's"
+        _LOGGER.warning(
+            "a second tunnel (%r) on a bridge without --domain: visitors now reach each tunnel by the first label "
+            "of the host name they use (%s, e.g. %s), and an address naming none of %s reaches none; "
+            "run the bridge with --domain for a name per tunnel",
+            name, example, host_name(f"{name}.localhost") if example == "NAME.localhost" else f"{name}.example.com",
+            ", ".join(repr(n) for n in sorted(names)),
+        )
 
     def _cut_off(self, connection: TunnelConnection, reason: str) -> None:
         if connection.closed:
@@ -312,6 +339,7 @@ class AgentHandler:
         self._credentials[connection] = (credential, name)
         await bridge.registry.add(name, connection, services)
         bridge.metrics.agent_connected(name, connection)
+        self._warn_second_tunnel(name, request.host)
         _LOGGER.info(
             "agent %s connected (protocol %s, %d agent(s) now serve %r)",
             connection.label,

@@ -42,6 +42,9 @@ _LOGGER = logging.getLogger("rproxy.bridge")
 #: Visitor-supplied fields the bridge replaces with its own view of the connection.
 _FORWARDING_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"})
 
+#: Messages relayed in a row before the loop gets a turn (see _pump_visitor_messages).
+MESSAGES_PER_TURN = 64
+
 #: Bodies up to this size that arrived whole with their head are sent with the head in one
 #: write; larger or still-arriving bodies are streamed.
 _ONE_WRITE_BODY = 64 << 10
@@ -169,7 +172,8 @@ class VisitorHandler:
         except asyncio.CancelledError:
             # The visitor hung up (the bridge runs aiohttp with handler cancellation, so a
             # handler waiting on a slow home app or a quiet event stream learns it at once).
-            log.note = "visitor gone"
+            # After a close handshake the connection ends too: that is no error.
+            log.note = log.note or "visitor gone"
             log.done(None)
             raise
         finally:
@@ -262,22 +266,35 @@ class VisitorHandler:
         if head.status != 101:  # the home app refused the upgrade: relay its answer
             return await self._send_response(request, stream, head, log)
         protocol = next((v for k, v in head.headers if k.lower() == "sec-websocket-protocol"), None)
+        config = self._bridge.config
         ws = web.WebSocketResponse(
             protocols=(protocol,) if protocol else (),
             autoping=False,
-            max_msg_size=MAX_WEBSOCKET_MESSAGE,
+            # A visitor's message is assembled whole by aiohttp before it can be relayed: the
+            # limit bounds that (1009 beyond it), and is small, as what browsers send is.
+            max_msg_size=config.max_websocket_message,
+            # No permessage-deflate with visitors: ~0.5 MB of deflate inflates to 600 MiB
+            # (issue 15, finding 10), and each deflating socket costs zlib state on the bridge.
+            compress=False,
+            # Idle visitors are pinged; one that neither sends nor answers within half the
+            # interval more is closed (its stream slot and buffers are freed).
+            heartbeat=config.websocket_idle_timeout,
         )
         try:
             await ws.prepare(request)
         except (ConnectionError, RuntimeError):
             return log.done(ws)
         log.status = 101
-        to_agent = asyncio.create_task(_pump_visitor_messages(ws, stream))
+        to_agent = asyncio.create_task(_pump_visitor_messages(ws, stream, log, config.websocket_message_rate))
+        relayed = 0
         try:
             while True:
                 message = await stream.read_message(MAX_WEBSOCKET_MESSAGE)
                 if message is None:
                     break
+                relayed += 1
+                if relayed % MESSAGES_PER_TURN == 0:
+                    await asyncio.sleep(0)  # queued messages are read without waiting: let others run
                 kind, data = message
                 log.bytes += len(data)
                 if kind is MessageKind.TEXT:
@@ -290,6 +307,7 @@ class VisitorHandler:
                     await ws.pong(data)
                 elif kind is MessageKind.CLOSE:
                     code, reason = decode_code(data) if len(data) >= 2 else (1000, "")
+                    log.note = log.note or f"closed with {code}"
                     await ws.close(code=sendable_close_code(code), message=reason.encode())
                     break
         except StreamResetError as err:
@@ -409,11 +427,36 @@ def _body_too_large(request: web.Request, limit: int) -> web.Response:
     return response
 
 
-async def _pump_visitor_messages(ws: web.WebSocketResponse, stream: TunnelStream) -> None:
-    """Visitor's WebSocket messages → stream, including pings and the close code."""
+async def _pump_visitor_messages(ws: web.WebSocketResponse, stream: TunnelStream, log: _Access, rate: int) -> None:
+    """Visitor's WebSocket messages → stream, including pings and the close code (noted for
+    the access log: a normal close reads ``closed with 1000``).
+
+    At most ``rate`` messages a second (any size, empty ones too: each costs the bridge, the
+    agent and the home app a turn): a visitor over it is closed with 1008.
+    """
+    loop = asyncio.get_running_loop()
+    window_start = loop.time()
+    count = 0
     try:
         while True:
             msg = await ws.receive()
+            count += 1
+            if count % MESSAGES_PER_TURN == 0:
+                # aiohttp hands out queued messages without waiting: without this, one visitor
+                # sending tiny frames as fast as it can keeps the loop to itself.
+                await asyncio.sleep(0)
+            if count > rate:
+                now = loop.time()
+                if now - window_start >= 1.0:
+                    window_start, count = now, 1
+                else:
+                    _LOGGER.warning("visitor websocket %s: more than %d messages a second, closed",
+                                    stream.head.request_id, rate)
+                    log.note = f"closed with 1008: more than {rate} messages a second"
+                    await stream.send_message(MessageKind.CLOSE, encode_code(1008, "too many messages"))
+                    await stream.end()
+                    await ws.close(code=1008, message=b"too many messages")
+                    return
             if msg.type is WSMsgType.TEXT:
                 await stream.send_message(MessageKind.TEXT, msg.data.encode())
             elif msg.type is WSMsgType.BINARY:
@@ -423,6 +466,7 @@ async def _pump_visitor_messages(ws: web.WebSocketResponse, stream: TunnelStream
             elif msg.type is WSMsgType.PONG:
                 await stream.send_message(MessageKind.PONG, msg.data)
             elif msg.type is WSMsgType.CLOSE:
+                log.note = log.note or f"closed with {msg.data or 1000}"
                 await stream.send_message(MessageKind.CLOSE, encode_code(msg.data or 1000, msg.extra or ""))
                 await stream.end()
                 return

@@ -103,6 +103,9 @@ class ErrorCode(enum.IntEnum):
     FRAME_SIZE_ERROR = 0x05
     REFUSED_STREAM = 0x06
     CANCEL = 0x07
+    #: The peer made this side do more work or queue more than its budget allows: PINGs whose
+    #: PONGs it never reads, floods of empty or tiny frames (the connection ends with GOAWAY).
+    EXCESSIVE_LOAD = 0x08
     #: Agent side: the home app refused the connection or could not be resolved (visitor sees 502).
     TARGET_UNREACHABLE = 0x10
     #: Agent side: the home app did not answer in time (visitor sees 504).
