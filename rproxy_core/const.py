@@ -48,6 +48,17 @@ MAX_REQUEST_HEAD = 64 << 10
 #: finish HELLO in one round trip, so only a flood (or a bridge restart's reconnect wave on a
 #: huge fleet) gets near it.
 MAX_PENDING_HANDSHAKES = 64
+#: Of those, most from one source address (an IPv6 /64 counts as one) and most with one
+#: credential (token or key): a real agent holds one for a round trip, a home rarely has more
+#: than a few agents, and one holder can no longer keep every other home out.
+MAX_PENDING_HANDSHAKES_PER_SOURCE = 8
+MAX_PENDING_HANDSHAKES_PER_CREDENTIAL = 8
+#: Requests in flight, and WebSockets open, at once from one visitor address (an IPv6 /64
+#: counts as one) to one tunnel; more get 429. A household behind one address never gets near
+#: (a browser keeps about 6 connections per site, a Home Assistant tab one WebSocket), while
+#: one script can no longer take every stream slot of a tunnel.
+MAX_REQUESTS_PER_VISITOR = 256
+MAX_WEBSOCKETS_PER_VISITOR = 256
 #: Retry-After for a visitor who found the tunnel at its stream limit: streams end quickly.
 BUSY_RETRY_AFTER = 1
 #: Time the agent waits for a TCP connection to the home app before answering 502.

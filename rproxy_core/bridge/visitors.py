@@ -28,6 +28,7 @@ from ..transport import TunnelStream
 from .pages import error_response
 from .registry import NoServiceError, TunnelBusyError
 from .routing import resolve_route
+from .shares import Shares, address_share
 
 if TYPE_CHECKING:
     from .app import Bridge
@@ -73,6 +74,9 @@ class VisitorHandler:
         # system call per request.
         self._id_prefix = secrets.token_hex(4)
         self._id_counter = itertools.count(1)
+        #: Requests in flight and WebSockets open, per (tunnel, visitor address share).
+        self._requests: Shares[tuple[str, str]] = Shares(bridge.config.max_requests_per_visitor)
+        self._websockets: Shares[tuple[str, str]] = Shares(bridge.config.max_websockets_per_visitor)
 
     def _next_request_id(self) -> str:
         return f"{self._id_prefix}{next(self._id_counter):08x}"
@@ -110,10 +114,11 @@ class VisitorHandler:
             return log.done(
                 error_response(request, 404, f"{service!r} of tunnel {name!r} is a TCP service: reach it with rproxy tcp")
             )
+        address = bridge.visitor_address(request)[0]
         guard = bridge.visitor_guard
         if guard.protects(name):
             # Before any stream exists: a refused visitor never reaches the agent or the home app.
-            refused = await guard.admit(request, name, self._bridge.visitor_address(request)[0])
+            refused = await guard.admit(request, name, address)
             if refused is not None:
                 return log.done(refused)
         has_body = request.body_exists and not is_websocket
@@ -122,6 +127,27 @@ class VisitorHandler:
             # Refused before anything reaches the agent; the connection closes rather than
             # reading the body it announced.
             return log.done(_body_too_large(request, max_body))
+        # A fair share per visitor address and tunnel, taken before a stream slot is: one
+        # client (a script opening thousands of idle WebSockets) cannot fill the tunnel.
+        share = (name, address_share(address))
+        shares = self._websockets if is_websocket else self._requests
+        if not shares.take(share):
+            what = "WebSockets open" if is_websocket else "requests in flight"
+            return log.done(error_response(
+                request, 429, f"too many {what} at once from your address, close some and try again",
+                {"Retry-After": str(BUSY_RETRY_AFTER)},
+            ))
+        try:
+            return await self._relay(request, name, service, head, has_body, is_websocket, log)
+        finally:
+            shares.give_back(share)
+
+    async def _relay(
+        self, request: web.Request, name: str, service: str, head: RequestHead, has_body: bool, is_websocket: bool,
+        log: _Access,
+    ) -> web.StreamResponse:
+        """Open the stream for ``head`` and relay the exchange over it."""
+        bridge = self._bridge
         try:
             # A WebSocket's half stays open for the visitor's messages; an HTTP request without
             # a body ends with its OPEN frame.
