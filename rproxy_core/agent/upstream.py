@@ -76,7 +76,10 @@ def create_upstream_session(limit: int = DEFAULT_MAX_STREAMS) -> aiohttp.ClientS
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         trust_env=False,
-        read_bufsize=256 << 10,
+        # What the agent reads ahead of a visitor: the response reader pauses the home app's
+        # socket at twice this, so a visitor who stops reading leaves at most ~0.5 MiB here
+        # (beside the window in flight), for reads big enough that bulk transfers cost few frames.
+        read_bufsize=128 << 10,
     )
 
 

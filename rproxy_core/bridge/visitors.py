@@ -29,6 +29,7 @@ from ..transport import TunnelStream
 from .pages import error_response
 from .registry import NoServiceError, TunnelBusyError
 from .routing import resolve_route
+from .shares import Shares, address_share
 
 if TYPE_CHECKING:
     from .app import Bridge
@@ -41,6 +42,9 @@ _LOGGER = logging.getLogger("rproxy.bridge")
 
 #: Visitor-supplied fields the bridge replaces with its own view of the connection.
 _FORWARDING_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"})
+
+#: Seconds a visitor may take to accept one chunk of a response before it is cut off.
+VISITOR_SEND_TIMEOUT = 60.0
 
 #: Messages relayed in a row before the loop gets a turn (see _pump_visitor_messages).
 MESSAGES_PER_TURN = 64
@@ -71,6 +75,9 @@ class VisitorHandler:
         # system call per request.
         self._id_prefix = secrets.token_hex(4)
         self._id_counter = itertools.count(1)
+        #: Requests in flight and WebSockets open, per (tunnel, visitor address share).
+        self._requests: Shares[tuple[str, str]] = Shares(bridge.config.max_requests_per_visitor)
+        self._websockets: Shares[tuple[str, str]] = Shares(bridge.config.max_websockets_per_visitor)
 
     def _next_request_id(self) -> str:
         return f"{self._id_prefix}{next(self._id_counter):08x}"
@@ -108,10 +115,11 @@ class VisitorHandler:
             return log.done(
                 error_response(request, 404, f"{service!r} of tunnel {name!r} is a TCP service: reach it with rproxy tcp")
             )
+        address = bridge.visitor_address(request)[0]
         guard = bridge.visitor_guard
         if guard.protects(name):
             # Before any stream exists: a refused visitor never reaches the agent or the home app.
-            refused = await guard.admit(request, name, self._bridge.visitor_address(request)[0])
+            refused = await guard.admit(request, name, address)
             if refused is not None:
                 return log.done(refused)
         has_body = request.body_exists and not is_websocket
@@ -120,6 +128,27 @@ class VisitorHandler:
             # Refused before anything reaches the agent; the connection closes rather than
             # reading the body it announced.
             return log.done(_body_too_large(request, max_body))
+        # A fair share per visitor address and tunnel, taken before a stream slot is: one
+        # client (a script opening thousands of idle WebSockets) cannot fill the tunnel.
+        share = (name, address_share(address))
+        shares = self._websockets if is_websocket else self._requests
+        if not shares.take(share):
+            what = "WebSockets open" if is_websocket else "requests in flight"
+            return log.done(error_response(
+                request, 429, f"too many {what} at once from your address, close some and try again",
+                {"Retry-After": str(BUSY_RETRY_AFTER)},
+            ))
+        try:
+            return await self._relay(request, name, service, head, has_body, is_websocket, log)
+        finally:
+            shares.give_back(share)
+
+    async def _relay(
+        self, request: web.Request, name: str, service: str, head: RequestHead, has_body: bool, is_websocket: bool,
+        log: _Access,
+    ) -> web.StreamResponse:
+        """Open the stream for ``head`` and relay the exchange over it."""
+        bridge = self._bridge
         try:
             # A WebSocket's half stays open for the visitor's messages; an HTTP request without
             # a body ends with its OPEN frame.
@@ -249,13 +278,25 @@ class VisitorHandler:
                 if length is not None and log.bytes + len(chunk) > length:
                     # Not one byte past the declared end: what follows would be read by the
                     # visitor (or a proxy in front) as the next response.
-                    await response.write(chunk[: length - log.bytes])
-                    log.bytes = length
+                    chunk = chunk[: length - log.bytes]
+                    overrun = True
+                else:
+                    overrun = False
+                try:
+                    # As nginx's send_timeout: a visitor that takes no chunk for this long has
+                    # stopped reading; its stream would otherwise hold a window for good.
+                    async with asyncio.timeout(VISITOR_SEND_TIMEOUT):
+                        await response.write(chunk)
+                except TimeoutError:
+                    log.note = f"visitor stopped reading for {VISITOR_SEND_TIMEOUT:g}s"
+                    stream.reset(ErrorCode.CANCEL, "visitor stopped reading")
+                    _close(request)
+                    return log.done(response)
+                log.bytes += len(chunk)
+                if overrun:
                     self._reset_and_log(stream, log, f"more body than its Content-Length {length}")
                     _close(request)
                     return log.done(response)
-                await response.write(chunk)
-                log.bytes += len(chunk)
             if length is not None and log.bytes != length:
                 self._reset_and_log(stream, log, f"{log.bytes} body bytes for Content-Length {length}")
                 _close(request)
