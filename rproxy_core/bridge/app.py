@@ -32,6 +32,10 @@ from ..const import (
     MAX_HEADER_FIELD,
     MAX_HEADERS,
     MAX_PENDING_HANDSHAKES,
+    MAX_PENDING_HANDSHAKES_PER_CREDENTIAL,
+    MAX_PENDING_HANDSHAKES_PER_SOURCE,
+    MAX_REQUESTS_PER_VISITOR,
+    MAX_WEBSOCKETS_PER_VISITOR,
     MAX_REQUEST_HEAD,
     MAX_REQUEST_LINE,
     REQUEST_TIMEOUT,
@@ -123,6 +127,13 @@ class BridgeConfig:
     max_streams_per_tunnel: int | None = None
     #: Agents upgraded but not through HELLO at once; more get 503 before the upgrade.
     max_pending_handshakes: int = MAX_PENDING_HANDSHAKES
+    #: Of those, most from one source address (IPv6: one /64), and most with one token or key.
+    max_pending_handshakes_per_source: int = MAX_PENDING_HANDSHAKES_PER_SOURCE
+    max_pending_handshakes_per_credential: int = MAX_PENDING_HANDSHAKES_PER_CREDENTIAL
+    #: Requests in flight and WebSockets open at once from one visitor address (IPv6: one
+    #: /64) to one tunnel; more get 429. None: no per-visitor cap.
+    max_requests_per_visitor: int | None = MAX_REQUESTS_PER_VISITOR
+    max_websockets_per_visitor: int | None = MAX_WEBSOCKETS_PER_VISITOR
     #: Largest WebSocket message a visitor may send (closed with 1009 beyond it).
     max_websocket_message: int = VISITOR_WEBSOCKET_MESSAGE
     #: Seconds of silence after which a visitor WebSocket is pinged; one that does not answer
@@ -355,6 +366,14 @@ class Bridge:
             address, scheme = behind_proxies(request, address, scheme, trusted)
         return address, scheme
 
+    def agent_address(self, request: web.Request) -> str:
+        """Where an agent (or a client asking for a challenge) connects from: behind a trusted
+        proxy, the address it forwards (else every agent would share the proxy's allowance)."""
+        source = request.remote or "?"
+        if self.config.trusted_proxies:
+            source, _ = behind_proxies(request, source, "http", self.config.trusted_proxies)
+        return source
+
     def service_url_setting(self, name: str, request: web.BaseRequest) -> dict[str, str]:
         """For an agent's HELLO: its web services' address, ``{service}`` standing for the name.
 
@@ -394,10 +413,7 @@ class Bridge:
     async def _challenge(self, request: web.Request) -> web.Response:
         # Per client: behind a trusted proxy, the address it forwards (else every agent would
         # share the proxy's allowance).
-        source = request.remote or "?"
-        if self.config.trusted_proxies:
-            source, _ = behind_proxies(request, source, "http", self.config.trusted_proxies)
-        nonce = self.challenges.issue(source)
+        nonce = self.challenges.issue(self.agent_address(request))
         return web.json_response(
             {"nonce": nonce, "expires_in": self.challenges.lifetime}, headers={"Cache-Control": "no-store"}
         )

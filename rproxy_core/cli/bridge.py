@@ -50,6 +50,10 @@ BRIDGE_FLAGS = {
     "idle_timeout": "--idle-timeout",
     "max_streams_per_tunnel": "--max-streams-per-tunnel",
     "max_pending_handshakes": "--max-pending-handshakes",
+    "max_pending_handshakes_per_source": "--max-pending-handshakes-per-source",
+    "max_pending_handshakes_per_credential": "--max-pending-handshakes-per-credential",
+    "max_requests_per_visitor": "--max-requests-per-visitor",
+    "max_websockets_per_visitor": "--max-websockets-per-visitor",
     "max_websocket_message": "--max-websocket-message",
     "websocket_idle_timeout": "--websocket-idle-timeout",
     "websocket_message_rate": "--websocket-message-rate",
@@ -76,6 +80,10 @@ BRIDGE_ENV = {
     "idle_timeout": ("RPROXY_IDLE_TIMEOUT",),
     "max_streams_per_tunnel": ("RPROXY_MAX_STREAMS_PER_TUNNEL",),
     "max_pending_handshakes": ("RPROXY_MAX_PENDING_HANDSHAKES",),
+    "max_pending_handshakes_per_source": ("RPROXY_MAX_PENDING_HANDSHAKES_PER_SOURCE",),
+    "max_pending_handshakes_per_credential": ("RPROXY_MAX_PENDING_HANDSHAKES_PER_CREDENTIAL",),
+    "max_requests_per_visitor": ("RPROXY_MAX_REQUESTS_PER_VISITOR",),
+    "max_websockets_per_visitor": ("RPROXY_MAX_WEBSOCKETS_PER_VISITOR",),
     "max_websocket_message": ("RPROXY_MAX_WEBSOCKET_MESSAGE",),
     "websocket_idle_timeout": ("RPROXY_WEBSOCKET_IDLE_TIMEOUT",),
     "websocket_message_rate": ("RPROXY_WEBSOCKET_MESSAGE_RATE",),
@@ -98,6 +106,10 @@ _RESTART_ONLY = (
     "idle_timeout",
     "max_streams_per_tunnel",
     "max_pending_handshakes",
+    "max_pending_handshakes_per_source",
+    "max_pending_handshakes_per_credential",
+    "max_requests_per_visitor",
+    "max_websockets_per_visitor",
     "max_websocket_message",
     "websocket_idle_timeout",
     "websocket_message_rate",
@@ -160,6 +172,16 @@ def add_parser(commands: Any) -> None:
     bridge.add_argument("--max-pending-handshakes", metavar="N",
                         help="agents connecting but not through their handshake at once; more get 503 "
                              "(default 64)")
+    bridge.add_argument("--max-pending-handshakes-per-source", metavar="N",
+                        help="of those, most from one address (an IPv6 /64 counts as one) (default 8)")
+    bridge.add_argument("--max-pending-handshakes-per-credential", metavar="N",
+                        help="of those, most with one agent token or key (default 8)")
+    bridge.add_argument("--max-requests-per-visitor", metavar="N",
+                        help="requests in flight at once from one visitor address (an IPv6 /64 counts as one) "
+                             "to one tunnel; more get 429 (default 256)")
+    bridge.add_argument("--max-websockets-per-visitor", metavar="N",
+                        help="WebSockets open at once from one visitor address (an IPv6 /64 counts as one) "
+                             "to one tunnel; more get 429 (default 256)")
     bridge.add_argument("--max-websocket-message", metavar="SIZE",
                         help="largest WebSocket message a visitor may send, e.g. 1M; larger closes the "
                              "socket with 1009 (default 1M)")
@@ -168,12 +190,12 @@ def add_parser(commands: Any) -> None:
                              "within half that again (default 120)")
     bridge.add_argument("--websocket-message-rate", metavar="N",
                         help="WebSocket messages a visitor may send per second; more closes the socket "
-                             "with 1008 (default 2000)")
+                             "with 1008 (default 20000)")
     bridge.add_argument("--memory-budget", metavar="SIZE",
                         help="bytes all tunnels together may hold for visitors who do not read; when "
-                             "spent, new requests get 503 (default 512M)")
+                             "spent, new requests get 503 (default 1G)")
     bridge.add_argument("--tunnel-memory-budget", metavar="SIZE",
-                        help="the same for each agent's tunnel (default 256M)")
+                        help="the same for each agent's tunnel (default 512M)")
     bridge.add_argument("--authorized-keys", metavar="FILE",
                         help="agent keys accepted: lines 'ed25519 KEY NAME...' as rproxy keygen prints them, "
                              "NAME * for any name; reloaded on SIGHUP ($RPROXY_AUTHORIZED_KEYS)")
@@ -248,6 +270,10 @@ def bridge_settings(args: argparse.Namespace, environ: Mapping[str, str] | None 
         idle_timeout=settings["idle_timeout"],
         max_streams_per_tunnel=settings.get("max_streams_per_tunnel"),
         max_pending_handshakes=settings["max_pending_handshakes"],
+        max_pending_handshakes_per_source=settings["max_pending_handshakes_per_source"],
+        max_pending_handshakes_per_credential=settings["max_pending_handshakes_per_credential"],
+        max_requests_per_visitor=settings["max_requests_per_visitor"],
+        max_websockets_per_visitor=settings["max_websockets_per_visitor"],
         max_websocket_message=settings["max_websocket_message"],
         websocket_idle_timeout=settings["websocket_idle_timeout"],
         websocket_message_rate=settings["websocket_message_rate"],
