@@ -445,7 +445,8 @@ def _announce_state_token(settings: BridgeSettings) -> None:
     command, insecure = agent_command(config.host, config.port, state.token, tls=config.ssl_context is not None)
     if state.created and sys.stdout.isatty():
         print(f"\nNo agent token was given: this bridge made one and keeps it in {state.path} (mode 0600).\n"
-              "At home, with your web app's address instead of http://127.0.0.1:8080, run:\n\n"
+              "At home, with your web app's address instead of http://127.0.0.1:8080 (and this server's "
+              "public name or address, if the agent knows it by another), run:\n\n"
               f"    {command}\n", flush=True)
         if insecure:
             print("(--insecure: this bridge has no TLS, so the token and all traffic would cross the network in "

@@ -21,9 +21,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..bridge.routing import is_loopback_host
 from ..exceptions import ConfigError
 
-__all__ = ["STATE_TOKEN_FILE", "StateToken", "agent_command", "state_directory", "state_path", "state_token"]
+__all__ = ["PLACEHOLDER_HOST", "STATE_TOKEN_FILE", "StateToken", "agent_command", "state_directory", "state_path", "state_token"]
 
 STATE_TOKEN_FILE = "agent-token"
 #: 256 random bits, as hex: no character a shell or argparse reads specially.
@@ -123,19 +124,25 @@ def state_token(environ: Mapping[str, str], *, create: bool = True) -> StateToke
     return StateToken(token, path, created=True)
 
 
+#: In the printed command when this machine knows no name of its own but localhost.
+PLACEHOLDER_HOST = "THIS-SERVER"
+
+
 def _advertised_host(host: str) -> str:
     """The host name to put in the agent's bridge URL: the listen address, or this machine's
-    name when the bridge listens on every address."""
-    if host in ("", "0.0.0.0", "::"):
-        return socket.getfqdn() or "localhost"
-    return f"[{host}]" if ":" in host else host
+    own name when the bridge listens on every address (a placeholder if it knows none)."""
+    if host not in ("", "0.0.0.0", "::"):
+        return f"[{host}]" if ":" in host else host
+    for name in (socket.getfqdn(), socket.gethostname()):
+        if name and not is_loopback_host(name.lower()) and name.lower() != "localhost.localdomain":
+            return name
+    return PLACEHOLDER_HOST
 
 
 def agent_command(host: str, port: int, token: str, *, tls: bool) -> tuple[str, bool]:
     """The ``rproxy agent`` command that reaches this bridge with ``token``, and whether it
-    needs ``--insecure`` (a bridge without TLS that is not on the agent's machine)."""
-    advertised = _advertised_host(host)
-    loopback = advertised in ("localhost", "[::1]") or advertised.startswith("127.")
-    insecure = not tls and not loopback
-    url = f"{'wss' if tls else 'ws'}://{advertised}:{port}"
+    needs ``--insecure`` (a bridge without TLS that listens beyond loopback: the agent is at
+    home, on another machine)."""
+    insecure = not tls and not is_loopback_host(host.strip("[]") or "0.0.0.0")
+    url = f"{'wss' if tls else 'ws'}://{_advertised_host(host)}:{port}"
     return f"rproxy agent {url} http://127.0.0.1:8080 --token {token}" + (" --insecure" if insecure else ""), insecure

@@ -18,6 +18,7 @@ import os
 import pty
 import select
 import shlex
+import socket
 import stat
 import subprocess
 import sys
@@ -30,7 +31,7 @@ import pytest
 from aiohttp import web
 
 from rproxy_core import AgentConfig
-from rproxy_core.cli.state import state_directory
+from rproxy_core.cli.state import PLACEHOLDER_HOST, agent_command, state_directory
 from tests.conftest import ROOT, TOKEN, Proc, free_port, start_app, wait_http, wait_listed
 from tests.core.tunnel.test_cli import clean_env, one_error_line, rproxy
 
@@ -369,3 +370,17 @@ def test_a_token_file_that_holds_no_token_is_a_one_line_error(tmp_path: Path) ->
     result = rproxy("bridge", "--listen", "127.0.0.1:0", env=clean_env(RPROXY_STATE_DIRECTORY=str(tmp_path)))
     assert result.returncode == 2
     assert "agent-token: expected one agent token on one line" in one_error_line(result)
+
+
+def test_the_printed_agent_command_fits_the_bridge() -> None:
+    """TLS gives wss://; a bridge on every address names this machine and, without TLS, says
+    --insecure (the token would cross a network in clear text); loopback needs neither."""
+    host = next((n for n in (socket.getfqdn(), socket.gethostname())
+                 if n and n.lower() not in ("localhost", "localhost.localdomain") and not n.startswith("127.")),
+                PLACEHOLDER_HOST)
+    assert agent_command("0.0.0.0", 8080, "T", tls=False) == (
+        f"rproxy agent ws://{host}:8080 http://127.0.0.1:8080 --token T --insecure", True
+    )
+    assert agent_command("0.0.0.0", 443, "T", tls=True) == (f"rproxy agent wss://{host}:443 http://127.0.0.1:8080 --token T", False)
+    assert agent_command("::1", 8080, "T", tls=False)[0].startswith("rproxy agent ws://[::1]:8080 ")
+    assert agent_command("127.0.0.1", 8080, "T", tls=False)[1] is False
