@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from rproxy_core.gateway import Gateway, GatewayConfig
 from tests.conftest import free_port, start_app
@@ -22,7 +23,7 @@ LOCAL = r"http://127\.0\.0\.1:\d+/.*"
 @dataclass
 class Post:
     path: str
-    headers: dict[str, str]
+    headers: CIMultiDict[str]
     body: bytes
 
 
@@ -58,7 +59,7 @@ class Backend:
 
 
 async def _record(backend: Backend, request: web.Request) -> web.StreamResponse:
-    post = Post(request.path, dict(request.headers), await request.read())
+    post = Post(request.path, CIMultiDict(request.headers), await request.read())
     answer = await backend.answer(request, post) if backend.answer is not None else None
     async with backend.arrived:
         backend.posts.append(post)

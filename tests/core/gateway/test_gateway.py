@@ -185,9 +185,11 @@ async def test_a_refusing_backend_closes_with_1008_and_a_redirect_is_not_followe
 
 
 async def test_a_backend_that_never_answers_is_retried_within_the_timeout_then_1011(backend: Backend) -> None:
+    wake = asyncio.Event()
+
     async def hang(request: web.Request, post: Post) -> None:
         if post.path == "/frame":
-            await asyncio.sleep(30)
+            await wake.wait()
         return None
 
     backend.answer = hang
@@ -197,6 +199,8 @@ async def test_a_backend_that_never_answers_is_retried_within_the_timeout_then_1
             await asyncio.wait_for(ws.recv(), 10)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
         assert "no answer in 0.3s" in closed.value.rcvd.reason
+        assert len(backend.on("/frame")) == 0  # both attempts still hang there
+    wake.set()
 
 
 async def test_a_huge_answer_from_the_backend_is_not_read(backend: Backend) -> None:
@@ -399,3 +403,76 @@ async def test_base_url_with_a_path_puts_the_callbacks_under_it(backend: Backend
             assert await ws.recv() == "y"
     finally:
         await gateway.stop()
+
+
+async def test_a_client_that_does_not_read_gets_callbacks_refused_not_piled_up(backend: Backend) -> None:
+    """Callbacks for a client that stops reading: at most eight wait (503 beyond), each at most send_timeout (504)."""
+    async with running_gateway(send_timeout=1.0, callback_rate=10_000) as gateway, \
+            connect(connect_url(gateway, backend), max_queue=1, max_size=None, close_timeout=0.2) as ws:
+        await ws.send("hi")
+        (frame,) = await backend.wait_posts("/frame", 1)
+        callback = callback_of(frame)
+        big = b"z" * (128 << 10)
+
+        async def burst(count: int) -> list[int]:
+            return await asyncio.gather(*(backend.callback(callback, big, "application/octet-stream")
+                                          for _ in range(count)))
+
+        statuses = await burst(100)
+        assert 503 in statuses, statuses
+        # Eight at a time (the pending limit), until the kernel's socket buffers (up to 36 MB on
+        # loopback) are full: then frames wait send_timeout and get 504. 60 rounds are 60 MB.
+        for _ in range(60):
+            statuses = await burst(8)
+            if 504 in statuses:
+                break
+        assert 504 in statuses and 503 not in statuses
+        (conn,) = list(gateway.table)
+        assert conn.pending_sends == 0
+        assert ws.state.name == "OPEN"  # the client is slow, not gone
+
+
+async def test_replayed_handshake_fields_are_only_the_chosen_ones(backend: Backend) -> None:
+    headers = {"Cookie": "session=1", "X-Tenant": "garden", "Origin": "https://app.example"}
+    async with running_gateway() as gateway, connect(connect_url(gateway, backend), additional_headers=headers) as ws:
+        await ws.send("default")
+        (post,) = await backend.wait_posts("/frame", 1)
+    assert post.headers["Origin"] == "https://app.example" and "Cookie" not in post.headers
+    assert "X-Tenant" not in post.headers
+    async with running_gateway(forward_headers=("cookie", "x-tenant")) as gateway, \
+            connect(connect_url(gateway, backend), additional_headers=headers) as ws:
+        await ws.send("chosen")
+        posts = await backend.wait_posts("/frame", 2)
+    assert posts[1].headers["Cookie"] == "session=1" and posts[1].headers["X-Tenant"] == "garden"
+    assert "Origin" not in posts[1].headers
+
+
+async def test_a_connect_url_that_does_not_answer_is_502_and_its_post_is_signed(backend: Backend) -> None:
+    async with running_gateway(retries=0, secret=b"k") as gateway:
+        dead = "http://127.0.0.1:9/connect-check"  # the discard port: nothing listens there
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(connect_url(gateway, backend, extra=f"&c={dead}")):
+                pass
+        assert refused.value.response.status_code == 502
+        async with connect(connect_url(gateway, backend, extra=f"&c={backend.url}/check")) as ws:
+            await ws.send("x")
+            await backend.wait_posts("/frame", 1)
+        (check,) = backend.on("/check")
+        assert check.headers["x-ws-proxy-signature"].startswith("t=")
+        assert len(gateway.table) == 1
+
+
+async def test_status_after_traffic_both_ways(backend: Backend) -> None:
+    async with running_gateway() as gateway, connect(connect_url(gateway, backend)) as ws:
+        await ws.send("abc")
+        await ws.send(b"defg")
+        (frame, _) = await backend.wait_posts("/frame", 2)
+        assert await backend.callback(callback_of(frame), "12345") == 204
+        await ws.recv()
+        assert backend.session is not None
+        async with backend.session.get(callback_of(frame)) as response:
+            state = await response.json()
+        assert state["from_client"] == {"frames": 2, "bytes": 7} and state["to_client"] == {"frames": 1, "bytes": 5}
+        assert state["queued"] == {"frames": 0, "bytes": 0}
+        async with backend.session.head(callback_of(frame)) as response:
+            assert response.status == 200

@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from yarl import URL
@@ -39,7 +40,7 @@ class HomeApp:
         self.session: aiohttp.ClientSession | None = None
 
     async def handle(self, request: web.Request) -> web.Response:
-        post = Post(request.path, dict(request.headers), await request.read())
+        post = Post(request.path, CIMultiDict(request.headers), await request.read())
         async with self.arrived:
             self.posts.append(post)
             self.arrived.notify_all()
@@ -123,7 +124,7 @@ async def test_frames_reach_the_home_app_through_the_tunnel_and_it_answers_by_ca
 
 async def test_the_bridges_metrics_and_status_count_the_gateway() -> None:
     admin = {"Authorization": "Bearer admin-token-for-the-test"}
-    async with bridge_with_gateway(admin_token="admin-token-for-the-test") as (bridge, home), client(bridge) as ws, \
+    async with bridge_with_gateway(admin_token="admin-token-for-the-test") as (bridge, _home), client(bridge) as ws, \
             aiohttp.ClientSession(headers=admin) as session:
         await ws.send("count me")
         assert await asyncio.wait_for(ws.recv(), 10) == "echo: count me"
@@ -148,7 +149,7 @@ async def test_a_protected_tunnel_is_refused_for_gateway_delivery() -> None:
 
 
 async def test_a_tunnel_without_an_agent_is_retried_then_1011() -> None:
-    async with bridge_with_gateway(retries=2) as (bridge, home), client(bridge, frame="away") as ws:
+    async with bridge_with_gateway(retries=2) as (bridge, _home), client(bridge, frame="away") as ws:
         await ws.send("anyone home?")
         with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(ws.recv(), 10)
