@@ -468,6 +468,7 @@ GATEWAY_COMMAND_SCHEMA = GATEWAY_SCHEMA.extend(
         vol.Optional("tls_cert"): _optional(_text("a file name")),
         vol.Optional("tls_key"): _optional(_text("a file name")),
         vol.Optional("shutdown_grace", default=5.0): _seconds(0, 3600),
+        vol.Optional("admin_token"): _optional(_accepted_token),
         vol.Optional("log_level"): _optional(_log_level),
     }
 )

@@ -44,6 +44,7 @@ GATEWAY_FLAGS = {
     "retries": "--retries",
     "shutdown_grace": "--shutdown-grace",
     "access_log": "--no-access-log",
+    "admin_token": "--admin-token",
     "log_level": "--log-level",
 }
 GATEWAY_ENV: dict[str, tuple[str, ...]] = {key: ("RPROXY_" + key.upper(),) for key in GATEWAY_FLAGS}
@@ -99,6 +100,9 @@ def add_parser(commands: Any) -> None:
                               "closed with 1011 (default 3)")
     gateway.add_argument("--shutdown-grace", metavar="SECONDS",
                          help="on SIGTERM, time the disconnect POSTs get (default 5)")
+    gateway.add_argument("--admin-token", metavar="T",
+                         help="open /_rproxy/metrics (Prometheus) and /_rproxy/status.json to this bearer token, or "
+                              "its sha256: hash from rproxy hash-token ($RPROXY_ADMIN_TOKEN)")
     gateway.add_argument("--no-access-log", dest="access_log", action="store_const", const=False,
                          help="do not log one line per connection")
 
@@ -135,6 +139,7 @@ def gateway_config(settings: Mapping[str, Any], host: str | None = None) -> Gate
     )
     if "shutdown_grace" in settings:
         config.shutdown_grace = settings["shutdown_grace"]
+    config.admin_token = settings.get("admin_token")
     return config
 
 

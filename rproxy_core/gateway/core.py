@@ -100,6 +100,10 @@ class GatewayConfig:
     host: str | None = None
     #: One log line per connection when it ends.
     access_log: bool = True
+    #: Standalone: opens /_rproxy/metrics and /_rproxy/status.json to ``Authorization: Bearer``
+    #: with this token (or its ``sha256:`` hash); None: they do not exist. (In a bridge, the
+    #: bridge's own endpoints count the gateway.)
+    admin_token: str | None = field(default=None, repr=False)
 
     @property
     def callback_base(self) -> str:

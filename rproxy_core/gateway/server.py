@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import ssl
@@ -175,6 +177,8 @@ class Gateway:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path
+        if path in ("/_rproxy/metrics", "/_rproxy/status.json"):
+            return self._admin(request, path.endswith(".json"))
         if path == "/connect" or path == self._callback_path + "connect":
             return await self._connect(request)
         if path.startswith(self._callback_path):
@@ -436,6 +440,28 @@ class Gateway:
 
     def snapshot(self) -> dict[str, Any]:
         return {"open": len(self.table), **self.stats}
+
+    def _admin(self, request: web.Request, as_json: bool) -> web.Response:
+        """The counts, as Prometheus text or JSON, for the admin token only (404 without one)."""
+        expected = self.config.admin_token
+        if expected is None:
+            return _error(404, "no such gateway endpoint (set an admin token to enable it)")
+        auth = request.headers.get("Authorization", "")
+        given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        if expected.startswith("sha256:"):
+            given, expected = hashlib.sha256(given.encode()).hexdigest(), expected[7:]
+        if not given or not hmac.compare_digest(given.encode(), expected.encode()):
+            _LOGGER.warning("gateway: refused %s from %s: %s admin token", request.path, request.remote,
+                            "wrong" if auth else "no")
+            return _error(401, "the admin token is required", {"WWW-Authenticate": 'Bearer realm="rproxy"'})
+        snapshot = self.snapshot()
+        if as_json:
+            return web.json_response(snapshot, headers={"Cache-Control": "no-store"})
+        lines = ["# TYPE rproxy_gateway_connections gauge", f"rproxy_gateway_connections {snapshot.pop('open')}"]
+        for key, value in snapshot.items():
+            lines += [f"# TYPE rproxy_gateway_{key} counter", f"rproxy_gateway_{key}_total {value}"]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain",
+                            headers={"Cache-Control": "no-store"})
 
 
 async def _read_bounded(request: web.Request, limit: int) -> bytes | None:

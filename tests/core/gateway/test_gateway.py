@@ -476,3 +476,28 @@ async def test_status_after_traffic_both_ways(backend: Backend) -> None:
         assert state["queued"] == {"frames": 0, "bytes": 0}
         async with backend.session.head(callback_of(frame)) as response:
             assert response.status == 200
+
+
+async def test_metrics_and_status_only_with_the_admin_token(backend: Backend) -> None:
+    import hashlib
+
+    async with running_gateway() as gateway, aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{gateway.port}/_rproxy/metrics") as response:
+            assert response.status == 404
+    hashed = "sha256:" + hashlib.sha256(b"the-admin-token").hexdigest()
+    for round_number, configured in enumerate(("the-admin-token", hashed), 1):
+        async with running_gateway(admin_token=configured) as gateway, aiohttp.ClientSession() as session, \
+                connect(connect_url(gateway, backend)) as ws:
+            await ws.send("count")
+            await backend.wait_posts("/frame", round_number)
+            base = f"http://127.0.0.1:{gateway.port}/_rproxy"
+            for wrong in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Bearer {hashed}"}):
+                async with session.get(base + "/metrics", headers=wrong) as response:
+                    assert response.status == 401, (configured, wrong)
+            good = {"Authorization": "Bearer the-admin-token"}
+            async with session.get(base + "/metrics", headers=good) as response:
+                text = await response.text()
+            assert "rproxy_gateway_connections 1\n" in text and "rproxy_gateway_frames_in_total 1\n" in text
+            async with session.get(base + "/status.json", headers=good) as response:
+                status = await response.json()
+            assert status["open"] == 1 and status["accepted"] == 1
