@@ -32,6 +32,8 @@ __all__ = [
     "AGENT_SCHEMA",
     "FileSettings",
     "BRIDGE_SCHEMA",
+    "GATEWAY_COMMAND_SCHEMA",
+    "GATEWAY_SCHEMA",
     "LOG_LEVELS",
     "TCP_TARGET_PREFIX",
     "TOKEN_HASH_PREFIX",
@@ -395,6 +397,94 @@ def _count(low: int, high: int) -> Callable[[Any], int]:
     return check
 
 
+def _regex(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise vol.Invalid(f"expected a regular expression, got {value!r}")
+    if len(value) > 1000:
+        raise vol.Invalid("expected a regular expression of at most 1000 characters")
+    try:
+        re.compile(value)
+    except re.error as err:
+        raise vol.Invalid(f"not a regular expression ({err}): {value!r}") from None
+    return value
+
+
+def _regex_list(value: Any) -> list[Any]:
+    """Regexes as a list, or one string of them separated by white space (an environment variable)."""
+    if isinstance(value, str):
+        return value.split()
+    return value if isinstance(value, list) else [value]
+
+
+#: Fields the gateway writes itself, or that describe the POST rather than the client.
+_UNFORWARDABLE = frozenset({"host", "content-length", "content-type", "transfer-encoding", "connection", "upgrade",
+                            "te", "trailer", "keep-alive", "expect"})
+
+
+def _header_name(value: Any) -> str:
+    text = str(value).strip().lower() if isinstance(value, str) else ""
+    if not re.fullmatch(r"[a-z0-9!#$%&'*+.^_`|~-]{1,64}", text):
+        raise vol.Invalid(f"expected a header field name, got {value!r}")
+    if text in _UNFORWARDABLE or text.startswith(("x-ws-proxy-", "sec-websocket-")):
+        raise vol.Invalid(f"{text} is not replayed (the gateway writes it, or it belongs to the handshake)")
+    return text
+
+
+def _rate(value: Any) -> float:
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        rate = 0.0
+    if not 0.1 <= rate <= 100_000 or isinstance(value, bool):
+        raise vol.Invalid(f"expected callbacks per second from 0.1 to 100000, got {value!r}")
+    return rate
+
+
+#: The gateway's settings (docs/GATEWAY.md), as ``rproxy gateway`` and a bridge's ``gateway:`` share them.
+GATEWAY_SCHEMA = vol.Schema(
+    {
+        vol.Required("base_url", msg="is required (the public URL the callback URLs start with)"): _url(("http", "https")),
+        vol.Optional("allowlist", default=[]): vol.All(_regex_list, [_regex]),
+        vol.Optional("secret"): _optional(_secret_text),
+        vol.Optional("forward_headers", default=["origin", "user-agent"]): vol.All(_pin_list, [_header_name]),
+        vol.Optional("max_message_size", default=128 << 10): _byte_size,
+        vol.Optional("idle_timeout", default=600.0): _seconds(0.1, 86400 * 7),
+        vol.Optional("max_lifetime", default=7200.0): _seconds(0.1, 86400 * 30),
+        vol.Optional("max_connections", default=10_000): _count(1, 10_000_000),
+        vol.Optional("max_connections_per_address", default=100): _count(1, 10_000_000),
+        vol.Optional("callback_rate", default=100.0): _rate,
+        vol.Optional("queue_frames", default=32): _count(1, 100_000),
+        vol.Optional("queue_bytes", default=1 << 20): _byte_size,
+        vol.Optional("post_timeout", default=10.0): _seconds(0.1, 3600),
+        vol.Optional("retries", default=3): _count(0, 20),
+        vol.Optional("access_log", default=True): _boolean,
+    }
+)
+
+#: ``rproxy gateway``: the shared settings plus its own port, TLS and log level.
+GATEWAY_COMMAND_SCHEMA = GATEWAY_SCHEMA.extend(
+    {
+        vol.Optional("listen", default="0.0.0.0:8080"): parse_listen,
+        vol.Optional("tls_cert"): _optional(_text("a file name")),
+        vol.Optional("tls_key"): _optional(_text("a file name")),
+        vol.Optional("shutdown_grace", default=5.0): _seconds(0, 3600),
+        vol.Optional("admin_token"): _optional(_accepted_token),
+        vol.Optional("log_level"): _optional(_log_level),
+    }
+)
+
+#: A bridge's ``gateway:`` section: the shared settings and the host name it answers on.
+_BRIDGE_GATEWAY = GATEWAY_SCHEMA.extend(
+    {vol.Required("host", msg="is required (the host name of the bridge's port the gateway answers on)"): _domain}
+)
+
+
+def _gateway_section(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise vol.Invalid("expected a mapping with host, base_url and allowlist")
+    return dict(_BRIDGE_GATEWAY({str(k).replace("-", "_"): v for k, v in value.items()}))
+
+
 BRIDGE_SCHEMA = vol.Schema(
     {
         vol.Optional("listen", default="0.0.0.0:8080"): parse_listen,
@@ -412,12 +502,22 @@ BRIDGE_SCHEMA = vol.Schema(
         vol.Optional("idle_timeout", default=75.0): _seconds(1, 86400),
         vol.Optional("max_streams_per_tunnel"): _optional(_count(1, 1 << 20)),
         vol.Optional("max_pending_handshakes", default=64): _count(1, 100_000),
+        vol.Optional("max_pending_handshakes_per_source", default=8): _count(1, 100_000),
+        vol.Optional("max_pending_handshakes_per_credential", default=8): _count(1, 100_000),
+        vol.Optional("max_requests_per_visitor", default=256): _count(1, 1 << 20),
+        vol.Optional("max_websockets_per_visitor", default=256): _count(1, 1 << 20),
+        vol.Optional("max_websocket_message", default=1 << 20): _byte_size,
+        vol.Optional("websocket_idle_timeout", default=120.0): _seconds(1, 86400),
+        vol.Optional("websocket_message_rate", default=20_000): _count(1, 10_000_000),
+        vol.Optional("memory_budget", default=1 << 30): _byte_size,
+        vol.Optional("tunnel_memory_budget", default=512 << 20): _byte_size,
         vol.Optional("authorized_keys"): _optional(_text("a file name")),
         vol.Optional("open_registration", default=False): _boolean,
         vol.Optional("tunnels", default={}): _tunnel_policies,
         vol.Optional("admin_token"): _optional(_accepted_token),
         vol.Optional("aliases", default={}): _aliases,
         vol.Optional("tcp_ports", default=[]): vol.All(_port_list, [_TCP_PORT]),
+        vol.Optional("gateway"): _optional(_gateway_section),
         vol.Optional("log_level"): _optional(_log_level),
     }
 )

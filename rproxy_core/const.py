@@ -48,6 +48,17 @@ MAX_REQUEST_HEAD = 64 << 10
 #: finish HELLO in one round trip, so only a flood (or a bridge restart's reconnect wave on a
 #: huge fleet) gets near it.
 MAX_PENDING_HANDSHAKES = 64
+#: Of those, most from one source address (an IPv6 /64 counts as one) and most with one
+#: credential (token or key): a real agent holds one for a round trip, a home rarely has more
+#: than a few agents, and one holder can no longer keep every other home out.
+MAX_PENDING_HANDSHAKES_PER_SOURCE = 8
+MAX_PENDING_HANDSHAKES_PER_CREDENTIAL = 8
+#: Requests in flight, and WebSockets open, at once from one visitor address (an IPv6 /64
+#: counts as one) to one tunnel; more get 429. A household behind one address never gets near
+#: (a browser keeps about 6 connections per site, a Home Assistant tab one WebSocket), while
+#: one script can no longer take every stream slot of a tunnel.
+MAX_REQUESTS_PER_VISITOR = 256
+MAX_WEBSOCKETS_PER_VISITOR = 256
 #: Retry-After for a visitor who found the tunnel at its stream limit: streams end quickly.
 BUSY_RETRY_AFTER = 1
 #: Time the agent waits for a TCP connection to the home app before answering 502.
@@ -58,11 +69,34 @@ TARGET_CONNECT_TIMEOUT = 10.0
 MAX_TUNNEL_MESSAGE = 1 << 20
 #: The tunnel WebSocket's receive limit: a full message plus one maximal frame over it.
 TUNNEL_MESSAGE_LIMIT = 4 << 20
+#: Frames of one tunnel message processed before the event loop gets a turn (other tunnels,
+#: visitors, health checks): a few hundred microseconds of work at most.
+FRAMES_PER_TURN = 256
+#: Cheap frames (PING, PONG, WINDOW, empty or tiny DATA, refused OPENs) a tunnel peer may send
+#: per second before it is cut off with GOAWAY EXCESSIVE_LOAD. A real peer sends a handful,
+#: plus one WINDOW per 256 KiB consumed (4,000 a second at 1 GB/s); a flood of empty frames,
+#: which flow control does not slow, sends 100,000s.
+CHEAP_FRAME_RATE = 20_000
 #: Queued output above this makes stream writers wait for the socket (backpressure).
 WRITE_HIGH_WATER = 1 << 20
 
-#: Largest visitor WebSocket message relayed (Home Assistant's state dumps can be megabytes).
+#: Largest WebSocket message relayed from the home app (Home Assistant's state dumps can be
+#: megabytes).
 MAX_WEBSOCKET_MESSAGE = 16 << 20
+#: Largest WebSocket message a visitor may send (the bridge's max_websocket_message): what a
+#: browser sends a home app is commands and small documents; aiohttp assembles a message
+#: whole before it can be relayed, so this bounds what each visitor socket can make the
+#: bridge, and then the agent, hold. Over it the visitor's socket is closed with 1009.
+VISITOR_WEBSOCKET_MESSAGE = 1 << 20
+#: Seconds a visitor WebSocket may be silent before the bridge pings it; one that does not
+#: answer within half that again is closed (a dead phone, a forgotten tab, an attacker
+#: holding stream slots).
+WEBSOCKET_IDLE_TIMEOUT = 120.0
+#: WebSocket messages a visitor may send per second before its socket is closed with 1008:
+#: far above what a dashboard or a terminal needs (the benchmark's echo loop does ~8,000),
+#: below the 55,000 tiny frames a second that froze the bridge (issue 15, finding 5); the
+#: relays yield to the loop every 64 messages whatever the rate.
+WEBSOCKET_MESSAGE_RATE = 20_000
 
 #: Reconnect backoff of the agent: doubles from 1 s, capped near 60 s, with full jitter.
 BACKOFF_INITIAL = 1.0

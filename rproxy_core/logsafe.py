@@ -1,41 +1,40 @@
-"""Peer-supplied text on its way into a log line.
+"""Peer-supplied text made safe for a log line.
 
-Whatever a visitor, an agent or a bridge wrote (a path, a header value, a GOAWAY reason, an
-agent id, a public URL) can hold a newline that forges a second log line, or an ESC sequence
-that repaints the operator's terminal. Every such value goes through :func:`escaped` before it
-is logged: control characters (C0, DEL, C1, and the Unicode line and paragraph separators)
-become ``\\xNN`` / ``\\uNNNN``, a backslash becomes ``\\\\`` (so an escape cannot be faked), and
-overlong text is cut. Printable text, including non-ASCII letters, stays as it is.
+Anything a peer chose (a visitor's path or header, an agent's id or GOAWAY reason, a bridge's
+public URL) may hold newlines, terminal escape sequences or bidirectional overrides: logged
+as it is, it could forge a line of its own or rewrite what an operator's terminal shows.
+``printable`` escapes every such character (as ``\\n``, ``\\x1b``, ``\\u202e``) and bounds the
+length, so one event stays one line of visible text.
 """
 
 from __future__ import annotations
 
-__all__ = ["escaped"]
+import re
+
+__all__ = ["printable"]
+
+#: C0 and C1 controls, DEL, Unicode line/paragraph separators, bidi embeddings/overrides and
+#: isolates, lone surrogates (from undecodable bytes) and the backslash itself, so that an
+#: escape in the output always came from here.
+_UNSAFE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
 
 
-def _table() -> dict[int, str]:
-    table = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
-    table[ord("\\")] = "\\\\"
-    for code in (0x2028, 0x2029, 0xFEFF, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)):
-        # Line separators and bidirectional overrides: a log line that displays differently
-        # from what it says.
-        table[code] = f"\\u{code:04x}"
-    for code in range(0xDC80, 0xDD00):
-        # Bytes that were not UTF-8, as aiohttp and os.fsdecode hand them on (surrogateescape).
-        table[code] = f"\\x{code - 0xDC00:02x}"
-    return table
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    named = _NAMED.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
-_TABLE = _table()
-
-#: Longer peer text is cut: a log line stays a line, whatever the peer sent.
-DEFAULT_LIMIT = 512
-
-
-def escaped(text: object, limit: int = DEFAULT_LIMIT) -> str:
-    """``text`` (str() of it) safe for one log line: control characters escaped, at most about ``limit`` characters."""
+def printable(text: object, limit: int = 256) -> str:
+    """``text`` as one line of visible text, at most ``limit`` characters of it (then "…")."""
     value = text if isinstance(text, str) else str(text)
     if len(value) > limit:
-        value = value[:limit].translate(_TABLE) + f"...(+{len(value) - limit} chars)"
+        value = value[:limit] + "…"
+    if _UNSAFE.search(value) is None:  # the common case: nothing to copy
         return value
-    return value.translate(_TABLE)
+    return _UNSAFE.sub(_escape, value)

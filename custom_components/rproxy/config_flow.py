@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 from rproxy_core import Agent, AgentConfig, AuthenticationError, RproxyConnectionError
-from rproxy_core.agent import FORWARDED_HEADERS, bridge_connect_url
+from rproxy_core.agent import FORWARDED_HEADERS, bridge_connect_url, split_bridge_credential
 from rproxy_core.exceptions import ConfigError
 from rproxy_core.headers import is_tunnel_name
 import voluptuous as vol
@@ -76,14 +76,14 @@ _SERVICES = TextSelector(TextSelectorConfig(multiple=True))
 _URL_CHECK_TIMEOUT = 10
 
 
-def _bridge_schema(defaults: Mapping[str, Any], *, token_kept: bool = False) -> vol.Schema:
-    """The bridge form. A token already stored is never sent to the browser: with
-    ``token_kept`` the field may stay empty to keep it."""
-    token = vol.Optional(CONF_TOKEN) if token_kept else vol.Required(CONF_TOKEN)
+def _bridge_schema(defaults: Mapping[str, Any]) -> vol.Schema:
+    """The bridge form. A token already stored is never sent to the browser: the field may
+    stay empty to keep it. Optional even for a first tunnel: ``user:password@`` in the URL
+    may be the credential."""
     return vol.Schema(
         {
             vol.Required(CONF_BRIDGE_URL, default=defaults.get(CONF_BRIDGE_URL, vol.UNDEFINED)): _URL,
-            token: _PASSWORD,
+            vol.Optional(CONF_TOKEN): _PASSWORD,
             vol.Required(CONF_TUNNEL_NAME, default=defaults.get(CONF_TUNNEL_NAME, DEFAULT_TUNNEL_NAME)): str,
         }
     )
@@ -122,6 +122,24 @@ async def probe_bridge(hass: HomeAssistant, bridge_url: str, token: str, name: s
     except (RproxyConnectionError, TimeoutError) as err:
         return {"base": "cannot_connect"}, str(err) or "timed out"
     return {}, ""
+
+
+def credential_from_url(bridge_url: str, token: str) -> tuple[str, str, dict[str, str]]:
+    """node-rproxy's form, ``ws://user:password@host``: the URL without its userinfo, the
+    token (the typed one, or ``user:password`` from the URL), and form errors.
+
+    Stored so, the password never sits in the entry's URL (shown in the UI and logs): it is
+    the token, which the bridge started as ``rproxy bridge PORT user:password`` accepts.
+    """
+    try:
+        url, credential = split_bridge_credential(bridge_url)
+    except ConfigError:
+        return bridge_url, token, {CONF_BRIDGE_URL: "invalid_url"}
+    if credential is None:
+        return bridge_url, token, {}
+    if token:
+        return url, token, {CONF_TOKEN: "token_twice"}
+    return url, credential, {}
 
 
 def _same_bridge(a: str, b: str) -> bool:
@@ -191,14 +209,17 @@ class RproxyConfigFlow(ConfigFlow, domain=DOMAIN):
     async def async_step_user(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
         """Ask for the bridge, the token and the tunnel's name; connect to check them."""
         errors: dict[str, str] = {}
-        detail = ""
+        detail = bridge_url = ""
         known = self._known_bridge()
         if user_input is not None:
-            bridge_url = user_input[CONF_BRIDGE_URL].strip()
-            token = user_input.get(CONF_TOKEN) or ""
+            bridge_url, token, errors = credential_from_url(
+                user_input[CONF_BRIDGE_URL].strip(), user_input.get(CONF_TOKEN) or ""
+            )
             if not token and known and _same_bridge(bridge_url, known[CONF_BRIDGE_URL]):
                 token = known[CONF_TOKEN]  # left empty: the token of the other tunnel there
-            if self._name_in_use(bridge_url, user_input[CONF_TUNNEL_NAME]):
+            if errors:
+                pass
+            elif self._name_in_use(bridge_url, user_input[CONF_TUNNEL_NAME]):
                 errors = {CONF_TUNNEL_NAME: "name_in_use"}
             else:
                 errors, detail = await probe_bridge(self.hass, bridge_url, token, user_input[CONF_TUNNEL_NAME])
@@ -211,10 +232,11 @@ class RproxyConfigFlow(ConfigFlow, domain=DOMAIN):
                 if self._target is not None:  # a discovered app, already confirmed
                     return self._create()
                 return await self.async_step_target()
-        defaults: Mapping[str, Any] = user_input or known
+        # The URL shown again without its password: that went into the token.
+        defaults: Mapping[str, Any] = {**user_input, CONF_BRIDGE_URL: bridge_url} if user_input else known
         return self.async_show_form(
             step_id="user",
-            data_schema=_bridge_schema(defaults, token_kept=bool(known)),
+            data_schema=_bridge_schema(defaults),
             errors=errors,
             description_placeholders={"error": detail},
         )
@@ -380,12 +402,16 @@ class RproxyConfigFlow(ConfigFlow, domain=DOMAIN):
         """Change the bridge, token or tunnel name of a tunnel."""
         entry = self._get_reconfigure_entry()
         errors: dict[str, str] = {}
-        detail = ""
+        detail = bridge_url = ""
         if user_input is not None:
-            bridge_url = user_input[CONF_BRIDGE_URL].strip()
             name = user_input[CONF_TUNNEL_NAME]
-            token = user_input.get(CONF_TOKEN) or entry.data[CONF_TOKEN]  # empty: keep the current one
-            if self._name_in_use(bridge_url, name, exclude=entry.entry_id):
+            bridge_url, token, errors = credential_from_url(
+                user_input[CONF_BRIDGE_URL].strip(), user_input.get(CONF_TOKEN) or ""
+            )
+            token = token or entry.data[CONF_TOKEN]  # empty: keep the current one
+            if errors:
+                pass
+            elif self._name_in_use(bridge_url, name, exclude=entry.entry_id):
                 errors = {CONF_TUNNEL_NAME: "name_in_use"}
             else:
                 errors, detail = await probe_bridge(self.hass, bridge_url, token, name)
@@ -401,7 +427,9 @@ class RproxyConfigFlow(ConfigFlow, domain=DOMAIN):
                 )
         return self.async_show_form(
             step_id=SOURCE_RECONFIGURE,
-            data_schema=_bridge_schema(user_input or entry.data, token_kept=True),
+            data_schema=_bridge_schema(
+                {**user_input, CONF_BRIDGE_URL: bridge_url} if user_input else entry.data
+            ),
             errors=errors,
             description_placeholders={"error": detail},
         )

@@ -11,6 +11,7 @@ from .client import (
     bridge_connect_url,
     certificate_sha256,
     is_cleartext_remote,
+    split_bridge_credential,
 )
 from .discovery import AppBrowser, AppFollower, DiscoveredApp, announce_app, discover
 from .inprocess import create_inprocess_session
@@ -34,4 +35,5 @@ __all__ = [
     "create_upstream_session",
     "discover",
     "is_cleartext_remote",
+    "split_bridge_credential",
 ]

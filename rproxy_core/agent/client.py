@@ -14,6 +14,7 @@ ws:// across a network needs ``insecure``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import enum
 import hashlib
 import ipaddress
@@ -30,11 +31,10 @@ import aiohttp
 import voluptuous as vol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.exceptions import InvalidHandshake, InvalidMessage, InvalidStatus, InvalidURI
 from yarl import URL
 
 from .. import __version__
-from ..logsafe import escaped
 from ..const import (
     MAX_SERVICES,
     BACKOFF_INITIAL,
@@ -55,6 +55,7 @@ from ..config import ZEROCONF_TARGET_PREFIX, parse_sha256_pin
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
 from ..bridge.keys import sign
 from ..headers import is_tunnel_name
+from ..logsafe import printable
 from ..protocol.mux import SUPPORTED_VERSIONS, Multiplexer, Role
 from ..protocol.frames import ErrorCode
 from ..protocol.heads import KIND_HTTP, KIND_TCP
@@ -70,6 +71,7 @@ __all__ = [
     "AgentStats",
     "Backoff",
     "bridge_connect_url",
+    "split_bridge_credential",
     "certificate_sha256",
     "check_bridge_access",
     "check_credential",
@@ -130,13 +132,39 @@ def bridge_connect_url(bridge: str) -> str:
     if not valid:
         raise ConfigError(f"--bridge {bridge!r}: expected ws://, wss://, http:// or https:// with a host")
     if url.user is not None or url.password is not None:
-        # Not echoed: the user:password part is a secret.
-        raise ConfigError("--bridge: the URL must not carry user:password@ (the agent proves itself with --token)")
+        # Not echoed: the user:password part is a secret. The CLI and the integration take it
+        # off first (split_bridge_credential) and send it as the agent's credential.
+        raise ConfigError("--bridge: the URL must not carry user:password@ here (give it as the token, sent as Basic)")
     base = url.with_scheme(schemes[url.scheme]).with_query(None).with_fragment(None)
     path = base.path.rstrip("/")
     if not path.endswith(CONNECT_PATH):
         path += CONNECT_PATH
     return str(base.with_path(path))
+
+
+def split_bridge_credential(bridge: str) -> tuple[str, str | None]:
+    """``ws://user:pass@host:8080`` → (``ws://host:8080``, ``"user:pass"``); without userinfo
+    the URL as given and None.
+
+    The credential is what a bridge started as ``rproxy bridge PORT USER:PASS`` accepts; the
+    agent sends it as ``Authorization: Basic`` (``AgentConfig.basic_auth``).
+
+    Raises:
+        ConfigError: userinfo without both a user and a password, or a ``:`` in the user
+            (HTTP Basic could not carry it). The message never repeats the URL.
+    """
+    try:
+        url = URL(bridge.strip())
+        user, password = url.user, url.password
+    except (ValueError, TypeError):
+        if "@" in bridge:  # not echoed: what comes before the @ may be a password
+            raise ConfigError("--bridge: not a valid URL (not shown: it may hold a password)") from None
+        return bridge, None
+    if user is None and password is None:
+        return bridge, None
+    if not user or password is None or ":" in user:
+        raise ConfigError("--bridge: user:password@ in the URL needs a user (without ':') and a password")
+    return str(url.with_user(None)), f"{user}:{password}"
 
 
 def _is_loopback_host(host: str) -> bool:
@@ -284,7 +312,7 @@ class AgentConfig:
     """Settings of an agent; the CLI fills it from flags and environment."""
 
     bridge: str
-    token: str
+    token: str = field(repr=False)  # never in a log line or a traceback's locals
     #: The home app's URL, or ``zeroconf:NAME``: an app announced on the LAN, which whoever runs
     #: the agent finds and hands over with ``Agent.set_target`` (visitors get 502 until then).
     #: Empty when the agent offers only ``services``.
@@ -320,6 +348,9 @@ class AgentConfig:
     #: Prove the agent's identity with this key (a signed challenge) instead of ``token``,
     #: which is then empty.
     key: Ed25519PrivateKey | None = field(default=None, repr=False)
+    #: Send ``token`` as HTTP Basic credentials (``user:password``, from a bridge URL's
+    #: userinfo as node-rproxy's agent takes it) instead of as a Bearer token.
+    basic_auth: bool = False
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad setting."""
@@ -333,6 +364,8 @@ class AgentConfig:
         for service, target in self.services.items():
             check_service(service, target)
         check_credential(self.token, self.key, "--token: an agent token (or --key) is required")
+        if self.basic_auth and (self.key is not None or ":" not in self.token):
+            raise ConfigError("basic_auth: needs a token written as user:password (and no --key)")
         if not is_tunnel_name(self.name):
             raise ConfigError(f"--name {self.name!r}: use a lower-case DNS label (a-z, 0-9, -)")
         if not self.agent_id or len(self.agent_id) > 128 or not self.agent_id.isprintable():
@@ -730,6 +763,8 @@ class Agent:
         if config.key is not None and nonce is not None:
             host = URL(self.connect_url).host or ""
             authorization = sign(config.key, nonce, config.name, host)
+        elif config.basic_auth:
+            authorization = "Basic " + base64.b64encode(config.token.encode()).decode("ascii")
         else:
             authorization = f"Bearer {config.token}"
         return {
@@ -903,7 +938,7 @@ class Agent:
         self._connected.set()
         self._set_state(AgentState.CONNECTED)
         if config.target:
-            _LOGGER.info("tunnel %r is up: %s → %s", config.name, escaped(self.public_url or "(no public URL given)"), config.target)
+            _LOGGER.info("tunnel %r is up: %s → %s", config.name, printable(self.public_url or "(no public URL given)"), config.target)
         else:
             _LOGGER.info("tunnel %r is up (no main web app; services only)", config.name)
         service_url = settings.get("service_url")
@@ -915,7 +950,7 @@ class Agent:
                 _LOGGER.info("service %r → %s: reach it with rproxy tcp --bridge %s --tunnel %s --service %s",
                              service, target, config.bridge, config.name, service)
             elif isinstance(service_url, str) and "{service}" in service_url:
-                _LOGGER.info("service %r is up: %s → %s", service, escaped(service_url.replace("{service}", service)), target)
+                _LOGGER.info("service %r is up: %s → %s", service, printable(service_url.replace("{service}", service)), target)
             else:
                 _LOGGER.info("service %r is up: %s.%s.<domain> → %s", service, service, config.name, target)
         try:
@@ -1015,8 +1050,13 @@ class _FatalRefusal(RproxyConnectionError):
     """The bridge refused in a way retrying cannot fix (protocol version, tunnel name)."""
 
 
+#: Said when what answers is likely no rproxy bridge at all (a web server, an SSH server, ...).
+_NOT_A_BRIDGE = "not an rproxy bridge at that address? check the URL's host and port"
+
+
 def _refusal(status: int, raw_body: bytes, *, key: bool = False) -> RproxyConnectionError:
-    body = raw_body.decode("utf-8", "replace").strip()[:200]
+    # Peer text, shown in one log line: control characters (newlines, terminal escapes) become ?.
+    body = "".join(c if c.isprintable() else "?" for c in raw_body.decode("utf-8", "replace").strip()[:200])
     if status == 401:
         if key:
             return AuthenticationError("the bridge refused the agent key (401): its signed challenge was not accepted")
@@ -1027,7 +1067,10 @@ def _refusal(status: int, raw_body: bytes, *, key: bool = False) -> RproxyConnec
         return _FatalRefusal(f"the bridge does not speak this agent's protocol: {body or status}")
     if status == 400:
         return _FatalRefusal(f"the bridge refused the agent: {body or status}")
-    return RproxyConnectionError(f"the bridge answered HTTP {status}" + (f": {body}" if body else ""))
+    # A bridge answers its connect path with 101, 4xx refusals handled above, or 503 (busy);
+    # another 4xx (404 above all) comes from some other web server.
+    hint = f"; {_NOT_A_BRIDGE} (nothing serves {CONNECT_PATH} there)" if status < 500 else ""
+    return RproxyConnectionError(f"the bridge answered HTTP {status}" + (f": {body}" if body else "") + hint)
 
 
 def _describe(err: BaseException) -> str:
@@ -1035,6 +1078,14 @@ def _describe(err: BaseException) -> str:
         return "timed out connecting to the bridge"
     if isinstance(err, aiohttp.ClientConnectorError):
         err = err.os_error
+    if isinstance(err, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(err):
+        # The answer to our TLS hello was not TLS: most often plain HTTP.
+        return ("cannot connect to the bridge: its answer is not TLS (SSL: WRONG_VERSION_NUMBER): no TLS on that "
+                "port? a bridge without --tls-cert takes ws:// (or put TLS in front of it)")
+    if isinstance(err, InvalidMessage) and isinstance(err.__cause__, EOFError):
+        return "cannot connect to the bridge: it closed the connection before answering"
+    if isinstance(err, InvalidMessage | aiohttp.ClientResponseError):
+        return f"cannot connect to the bridge: did not receive a valid HTTP response: {_NOT_A_BRIDGE}"
     if isinstance(err, OSError) and err.strerror:
         return f"cannot connect to the bridge: {err.strerror}"
     return f"cannot connect to the bridge: {err}"

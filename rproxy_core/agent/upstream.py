@@ -22,8 +22,8 @@ from yarl import URL
 from ..const import MAX_WEBSOCKET_MESSAGE, TARGET_CONNECT_TIMEOUT
 from ..exceptions import StreamResetError
 from ..headers import WEBSOCKET_HOP_HEADERS, strip_hop_by_hop
-from ..protocol.frames import ErrorCode, MessageKind, decode_code, encode_code, sendable_close_code
-from ..protocol.heads import KIND_WEBSOCKET, ResponseHead, close_reason, is_token
+from ..protocol.frames import ErrorCode, MessageKind, decode_code, encode_code, sendable_close_code, sendable_close_reason
+from ..protocol.heads import KIND_WEBSOCKET, ResponseHead, is_token
 from ..protocol.mux import DEFAULT_MAX_STREAMS
 from ..transport import TunnelStream
 from .inprocess import VISITOR_ADDRESS
@@ -31,6 +31,9 @@ from .inprocess import VISITOR_ADDRESS
 __all__ = ["FORWARDED_HEADERS", "Upstream", "create_upstream_session", "visitor_address"]
 
 _LOGGER = logging.getLogger("rproxy.agent")
+
+#: WebSocket messages relayed in a row before the loop gets a turn.
+MESSAGES_PER_TURN = 64
 
 #: The headers the bridge adds about the visitor; by default all reach the home app.
 FORWARDED_HEADERS = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host")
@@ -74,7 +77,10 @@ def create_upstream_session(limit: int = DEFAULT_MAX_STREAMS) -> aiohttp.ClientS
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         trust_env=False,
-        read_bufsize=256 << 10,
+        # What the agent reads ahead of a visitor: the response reader pauses the home app's
+        # socket at twice this, so a visitor who stops reading leaves at most ~0.5 MiB here
+        # (beside the window in flight), for reads big enough that bulk transfers cost few frames.
+        read_bufsize=128 << 10,
     )
 
 
@@ -225,7 +231,10 @@ class Upstream:
             # Only a WebSocket upgrade can get here (plain requests never follow redirects):
             # the visitor gets the redirect itself, to follow or not.
             response = refused.response
-            stream.send_reply(ResponseHead(response.status, response.reason or "", strip_hop_by_hop(response.headers.items())), end_stream=True)
+            # Its body is not relayed, so neither is its length: the bridge holds a head to
+            # the body that actually follows it.
+            headers = [(k, v) for k, v in strip_hop_by_hop(response.headers.items()) if k.lower() != "content-length"]
+            stream.send_reply(ResponseHead(response.status, response.reason or "", headers), end_stream=True)
         except Exception:  # a bug, or an embedding's session failing in its own way
             # Logged once with its traceback for whoever runs the agent; the visitor gets a
             # prompt 502 rather than waiting out the bridge's timeout.
@@ -297,9 +306,17 @@ class Upstream:
                 return
             # When body bytes came with the head, the first write below carries the head too.
             stream.send_reply(reply, flush=content.total_bytes == 0)
-            while chunk := await content.readany():
+            while True:
+                # Read only what the credit lets out at once: a visitor who stops reading then
+                # leaves the body in the home app's socket, not in the agent's memory.
+                chunk = await content.read(await stream.wait_for_credit())
+                if not chunk:
+                    break
                 # FIN rides on the last chunk: small responses cross the tunnel as one message.
-                await stream.write(chunk, end_stream=content.at_eof())
+                last = content.at_eof()
+                await stream.write(chunk, end_stream=last)
+                if last:
+                    break
             await stream.end()
 
     async def _serve_websocket(self, stream: TunnelStream, url: URL) -> None:
@@ -309,8 +326,13 @@ class Upstream:
             for k, v in stream.head.headers
             if k.lower() == "sec-websocket-protocol"
             for p in v.split(",")
-            if is_token(p.strip())
+            if p.strip()
         ]
+        if not all(is_token(p) for p in offered):
+            # Subprotocols are tokens (RFC 6455 §4.1); anything else would go into the home
+            # app's handshake as the bridge wrote it.
+            stream.reset(ErrorCode.REQUEST_REJECTED, "subprotocol is not a token")
+            return
         try:
             ws = await self._upgrade_session().ws_connect(
                 url,
@@ -406,8 +428,12 @@ async def _request_body(stream: TunnelStream) -> AsyncIterator[bytes | memoryvie
 
 async def _pump_from_target(ws: aiohttp.ClientWebSocketResponse, stream: TunnelStream) -> None:
     """Home app's messages → stream; its close code travels as a CLOSE message."""
+    count = 0
     while True:
         msg = await ws.receive()
+        count += 1
+        if count % MESSAGES_PER_TURN == 0:
+            await asyncio.sleep(0)  # queued messages come without waiting: let other streams run
         if msg.type is aiohttp.WSMsgType.TEXT:
             await stream.send_message(MessageKind.TEXT, msg.data.encode())
         elif msg.type is aiohttp.WSMsgType.BINARY:
@@ -430,8 +456,12 @@ async def _pump_from_target(ws: aiohttp.ClientWebSocketResponse, stream: TunnelS
 
 async def _pump_to_target(stream: TunnelStream, ws: aiohttp.ClientWebSocketResponse) -> None:
     """Visitor's messages (from the stream) → home app."""
+    count = 0
     while True:
         message = await stream.read_message(MAX_WEBSOCKET_MESSAGE)
+        count += 1
+        if count % MESSAGES_PER_TURN == 0:
+            await asyncio.sleep(0)
         if message is None:
             await ws.close()
             return
@@ -446,5 +476,5 @@ async def _pump_to_target(stream: TunnelStream, ws: aiohttp.ClientWebSocketRespo
             await ws.pong(data)
         elif kind is MessageKind.CLOSE:
             code, reason = decode_code(data) if len(data) >= 2 else (1000, "")
-            await ws.close(code=sendable_close_code(code), message=close_reason(reason))
+            await ws.close(code=sendable_close_code(code), message=sendable_close_reason(reason))
             return

@@ -9,6 +9,7 @@ not have one.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,9 +22,13 @@ from ..headers import is_tunnel_name
 from ..protocol.frames import ErrorCode
 from ..protocol.mux import Multiplexer, Role, SUPPORTED_VERSIONS
 from ..transport import AiohttpFrameSocket, HandshakeError, TunnelConnection
+from ..transport.budget import MemoryBudget
 from ..protocol.heads import SERVICE_KINDS
+from .auth import basic_credential
 from .keys import AUTH_SCHEME, decode_public_key, fingerprint, signed_message, verify_signature
 from .registry import MAIN_SERVICE
+from .shares import Shares, address_share
+from .routing import host_name, is_loopback_host
 from .visitor_policy import parse_agent_policy
 
 if TYPE_CHECKING:
@@ -68,6 +73,9 @@ class Credential:
     allows: Allows
     #: How logs name it: ``token``, or ``key SHA256:...`` (a public fingerprint, never a secret).
     what: str
+    #: What its share of pending handshakes is counted under (a digest or fingerprint, never
+    #: the secret, and never logged).
+    key: str = ""
 
 
 def _request_host(request: web.Request) -> str:
@@ -90,7 +98,16 @@ class AgentHandler:
         #: Agents refused for too many pending handshakes since the backlog was last clear
         #: (logged once when the burst starts and once when it is over, not per attempt).
         self._refused_backlog = 0
+        #: Pending handshakes (reserved before the upgrade) in all, per source address (an IPv6
+        #: /64 counts as one) and per credential: one holder cannot take every slot.
+        self._pending_total = 0
+        self._pending_by_source: Shares[str] = Shares(bridge.config.max_pending_handshakes_per_source)
+        self._pending_by_credential: Shares[str] = Shares(bridge.config.max_pending_handshakes_per_credential)
+        #: Holders whose refusal was logged in their current burst.
+        self._noted: set[str] = set()
         self._cutting_off: set[asyncio.Task[None]] = set()
+        #: Whether the bridge said that a second tunnel without --domain changes the addresses.
+        self._warned_no_domain = False
 
     def handshaking(self) -> list[TunnelConnection]:
         """Connections upgraded but not yet through HELLO (not in the registry yet)."""
@@ -122,7 +139,8 @@ class AgentHandler:
         if not verify_signature(raw_key, signature, signed_message(nonce, name, _request_host(request))):
             return f"key {fingerprint(raw_key)}: bad signature"
         bridge = self._bridge
-        return Credential(lambda tunnel: bridge.keys.allows(raw_key, tunnel), f"key {fingerprint(raw_key)}")
+        what = f"key {fingerprint(raw_key)}"
+        return Credential(lambda tunnel: bridge.keys.allows(raw_key, tunnel), what, what)
 
     def credential(self, request: web.Request, name: str) -> Credential | str:
         """What the request's Authorization proves (a token, or a key signed for tunnel ``name``),
@@ -131,11 +149,110 @@ class AgentHandler:
         scheme = auth.split(None, 1)[0].lower() if auth.strip() else ""
         if scheme == AUTH_SCHEME.lower():
             return self._key_credential(request, auth, name)
-        token = auth[7:].strip() if scheme == "bearer" else None
+        if scheme == "basic":  # user:password, as node-rproxy's agent sends its credential
+            token = basic_credential(auth[6:])
+            if token is None:
+                return "malformed basic credential"
+        else:
+            token = auth[7:].strip() if scheme == "bearer" else None
         if not token or self._bridge.auth.match(token) is None:
             return "invalid token" if token else "no token"
         bridge = self._bridge
-        return Credential(lambda tunnel: bridge.auth.allows(token, tunnel), "token")
+        return Credential(lambda tunnel: bridge.auth.allows(token, tunnel), "token", "token " + hashlib.sha256(token.encode()).hexdigest())
+
+    def _take_pending(self, source: str, credential: str) -> str | None:
+        """Reserve a pending-handshake slot (before any await, so concurrent upgrades cannot all
+        pass the check); None if reserved, else what was full ("from this address", ...)."""
+        config = self._bridge.config
+        if self._pending_total >= config.max_pending_handshakes:
+            if not self._refused_backlog:
+                _LOGGER.warning("%d agents are in their handshake (the limit): refusing more for now",
+                                config.max_pending_handshakes)
+            self._refused_backlog += 1
+            return "at once"
+        if not self._pending_by_source.take(source):
+            self._note_refusal(source, f"from {source}", "address", self._pending_by_source.limit)
+            return f"from {source}"
+        if not self._pending_by_credential.take(credential):
+            self._pending_by_source.give_back(source)
+            self._note_refusal(credential, "with one credential", "credential", self._pending_by_credential.limit)
+            return "with this credential"
+        self._pending_total += 1
+        return None
+
+    def _note_refusal(self, key: str, holder: str, per: str, limit: int | None) -> None:
+        """Log a refusal once per burst and holder (until it holds none), not once per attempt."""
+        if key not in self._noted:
+            self._noted.add(key)
+            _LOGGER.warning("%s agents %s are in their handshake (the limit per %s): refusing more for now",
+                            limit, holder, per)
+
+    def _give_back_pending(self, source: str, credential: str) -> None:
+        self._pending_total -= 1
+        for shares, key in ((self._pending_by_source, source), (self._pending_by_credential, credential)):
+            shares.give_back(key)
+            if not shares.held(key):
+                self._noted.discard(key)
+        if self._refused_backlog and self._pending_total <= self._bridge.config.max_pending_handshakes // 2:
+            _LOGGER.warning("handshake backlog cleared; %d agent(s) were refused meanwhile", self._refused_backlog)
+            self._refused_backlog = 0
+
+    async def _handshake(
+        self, request: web.Request, ws: web.WebSocketResponse, name: str, agent_id: str, remote: str
+    ) -> TunnelConnection | None:
+        """Upgrade and exchange HELLOs; the connection, or None if it failed (closed and logged)."""
+        bridge = self._bridge
+        await ws.prepare(request)
+        label = f"{name}/{agent_id} from {remote}"
+        connection: TunnelConnection = TunnelConnection(
+            AiohttpFrameSocket(ws, remote, request.transport),
+            Multiplexer(Role.BRIDGE),
+            label=label,
+            peer_id=agent_id,
+            heartbeat_interval=bridge.config.heartbeat_interval,
+            dead_after=bridge.config.dead_after,
+            budget=MemoryBudget(bridge.config.tunnel_memory_budget, bridge.memory),
+            # The bridge opens every stream; one opened by an agent is an attack or a broken agent.
+            on_stream=lambda stream: self._cut_off(connection, "it opened a stream (only the bridge may)"),
+        )
+        self._handshaking.add(connection)  # so that a stopping bridge can close it too
+        try:
+            # Passed explicitly (read at call time, not bound as a default at import) so the
+            # limit on agents that upgrade and then stay silent is one module constant.
+            await connection.handshake(
+                HANDSHAKE_TIMEOUT,
+                tunnel=name,
+                public_url=bridge.public_url(name, request),
+                heartbeat=bridge.config.heartbeat_interval,
+                **bridge.service_url_setting(name, request),
+            )
+        except HandshakeError as err:
+            if bridge.stopping:
+                _LOGGER.info("agent %s closed during its handshake: bridge shutting down", label)
+            else:
+                _LOGGER.warning("agent %s failed its handshake: %s", label, err)
+                bridge.metrics.handshake_failed("hello")
+            await connection.close(err.error_code, str(err))
+            return None
+        finally:
+            self._handshaking.discard(connection)
+        return connection
+
+    def _warn_second_tunnel(self, name: str, host: str) -> None:
+        """Once: a second tunnel on a bridge without a domain means that a bare address (the
+        one the first agent was told) reaches no tunnel any more: the Host's first label picks."""
+        names = self._bridge.registry.names()
+        if self._bridge.config.domain is not None or self._warned_no_domain or len(names) < 2:
+            return
+        self._warned_no_domain = True
+        example = "NAME.localhost" if is_loopback_host(host_name(host)) else "a host name whose first label is the tunnel's"
+        _LOGGER.warning(
+            "a second tunnel (%r) on a bridge without --domain: visitors now reach each tunnel by the first label "
+            "of the host name they use (%s, e.g. %s), and an address naming none of %s reaches none; "
+            "run the bridge with --domain for a name per tunnel",
+            name, example, host_name(f"{name}.localhost") if example == "NAME.localhost" else f"{name}.example.com",
+            ", ".join(repr(n) for n in sorted(names)),
+        )
 
     def _cut_off(self, connection: TunnelConnection, reason: str) -> None:
         if connection.closed:
@@ -181,49 +298,18 @@ class AgentHandler:
         if bridge.draining:  # on a connection opened before the listener closed
             bridge.metrics.handshake_failed("draining")
             return web.Response(status=503, text="the bridge is shutting down\n", headers={"Retry-After": "5"})
-        limit = bridge.config.max_pending_handshakes
-        if len(self._handshaking) >= limit:
-            if not self._refused_backlog:
-                _LOGGER.warning("%d agents are in their handshake (the limit): refusing more for now", limit)
-            self._refused_backlog += 1
+        source = address_share(bridge.agent_address(request))
+        refused = self._take_pending(source, credential.key)
+        if refused is not None:
             bridge.metrics.handshake_failed("too_many_pending")
-            return web.Response(status=503, text="too many agents connecting, try again\n", headers={"Retry-After": "5"})
-        await ws.prepare(request)
-        label = f"{name}/{agent_id} from {remote}"
-        connection = TunnelConnection(
-            AiohttpFrameSocket(ws, remote, request.transport),
-            Multiplexer(Role.BRIDGE),
-            label=label,
-            peer_id=agent_id,
-            heartbeat_interval=bridge.config.heartbeat_interval,
-            dead_after=bridge.config.dead_after,
-            # The bridge opens every stream; one opened by an agent is an attack or a broken agent.
-            on_stream=lambda stream: self._cut_off(connection, "it opened a stream (only the bridge may)"),
-        )
-        self._handshaking.add(connection)  # so that a stopping bridge can close it too
+            return web.Response(status=503, text=f"too many agents connecting {refused}, try again\n",
+                                headers={"Retry-After": "5"})
         try:
-            # Passed explicitly (read at call time, not bound as a default at import) so the
-            # limit on agents that upgrade and then stay silent is one module constant.
-            await connection.handshake(
-                HANDSHAKE_TIMEOUT,
-                tunnel=name,
-                public_url=bridge.public_url(name, request),
-                heartbeat=bridge.config.heartbeat_interval,
-                **bridge.service_url_setting(name, request),
-            )
-        except HandshakeError as err:
-            if bridge.stopping:
-                _LOGGER.info("agent %s closed during its handshake: bridge shutting down", label)
-            else:
-                _LOGGER.warning("agent %s failed its handshake: %s", label, err)
-                bridge.metrics.handshake_failed("hello")
-            await connection.close(err.error_code, str(err))
-            return ws
+            connection = await self._handshake(request, ws, name, agent_id, remote)
         finally:
-            self._handshaking.discard(connection)
-            if self._refused_backlog and len(self._handshaking) <= bridge.config.max_pending_handshakes // 2:
-                _LOGGER.warning("handshake backlog cleared; %d agent(s) were refused meanwhile", self._refused_backlog)
-                self._refused_backlog = 0
+            self._give_back_pending(source, credential.key)
+        if connection is None:
+            return ws
         if bridge.stopping:  # its HELLO came after the tunnels were closed: it would be missed
             await connection.close(ErrorCode.NO_ERROR, "bridge shutting down")
             return ws
@@ -236,18 +322,27 @@ class AgentHandler:
             part = "services"
             services = parse_services(connection.peer_settings)
         except ValueError as err:
-            _LOGGER.warning("agent %s refused: bad %s in its HELLO: %s", label, part, err)
+            _LOGGER.warning("agent %s refused: bad %s in its HELLO: %s", connection.label, part, err)
             bridge.metrics.handshake_failed("hello")
             await connection.close(ErrorCode.PROTOCOL_ERROR, f"bad {part}: {err}")
             return ws
         # Set before the tunnel is listed, so no visitor slips in unprotected meanwhile.
-        bridge.visitor_guard.set_agent_policy(name, asked)
+        differs = bridge.visitor_guard.agent_joins(name, connection, asked)
+        if differs is not None:
+            _LOGGER.warning("agent %s refused: %s", connection.label, differs)
+            bridge.metrics.handshake_failed("visitor_policy")
+            await connection.close(ErrorCode.PROTOCOL_ERROR, f"refused: {differs}")
+            return ws
+        # It stops counting as one of the tunnel's agents when it starts closing, as it leaves
+        # the registry's pool (the guard ignores a second leave).
+        connection.on_close(lambda closed: bridge.visitor_guard.agent_leaves(name, closed))
         self._credentials[connection] = (credential, name)
         await bridge.registry.add(name, connection, services)
         bridge.metrics.agent_connected(name, connection)
+        self._warn_second_tunnel(name, request.host)
         _LOGGER.info(
             "agent %s connected (protocol %s, %d agent(s) now serve %r)",
-            label,
+            connection.label,
             connection.peer_settings.get("version"),
             bridge.registry.tunnels().get(name, 0),
             name,
@@ -257,15 +352,12 @@ class AgentHandler:
         finally:
             self._credentials.pop(connection, None)
             await bridge.registry.remove(name, connection)
-            if not bridge.registry.tunnels().get(name):
-                # Forget what its agents asked for, so policies of names long gone do not pile
-                # up (the next agent's HELLO sets it again before the tunnel is listed).
-                bridge.visitor_guard.set_agent_policy(name, None)
+            bridge.visitor_guard.agent_leaves(name, connection)
             # aiohttp ends the WebSocket itself on a message over max_msg_size (or a broken
             # frame) and the tunnel only sees it closed: the cause is the socket's exception.
             broken = ws.exception()
             if broken is not None:
-                _LOGGER.warning("agent %s cut off: %s", label, str(broken) or broken.__class__.__name__)
+                _LOGGER.warning("agent %s cut off: %s", connection.label, str(broken) or broken.__class__.__name__)
             else:
-                _LOGGER.info("agent %s disconnected: %s", label, connection.close_reason or "closed")
+                _LOGGER.info("agent %s disconnected: %s", connection.label, connection.close_reason or "closed")
         return ws

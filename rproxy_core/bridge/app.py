@@ -33,25 +33,36 @@ from ..const import (
     MAX_HEADER_FIELD,
     MAX_HEADERS,
     MAX_PENDING_HANDSHAKES,
+    MAX_PENDING_HANDSHAKES_PER_CREDENTIAL,
+    MAX_PENDING_HANDSHAKES_PER_SOURCE,
+    MAX_REQUESTS_PER_VISITOR,
+    MAX_WEBSOCKETS_PER_VISITOR,
     MAX_REQUEST_HEAD,
     MAX_REQUEST_LINE,
     REQUEST_TIMEOUT,
     RESERVED_PREFIX,
     TCP_PATH,
+    VISITOR_WEBSOCKET_MESSAGE,
+    WEBSOCKET_IDLE_TIMEOUT,
+    WEBSOCKET_MESSAGE_RATE,
 )
 from ..exceptions import ConfigError
+from ..gateway import GatewayConfig
 from ..headers import non_ascii_field
-from ..logsafe import escaped
+from ..logsafe import printable
 from ..protocol.frames import ErrorCode
 from ..protocol.heads import KIND_WEBSOCKET
+from ..transport.budget import DEFAULT_PROCESS_BUDGET, DEFAULT_TUNNEL_BUDGET, MemoryBudget
 from .agents import AgentHandler, Credential
 from .channels import ChannelHandler, TcpPort, TcpPortServer
+from .gateway import bridge_gateway
 from .auth import TokenAuth, TokenGrant
 from .keys import ChallengeStore, KeyAuth, KeyGrant
 from .limits import BridgeRunner, HeadLimits
 from .metrics import BridgeMetrics
 from .pages import error_response
 from .registry import MemoryRegistry, TunnelRegistry
+from .routing import host_name, is_loopback_host
 from .visitor_policy import DEFAULT_MAX_TRACKED_VISITORS, VisitorGuard, VisitorPolicy
 from .visitors import VisitorHandler, behind_proxies
 
@@ -119,6 +130,24 @@ class BridgeConfig:
     max_streams_per_tunnel: int | None = None
     #: Agents upgraded but not through HELLO at once; more get 503 before the upgrade.
     max_pending_handshakes: int = MAX_PENDING_HANDSHAKES
+    #: Of those, most from one source address (IPv6: one /64), and most with one token or key.
+    max_pending_handshakes_per_source: int = MAX_PENDING_HANDSHAKES_PER_SOURCE
+    max_pending_handshakes_per_credential: int = MAX_PENDING_HANDSHAKES_PER_CREDENTIAL
+    #: Requests in flight and WebSockets open at once from one visitor address (IPv6: one
+    #: /64) to one tunnel; more get 429. None: no per-visitor cap.
+    max_requests_per_visitor: int | None = MAX_REQUESTS_PER_VISITOR
+    max_websockets_per_visitor: int | None = MAX_WEBSOCKETS_PER_VISITOR
+    #: Largest WebSocket message a visitor may send (closed with 1009 beyond it).
+    max_websocket_message: int = VISITOR_WEBSOCKET_MESSAGE
+    #: Seconds of silence after which a visitor WebSocket is pinged; one that does not answer
+    #: within half that again is closed.
+    websocket_idle_timeout: float = WEBSOCKET_IDLE_TIMEOUT
+    #: WebSocket messages a visitor may send per second (closed with 1008 beyond it).
+    websocket_message_rate: int = WEBSOCKET_MESSAGE_RATE
+    #: Bytes all tunnels together, and each tunnel connection, may hold received from agents
+    #: and not yet taken by visitors; when spent, new requests get 503 (transport/budget.py).
+    memory_budget: int = DEFAULT_PROCESS_BUDGET
+    tunnel_memory_budget: int = DEFAULT_TUNNEL_BUDGET
     #: Agent keys accepted (each with the names it may claim), beside or instead of tokens.
     authorized_keys: list[KeyGrant] = field(default_factory=list)
     #: Any key may connect, under the name derived from it (``keys.derived_name``).
@@ -131,6 +160,8 @@ class BridgeConfig:
     #: Opens /_rproxy/metrics and /_rproxy/status.json to ``Authorization: Bearer`` with this
     #: token (or its ``sha256:`` hash); without one they do not exist (404).
     admin_token: str | None = field(default=None, repr=False)
+    #: A WebSocket-to-POST gateway on one host name of the bridge's port (docs/GATEWAY.md).
+    gateway: GatewayConfig | None = None
 
 
 @functools.cache
@@ -161,6 +192,8 @@ class Bridge:
         if config.open_registration and config.domain is None:
             raise ConfigError("--open-registration: needs --domain (each key's tunnel gets its own host name)")
         self.challenges = ChallengeStore()
+        #: What all tunnels together may hold for visitors (each tunnel's budget is inside it).
+        self.memory = MemoryBudget(config.memory_budget)
         self.registry = registry if registry is not None else MemoryRegistry(config.max_streams_per_tunnel)
         self.visitor_guard = VisitorGuard(config.visitor_policies, config.max_tracked_visitors)
         self.metrics = BridgeMetrics(self)
@@ -171,6 +204,7 @@ class Bridge:
         self.stopping = False
         self._hurry = asyncio.Event()
         self._agents = AgentHandler(self)
+        self.gateway = bridge_gateway(self)
         self.app = self._make_app()
         self.tcp_ports = [TcpPortServer(self, port) for port in config.tcp_ports]
         self._runner: web.AppRunner | None = None
@@ -197,7 +231,8 @@ class Bridge:
         app.router.add_get(STATUS_JSON_PATH, self._status_json)
         app.router.add_get(STATUS_PAGE_PATH, self._status_page)
         app.router.add_route("*", RESERVED_PREFIX + "{tail:.*}", self._reserved)
-        app.router.add_route("*", "/{tail:.*}", VisitorHandler(self).__call__)
+        visitors = VisitorHandler(self).__call__
+        app.router.add_route("*", "/{tail:.*}", self.gateway.front(visitors) if self.gateway else visitors)
         app.on_shutdown.append(self._close_tunnels)
         return app
 
@@ -230,6 +265,8 @@ class Bridge:
             await runner.cleanup()
             raise
         self._runner, self._site = runner, site
+        if self.gateway is not None:
+            await self.gateway.start()
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self.config.port
@@ -264,6 +301,8 @@ class Bridge:
         # Say goodbye before aiohttp's cleanup: from its pre-shutdown step on, aiohttp drops
         # whatever a connection receives, so close handshakes (and the HELLO of an agent
         # still connecting) would go unread until timeouts ran out.
+        if self.gateway is not None:  # its disconnect POSTs may need the tunnels: before they close
+            await self.gateway.stop()
         await self._close_tunnels(self.app)
         await runner.cleanup()
 
@@ -331,6 +370,14 @@ class Bridge:
             address, scheme = behind_proxies(request, address, scheme, trusted)
         return address, scheme
 
+    def agent_address(self, request: web.Request) -> str:
+        """Where an agent (or a client asking for a challenge) connects from: behind a trusted
+        proxy, the address it forwards (else every agent would share the proxy's allowance)."""
+        source = request.remote or "?"
+        if self.config.trusted_proxies:
+            source, _ = behind_proxies(request, source, "http", self.config.trusted_proxies)
+        return source
+
     def service_url_setting(self, name: str, request: web.BaseRequest) -> dict[str, str]:
         """For an agent's HELLO: its web services' address, ``{service}`` standing for the name.
 
@@ -344,11 +391,15 @@ class Bridge:
         """The address visitors use for tunnel ``name``, as seen from the agent's request."""
         scheme = "https" if request.secure else "http"
         host = request.host
-        if self.config.domain is None:
-            return f"{scheme}://{host}/"
         port = ""
         if not host.startswith("[") and host.count(":") == 1:
             port = ":" + host.rsplit(":", 1)[1]
+        if self.config.domain is None:
+            # With a second tunnel and no domain, the first label of the Host picks the tunnel
+            # (routing.py): on this machine NAME.localhost reaches it (it resolves to loopback).
+            if any(other != name for other in self.registry.names()) and is_loopback_host(host_name(host)):
+                return f"{scheme}://{name}.localhost{port}/"
+            return f"{scheme}://{host}/"
         return f"{scheme}://{name}.{self.config.domain}{port}/"
 
     async def _close_tunnels(self, app: web.Application) -> None:
@@ -366,10 +417,7 @@ class Bridge:
     async def _challenge(self, request: web.Request) -> web.Response:
         # Per client: behind a trusted proxy, the address it forwards (else every agent would
         # share the proxy's allowance).
-        source = request.remote or "?"
-        if self.config.trusted_proxies:
-            source, _ = behind_proxies(request, source, "http", self.config.trusted_proxies)
-        nonce = self.challenges.issue(source)
+        nonce = self.challenges.issue(self.agent_address(request))
         return web.json_response(
             {"nonce": nonce, "expires_in": self.challenges.lifetime}, headers={"Cache-Control": "no-store"}
         )
@@ -439,7 +487,7 @@ async def _refuse_non_ascii_fields(request: web.Request, handler: Handler) -> we
     bad = non_ascii_field(request.headers)
     if bad is None:
         return await handler(request)
-    _LOGGER.info("refused %s %s from %s: %s is not printable ASCII", request.method, escaped(request.raw_path, 200),
+    _LOGGER.info("refused %s %s from %s: %s is not printable ASCII", request.method, printable(request.raw_path, 200),
                  request.remote, bad)
     response = error_response(request, 400, f"the {bad} header must be printable ASCII")
     response.force_close()

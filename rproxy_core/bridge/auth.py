@@ -9,6 +9,8 @@ cost to every agent connection for no gain.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 from collections.abc import Iterable, Iterator
@@ -18,12 +20,27 @@ from ..config import TOKEN_HASH_PREFIX, TokenGrant, check_token_entry
 from ..exceptions import ConfigError
 from ..headers import is_tunnel_name
 
-__all__ = ["TokenAuth", "TokenGrant", "hash_token", "read_token_file", "token_digest"]
+__all__ = ["TokenAuth", "TokenGrant", "basic_credential", "hash_token", "read_token_file", "token_digest"]
 
 
 def hash_token(token: str) -> str:
     """The ``sha256:HEX`` line that stands for ``token`` in a token file or config."""
     return TOKEN_HASH_PREFIX + hashlib.sha256(token.encode()).hexdigest()
+
+
+def basic_credential(encoded: str) -> str | None:
+    """The ``user:password`` of an ``Authorization: Basic`` value (after the scheme), or None
+    when it is not strict base64 of UTF-8 text with a colon.
+
+    An agent started as node-rproxy's is (``ws://user:pass@bridge``) sends its credential
+    so; the bridge then matches ``user:password`` as it matches a token (``rproxy bridge
+    PORT USER:PASS`` accepts it as one). The header's size is bounded by the HTTP parser.
+    """
+    try:
+        text = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
+        return None
+    return text if ":" in text and text.isprintable() else None
 
 
 def token_digest(entry: str) -> bytes:

@@ -147,6 +147,7 @@ class BridgeMetrics:
             "tunnels": tunnels,
             "unrouted_requests": dict(self.unrouted),
             "handshake_failures": dict(self.handshake_failures),
+            **({"gateway": bridge.gateway.snapshot()} if bridge.gateway is not None else {}),
         }
 
 
@@ -216,6 +217,24 @@ class _Exposition(Collector):
             latency.add_metric([name], cumulative, sum_value=counts.latency_sum)
         yield latency
         yield GaugeMetricFamily("rproxy_start_time_seconds", "When the bridge started (Unix time).", value=metrics.started)
+        gateway = status.get("gateway")
+        if gateway is not None:  # docs/GATEWAY.md, "Limits and failures"
+            yield GaugeMetricFamily("rproxy_gateway_connections", "Gateway WebSocket clients connected.",
+                                    value=gateway["open"])
+            for key, text in _GATEWAY_COUNTERS.items():
+                yield CounterMetricFamily(f"rproxy_gateway_{key}", text, value=gateway[key])
+
+
+_GATEWAY_COUNTERS = {
+    "accepted": "Gateway WebSocket clients accepted.",
+    "refused": "Gateway connections refused before the upgrade (allowlist, limits, connect URL).",
+    "frames_in": "Frames from gateway clients (each one POST).",
+    "frames_out": "Frames sent to gateway clients by callbacks.",
+    "bytes_in": "Bytes of frames from gateway clients.",
+    "bytes_out": "Bytes of frames sent to gateway clients.",
+    "delivery_failures": "Gateway clients closed because their frames could not be delivered.",
+    "callbacks_refused": "Callback requests refused (unknown id, rate, pending sends).",
+}
 
 
 def _bucket_label(bound: float) -> str:

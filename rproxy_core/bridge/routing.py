@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from ipaddress import ip_address
 
-__all__ = ["host_name", "resolve_route"]
+__all__ = ["host_name", "is_loopback_host", "resolve_route"]
+
+
+def is_loopback_host(name: str) -> bool:
+    """``localhost``, a ``*.localhost`` name or a loopback address (``host_name``'s form)."""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ip_address(name.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def host_name(host: str) -> str:

@@ -5,6 +5,13 @@ A tunnel's policy comes from the bridge's config (``tunnels:``) or from its agen
 agent cannot loosen what the operator decided. Every check runs before a stream is opened:
 a refused visitor never reaches the tunnel, the agent or the home app.
 
+Agents of one tunnel (a pool) must all ask for the same protection. Were the latest agent's
+request to win, a second agent asking for nothing would open a tunnel whose first agent asked
+for a login (and it would stay open after the second left). So the first agent of a tunnel
+sets what its agents asked for; a later one asking for anything else is refused with the
+reason, and what was asked goes when the tunnel's last agent does. The bridge's own ``tunnels:``
+config wins over all of them, part by part.
+
 All per-visitor state is bounded (an LRU of addresses per tunnel): this faces the internet,
 and an attacker with many addresses must not be able to grow it without end. The price of the
 bound is that a visitor pushed out of the table starts afresh.
@@ -21,7 +28,7 @@ import math
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any
@@ -31,6 +38,7 @@ from aiohttp import hdrs, web
 
 from ..headers import is_tunnel_name
 from .pages import error_response
+from .shares import address_share
 
 __all__ = [
     "DEFAULT_MAX_TRACKED_VISITORS",
@@ -57,6 +65,10 @@ _MAX_N, _MAX_R, _MAX_P = 1 << 17, 16, 4
 _VERIFIED_CACHE = 256
 #: scrypt checks at once (each holds its memory for the duration).
 _CONCURRENT_CHECKS = 2
+#: scrypt checks running or waiting for a turn, over all tunnels and visitors; more get 503.
+#: Each address may have at most its allowance of failed logins among them, so a single
+#: address cannot fill this; it bounds the queue (and the wait) under a many-address attack.
+_MAX_QUEUED_CHECKS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +278,7 @@ def parse_tunnel_policies(value: Any) -> dict[str, VisitorPolicy]:
 class _Visitor:
     """What the bridge remembers of one visitor address on one tunnel."""
 
-    __slots__ = ("tokens", "refilled", "failures", "last_failure", "blocked_until")
+    __slots__ = ("tokens", "refilled", "failures", "last_failure", "blocked_until", "checking")
 
     def __init__(self, burst: int, now: float) -> None:
         self.tokens = float(burst)
@@ -274,6 +286,8 @@ class _Visitor:
         self.failures = 0
         self.last_failure = 0.0
         self.blocked_until = 0.0
+        #: Logins of this address being hashed now (each a reserved try).
+        self.checking = 0
 
 
 class _TunnelGuard:
@@ -307,6 +321,12 @@ class VisitorGuard:
             self._apply(name, policy)
         self._cache_key = secrets.token_bytes(32)
         self._checks = asyncio.Semaphore(_CONCURRENT_CHECKS)
+        #: Basic logins being hashed, by (tunnel, keyed digest of the credentials), and how many
+        #: (running or waiting for a turn).
+        self._checking: dict[tuple[str, bytes], asyncio.Task[bool]] = {}
+        self._queued = 0
+        #: Per tunnel with agents: what its agents asked for, and which agents they are.
+        self._asked: dict[str, tuple[VisitorPolicy | None, set[Hashable]]] = {}
 
     def _apply(self, name: str, policy: VisitorPolicy) -> None:
         guard = self._guards.get(name)
@@ -318,9 +338,41 @@ class VisitorGuard:
             guard.policy = policy
             guard.verified.clear()  # a password that was right may no longer be
 
-    def set_agent_policy(self, name: str, agent: VisitorPolicy | None) -> None:
-        """The policy the latest agent of tunnel ``name`` asked for (None: none)."""
-        self._apply(name, self._configured.get(name, VisitorPolicy()).over(agent))
+    def agent_joins(self, name: str, agent: Hashable, asked: VisitorPolicy | None) -> str | None:
+        """Agent ``agent`` of tunnel ``name`` asked for ``asked`` (None: nothing) in its HELLO.
+
+        Every agent of a tunnel must ask for the same (see the module's note on agent pools):
+        returns why ``agent`` is refused when it asks for anything else, None once it counts
+        as one of the tunnel's agents (until :meth:`agent_leaves`).
+        """
+        joined = self._asked.get(name)
+        if joined is None:
+            self._asked[name] = (asked, {agent})
+            self._apply(name, self._configured.get(name, VisitorPolicy()).over(asked))
+            return None
+        policy, agents = joined
+        if not _same_ask(policy, asked):
+            return (
+                f"its visitor policy (visitor_allow, visitor_auth) differs from the one the tunnel's "
+                f"{len(agents)} connected agent(s) asked for; give every agent of tunnel {name!r} the same"
+            )
+        agents.add(agent)
+        return None
+
+    def agent_leaves(self, name: str, agent: Hashable) -> None:
+        """``agent`` no longer serves ``name``; with the last one, what they asked for goes too."""
+        joined = self._asked.get(name)
+        if joined is None or agent not in joined[1]:
+            return
+        joined[1].discard(agent)
+        if not joined[1]:
+            del self._asked[name]
+            self._apply(name, self._configured.get(name, VisitorPolicy()))
+
+    def agent_policy(self, name: str) -> VisitorPolicy | None:
+        """What the agents of tunnel ``name`` asked for (None: nothing, or no agent)."""
+        joined = self._asked.get(name)
+        return joined[0] if joined is not None else None
 
     def policy(self, name: str) -> VisitorPolicy | None:
         guard = self._guards.get(name)
@@ -343,7 +395,9 @@ class VisitorGuard:
         if policy.allow and not address_allowed(address, policy.allow):
             return error_response(request, 403, "this address may not visit this site")
         now = time.monotonic()
-        visitor = guard.visitor(address, now)
+        # Counted per address share (an IPv6 /64 counts as one address, see shares.py): one
+        # subscriber cannot get a fresh allowance of logins or requests per address.
+        visitor = guard.visitor(address_share(address), now)
         if policy.rate:
             visitor.tokens = min(float(policy.burst), visitor.tokens + (now - visitor.refilled) * policy.rate)
             visitor.refilled = now
@@ -358,11 +412,43 @@ class VisitorGuard:
         presented = request.headers.get(hdrs.AUTHORIZATION)
         if presented is None:
             return _challenge(request, guard)
-        if await self._login_ok(guard, presented):
+        verdict = self._quick_verdict(guard, presented)
+        if isinstance(verdict, _Check):
+            check = self._checking.get((name, verdict.remembered))
+            if check is None:
+                # A try is reserved before the slow hash runs, and counted when it ends (in
+                # _check_done), so N concurrent guesses cost what N guesses one after the other
+                # would: at most the allowance is checked, the rest are refused unchecked.
+                delays = policy.login_delay
+                if visitor.failures and now - visitor.last_failure > 2 * delays.longest:
+                    visitor.failures = 0
+                if visitor.checking >= max(delays.free - visitor.failures, 1):
+                    return error_response(request, 429, "too many logins at once from this address, try one at a time",
+                                          {"Retry-After": "1"})
+                if self._queued >= _MAX_QUEUED_CHECKS:
+                    return error_response(request, 503, "too many logins are being checked, try again shortly",
+                                          {"Retry-After": "1"})
+                check = self._start_check(guard, visitor, verdict)
+            # The same credentials already being checked (a browser's parallel requests after
+            # the login): one hash for all, one try counted. Shielded: a visitor who hangs up
+            # does not cancel the check, so hanging up cannot free a reservation early.
+            ok = await asyncio.shield(check)
+            if ok:
+                return None
+            now = time.monotonic()
+            if visitor.blocked_until > now:
+                return _too_many_failures(request, visitor.blocked_until - now)
+            return _challenge(request, guard)
+        if verdict:
             visitor.failures = 0
             return None
-        now = time.monotonic()  # the check may have waited for a turn
-        delays = policy.login_delay
+        failed = self._count_failure(visitor, policy.login_delay)
+        return _too_many_failures(request, failed) if failed else _challenge(request, guard)
+
+    @staticmethod
+    def _count_failure(visitor: _Visitor, delays: LoginDelay) -> float:
+        """Count one failed login; the seconds the address must now wait (0: none yet)."""
+        now = time.monotonic()
         if now - visitor.last_failure > 2 * delays.longest:
             visitor.failures = 0
         visitor.failures += 1
@@ -370,10 +456,11 @@ class VisitorGuard:
         if visitor.failures > delays.free:
             wait = delays.delay(visitor.failures)
             visitor.blocked_until = now + wait
-            return _too_many_failures(request, wait)
-        return _challenge(request, guard)
+            return wait
+        return 0.0
 
-    async def _login_ok(self, guard: _TunnelGuard, presented: str) -> bool:
+    def _quick_verdict(self, guard: _TunnelGuard, presented: str) -> bool | _Check:
+        """What can be told without the slow hash: True or False, or the scrypt check still to run."""
         policy = guard.policy
         scheme, _, credentials = presented.strip().partition(" ")
         scheme = scheme.lower()
@@ -394,16 +481,57 @@ class VisitorGuard:
         user, colon, password = user_password.partition(b":")
         if not colon:
             return False
-        stored = _stored_hash(policy.basic, user)
+        return _Check(policy, remembered, user, password)
+
+    def _start_check(self, guard: _TunnelGuard, visitor: _Visitor, check: _Check) -> asyncio.Task[bool]:
+        visitor.checking += 1
+        self._queued += 1
+        task = asyncio.create_task(self._scrypt(check))
+        key = (guard.name, check.remembered)
+        self._checking[key] = task
+
+        def done(task: asyncio.Task[bool]) -> None:
+            visitor.checking -= 1
+            self._queued -= 1
+            self._checking.pop(key, None)
+            ok = not task.cancelled() and task.exception() is None and task.result()
+            if ok:
+                visitor.failures = 0
+                if guard.policy is check.policy:
+                    guard.verified[check.remembered] = None
+                    if len(guard.verified) > _VERIFIED_CACHE:
+                        guard.verified.popitem(last=False)
+            else:
+                self._count_failure(visitor, check.policy.login_delay)
+
+        task.add_done_callback(done)
+        return task
+
+    async def _scrypt(self, check: _Check) -> bool:
+        users = check.policy.basic
+        stored = _stored_hash(users, check.user)
+        # At most _CONCURRENT_CHECKS hashes at once, each in a worker thread (the event loop
+        # never waits for one), and at most _MAX_QUEUED_CHECKS waiting (more get 503).
         async with self._checks:
-            ok = await asyncio.to_thread(stored.matches, password) and any(
-                hmac.compare_digest(user, name.encode()) for name in policy.basic
-            )
-        if ok and guard.policy is policy:
-            guard.verified[remembered] = None
-            if len(guard.verified) > _VERIFIED_CACHE:
-                guard.verified.popitem(last=False)
-        return ok
+            ok = await asyncio.to_thread(stored.matches, check.password)
+        return ok and any(hmac.compare_digest(check.user, name.encode()) for name in users)
+
+
+@dataclass(frozen=True, slots=True)
+class _Check:
+    """A basic login whose password still has to be hashed."""
+
+    policy: VisitorPolicy
+    remembered: bytes
+    user: bytes
+    password: bytes = field(repr=False)
+
+
+def _same_ask(one: VisitorPolicy | None, other: VisitorPolicy | None) -> bool:
+    """Whether two agents asked for the same protection (the order of the allowlist aside)."""
+    if one is None or other is None:
+        return one is other
+    return set(one.allow) == set(other.allow) and dict(one.basic) == dict(other.basic)
 
 
 def _stored_hash(users: Mapping[str, PasswordHash], user: bytes) -> PasswordHash:

@@ -22,13 +22,14 @@ from aiohttp import WSMsgType, hdrs, web
 from ..const import BUSY_RETRY_AFTER, MAX_WEBSOCKET_MESSAGE
 from ..exceptions import NoAgentError, StreamResetError
 from ..headers import WEBSOCKET_HOP_HEADERS, strip_hop_by_hop
-from ..logsafe import escaped
-from ..protocol.frames import ErrorCode, MessageKind, decode_code, encode_code, sendable_close_code
-from ..protocol.heads import KIND_HTTP, KIND_WEBSOCKET, RequestHead, ResponseHead, close_reason, is_token
+from ..logsafe import printable
+from ..protocol.frames import ErrorCode, MessageKind, decode_code, encode_code, sendable_close_code, sendable_close_reason
+from ..protocol.heads import KIND_HTTP, KIND_WEBSOCKET, RequestHead, ResponseHead, is_token
 from ..transport import TunnelStream
 from .pages import error_response
 from .registry import NoServiceError, TunnelBusyError
 from .routing import resolve_route
+from .shares import Shares, address_share
 
 if TYPE_CHECKING:
     from .app import Bridge
@@ -41,6 +42,12 @@ _LOGGER = logging.getLogger("rproxy.bridge")
 
 #: Visitor-supplied fields the bridge replaces with its own view of the connection.
 _FORWARDING_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"})
+
+#: Seconds a visitor may take to accept one chunk of a response before it is cut off.
+VISITOR_SEND_TIMEOUT = 60.0
+
+#: Messages relayed in a row before the loop gets a turn (see _pump_visitor_messages).
+MESSAGES_PER_TURN = 64
 
 #: Bodies up to this size that arrived whole with their head are sent with the head in one
 #: write; larger or still-arriving bodies are streamed.
@@ -68,6 +75,9 @@ class VisitorHandler:
         # system call per request.
         self._id_prefix = secrets.token_hex(4)
         self._id_counter = itertools.count(1)
+        #: Requests in flight and WebSockets open, per (tunnel, visitor address share).
+        self._requests: Shares[tuple[str, str]] = Shares(bridge.config.max_requests_per_visitor)
+        self._websockets: Shares[tuple[str, str]] = Shares(bridge.config.max_websockets_per_visitor)
 
     def _next_request_id(self) -> str:
         return f"{self._id_prefix}{next(self._id_counter):08x}"
@@ -105,10 +115,11 @@ class VisitorHandler:
             return log.done(
                 error_response(request, 404, f"{service!r} of tunnel {name!r} is a TCP service: reach it with rproxy tcp")
             )
+        address = bridge.visitor_address(request)[0]
         guard = bridge.visitor_guard
         if guard.protects(name):
             # Before any stream exists: a refused visitor never reaches the agent or the home app.
-            refused = await guard.admit(request, name, self._bridge.visitor_address(request)[0])
+            refused = await guard.admit(request, name, address)
             if refused is not None:
                 return log.done(refused)
         has_body = request.body_exists and not is_websocket
@@ -117,6 +128,27 @@ class VisitorHandler:
             # Refused before anything reaches the agent; the connection closes rather than
             # reading the body it announced.
             return log.done(_body_too_large(request, max_body))
+        # A fair share per visitor address and tunnel, taken before a stream slot is: one
+        # client (a script opening thousands of idle WebSockets) cannot fill the tunnel.
+        share = (name, address_share(address))
+        shares = self._websockets if is_websocket else self._requests
+        if not shares.take(share):
+            what = "WebSockets open" if is_websocket else "requests in flight"
+            return log.done(error_response(
+                request, 429, f"too many {what} at once from your address, close some and try again",
+                {"Retry-After": str(BUSY_RETRY_AFTER)},
+            ))
+        try:
+            return await self._relay(request, name, service, head, has_body, is_websocket, log)
+        finally:
+            shares.give_back(share)
+
+    async def _relay(
+        self, request: web.Request, name: str, service: str, head: RequestHead, has_body: bool, is_websocket: bool,
+        log: _Access,
+    ) -> web.StreamResponse:
+        """Open the stream for ``head`` and relay the exchange over it."""
+        bridge = self._bridge
         try:
             # A WebSocket's half stays open for the visitor's messages; an HTTP request without
             # a body ends with its OPEN frame.
@@ -144,7 +176,8 @@ class VisitorHandler:
         except asyncio.CancelledError:
             # The visitor hung up (the bridge runs aiohttp with handler cancellation, so a
             # handler waiting on a slow home app or a quiet event stream learns it at once).
-            log.note = "visitor gone"
+            # After a close handshake the connection ends too: that is no error.
+            log.note = log.note or "visitor gone"
             log.done(None)
             raise
         finally:
@@ -175,6 +208,11 @@ class VisitorHandler:
         except StreamResetError as err:
             if str(err) == _BODY_TOO_LARGE:
                 return log.done(_body_too_large(request, self._bridge.config.max_body_size or 0))
+            if err.code == ErrorCode.PROTOCOL_ERROR:
+                # Most often the agent's response head failed validation (protocol/heads.py).
+                _LOGGER.warning("tunnel %s, request %s: invalid answer from the agent, stream reset: %s",
+                                printable(log.tunnel or "-"), log.request_id, printable(err))
+                log.note = "agent error: invalid response head"
             status, message = _STATUS_FOR_RESET.get(err.code, (502, "the tunnel dropped the request"))  # type: ignore[call-overload]
             return log.done(error_response(request, status, message))
 
@@ -196,128 +234,122 @@ class VisitorHandler:
                     await upload
 
     async def _send_response(self, request: web.Request, stream: TunnelStream, head: ResponseHead, log: _Access) -> web.StreamResponse:
-        """Write the visitor's response from ``head`` and the stream's body, by HTTP's rules.
+        """Write the agent's answer to the visitor by HTTP's rules, never the agent's bytes as such.
 
-        The response is serialized here, never passed through: aiohttp writes the head (its
-        fields were checked when the REPLY was decoded) and the bridge decides how much body
-        may follow. No body for HEAD, 204 and 304 (RFC 9110 §6.4.1); exactly Content-Length
-        bytes when the home app gave one. An agent that sends more than may follow is reset
-        and logged, and the visitor's connection is closed, never reused: bytes past the
-        message's end would otherwise be read as the next response on a keep-alive
-        connection (another request's answer, or one an attacker wrote).
+        The head was validated when it was decoded (protocol/heads.py). The body's extent is
+        decided here: none for HEAD, 1xx, 204 and 304; exactly Content-Length bytes when the
+        agent declared one; chunked otherwise. An agent that breaks this (a body where none
+        may be, more or fewer bytes than it declared) gets its stream reset and one log line,
+        and the visitor's connection is closed rather than reused: bytes of its choosing can
+        never become the start of the next response on that connection.
         """
-        lengths = [value for name, value in head.headers if name.lower() == "content-length"]
-        if head.status < 200 or len(lengths) > 1 or (lengths and not lengths[0].isdigit()):
-            # A 1xx as a final answer, or an ambiguous length, cannot be relayed without the
-            # visitor misreading where this response ends.
-            return self._bad_reply(request, stream, log, f"unrelayable reply head (status {head.status}, Content-Length {lengths})")
-        declared = int(lengths[0]) if lengths else None
-        bodyless = request.method == "HEAD" or head.status in (204, 304)
-        if bodyless:
-            return await self._send_bodyless(request, stream, head, declared, log)
-        first = b""
-        if declared is not None:
+        if head.status < 200:
+            # 101 only ends a WebSocket upgrade (handled by the caller); an interim answer is
+            # the home side's to handle, never the visitor's final response.
+            return self._agent_broke(request, stream, log, f"status {head.status} as a final response")
+        try:
+            length = _declared_length(head.headers)
+        except ValueError as err:
+            return self._agent_broke(request, stream, log, str(err))
+        bodiless = request.method == "HEAD" or head.status in (204, 304)
+        if bodiless:
+            return await self._send_bodiless(request, stream, head, log)
+        if length is not None:
             body = stream.take_complete_body(_ONE_WRITE_BODY)
-            if body is not None and len(body) == declared:
-                # The whole (small) body came with the head: answer with one write. Only for
-                # bodies the home app framed by Content-Length, so framing stays as it sent it.
+            if body is not None and len(body) == length:
+                # The whole (small) body came with the head: answer with one write.
                 whole = web.Response(status=head.status, reason=head.reason or None, body=body)
                 for name, value in strip_hop_by_hop(head.headers):
                     if name.lower() != "content-length":
                         whole.headers.add(name, value)
                 log.status, log.bytes = head.status, len(body)
                 return log.done(whole)
-            first = body or b""
+            if body is not None:
+                # Complete, and not what the head declared; nothing is written yet.
+                return self._agent_broke(request, stream, log, f"{len(body)} body bytes for Content-Length {length}")
         response = web.StreamResponse(status=head.status, reason=head.reason or None)
         for name, value in strip_hop_by_hop(head.headers):
             if name.lower() != "content-length":
                 response.headers.add(name, value)
-        if declared is not None:
-            response.content_length = declared
+        if length is not None:
+            response.content_length = length
         log.status = head.status
         try:
             await response.prepare(request)
-            left = declared
-            while chunk := first or await stream.read():
-                first = b""
-                if left is not None:
-                    if len(chunk) > left:
-                        # More than the home app announced: the rest is not part of this
-                        # response, whatever it is.
-                        await response.write(chunk[:left])
-                        log.bytes += left
-                        await response.write_eof()
-                        self._misbehaved(request, stream, log, f"body longer than its Content-Length {declared}")
-                        return log.done(response)
-                    left -= len(chunk)
-                await response.write(chunk)
+            while chunk := await stream.read():
+                if length is not None and log.bytes + len(chunk) > length:
+                    # Not one byte past the declared end: what follows would be read by the
+                    # visitor (or a proxy in front) as the next response.
+                    chunk = chunk[: length - log.bytes]
+                    overrun = True
+                else:
+                    overrun = False
+                try:
+                    # As nginx's send_timeout: a visitor that takes no chunk for this long has
+                    # stopped reading; its stream would otherwise hold a window for good.
+                    async with asyncio.timeout(VISITOR_SEND_TIMEOUT):
+                        await response.write(chunk)
+                except TimeoutError:
+                    log.note = f"visitor stopped reading for {VISITOR_SEND_TIMEOUT:g}s"
+                    stream.reset(ErrorCode.CANCEL, "visitor stopped reading")
+                    _close(request)
+                    return log.done(response)
                 log.bytes += len(chunk)
-            if left:
-                # The body ended short of its Content-Length: the visitor must not take the
-                # next bytes on this connection as the rest of it.
-                log.note = f"body {left} bytes short of its Content-Length"
-                if request.transport is not None:
-                    request.transport.abort()
+                if overrun:
+                    self._reset_and_log(stream, log, f"more body than its Content-Length {length}")
+                    _close(request)
+                    return log.done(response)
+            if length is not None and log.bytes != length:
+                self._reset_and_log(stream, log, f"{log.bytes} body bytes for Content-Length {length}")
+                _close(request)
                 return log.done(response)
             await response.write_eof()
         except StreamResetError as err:
             # Headers are out: the only honest signal left is to cut the connection.
-            log.note = f"aborted: {escaped(err, 200)}"
-            if request.transport is not None:
-                request.transport.abort()
+            log.note = f"aborted: {printable(err)}"
+            _close(request)
         except (ConnectionError, RuntimeError) as err:
             log.note = f"visitor gone: {err.__class__.__name__}"
             stream.reset(ErrorCode.CANCEL, "visitor gone")
         return log.done(response)
 
-    async def _send_bodyless(
-        self, request: web.Request, stream: TunnelStream, head: ResponseHead, declared: int | None, log: _Access
-    ) -> web.StreamResponse:
-        """A response that has no body (HEAD, 204, 304): written only once the agent's half ended empty."""
-        extra: bytes | memoryview = b""
-        try:
-            async with asyncio.timeout(self._bridge.config.request_timeout):
-                extra = await stream.read()
-        except TimeoutError:
-            timed_out = True
-        except StreamResetError as err:
-            status, message = _STATUS_FOR_RESET.get(err.code, (502, "the tunnel dropped the request"))  # type: ignore[call-overload]
-            return log.done(error_response(request, status, message))
-        else:
-            timed_out = False
-        if extra:
-            return self._bad_reply(request, stream, log, f"body bytes in a {head.status} reply to {request.method}")
+    async def _send_bodiless(self, request: web.Request, stream: TunnelStream, head: ResponseHead, log: _Access) -> web.StreamResponse:
+        """HEAD, 204 and 304: the head alone, once the agent has ended its side without a body."""
+        if not stream.at_eof:
+            try:
+                async with asyncio.timeout(self._bridge.config.request_timeout):
+                    extra = await stream.read()
+            except TimeoutError:
+                stream.reset(ErrorCode.CANCEL, "request timeout")
+                return log.done(error_response(request, 504, "the home app did not end its answer in time"))
+            except StreamResetError as err:
+                log.note = f"aborted: {printable(err)}"
+                dropped = error_response(request, 502, "the tunnel dropped the request")
+                dropped.force_close()
+                return log.done(dropped)
+            if extra:
+                what = "a HEAD request" if request.method == "HEAD" else f"status {head.status}"
+                return self._agent_broke(request, stream, log, f"body bytes in an answer to {what}")
         response = web.Response(status=head.status, reason=head.reason or None)
         for name, value in strip_hop_by_hop(head.headers):
-            if name.lower() != "content-length":
-                response.headers.add(name, value)
-        if declared is not None and head.status != 204:
-            # HEAD and 304 may tell the length a GET would have had (RFC 9110 §8.6).
-            response.headers["Content-Length"] = str(declared)
-        if timed_out:
-            # The agent never ended its half: answer, but do not trust the connection after.
-            stream.reset(ErrorCode.CANCEL, "no end of a body-less reply")
-            response.force_close()
+            if name.lower() == "content-length" and head.status in (204, 304):
+                continue  # no length for what has none (a 304's would describe another message)
+            response.headers.add(name, value)
         log.status = head.status
         return log.done(response)
 
-    def _misbehaved(self, request: web.Request, stream: TunnelStream, log: _Access, what: str) -> None:
-        """An agent broke HTTP's framing: reset its stream, log it once, close the visitor's connection."""
-        stream.reset(ErrorCode.PROTOCOL_ERROR, what)
-        _LOGGER.warning("tunnel %s: agent reply to %s broke HTTP framing: %s; stream reset, visitor connection closed",
-                        escaped(log.tunnel or "-"), log.request_id, what)
-        log.note = what
-        if request.transport is not None:
-            # Written bytes are flushed first; nothing more is read from this connection.
-            request.transport.close()
+    def _reset_and_log(self, stream: TunnelStream, log: _Access, what: str) -> None:
+        """One warning naming the tunnel and request; the agent's stream is reset."""
+        _LOGGER.warning("tunnel %s, request %s: the agent sent %s; stream reset, visitor connection closed",
+                        printable(log.tunnel or "-"), log.request_id, what)
+        log.note = f"agent error: {what}"
+        if not stream.closed:
+            stream.reset(ErrorCode.PROTOCOL_ERROR, what)
 
-    def _bad_reply(self, request: web.Request, stream: TunnelStream, log: _Access, what: str) -> web.Response:
-        """502 for a reply the bridge will not relay; the visitor's connection is not reused."""
-        stream.reset(ErrorCode.PROTOCOL_ERROR, what)
-        _LOGGER.warning("tunnel %s: agent reply to %s refused: %s; stream reset, visitor connection closed",
-                        escaped(log.tunnel or "-"), log.request_id, what)
-        log.note = what
-        response = error_response(request, 502, "the home app's answer cannot be relayed", {"Connection": "close"})
+    def _agent_broke(self, request: web.Request, stream: TunnelStream, log: _Access, what: str) -> web.Response:
+        """Before anything was written: 502, and the visitor's connection is not reused."""
+        self._reset_and_log(stream, log, what)
+        response = error_response(request, 502, "the home side sent an invalid response")
         response.force_close()
         return log.done(response)
 
@@ -329,24 +361,37 @@ class VisitorHandler:
             return await self._send_response(request, stream, head, log)
         protocol = next((v for k, v in head.headers if k.lower() == "sec-websocket-protocol"), None)
         if protocol is not None and not is_token(protocol):
-            # One subprotocol, a token (RFC 6455 §4.1); anything else is the agent's invention.
-            return self._bad_reply(request, stream, log, "Sec-WebSocket-Protocol in the 101 is not a token")
+            # One subprotocol, a token (RFC 6455 §4.2.2); it goes into the visitor's 101 head.
+            return self._agent_broke(request, stream, log, "a subprotocol that is not a token")
+        config = self._bridge.config
         ws = web.WebSocketResponse(
             protocols=(protocol,) if protocol else (),
             autoping=False,
-            max_msg_size=MAX_WEBSOCKET_MESSAGE,
+            # A visitor's message is assembled whole by aiohttp before it can be relayed: the
+            # limit bounds that (1009 beyond it), and is small, as what browsers send is.
+            max_msg_size=config.max_websocket_message,
+            # No permessage-deflate with visitors: ~0.5 MB of deflate inflates to 600 MiB
+            # (issue 15, finding 10), and each deflating socket costs zlib state on the bridge.
+            compress=False,
+            # Idle visitors are pinged; one that neither sends nor answers within half the
+            # interval more is closed (its stream slot and buffers are freed).
+            heartbeat=config.websocket_idle_timeout,
         )
         try:
             await ws.prepare(request)
         except (ConnectionError, RuntimeError):
             return log.done(ws)
         log.status = 101
-        to_agent = asyncio.create_task(_pump_visitor_messages(ws, stream))
+        to_agent = asyncio.create_task(_pump_visitor_messages(ws, stream, log, config.websocket_message_rate))
+        relayed = 0
         try:
             while True:
                 message = await stream.read_message(MAX_WEBSOCKET_MESSAGE)
                 if message is None:
                     break
+                relayed += 1
+                if relayed % MESSAGES_PER_TURN == 0:
+                    await asyncio.sleep(0)  # queued messages are read without waiting: let others run
                 kind, data = message
                 log.bytes += len(data)
                 if kind is MessageKind.TEXT:
@@ -359,10 +404,11 @@ class VisitorHandler:
                     await ws.pong(data)
                 elif kind is MessageKind.CLOSE:
                     code, reason = decode_code(data) if len(data) >= 2 else (1000, "")
-                    await ws.close(code=sendable_close_code(code), message=close_reason(reason))
+                    log.note = log.note or f"closed with {code}"
+                    await ws.close(code=sendable_close_code(code), message=sendable_close_reason(reason))
                     break
         except StreamResetError as err:
-            log.note = f"tunnel side ended: {escaped(err, 200)}"
+            log.note = f"tunnel side ended: {err}"
             await ws.close(code=1011 if err.code != ErrorCode.MESSAGE_TOO_BIG else 1009, message=b"tunnel closed")
         except (ConnectionError, RuntimeError) as err:
             log.note = f"visitor gone: {err.__class__.__name__}"
@@ -376,6 +422,28 @@ class VisitorHandler:
                 with contextlib.suppress(asyncio.CancelledError):
                     await to_agent
         return log.done(ws)
+
+
+def _close(request: web.Request) -> None:
+    """End the visitor's connection now: nothing more is written on it, nothing read as next."""
+    if request.transport is not None:
+        request.transport.abort()
+
+
+def _declared_length(headers: list[tuple[str, str]]) -> int | None:
+    """The response's Content-Length, or None if it has none.
+
+    Raises:
+        ValueError: several that differ, or one that is not a plain decimal number.
+    """
+    length = None
+    for name, value in headers:
+        if name.lower() == "content-length":
+            text = value.strip(" \t")
+            if not text.isdigit() or not text.isascii() or len(text) > 18 or (length is not None and int(text) != length):
+                raise ValueError(f"a bad Content-Length {printable(value, 40)!r}")
+            length = int(text)
+    return length
 
 
 def behind_proxies(
@@ -478,11 +546,36 @@ def _body_too_large(request: web.Request, limit: int) -> web.Response:
     return response
 
 
-async def _pump_visitor_messages(ws: web.WebSocketResponse, stream: TunnelStream) -> None:
-    """Visitor's WebSocket messages → stream, including pings and the close code."""
+async def _pump_visitor_messages(ws: web.WebSocketResponse, stream: TunnelStream, log: _Access, rate: int) -> None:
+    """Visitor's WebSocket messages → stream, including pings and the close code (noted for
+    the access log: a normal close reads ``closed with 1000``).
+
+    At most ``rate`` messages a second (any size, empty ones too: each costs the bridge, the
+    agent and the home app a turn): a visitor over it is closed with 1008.
+    """
+    loop = asyncio.get_running_loop()
+    window_start = loop.time()
+    count = 0
     try:
         while True:
             msg = await ws.receive()
+            count += 1
+            if count % MESSAGES_PER_TURN == 0:
+                # aiohttp hands out queued messages without waiting: without this, one visitor
+                # sending tiny frames as fast as it can keeps the loop to itself.
+                await asyncio.sleep(0)
+            if count > rate:
+                now = loop.time()
+                if now - window_start >= 1.0:
+                    window_start, count = now, 1
+                else:
+                    _LOGGER.warning("visitor websocket %s: more than %d messages a second, closed",
+                                    stream.head.request_id, rate)
+                    log.note = f"closed with 1008: more than {rate} messages a second"
+                    await stream.send_message(MessageKind.CLOSE, encode_code(1008, "too many messages"))
+                    await stream.end()
+                    await ws.close(code=1008, message=b"too many messages")
+                    return
             if msg.type is WSMsgType.TEXT:
                 await stream.send_message(MessageKind.TEXT, msg.data.encode())
             elif msg.type is WSMsgType.BINARY:
@@ -492,6 +585,7 @@ async def _pump_visitor_messages(ws: web.WebSocketResponse, stream: TunnelStream
             elif msg.type is WSMsgType.PONG:
                 await stream.send_message(MessageKind.PONG, msg.data)
             elif msg.type is WSMsgType.CLOSE:
+                log.note = log.note or f"closed with {msg.data or 1000}"
                 await stream.send_message(MessageKind.CLOSE, encode_code(msg.data or 1000, msg.extra or ""))
                 await stream.end()
                 return
@@ -553,7 +647,7 @@ class _Access:
                 '%s "%s %s HTTP/%d.%d" %d %d %.3fs tunnel=%s id=%s%s',
                 request.remote,
                 request.method,
-                escaped(request.raw_path, 2048),
+                printable(request.raw_path, 2048),
                 request.version.major,
                 request.version.minor,
                 status,

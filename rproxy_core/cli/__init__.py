@@ -1,4 +1,5 @@
-"""The ``rproxy`` command: ``bridge`` on a public server, ``agent`` at home, ``tcp`` to reach a TCP service, ``demo`` to try it.
+"""The ``rproxy`` command: ``bridge`` on a public server, ``agent`` at home, ``tcp`` to reach a TCP service, ``demo`` to try it,
+``gateway`` for WebSocket clients of an HTTP-only backend.
 
 Exit codes: 0 stopped cleanly · 1 runtime failure (e.g. address in use, or a TCP channel
 the bridge could not connect) · 2 bad flag, variable or config value · 3 the bridge refused
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from .. import __version__
 from ..config import LOG_LEVELS
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
-from . import agent, bridge, common, demo, hash_token, keygen, status, tcp
+from . import agent, bridge, common, demo, gateway, hash_token, keygen, status, tcp
 from .agent import agent_config
 from .bridge import bridge_config
 from .common import EXIT_OK, EXIT_REFUSED, EXIT_RUNTIME, EXIT_USAGE, Parser
@@ -41,11 +42,12 @@ def _build_parser() -> argparse.ArgumentParser:
     keygen.add_parser(commands)
     tcp.add_parser(commands)
     status.add_parser(commands)
+    gateway.add_parser(commands)
     return parser
 
 
 _COMMANDS = {"bridge": bridge.main, "agent": agent.main, "demo": demo.main, "hash-token": hash_token.main,
-             "keygen": keygen.main, "tcp": tcp.main, "status": status.main}
+             "keygen": keygen.main, "tcp": tcp.main, "status": status.main, "gateway": gateway.main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_REFUSED
     except OSError as err:
-        print(f"{prog}: error: {err.strerror or err}", file=sys.stderr)
+        print(f"{prog}: error: {common.describe_os_error(err)}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         return EXIT_OK

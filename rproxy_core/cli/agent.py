@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..agent import Agent, AgentConfig
+from ..agent import Agent, AgentConfig, split_bridge_credential
 from ..agent.discovery import (
     DISCOVER_TIMEOUT,
     ZEROCONF_HTTP_TYPE,
@@ -37,6 +37,7 @@ from ..config import AGENT_SCHEMA, load_file, merge, validate
 from ..const import DEFAULT_TUNNEL_NAME
 from ..exceptions import ConfigError
 from .common import EXIT_OK, Signals, log_level, run, setup_logging
+from .envfile import read_env_file
 from .keygen import load_private_key
 
 __all__ = [
@@ -86,11 +87,25 @@ AGENT_ENV = {
 
 
 def add_parser(commands: Any) -> None:
-    agent = commands.add_parser("agent", help="run the home side (next to the web app)",
-                                description="Dial the bridge and serve its visitors from --target.")
+    agent = commands.add_parser(
+        "agent", help="run the home side (next to the web app)",
+        usage="%(prog)s [BRIDGE_URL [TARGET_URL]] [options]",
+        description="Dial the bridge and serve its visitors from --target.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_AGENT_EPILOG,
+    )
+    agent.add_argument("bridge_url", nargs="?", metavar="BRIDGE_URL",
+                       help="the bridge, as --bridge; ws://USER:PASS@host:8080 gives USER:PASS as the "
+                            "credential (sent as HTTP Basic, never logged)")
+    agent.add_argument("target_url", nargs="?", metavar="TARGET_URL",
+                       help="the home app, as --target (ws:// and wss:// are read as http:// and https://)")
     agent.add_argument("--config", metavar="FILE",
                        help="YAML (or JSON, or .toml) file with these settings and extra services; keys are the "
                             "flag names with _ ($RPROXY_CONFIG)")
+    agent.add_argument("--env-file", metavar="FILE",
+                       help="read these settings' environment variables (RPROXY_*, REMOTE_URL, LOCAL_URL, AGENT_ID) "
+                            "from FILE, python-dotenv's format (default: ./.env when it exists); the real "
+                            "environment wins")
     agent.add_argument("--bridge", metavar="URL",
                        help="the bridge, e.g. wss://bridge.example.com ($RPROXY_BRIDGE, $REMOTE_URL)")
     agent.add_argument("--token", metavar="T", help="agent token the bridge accepts ($RPROXY_TOKEN)")
@@ -133,6 +148,41 @@ def add_parser(commands: Any) -> None:
                        help=f"how long --discover browses (default {DISCOVER_TIMEOUT:g})")
 
 
+_AGENT_EPILOG = """\
+examples:
+  rproxy agent --bridge wss://bridge.example.com --token TOKEN --target http://127.0.0.1:8123
+  rproxy agent wss://bridge.example.com http://127.0.0.1:8123 --token TOKEN
+  rproxy agent wss://user:password@bridge.example.com ws://localhost:8080
+      (node-rproxy's form: the bridge was started as rproxy bridge 8080 user:password)
+  rproxy agent            (settings from the environment or ./.env: REMOTE_URL, LOCAL_URL, AGENT_ID,
+                           RPROXY_TOKEN, as NAT Web Reverse Proxy's client reads them)
+
+A password in a URL is seen by anyone who can list this machine's processes (ps) and stays in
+shell history: on a shared machine prefer $RPROXY_TOKEN, a .env file (mode 0600) or --config.
+Plain ws:// to a bridge on another machine also needs --insecure: the credential would cross
+the network unencrypted; use wss://.
+"""
+
+
+def _http_target(target: str) -> str:
+    """node-rproxy names its home app ``ws://localhost:8080``: the same server over HTTP."""
+    for ws, http in (("ws://", "http://"), ("wss://", "https://")):
+        if target[: len(ws)].lower() == ws:
+            return http + target[len(ws) :]
+    return target
+
+
+def _positionals(args: argparse.Namespace, flags: dict[str, Any]) -> None:
+    """BRIDGE_URL and TARGET_URL into ``flags``: each stands for its flag, and not beside it."""
+    for positional, key in (("bridge_url", "bridge"), ("target_url", "target")):
+        given = getattr(args, positional, None)
+        if given is None:
+            continue
+        if flags.get(key) is not None:
+            raise ConfigError(f"{positional.upper()} and {AGENT_FLAGS[key]}: give one of them, not both")
+        flags[key] = given
+
+
 def _discover_seconds(text: str) -> float:
     try:
         seconds = float(text)
@@ -153,15 +203,35 @@ class AgentSettings:
 
 def agent_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> AgentSettings:
     """Flags, environment and config file → one AgentConfig per tunnel (ConfigError names the culprit)."""
-    environ = dict(os.environ if environ is None else environ)
+    # The real environment wins over the file, as with every dotenv tool.
+    environ = {**read_env_file(getattr(args, "env_file", None)), **(os.environ if environ is None else environ)}
     config_file = args.config or environ.get("RPROXY_CONFIG") or None
     flags = {key: getattr(args, key, None) for key in AGENT_FLAGS if key != "log_level"}
+    _positionals(args, flags)
     values, origin = merge(flags, AGENT_ENV, load_file(config_file), environ, file=config_file, flag_names=AGENT_FLAGS)
+    url_credential = None
+    if isinstance(values.get("bridge"), str):  # off before anything can echo the URL
+        values["bridge"], url_credential = split_bridge_credential(values["bridge"])
+    if isinstance(values.get("target"), str):
+        values["target"] = _http_target(values["target"])
     settings = validate(AGENT_SCHEMA, values, origin, AGENT_FLAGS)
     token, key_file = settings.get("token"), settings.get("key")
-    if bool(token) == bool(key_file):
-        raise ConfigError("--token: give an agent token or --key (one of them)" if not token
-                          else "--token and --key: give one of them, not both")
+    given = [
+        where
+        for where, value in (
+            (origin.get("token", "--token"), token),
+            (origin.get("key", "--key"), key_file),
+            (f"user:password@ in {origin.get('bridge', '--bridge')}", url_credential),
+        )
+        if value
+    ]
+    if not given:
+        raise ConfigError(
+            "--token: give an agent token (--token, or RPROXY_TOKEN in the environment or .env), --key, "
+            "or user:password@ in the bridge URL (one of them)"
+        )
+    if len(given) > 1:
+        raise ConfigError(f"{given[0]} and {given[1]}: two credentials; give one of them, not both")
     key = load_private_key(key_file) if key_file else None
     if not settings.get("name"):
         # A key's own name is the one an --open-registration bridge gives it.
@@ -170,7 +240,7 @@ def agent_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
         raise ConfigError("--target: the home app's URL is required (or at least one --service NAME=URL)")
     agent_id = settings.get("agent_id") or socket.gethostname()
     config = AgentConfig(
-        bridge=settings["bridge"], token=token or "", key=key, target=settings.get("target") or "",
+        bridge=settings["bridge"], token=token or url_credential or "", basic_auth=url_credential is not None, key=key, target=settings.get("target") or "",
         name=settings["name"], services={s["name"]: s["target"] for s in settings["services"]}, agent_id=agent_id,
         ca_file=settings.get("ca_file"), pins=tuple(settings["pin_sha256"]), insecure=settings["insecure"],
         visitor_allow=tuple(settings["visitor_allow"]), visitor_basic=tuple(settings["visitor_auth"]),

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import ssl
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,9 @@ from ..bridge.channels import TcpPort
 from ..bridge.keys import KeyGrant, read_authorized_keys
 from ..config import BRIDGE_SCHEMA, load_file, merge, validate
 from ..exceptions import ConfigError
+from .gateway import gateway_config
 from .common import EXIT_OK, Signals, log_level, run, setup_logging
+from .state import StateToken, agent_command, state_path, state_token
 
 __all__ = ["BRIDGE_ENV", "BRIDGE_FLAGS", "add_parser", "bridge_config", "bridge_settings", "main"]
 
@@ -47,6 +50,15 @@ BRIDGE_FLAGS = {
     "idle_timeout": "--idle-timeout",
     "max_streams_per_tunnel": "--max-streams-per-tunnel",
     "max_pending_handshakes": "--max-pending-handshakes",
+    "max_pending_handshakes_per_source": "--max-pending-handshakes-per-source",
+    "max_pending_handshakes_per_credential": "--max-pending-handshakes-per-credential",
+    "max_requests_per_visitor": "--max-requests-per-visitor",
+    "max_websockets_per_visitor": "--max-websockets-per-visitor",
+    "max_websocket_message": "--max-websocket-message",
+    "websocket_idle_timeout": "--websocket-idle-timeout",
+    "websocket_message_rate": "--websocket-message-rate",
+    "memory_budget": "--memory-budget",
+    "tunnel_memory_budget": "--tunnel-memory-budget",
     "authorized_keys": "--authorized-keys",
     "open_registration": "--open-registration",
     "admin_token": "--admin-token",
@@ -68,6 +80,15 @@ BRIDGE_ENV = {
     "idle_timeout": ("RPROXY_IDLE_TIMEOUT",),
     "max_streams_per_tunnel": ("RPROXY_MAX_STREAMS_PER_TUNNEL",),
     "max_pending_handshakes": ("RPROXY_MAX_PENDING_HANDSHAKES",),
+    "max_pending_handshakes_per_source": ("RPROXY_MAX_PENDING_HANDSHAKES_PER_SOURCE",),
+    "max_pending_handshakes_per_credential": ("RPROXY_MAX_PENDING_HANDSHAKES_PER_CREDENTIAL",),
+    "max_requests_per_visitor": ("RPROXY_MAX_REQUESTS_PER_VISITOR",),
+    "max_websockets_per_visitor": ("RPROXY_MAX_WEBSOCKETS_PER_VISITOR",),
+    "max_websocket_message": ("RPROXY_MAX_WEBSOCKET_MESSAGE",),
+    "websocket_idle_timeout": ("RPROXY_WEBSOCKET_IDLE_TIMEOUT",),
+    "websocket_message_rate": ("RPROXY_WEBSOCKET_MESSAGE_RATE",),
+    "memory_budget": ("RPROXY_MEMORY_BUDGET",),
+    "tunnel_memory_budget": ("RPROXY_TUNNEL_MEMORY_BUDGET",),
     "authorized_keys": ("RPROXY_AUTHORIZED_KEYS",),
     "open_registration": ("RPROXY_OPEN_REGISTRATION",),
     "admin_token": ("RPROXY_ADMIN_TOKEN",),
@@ -85,21 +106,37 @@ _RESTART_ONLY = (
     "idle_timeout",
     "max_streams_per_tunnel",
     "max_pending_handshakes",
+    "max_pending_handshakes_per_source",
+    "max_pending_handshakes_per_credential",
+    "max_requests_per_visitor",
+    "max_websockets_per_visitor",
+    "max_websocket_message",
+    "websocket_idle_timeout",
+    "websocket_message_rate",
+    "memory_budget",
+    "tunnel_memory_budget",
     "open_registration",
     "tunnels",
     "aliases",
     "tcp_ports",
     "admin_token",
+    "gateway",
 )
 
 
 def add_parser(commands: Any) -> None:
     bridge = commands.add_parser(
         "bridge",
+        usage="%(prog)s [PORT [USER:PASS]] [options]",
         help="run the public side (on a VPS)",
         description="Serve agents on /_rproxy/connect and visitors on every other path, on one port. "
         "SIGTERM stops gracefully, SIGHUP reloads tokens and the TLS certificate.",
     )
+    bridge.add_argument("port", nargs="?", metavar="PORT",
+                        help="as --listen 0.0.0.0:PORT (node-rproxy's form: rproxy bridge 8080 user:password)")
+    bridge.add_argument("userpass", nargs="?", metavar="USER:PASS",
+                        help="accept agents whose bridge URL is ws://USER:PASS@host (sent as HTTP Basic), as a "
+                             "--token; anyone who can list processes sees it: prefer --token-file on a shared machine")
     bridge.add_argument("--config", metavar="FILE",
                         help="YAML (or JSON, or .toml) file with these settings; keys are the flag names "
                              "with _ (--token is tokens) ($RPROXY_CONFIG)")
@@ -135,6 +172,30 @@ def add_parser(commands: Any) -> None:
     bridge.add_argument("--max-pending-handshakes", metavar="N",
                         help="agents connecting but not through their handshake at once; more get 503 "
                              "(default 64)")
+    bridge.add_argument("--max-pending-handshakes-per-source", metavar="N",
+                        help="of those, most from one address (an IPv6 /64 counts as one) (default 8)")
+    bridge.add_argument("--max-pending-handshakes-per-credential", metavar="N",
+                        help="of those, most with one agent token or key (default 8)")
+    bridge.add_argument("--max-requests-per-visitor", metavar="N",
+                        help="requests in flight at once from one visitor address (an IPv6 /64 counts as one) "
+                             "to one tunnel; more get 429 (default 256)")
+    bridge.add_argument("--max-websockets-per-visitor", metavar="N",
+                        help="WebSockets open at once from one visitor address (an IPv6 /64 counts as one) "
+                             "to one tunnel; more get 429 (default 256)")
+    bridge.add_argument("--max-websocket-message", metavar="SIZE",
+                        help="largest WebSocket message a visitor may send, e.g. 1M; larger closes the "
+                             "socket with 1009 (default 1M)")
+    bridge.add_argument("--websocket-idle-timeout", metavar="SECONDS",
+                        help="ping a visitor WebSocket silent this long; close it if it does not answer "
+                             "within half that again (default 120)")
+    bridge.add_argument("--websocket-message-rate", metavar="N",
+                        help="WebSocket messages a visitor may send per second; more closes the socket "
+                             "with 1008 (default 20000)")
+    bridge.add_argument("--memory-budget", metavar="SIZE",
+                        help="bytes all tunnels together may hold for visitors who do not read; when "
+                             "spent, new requests get 503 (default 1G)")
+    bridge.add_argument("--tunnel-memory-budget", metavar="SIZE",
+                        help="the same for each agent's tunnel (default 512M)")
     bridge.add_argument("--authorized-keys", metavar="FILE",
                         help="agent keys accepted: lines 'ed25519 KEY NAME...' as rproxy keygen prints them, "
                              "NAME * for any name; reloaded on SIGHUP ($RPROXY_AUTHORIZED_KEYS)")
@@ -156,15 +217,18 @@ class BridgeSettings:
     config: BridgeConfig
     values: dict[str, Any]
     log_level: str | None
+    #: The bare bridge's own token (no credential configured), else None.
+    state: StateToken | None = None
 
 
 def bridge_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> BridgeSettings:
     """Flags, environment and config file → validated settings (ConfigError names the culprit)."""
     environ = dict(os.environ if environ is None else environ)
     config_file = getattr(args, "check_config", None) or args.config or environ.get("RPROXY_CONFIG") or None
-    if args.listen is None and not environ.get("RPROXY_LISTEN") and environ.get("PORT"):
-        args.listen = f"0.0.0.0:{environ['PORT']}"  # hosts such as Heroku give exactly one port
     flags = {key: getattr(args, key, None) for key in BRIDGE_FLAGS if key != "log_level"}
+    _positionals(args, flags)
+    if flags["listen"] is None and not environ.get("RPROXY_LISTEN") and environ.get("PORT"):
+        flags["listen"] = f"0.0.0.0:{environ['PORT']}"  # hosts such as Heroku give exactly one port
     file_values = load_file(config_file, aliases={"token": "tokens", "trusted_proxy": "trusted_proxies"})
     values, origin = merge(flags, BRIDGE_ENV, file_values, environ, file=config_file, flag_names=BRIDGE_FLAGS)
     settings = validate(BRIDGE_SCHEMA, values, origin, BRIDGE_FLAGS)
@@ -176,11 +240,13 @@ def bridge_settings(args: argparse.Namespace, environ: Mapping[str, str] | None 
         authorized_keys = read_authorized_keys(settings["authorized_keys"])
     if settings["open_registration"] and not settings.get("domain"):
         raise ConfigError("--open-registration: needs --domain (each key's tunnel gets its own host name)")
+    state = None
     if not tokens and not authorized_keys and not settings["open_registration"]:
-        raise ConfigError(
-            "--token: the bridge needs at least one agent token (--token, --token-file or tokens) "
-            "or agent key (--authorized-keys, --open-registration)"
-        )
+        # No credential configured: the bridge's own, made on its first start (cli/state.py).
+        # A --check-config only looks: it makes nothing.
+        state = state_token(environ, create=not getattr(args, "check_config", None))
+        if state is not None:
+            tokens = [state.token]
     host, port = settings["listen"]
     cert, key = settings.get("tls_cert"), settings.get("tls_key")
     if bool(cert) != bool(key):
@@ -204,6 +270,15 @@ def bridge_settings(args: argparse.Namespace, environ: Mapping[str, str] | None 
         idle_timeout=settings["idle_timeout"],
         max_streams_per_tunnel=settings.get("max_streams_per_tunnel"),
         max_pending_handshakes=settings["max_pending_handshakes"],
+        max_pending_handshakes_per_source=settings["max_pending_handshakes_per_source"],
+        max_pending_handshakes_per_credential=settings["max_pending_handshakes_per_credential"],
+        max_requests_per_visitor=settings["max_requests_per_visitor"],
+        max_websockets_per_visitor=settings["max_websockets_per_visitor"],
+        max_websocket_message=settings["max_websocket_message"],
+        websocket_idle_timeout=settings["websocket_idle_timeout"],
+        websocket_message_rate=settings["websocket_message_rate"],
+        memory_budget=settings["memory_budget"],
+        tunnel_memory_budget=settings["tunnel_memory_budget"],
         authorized_keys=authorized_keys,
         open_registration=settings["open_registration"],
         visitor_policies=settings["tunnels"],
@@ -213,8 +288,27 @@ def bridge_settings(args: argparse.Namespace, environ: Mapping[str, str] | None 
             TcpPort(port["listen"][0], port["listen"][1], port["tunnel"], port["service"], tuple(port["allow"]))
             for port in settings["tcp_ports"]
         ],
+        gateway=gateway_config(settings["gateway"], settings["gateway"]["host"]) if settings.get("gateway") else None,
     )
-    return BridgeSettings(config, settings, settings.get("log_level"))
+    return BridgeSettings(config, settings, settings.get("log_level"), state)
+
+
+def _positionals(args: argparse.Namespace, flags: dict[str, Any]) -> None:
+    """PORT and USER:PASS into ``flags``: each stands for its flag (--listen, --token), and not beside it."""
+    port, userpass = getattr(args, "port", None), getattr(args, "userpass", None)
+    if port is not None:
+        if flags.get("listen") is not None:
+            raise ConfigError("PORT and --listen: give one of them, not both")
+        if not port.isdigit():
+            raise ConfigError(f"PORT: expected a port number, got {port!r}")
+        flags["listen"] = f"0.0.0.0:{port}"
+    if userpass is not None:
+        if flags.get("tokens"):
+            raise ConfigError("USER:PASS and --token: give one of them, not both")
+        user, colon, password = userpass.partition(":")
+        if not user or not colon or not password:  # not echoed: it is a password
+            raise ConfigError("USER:PASS: expected a user, a colon and a password, e.g. agent:s3cret")
+        flags["tokens"] = [userpass]
 
 
 def bridge_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> BridgeConfig:
@@ -341,16 +435,44 @@ async def _serve(settings: BridgeSettings, args: argparse.Namespace, signals: Si
         await bridge.stop()
 
 
+def _announce_state_token(settings: BridgeSettings) -> None:
+    """Say where the bare bridge's token is; on its first start, on a terminal, print the
+    agent's command with it (once: a log or a journal never gets the token)."""
+    state = settings.state
+    if state is None:
+        return
+    config = settings.config
+    command, insecure = agent_command(config.host, config.port, state.token, tls=config.ssl_context is not None)
+    if state.created and sys.stdout.isatty():
+        print(f"\nNo agent token was given: this bridge made one and keeps it in {state.path} (mode 0600).\n"
+              "At home, with your web app's address instead of http://127.0.0.1:8080 (and this server's "
+              "public name or address, if the agent knows it by another), run:\n\n"
+              f"    {command}\n", flush=True)
+        if insecure:
+            print("(--insecure: this bridge has no TLS, so the token and all traffic would cross the network in "
+                  "clear text; put TLS in front, see docs/BRIDGE.md, and use wss:// instead)\n", flush=True)
+        return
+    _LOGGER.info(
+        "%s agent token is in %s (mode 0600): give the agent --token \"$(cat %s)\"",
+        "no credential given: a new" if state.created else "no credential given: this bridge's", state.path, state.path,
+    )
+
+
 def main(args: argparse.Namespace) -> int:
     settings = bridge_settings(args)
     if args.check_config:
         config = settings.config
+        state_note = ""
+        if settings.state is None and not config.tokens and not config.authorized_keys and not config.open_registration:
+            state_note = f", no credential: the first start makes an agent token in {state_path(os.environ)}"
         print(
             f"{args.check_config}: OK: listen {config.host}:{config.port}, {len(config.tokens)} token(s)"
             + (f", domain {config.domain}" if config.domain else "")
             + (", TLS" if config.ssl_context else "")
+            + state_note
         )
         return EXIT_OK
     setup_logging(log_level(args.log_level, settings.log_level))
+    _announce_state_token(settings)
     run(lambda signals: _serve(settings, args, signals), reload=True)
     return EXIT_OK

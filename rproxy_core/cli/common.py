@@ -6,9 +6,11 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import errno
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping
@@ -26,6 +28,27 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+#: asyncio's (and uvloop's) bind failure: "error while attempting to bind on address ('HOST', PORT): ..."
+_BIND_ADDRESS = re.compile(r"bind on address \('([^']*)', (\d+)")
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an OSError that ends a command: for a listening address that cannot be
+    had, which one and how to pick another (not asyncio's "error while attempting to bind...")."""
+    found = _BIND_ADDRESS.search(str(err))
+    if found and err.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+        host, port = found.groups()
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if err.errno == errno.EADDRINUSE:
+            why = "is already in use (another program, or another rproxy, listens there)"
+        elif err.errno == errno.EACCES:
+            why = "is not allowed: ports below 1024 need root or CAP_NET_BIND_SERVICE"
+        else:
+            why = "is not an address of this machine"
+        return f"cannot listen on {address}: it {why}; pick another with --listen HOST:PORT"
+    return err.strerror or str(err)
 
 
 def log_level(flag: str | None, setting: str | None = None, environ: Mapping[str, str] = os.environ) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import secrets
 import socket
@@ -32,20 +33,48 @@ _HOME_ADDRESS = "127.0.0.1"
 def add_parser(commands: Any) -> None:
     demo = commands.add_parser("demo", help="run a bridge, an agent and a small home app in one process",
                                description="See rproxy work: a lights-and-sprinklers app served through a local tunnel.")
-    demo.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8080",
-                      help="public address of the demo bridge (default 127.0.0.1:8080)")
+    demo.add_argument("--listen", metavar="HOST:PORT",
+                      help=f"public address of the demo bridge (default {_DEFAULT_LISTEN}, or the next free port "
+                           "after it when that one is taken)")
 
 
-async def _serve(host: str, port: int, signals: Signals) -> None:
+_DEFAULT_LISTEN = "127.0.0.1:8080"
+#: Without --listen, ports tried after 8080 before the system picks any free one.
+_SPARE_PORTS = 10
+
+
+async def _start_bridge(host: str, port: int, token: str, *, explicit: bool) -> Bridge:
+    """The demo's bridge on ``host:port``; without --listen, on the next free port when that
+    one is taken (a newcomer's machine often runs something on 8080), said in one line."""
+    candidates = [port] if explicit else [*range(port, port + _SPARE_PORTS), 0]
+    for candidate in candidates:
+        bridge = Bridge(BridgeConfig(host=host, port=candidate, tokens=[token], shutdown_grace=1.0))
+        try:
+            await bridge.start()  # nothing is left running when it raises
+        except OSError as err:
+            if explicit or err.errno != errno.EADDRINUSE or candidate == 0:
+                raise
+            continue
+        if bridge.port != port:
+            _LOGGER.warning("%s:%d is in use; the demo listens on %s:%d instead (--listen HOST:PORT picks one)",
+                            host, port, host, bridge.port)
+        return bridge
+    raise AssertionError("unreachable: port 0 either binds or raises")
+
+
+async def _serve(host: str, port: int, signals: Signals, *, explicit: bool = True) -> None:
     home = web.AppRunner(create_home_app(), access_log=None)
     await home.setup()
     home_site = web.TCPSite(home, _HOME_ADDRESS, 0)
     await home_site.start()
     home_port = home_site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     token = secrets.token_urlsafe(24)
-    bridge = Bridge(BridgeConfig(host=host, port=port, tokens=[token], shutdown_grace=1.0))
     try:
-        await bridge.start()
+        bridge = await _start_bridge(host, port, token, explicit=explicit)
+    except BaseException:
+        await home.cleanup()
+        raise
+    try:
         agent = Agent(AgentConfig(bridge=bridge.url, token=token, target=f"http://{_HOME_ADDRESS}:{home_port}", agent_id="demo"))
         await agent.start()
         try:
@@ -95,9 +124,9 @@ async def _announce(home_port: int, signals: Signals) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        host, port = parse_listen(args.listen)
+        host, port = parse_listen(args.listen or _DEFAULT_LISTEN)
     except Exception as err:
         raise ConfigError(f"--listen: {err}") from None
     setup_logging(log_level(args.log_level))
-    run(lambda signals: _serve(host, port, signals))
+    run(lambda signals: _serve(host, port, signals, explicit=args.listen is not None))
     return EXIT_OK

@@ -2,9 +2,10 @@
 
 Heads travel as compact JSON. The peer is not trusted: ``decode`` checks every field's
 type *and its bytes* and raises RemoteProtocolError rather than letting a malformed head reach
-a handler. What a decoded head holds can therefore be written into an HTTP/1.1 message as it
-is: header names are RFC 9110 tokens, header values, reasons and targets hold no CR, LF, NUL or
-other control character, so no peer can split a message or start a second one in a field.
+a handler. What decodes here can be written into an HTTP/1.1 message as it is: a method and
+header names are RFC 9110 tokens, a target has no space or control character, header values
+and reasons have no CR, LF, NUL or other control character but tab. So no peer can put a line
+break, and with it a header or a whole response of its own, into what the other side writes.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ __all__ = [
     "SERVICE_KINDS",
     "is_token",
     "is_field_value",
-    "MAX_REASON",
-    "close_reason",
 ]
 
 KIND_HTTP = "http"
@@ -38,15 +37,24 @@ _KINDS = frozenset({KIND_HTTP, KIND_WEBSOCKET, KIND_TCP})
 #: What an agent's service can be: a web app (HTTP and WebSocket streams) or a TCP service.
 SERVICE_KINDS = frozenset({KIND_HTTP, KIND_TCP})
 
-#: RFC 9110 §5.6.2 token: what a header name and a method are made of.
+#: RFC 9110 §5.6.2: token = 1*tchar.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-#: RFC 9110 §5.5: a field value is visible characters, spaces and tabs; any other control
-#: character (CR and LF above all) could end the line it is written on.
+#: What may not appear in a field value or a reason phrase (RFC 9110 §5.5): CR, LF, NUL and
+#: every other control character except horizontal tab.
 _NOT_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-#: A request target (path and query) holds no space or control character at all.
+#: What may not appear in a request target: space and control characters (RFC 9112 §3.2).
 _NOT_IN_TARGET = re.compile(r"[\x00-\x20\x7f]")
-#: Reason phrases longer than this are refused (real ones are a few words).
-MAX_REASON = 256
+
+
+def is_token(text: str) -> bool:
+    """Whether ``text`` is an RFC 9110 token (a method, a header name, a subprotocol)."""
+    return _TOKEN.fullmatch(text) is not None
+
+
+def is_field_value(text: str) -> bool:
+    """Whether ``text`` may be written as a header value or reason phrase as it is."""
+    return _NOT_IN_VALUE.search(text) is None
+
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 
@@ -74,35 +82,12 @@ def _headers(obj: dict[str, Any]) -> Headers:
             or not isinstance(item[1], str)
         ):
             raise RemoteProtocolError("head header is not a [name, value] pair of strings")
-        name, value = item
-        if not _TOKEN.fullmatch(name):
-            raise RemoteProtocolError(f"head header name {name[:64]!r} is not a token")
-        if _NOT_IN_VALUE.search(value):
-            raise RemoteProtocolError(f"head header {name!r} has a control character in its value")
-        out.append((name, value))
+        if _TOKEN.fullmatch(item[0]) is None:
+            raise RemoteProtocolError(f"head header name {item[0][:64]!r} is not a token")
+        if _NOT_IN_VALUE.search(item[1]) is not None:
+            raise RemoteProtocolError(f"head header {item[0]!r} has a control character in its value")
+        out.append((item[0], item[1]))
     return out
-
-
-def close_reason(reason: str) -> bytes:
-    """A peer's WebSocket close reason as a sendable one: UTF-8 of at most 123 bytes (RFC 6455 §5.5).
-
-    Longer text is cut at a character boundary (a control frame holds 125 bytes, two of them the
-    code); characters that are not UTF-8 (lone surrogates) are replaced.
-    """
-    data = reason.encode("utf-8", "replace")
-    if len(data) <= 123:
-        return data
-    return data[:123].decode("utf-8", "ignore").encode()
-
-
-def is_token(text: str) -> bool:
-    """Whether ``text`` is an RFC 9110 token (a header name, a method, a subprotocol)."""
-    return _TOKEN.fullmatch(text) is not None
-
-
-def is_field_value(text: str) -> bool:
-    """Whether ``text`` may be written as a header value or reason phrase (no CR, LF, NUL, ...)."""
-    return _NOT_IN_VALUE.search(text) is None
 
 
 def _str(obj: dict[str, Any], key: str, default: str | None = None) -> str:
@@ -148,10 +133,10 @@ class RequestHead:
         if kind not in _KINDS:
             raise RemoteProtocolError(f"unknown stream kind {kind!r}")
         method = _str(obj, "m")
-        if not _TOKEN.fullmatch(method):
-            raise RemoteProtocolError(f"method {method[:32]!r} is not a token")
+        if _TOKEN.fullmatch(method) is None:
+            raise RemoteProtocolError(f"request method {method[:32]!r} is not a token")
         target = _str(obj, "t")
-        if _NOT_IN_TARGET.search(target):
+        if _NOT_IN_TARGET.search(target) is not None:
             raise RemoteProtocolError("request target has a space or control character")
         return cls(
             method=method,
@@ -187,6 +172,6 @@ class ResponseHead:
         if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
             raise RemoteProtocolError(f"invalid status {status!r}")
         reason = _str(obj, "r", "")
-        if len(reason) > MAX_REASON or _NOT_IN_VALUE.search(reason):
-            raise RemoteProtocolError("reason phrase too long or with a control character")
+        if _NOT_IN_VALUE.search(reason) is not None:
+            raise RemoteProtocolError("reason phrase has a control character")
         return cls(status=status, reason=reason, headers=_headers(obj))

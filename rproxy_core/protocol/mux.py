@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import enum
 import json
+from itertools import islice
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ..exceptions import FlowControlError, LocalProtocolError, RemoteProtocolError
@@ -62,6 +63,15 @@ DEFAULT_MAX_FRAME_SIZE = 256 << 10
 #: (10,000 sockets through one agent, the benchmark's check) must fit; an open stream costs
 #: nothing until data flows, and the bridge's max_streams_per_tunnel can set a lower bound.
 DEFAULT_MAX_STREAMS = 16384
+
+#: Replies this side owes the peer (PONGs, RESETs refusing its streams) queued and not yet
+#: taken by the transport. A peer that keeps sending PINGs but never reads would otherwise grow
+#: this queue without end (finding 2 of issue 15: 57 → 632 MB in 4 s); past this many bytes it is
+#: cut off with GOAWAY EXCESSIVE_LOAD. A peer that reads owes nothing for long: its replies leave
+#: with the next write, ahead of stream data.
+MAX_UNREAD_REPLIES = 64 << 10
+#: DATA payloads shorter than this count as "cheap" frames (see ``cheap_frames_received``).
+TINY_PAYLOAD = 16
 
 #: Bounds on settings a peer may announce; anything outside is a protocol error.
 _MIN_FRAME_SIZE = 16 << 10
@@ -133,6 +143,16 @@ class Multiplexer:
         self._events: list[ev.Event] = []
         self._out: deque[tuple[bytes, bytes | bytearray | memoryview | None, int]] = deque()
         self._out_bytes = 0
+        #: Replies owed to the peer; they leave before ``_out`` (see MAX_UNREAD_REPLIES).
+        self._replies: deque[tuple[bytes, bytes | bytearray | memoryview | None, int]] = deque()
+        self._reply_bytes = 0
+        #: The frames of a message not processed yet (receive_data with max_frames).
+        self._input: Iterator[Frame] | None = None
+        #: Frames received, and among them the cheap ones: PING, PONG, WINDOW, DATA with fewer
+        #: than TINY_PAYLOAD bytes and no FIN, refused OPENs. They cost the receiver a loop
+        #: iteration each yet little or no credit, so the transport holds them to a rate budget.
+        self.frames_received = 0
+        self.cheap_frames_received = 0
         #: Bytes of tunnel messages taken in and handed out so far (traffic counters).
         self.bytes_received = 0
         self.bytes_sent = 0
@@ -142,18 +162,52 @@ class Multiplexer:
 
     # Public methods for receiving data.
 
-    def receive_data(self, message: bytes | bytearray | memoryview) -> None:
-        """Feed one WebSocket message received from the peer."""
+    def receive_data(self, message: bytes | bytearray | memoryview, *, max_frames: int | None = None) -> bool:
+        """Feed one WebSocket message received from the peer.
+
+        Args:
+            max_frames: process at most this many of its frames now; the transport calls
+                :meth:`resume_receiving` for the rest after letting its event loop run, so a
+                message packed with hundreds of thousands of empty frames cannot hold the
+                loop for a whole second.
+
+        Returns:
+            Whether the whole message has been processed.
+        """
         if self.closed:
-            return
+            return True
+        if self._input is not None:
+            raise LocalProtocolError("the previous message is not processed yet")
         self.bytes_received += len(message)
+        self._input = iter_frames(message, self.max_frame_size)
+        return self.resume_receiving(max_frames)
+
+    def resume_receiving(self, max_frames: int | None = None) -> bool:
+        """Process (at most ``max_frames`` more) frames of the message being received.
+
+        Returns:
+            Whether the message is done (no frames left, or the connection ended).
+        """
+        frames = self._input
+        if frames is None:
+            return True
+        count = 0
         try:
-            for frame in iter_frames(message, self.max_frame_size):
+            for frame in frames if max_frames is None else islice(frames, max_frames):
+                count += 1
+                self.frames_received += 1
                 self._receive_frame(frame)
                 if self.closed:
-                    return
+                    self._input = None
+                    return True
         except RemoteProtocolError as err:
+            self._input = None
             self._fail(err)
+            return True
+        if max_frames is None or count < max_frames:
+            self._input = None
+            return True
+        return False
 
     def events_received(self) -> list[ev.Event]:
         """Return and forget the events produced since the last call."""
@@ -170,8 +224,19 @@ class Multiplexer:
                 returned), so that one message stays within the peer's message limit.
         """
         out: list[bytes | bytearray | memoryview] = []
-        queue = self._out
         taken = 0
+        replies = self._replies
+        if replies:
+            # Owed answers first: a PONG measures the round trip and must not wait behind a
+            # megabyte of stream data.
+            while replies:
+                header, payload, size = replies.popleft()
+                out.append(header)
+                if payload is not None:
+                    out.append(payload)
+                taken += size
+            self._reply_bytes = 0
+        queue = self._out
         while queue and (max_bytes is None or taken < max_bytes or not out):
             header, payload, size = queue.popleft()
             out.append(header)
@@ -276,6 +341,16 @@ class Multiplexer:
         self.resets_sent += 1
         self._emit(FrameType.RESET, 0, stream_id, encode_code(code, reason))
 
+    def refuse_stream(self, stream_id: int, code: int = ErrorCode.REFUSED_STREAM, reason: str = "") -> None:
+        """Reset a stream the peer just opened, as a reply it must read (see MAX_UNREAD_REPLIES)."""
+        stream = self._drop(stream_id)
+        if stream is None or self.closed:
+            return
+        stream.machine.process(IN.SEND_RESET)
+        self.resets_sent += 1
+        self.cheap_frames_received += 1
+        self._reply(FrameType.RESET, stream_id, encode_code(code, reason))
+
     def acknowledge_received_data(self, stream_id: int, size: int) -> None:
         """Tell the mux the application consumed ``size`` bytes; may queue a WINDOW frame."""
         stream = self._streams.get(stream_id)
@@ -322,6 +397,19 @@ class Multiplexer:
         size = len(payload)
         self._out.append((encode_header(frame_type, flags, stream_id, size), payload if size else None, HEADER_SIZE + size))
         self._out_bytes += HEADER_SIZE + size
+
+    def _reply(self, frame_type: int, stream_id: int, payload: bytes | bytearray | memoryview) -> None:
+        """Queue an answer the peer's own frame asked for; cut off a peer that does not read them."""
+        size = len(payload)
+        total = HEADER_SIZE + size
+        self._replies.append((encode_header(frame_type, 0, stream_id, size), payload if size else None, total))
+        self._reply_bytes += total
+        self._out_bytes += total
+        if self._reply_bytes > MAX_UNREAD_REPLIES:
+            raise RemoteProtocolError(
+                f"peer does not read the answers to its frames ({self._reply_bytes} bytes of PONG/RESET unread)",
+                error_code=ErrorCode.EXCESSIVE_LOAD,
+            )
 
     def _check_ready(self) -> None:
         if self.closed:
@@ -372,6 +460,7 @@ class Multiplexer:
         stream = self._streams.get(frame.stream_id)
         if stream is None:
             if self._is_stale(frame.stream_id):
+                self.cheap_frames_received += 1
                 return
             raise RemoteProtocolError(f"{frame_type.name} on unknown stream {frame.stream_id}")
         try:
@@ -382,16 +471,18 @@ class Multiplexer:
             # Confined to this stream: reset it, keep the connection.
             self._drop(frame.stream_id)
             self.resets_sent += 1
-            self._emit(FrameType.RESET, 0, frame.stream_id, encode_code(err.error_code, str(err)))
             self._events.append(ev.StreamReset(frame.stream_id, err.error_code, str(err), remote=False))
+            self._reply(FrameType.RESET, frame.stream_id, encode_code(err.error_code, str(err)))
 
     def _receive_connection_frame(self, frame: Frame) -> None:
         frame_type = frame.type
         if frame_type is FrameType.PING:
+            self.cheap_frames_received += 1
             payload = bytes(frame.payload)
-            self._emit(FrameType.PONG, 0, 0, payload)
             self._events.append(ev.PingReceived(payload))
+            self._reply(FrameType.PONG, 0, payload)
         elif frame_type is FrameType.PONG:
+            self.cheap_frames_received += 1
             self._events.append(ev.PongReceived(bytes(frame.payload)))
         elif frame_type is FrameType.HELLO:
             self._receive_hello(frame)
@@ -431,13 +522,15 @@ class Multiplexer:
         self._last_peer_stream_id = stream_id
         if self.open_stream_count(local=False) >= self.max_streams:
             self.resets_sent += 1
-            self._emit(FrameType.RESET, 0, stream_id, encode_code(ErrorCode.REFUSED_STREAM, "too many streams"))
+            self.cheap_frames_received += 1
+            self._reply(FrameType.RESET, stream_id, encode_code(ErrorCode.REFUSED_STREAM, "too many streams"))
             return
         try:
             head = RequestHead.decode(frame.payload)
         except RemoteProtocolError as err:
             self.resets_sent += 1
-            self._emit(FrameType.RESET, 0, stream_id, encode_code(ErrorCode.PROTOCOL_ERROR, str(err)))
+            self.cheap_frames_received += 1
+            self._reply(FrameType.RESET, stream_id, encode_code(ErrorCode.PROTOCOL_ERROR, str(err)))
             return
         stream = _Stream(self.peer_stream_window, self.stream_window)
         stream.machine.process(IN.RECV_OPEN)
@@ -461,6 +554,8 @@ class Multiplexer:
         payload = frame.payload
         size = len(payload)
         stream.recv.receive(size)
+        if size < TINY_PAYLOAD and not frame.flags & Flags.FIN:
+            self.cheap_frames_received += 1
         # An empty DATA frame with FIN only ends the stream; without FIN it is an empty
         # WebSocket message and must reach the application.
         if size or not frame.flags & Flags.FIN:
@@ -470,6 +565,7 @@ class Multiplexer:
             self._events.append(ev.StreamEnded(frame.stream_id))
 
     def _receive_window(self, frame: Frame, stream: _Stream) -> None:
+        self.cheap_frames_received += 1
         increment = decode_u32(frame.payload)
         stream.send.expand(increment)
         self._events.append(ev.WindowUpdated(frame.stream_id, increment))

@@ -17,13 +17,22 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..const import DEAD_AFTER, HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL, MAX_TUNNEL_MESSAGE, WRITE_HIGH_WATER
+from ..const import (
+    CHEAP_FRAME_RATE,
+    DEAD_AFTER,
+    FRAMES_PER_TURN,
+    HANDSHAKE_TIMEOUT,
+    HEARTBEAT_INTERVAL,
+    MAX_TUNNEL_MESSAGE,
+    WRITE_HIGH_WATER,
+)
 from ..exceptions import RemoteProtocolError, StreamResetError, TunnelClosedError
-from ..logsafe import escaped
+from ..logsafe import printable
 from ..protocol import events as ev
 from ..protocol.frames import ErrorCode
 from ..protocol.heads import RequestHead
 from ..protocol.mux import Multiplexer
+from .budget import DEFAULT_TUNNEL_BUDGET, PROCESS_BUDGET, MemoryBudget
 from .streams import TunnelStream
 from .websocket import FrameSocket
 
@@ -48,6 +57,9 @@ class TunnelConnection:
         on_stream: called with each stream the peer opens (the agent serves them).
         heartbeat_interval: seconds between PINGs.
         dead_after: seconds of silence after which the peer is considered dead.
+        budget: what this tunnel's streams may hold (received, not consumed) before new
+            streams are refused and the biggest holders throttled; by default 512 MiB inside
+            the process's ``budget.PROCESS_BUDGET``.
     """
 
     def __init__(
@@ -60,8 +72,12 @@ class TunnelConnection:
         on_stream: Callable[[TunnelStream], None] | None = None,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         dead_after: float = DEAD_AFTER,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self.budget = budget if budget is not None else MemoryBudget(DEFAULT_TUNNEL_BUDGET, PROCESS_BUDGET)
+        #: Backlog from which a stream is throttled while the budget is spent.
+        self.quarter_window = mux.stream_window // 4
         self.socket = socket
         self.mux = mux
         self.label = label
@@ -88,6 +104,10 @@ class TunnelConnection:
         self._unsent: list[bytes | bytearray | memoryview] | None = None
         self._close_callbacks: list[Callable[[TunnelConnection], object]] = []
         self._done = asyncio.Event()
+        #: The cheap-frame budget (see _check_frame_budget): per second, counted from here.
+        self.cheap_frame_rate = CHEAP_FRAME_RATE
+        self._budget_since = self.loop.time()
+        self._budget_mark = 0
 
     # Lifecycle.
 
@@ -198,6 +218,8 @@ class TunnelConnection:
             raise TunnelClosedError("tunnel is closing")
         if not self.mux.can_open_stream():
             raise TunnelClosedError("too many streams on this tunnel")
+        if self.budget.exhausted:
+            raise TunnelClosedError("this tunnel's memory budget is spent (streams hold unread data)")
         stream_id = self.mux.open_stream(head, end_stream=end_stream)
         stream = TunnelStream(self, stream_id, head, remote_done=False)
         if end_stream:
@@ -239,6 +261,11 @@ class TunnelConnection:
             else:
                 return
         self._flush_wanted.set()
+
+    @property
+    def writing(self) -> bool:
+        """Whether the writer task runs (so that waiting in :meth:`drain` can end)."""
+        return self._writer is not None and not self._writer.done()
 
     async def drain(self) -> None:
         """Wait until queued output falls below the high-water mark."""
@@ -324,13 +351,44 @@ class TunnelConnection:
                 self.close_reason = self.close_reason or "connection closed by peer"
                 return
             self._last_received = self.loop.time()
-            mux.receive_data(message)
-            dispatch(mux.events_received())
-            if mux.closed:
-                await self._flush_before_close()
-                return
-            if mux.pending_bytes:
-                self._flush_wanted.set()
+            # A message is processed FRAMES_PER_TURN frames at a time with the loop let run in
+            # between: one message can hold 400,000 empty frames, and every visitor of every
+            # tunnel (and /_rproxy/health) waits while one is processed.
+            done = mux.receive_data(message, max_frames=FRAMES_PER_TURN)
+            while True:
+                dispatch(mux.events_received())
+                if not mux.closed:
+                    self._check_frame_budget()
+                if mux.closed:
+                    dispatch(mux.events_received())
+                    await self._flush_before_close()
+                    return
+                if mux.pending_bytes:
+                    self._flush_wanted.set()
+                if done:
+                    break
+                await asyncio.sleep(0)
+                done = mux.resume_receiving(FRAMES_PER_TURN)
+
+    def _check_frame_budget(self) -> None:
+        """Cut off a peer sending more cheap frames (PING, WINDOW, empty/tiny DATA ...) than the budget.
+
+        Such frames cost this side a loop iteration each and use little or no credit, so flow
+        control does not slow a flood of them; a real peer sends a few per second, plus one
+        WINDOW per quarter window of data consumed.
+        """
+        mux = self.mux
+        now = self.loop.time()
+        if now - self._budget_since >= 1.0:
+            self._budget_since = now
+            self._budget_mark = mux.cheap_frames_received
+        elif mux.cheap_frames_received - self._budget_mark > self.cheap_frame_rate:
+            mux.fail(
+                RemoteProtocolError(
+                    f"more than {self.cheap_frame_rate} cheap frames (PING, WINDOW, empty or tiny DATA) in a second",
+                    error_code=ErrorCode.EXCESSIVE_LOAD,
+                )
+            )
 
     async def _flush_before_close(self) -> None:
         """The mux ended the connection: let its GOAWAY out, then close the socket."""
@@ -372,15 +430,19 @@ class TunnelConnection:
             elif type(event) is ev.ConnectionTerminated:
                 if event.remote:
                     # The reason is the peer's text: escaped before it can reach a log line.
-                    self.close_reason = f"peer said goodbye: {escaped(event.reason or event.code, 200)}"
+                    self.close_reason = f"peer said goodbye: {printable(event.reason or event.code, 200)}"
                 else:
-                    self.close_reason = f"protocol error by peer: {escaped(event.reason, 200)}"
+                    self.close_reason = f"protocol error by peer: {printable(event.reason, 200)}"
                     _LOGGER.warning("tunnel %s: %s", self.label, self.close_reason)
 
     def _on_stream_opened(self, event: ev.StreamOpened) -> None:
         stream = TunnelStream(self, event.stream_id, event.head, remote_done=event.end_stream)
+        if self.budget.exhausted:
+            self.mux.refuse_stream(event.stream_id, ErrorCode.REFUSED_STREAM, "memory budget spent")
+            return
         if self._on_stream is None:
-            stream.reset(ErrorCode.REFUSED_STREAM, "this side does not accept streams")
+            # As a reply the peer must read: an agent flooding OPENs cannot queue RESETs forever.
+            self.mux.refuse_stream(event.stream_id, ErrorCode.REFUSED_STREAM, "this side does not accept streams")
             return
         self.streams[event.stream_id] = stream
         self._on_stream(stream)

@@ -1,9 +1,13 @@
 """TunnelStream: one stream as awaitable reads and writes (docs/PROTOCOL.md §5).
 
 Received data waits in a per-stream queue that flow control bounds to the stream window:
-credit goes back to the peer only when the application takes a chunk with :meth:`read`, so a
-visitor who stops reading stops the sender of that stream and nothing else. Writes wait for
-credit, and for the connection's output queue to fall below its high-water mark.
+credit goes back to the peer only when the application has *consumed* a chunk, which is when
+it asks for the next one (the bridge's write of that chunk to the visitor has returned, so
+the chunk is no longer held anywhere). A visitor who stops reading thus stops the sender of
+that stream and nothing else, and what the stream holds, queued or in the application's
+hands, never exceeds the window. Everything held is charged to the connection's memory
+budget (see ``budget``). Writes wait for credit, and for the connection's output queue to
+fall below its high-water mark.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from ..exceptions import StreamResetError, TunnelClosedError
 from ..protocol.frames import ErrorCode, Flags, MessageKind
-from ..protocol.heads import RequestHead, ResponseHead
+from ..protocol.heads import KIND_WEBSOCKET, RequestHead, ResponseHead
 
 if TYPE_CHECKING:
     from .connection import TunnelConnection
@@ -46,6 +50,9 @@ class TunnelStream:
         "_read_waiter",
         "_credit_waiter",
         "_local_done",
+        "_queued",
+        "_taken",
+        "_withheld",
         "bytes_received",
         "bytes_sent",
         "on_abandoned",
@@ -63,6 +70,11 @@ class TunnelStream:
         self._read_waiter: asyncio.Future[None] | None = None
         self._credit_waiter: asyncio.Future[None] | None = None
         self._local_done = False
+        #: Bytes queued in _chunks; the last chunk handed out (held until the next read);
+        #: consumed bytes whose credit is not returned yet (throttled while over budget).
+        self._queued = 0
+        self._taken = 0
+        self._withheld = 0
         self.bytes_received = 0
         self.bytes_sent = 0
         #: Called once if the peer resets the stream or the tunnel closes under it (not when
@@ -113,24 +125,38 @@ class TunnelStream:
         if not flags & Flags.MORE:
             return kind, bytes(chunk)
         parts = bytearray(chunk)
-        while flags & Flags.MORE:
-            item = await self._next_chunk()
-            if item is None:
-                raise StreamResetError(ErrorCode.PROTOCOL_ERROR, "stream ended inside a message")
-            chunk, flags = item
-            parts += chunk
-            if len(parts) > max_size:
-                self.reset(ErrorCode.MESSAGE_TOO_BIG, "message too big")
-                raise StreamResetError(ErrorCode.MESSAGE_TOO_BIG, "message too big")
-        return kind, bytes(parts)
+        # The message being assembled is held too: charged to the budget until it is returned.
+        budget = self._conn.budget
+        budget.charge(len(chunk))
+        try:
+            while flags & Flags.MORE:
+                item = await self._next_chunk()
+                if item is None:
+                    raise StreamResetError(ErrorCode.PROTOCOL_ERROR, "stream ended inside a message")
+                chunk, flags = item
+                if len(parts) + len(chunk) > max_size:
+                    self.reset(ErrorCode.MESSAGE_TOO_BIG, "message too big")
+                    raise StreamResetError(ErrorCode.MESSAGE_TOO_BIG, "message too big")
+                parts += chunk
+                budget.charge(len(chunk))
+            return kind, bytes(parts)
+        finally:
+            budget.release(len(parts))
 
     async def _next_chunk(self) -> tuple[memoryview, int] | None:
-        """The next received (payload, flags), or None once the peer ended its half."""
+        """The next received (payload, flags), or None once the peer ended its half.
+
+        Asking for the next chunk is what says the previous one is consumed: its bytes leave
+        the budget and its credit goes back to the peer (unless throttled, see _settle).
+        """
+        self._settle()
         while not self._chunks:
             if self._error is not None:
                 raise self._error
             if self._eof:
                 return None
+            if self._withheld:
+                self._return_credit()  # nothing left queued: never wait with credit held back
             self._read_waiter = self._conn.loop.create_future()
             try:
                 await self._read_waiter
@@ -139,9 +165,31 @@ class TunnelStream:
         if self._error is not None:
             raise self._error
         chunk, flags = self._chunks.popleft()
-        if chunk:
-            self._conn.acknowledge(self.id, len(chunk))
+        size = len(chunk)
+        self._queued -= size
+        self._taken = size
         return chunk, flags
+
+    def _settle(self) -> None:
+        """The chunk handed out last is consumed: release it, and return credit unless throttled."""
+        taken = self._taken
+        if taken:
+            self._taken = 0
+            self._conn.budget.release(taken)
+            self._withheld += taken
+        # Over budget, a stream with a backlog of a quarter window or more gets no credit until
+        # it has read that backlog: the biggest holders stop growing, small moving ones go on.
+        if self._withheld and not (self._queued >= self._conn.quarter_window and self._conn.budget.exhausted):
+            self._return_credit()
+
+    def _return_credit(self) -> None:
+        withheld, self._withheld = self._withheld, 0
+        self._conn.acknowledge(self.id, withheld)
+
+    @property
+    def held(self) -> int:
+        """Bytes received on this stream and not consumed yet (queued, or the chunk in hand)."""
+        return self._queued + self._taken
 
     # Writing.
 
@@ -189,9 +237,31 @@ class TunnelStream:
                 return None
         body = b"".join([chunk for chunk, _ in self._chunks])
         self._chunks.clear()
-        if total:
-            self._conn.acknowledge(self.id, total)
+        self._queued = 0
+        self._conn.budget.release(total)
         return body
+
+    async def wait_for_credit(self) -> int:
+        """Wait until the peer grants credit; return how many bytes may be sent now.
+
+        A relay reads its source only up to this much, so that what it holds beyond the
+        window is never more than one read.
+
+        Raises:
+            StreamResetError: the stream was reset or the tunnel closed.
+        """
+        mux = self._conn.mux
+        while True:
+            self._raise_if_reset()
+            room = mux.send_window(self.id)
+            if room > 0:
+                return min(room, mux.peer_max_frame_size)
+            self._credit_waiter = self._conn.loop.create_future()
+            self._conn.schedule_flush()
+            try:
+                await self._credit_waiter
+            finally:
+                self._credit_waiter = None
 
     async def send_message(self, kind: MessageKind, data: bytes | bytearray | memoryview) -> None:
         """Send one WebSocket message of ``kind`` (split into MORE fragments when needed)."""
@@ -229,6 +299,13 @@ class TunnelStream:
         offset = 0
         while True:
             self._raise_if_reset()
+            # Before queueing a frame, not after: with hundreds of writers each adding one
+            # frame before waiting, the queue (and a new stream's first bytes behind it) would
+            # grow by a frame per writer. Woken writers re-check one by one.
+            while mux.pending_bytes > conn.write_high_water and conn.writing:
+                conn.schedule_flush()
+                await conn.drain()
+                self._raise_if_reset()
             remaining = total - offset
             size = min(mux.send_window(self.id), remaining, mux.peer_max_frame_size)
             if size <= 0 and remaining:
@@ -249,8 +326,6 @@ class TunnelStream:
         if end_stream:
             self._end_local()
         conn.schedule_flush()
-        if mux.pending_bytes > conn.write_high_water:
-            await conn.drain()
 
     def _raise_if_reset(self) -> None:
         if self._error is not None:
@@ -272,10 +347,21 @@ class TunnelStream:
             self._on_end()
 
     def _on_data(self, data: memoryview, flags: int) -> None:
+        if not data and self.head.kind != KIND_WEBSOCKET:
+            # An empty frame means nothing in a body; queued, a flood of them would make the
+            # reader spin through them without ever yielding to the loop.
+            return
+        size = len(data)
+        if size and size < len(data.obj) // 4:  # type: ignore[arg-type]
+            # A small piece of a big tunnel message: a view would keep the whole message (up
+            # to 4 MiB) alive for as long as this chunk waits, so it gets its own copy.
+            data = memoryview(bytes(data))
         if self._chunks is _NO_CHUNKS:
             self._chunks = deque()
         self._chunks.append((data, flags))
-        self.bytes_received += len(data)
+        self._queued += size
+        self._conn.budget.charge(size)
+        self.bytes_received += size
         waiter = self._read_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -288,6 +374,19 @@ class TunnelStream:
         if self._local_done:
             self._conn.forget(self.id)
 
+    def __del__(self) -> None:
+        # Chunks may still be read after both halves ended (and the stream left the table);
+        # one its reader abandons unread leaves the budget with the stream object.
+        if self._queued or self._taken:
+            self._release_held()
+
+    def _release_held(self) -> None:
+        """The stream is over: whatever it still held leaves the budget."""
+        held = self._queued + self._taken
+        self._queued = self._taken = self._withheld = 0
+        if held:
+            self._conn.budget.release(held)
+
     def _on_credit(self) -> None:
         waiter = self._credit_waiter
         if waiter is not None and not waiter.done():
@@ -298,6 +397,7 @@ class TunnelStream:
         if first:
             self._error = error
         self._chunks.clear()
+        self._release_held()
         if not self._reply.done():
             self._reply.set_exception(error)
             self._reply.exception()  # retrieved here: nobody may ever await the reply

@@ -288,6 +288,38 @@ async def test_user_empty_token_uses_known_bridge_token(
     await _wait_loaded(hass, result["result"].entry_id)
 
 
+async def test_user_password_in_the_bridge_url_is_stored_as_the_token(
+    hass: HomeAssistant, bridge: Bridge, lan_zeroconf: HaAsyncZeroconf
+) -> None:
+    """node-rproxy's form, ``ws://user:password@host``, against a bridge started as ``rproxy
+    bridge PORT agent:pw-123``: the flow connects with ``agent:pw-123``, stores it as the token
+    and keeps the URL without it."""
+    await bridge.set_tokens([TOKEN, "agent:pw-123"])
+    url = bridge.url.replace("http://", "ws://agent:pw-123@")
+    result = await _start_user(hass)
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], {"bridge_url": url, "tunnel_name": "home"})
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "target", result["errors"]
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], {"target": "homeassistant"})
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["data"]["token"] == "agent:pw-123"
+    assert "pw-123" not in result["data"]["bridge_url"]
+    assert result["data"]["bridge_url"] == bridge.url.replace("http://", "ws://")
+    await _wait_loaded(hass, result["result"].entry_id)
+
+
+async def test_user_password_in_the_url_and_a_token_is_token_twice(hass: HomeAssistant, bridge: Bridge) -> None:
+    """Two credentials, one in the URL and one typed: an error on the token, and the URL shown
+    again without its password."""
+    result = await _start_user(hass)
+    result = await _bridge_step(hass, result["flow_id"], bridge.url.replace("http://", "http://agent:pw-123@"))
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {"token": "token_twice"}
+    assert _defaults(result)["bridge_url"] == bridge.url
+    assert "pw-123" not in repr(result)
+    assert not bridge.registry.names()
+
+
 # Two tunnels of this Home Assistant must not share a name on one bridge: the bridge takes
 # agents of one name for copies of one app and would deal visitors out between two targets.
 async def test_user_refuses_tunnel_name_in_use(
@@ -838,6 +870,30 @@ async def test_reauth_cannot_connect(hass: HomeAssistant, socket_enabled: None) 
 # Reconfigure.
 
 
+async def test_reconfigure_to_a_password_in_the_url(hass: HomeAssistant, bridge: Bridge, home_app: HomeApp) -> None:
+    """Reconfigure takes ``ws://user:password@host`` too: the password becomes the token; a
+    typed token beside it is token_twice; a password without a user is invalid_url."""
+    entry = await setup_tunnel(hass, bridge.url, home_app.url)
+    await bridge.set_tokens([TOKEN, "agent:pw-123"])
+    result = await entry.start_reconfigure_flow(hass)
+    flow_id = result["flow_id"]
+    with_password = bridge.url.replace("http://", "ws://agent:pw-123@")
+    for typed, errors in (
+        ({"bridge_url": with_password, "token": TOKEN}, {"token": "token_twice"}),
+        ({"bridge_url": bridge.url.replace("http://", "ws://:pw-123@")}, {"bridge_url": "invalid_url"}),
+    ):
+        result = await hass.config_entries.flow.async_configure(flow_id, {"tunnel_name": "home", **typed})
+        assert result["type"] is FlowResultType.FORM
+        assert result["errors"] == errors
+        assert "pw-123" not in repr(_defaults(result)) or errors == {"bridge_url": "invalid_url"}
+    result = await hass.config_entries.flow.async_configure(flow_id, {"bridge_url": with_password, "tunnel_name": "home"})
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "reconfigure_successful"
+    assert entry.data["token"] == "agent:pw-123"
+    assert entry.data["bridge_url"] == bridge.url.replace("http://", "ws://")
+    await _wait_loaded(hass, entry.entry_id)
+
+
 async def test_reconfigure(hass: HomeAssistant, bridge: Bridge, home_app: HomeApp) -> None:
     entry = await setup_tunnel(hass, bridge.url, home_app.url)
     await wait_for(lambda: bridge.registry.tunnels() == {"home": 1}, what="the tunnel to be up")
@@ -1116,11 +1172,12 @@ def _flow_keys() -> dict[str, set[str]]:
                 for value in node.value.values:
                     assert isinstance(value, ast.Constant)
                     keys[f"{where}:error"].add(value.value)
-            # {field: "key"} returned as errors (probe_bridge)
-            if isinstance(node, ast.Return) and isinstance(node.value, ast.Tuple) and isinstance(node.value.elts[0], ast.Dict):
-                for value in node.value.elts[0].values:
-                    assert isinstance(value, ast.Constant)
-                    keys[f"{where}:error"].add(value.value)
+            # {field: "key"} returned as errors (probe_bridge, credential_from_url)
+            if isinstance(node, ast.Return) and isinstance(node.value, ast.Tuple):
+                for element in node.value.elts:
+                    for value in element.values if isinstance(element, ast.Dict) else []:
+                        assert isinstance(value, ast.Constant)
+                        keys[f"{where}:error"].add(value.value)
             # async_abort(reason="key")
             if isinstance(node, ast.Call):
                 for keyword in node.keywords:
@@ -1157,6 +1214,7 @@ def test_flow_keys_found() -> None:
             "invalid_url",
             "invalid_name",
             "invalid_token",
+            "token_twice",
             "invalid_auth",
             "cannot_connect",
             "cannot_connect_target",

@@ -10,7 +10,7 @@ import contextlib
 
 import aiohttp
 from aiohttp import web
-from playwright.async_api import ConsoleMessage, async_playwright, expect
+from playwright.async_api import ConsoleMessage, Page, async_playwright, expect
 
 from tests.conftest import running_agent, running_bridge, start_app, wait_for_tunnel
 
@@ -72,6 +72,7 @@ async def test_the_status_page_lists_the_tunnel_and_its_chart_moves_with_traffic
                 await expect(tunnel).to_be_visible(timeout=10_000)
                 await expect(tunnel.locator("tr.agent")).to_contain_text("pi@garden")
                 await expect(tunnel.locator("tr.agent")).to_contain_text("127.0.0.1")
+                await _fits_sideways(page, 390)
                 await expect(page.locator("#chart")).to_have_attribute("data-points", "2", timeout=10_000)
                 quiet = await page.eval_on_selector("#chart", "c => c.toDataURL()")
                 assert await page.get_attribute("#chart", "data-peak") == "0.00"
@@ -99,6 +100,27 @@ async def test_the_status_page_lists_the_tunnel_and_its_chart_moves_with_traffic
     finally:
         await runner.cleanup()
     assert problems == [], problems
+
+
+async def _fits_sideways(page: Page, width: int) -> None:
+    """Nothing on the page is wider than the screen or cut by a scroll box: every cell of the
+    agent table, its "streams" column too, is on screen (a phone, 390 px)."""
+    overflow = await page.evaluate(
+        """(width) => {
+            const wide = [];
+            if (document.documentElement.scrollWidth > width) wide.push("page " + document.documentElement.scrollWidth);
+            for (const box of document.querySelectorAll(".scroll")) {
+                if (box.scrollWidth > box.clientWidth) wide.push("scroll box " + box.scrollWidth + " > " + box.clientWidth);
+            }
+            for (const cell of document.querySelectorAll("td, th")) {
+                const r = cell.getBoundingClientRect();
+                if (r.width && (r.right > width || r.left < 0)) wide.push(cell.textContent + " at " + r.left + "-" + r.right);
+            }
+            return wide;
+        }""",
+        width,
+    )
+    assert overflow == [], overflow
 
 
 async def test_the_status_page_does_not_exist_without_an_admin_token() -> None:

@@ -301,7 +301,7 @@ def test_an_agent_needs_exactly_one_of_token_and_key(tmp_path: Path) -> None:
     key_file, _ = keygen(tmp_path, "agent.key")
     common = ("agent", "--bridge", "http://127.0.0.1:1", "--target", "http://127.0.0.1:2")
     both = rproxy(*common, "--key", str(key_file), "--token", "t" * 24)
-    assert both.returncode == 2 and "--token and --key: give one of them" in one_error_line(both)
+    assert both.returncode == 2 and "--token and --key: two credentials; give one of them" in one_error_line(both)
     unreadable = tmp_path / "not-a-key"
     unreadable.write_text("hello\n")
     os.chmod(unreadable, 0o600)

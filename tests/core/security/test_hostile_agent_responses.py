@@ -1,153 +1,176 @@
-"""A hostile agent cannot make the bridge write anything but well-formed responses.
+"""A malicious agent cannot write onto a visitor's connection: responses are serialized.
 
-The agent here is our own small one (hostile_agent.py) speaking the tunnel protocol to a real
-bridge; the visitor is a raw socket on a keep-alive connection that sends its next request
-right behind the first. If a reply's bytes ever leak past the end of its response (a body
-after a 204, more than Content-Length), the visitor reads them as the answer to its *next*
-request: that is the desync this file guards against.
+Issue 15, finding 1: for HEAD, 1xx, 204 and 304 the bridge used to write whatever body bytes
+the agent sent straight onto the visitor's connection, so a "body" holding a whole response
+became the answer to the visitor's *next* request on that keep-alive connection (and behind a
+proxy with upstream keep-alive, another tunnel's visitor's). Here a fake agent of our own
+(tests/core/security/tunnel_peers.py, the wire protocol of docs/PROTOCOL.md over a real
+WebSocket) answers a real bridge with each lie; a raw-socket visitor then asks again on the
+same connection and must get its own answer, or a closed connection, never the smuggled one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import pytest
 
+from rproxy_core.protocol.frames import Flags, FrameType
 from tests.conftest import running_bridge
+from tests.core.security.tunnel_peers import RawAgent, frame, raw_agent, reply
 
-from tests.core.security.hostile_agent import GOAWAY, code_and_reason, data, frame, hostile_agent, reply, until
-
-#: A complete response disguised as body bytes: if a visitor ever reads it, the desync worked.
-SMUGGLED = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nSet-Cookie: stolen=1\r\n\r\nSMUGGLED"
-SECOND = b"second-answer"
-
-
-def answers(first: Any) -> Any:
-    """The hostile agent's behaviour: ``first(stream)`` for /first, an honest answer for /second."""
-
-    def answer(stream: int, head: dict[str, Any]) -> bytes:
-        if head["t"] == "/first":
-            return first(stream)  # type: ignore[no-any-return]
-        return reply(stream, 200, [["Content-Length", str(len(SECOND))]]) + data(stream, SECOND, fin=True)
-
-    return answer
+#: What the agent hides in a body: if a visitor ever reads it, the attack worked.
+SMUGGLED = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nSet-Cookie: stolen=1\r\n\r\nsmuggled!"
+SECOND = b"second answer\n"
 
 
-async def keep_alive_pair(port: int, method: str = "GET", timeout: float = 10) -> bytes:
-    """Two requests pipelined on one keep-alive connection; everything the bridge sent back, to EOF."""
-    request = (
-        f"{method} /first HTTP/1.1\r\nHost: home.test\r\n\r\n"
-        "GET /second HTTP/1.1\r\nHost: home.test\r\nConnection: close\r\n\r\n"
-    ).encode()
-    async with asyncio.timeout(timeout):
+@dataclass
+class Lie:
+    method: str
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+LIES = {
+    "HEAD-with-body": Lie("HEAD", 200, [("Content-Length", str(len(SMUGGLED)))], SMUGGLED),
+    "204-with-body": Lie("GET", 204, [], SMUGGLED),
+    "304-with-body": Lie("GET", 304, [("ETag", '"x"')], SMUGGLED),
+    "100-as-final": Lie("GET", 100, [], SMUGGLED),
+    "103-as-final": Lie("GET", 103, [("Link", "</a.css>; rel=preload")], SMUGGLED),
+    "longer-than-length": Lie("GET", 200, [("Content-Length", "5")], b"hello" + SMUGGLED),
+    "shorter-than-length": Lie("GET", 200, [("Content-Length", "500")], b"hello"),
+    "two-lengths": Lie("GET", 200, [("Content-Length", "5"), ("Content-Length", "79")], b"hello" + SMUGGLED),
+    "bad-length": Lie("GET", 200, [("Content-Length", "+5")], b"hello" + SMUGGLED),
+}
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    complete: bool
+
+
+def parse_answers(data: bytes, first_bodiless: bool) -> list[Answer]:
+    """Split what the visitor read into responses, the way an HTTP/1.1 client frames them."""
+    answers = []
+    while data:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        if not sep:
+            answers.append(Answer(0, {}, data, False))
+            break
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        bodiless = (first_bodiless and not answers) or status in (204, 304) or status < 200
+        length = 0 if bodiless else int(headers.get("content-length", "0"))
+        answers.append(Answer(status, headers, rest[:length], len(rest) >= length))
+        data = rest[length:]
+    return answers
+
+
+async def _answer_second(agent: RawAgent) -> None:
+    """If the bridge relays the visitor's second request, answer it honestly."""
+    sid, head = await agent.next_open(timeout=10)
+    assert head.target == "/second"
+    await agent.send(reply(sid, 200, [("Content-Length", str(len(SECOND)))]), frame(FrameType.DATA, sid, SECOND, Flags.FIN))
+
+
+async def _read_to_end(reader: asyncio.StreamReader, timeout: float = 10) -> bytes:
+    data = b""
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await reader.read(65536):
+                data += chunk
+    except (TimeoutError, ConnectionError):
+        pass
+    return data
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["with-head", "after-head"])
+@pytest.mark.parametrize("lie", list(LIES.values()), ids=list(LIES))
+async def test_agent_bytes_never_become_the_next_response(lie: Lie, split: bool, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "rproxy.bridge")
+    async with running_bridge() as bridge, raw_agent(bridge, "home") as agent:
+        port = urlsplit(bridge.url).port
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            writer.write(request)
-            await writer.drain()
-            return await reader.read()
+            writer.write(f"{lie.method} /first HTTP/1.1\r\nHost: home\r\n\r\n".encode())
+            sid, _ = await agent.next_open()
+            if split:
+                # The body as a frame of its own, after the head (the bridge's streaming path).
+                await agent.send(reply(sid, lie.status, lie.headers))
+                await asyncio.sleep(0)
+                await agent.send(frame(FrameType.DATA, sid, lie.body, Flags.FIN))
+            else:
+                await agent.send(reply(sid, lie.status, lie.headers) + frame(FrameType.DATA, sid, lie.body, Flags.FIN))
+            # The visitor asks again on the same keep-alive connection.
+            writer.write(b"GET /second HTTP/1.1\r\nHost: home\r\nConnection: close\r\n\r\n")
+            second = asyncio.create_task(_answer_second(agent))
+            data = await _read_to_end(reader)
+            second.cancel()
         finally:
             writer.close()
+    assert b"smuggled" not in data and b"stolen" not in data, data
+    answers = parse_answers(data, lie.method == "HEAD")
+    assert answers, "the visitor got no answer at all"
+    first, later = answers[0], answers[1:]
+    # Every lie ends the connection: nothing after the first answer, so nothing of the
+    # agent's can be read as the answer to the second request.
+    assert later == [], answers
+    if lie.body == SMUGGLED or lie.status < 200 or "+5" in str(lie.headers) or len(lie.headers) > 1:
+        # Found out before a byte was written: the visitor is told plainly.
+        assert first.status == 502, answers
+    else:
+        assert first.status in (200, 502) and (first.status == 502 or not first.complete or len(first.body) == 5), answers
+    # The bridge said why, on one line of its own.
+    warnings = [r.getMessage() for r in caplog.records if r.name == "rproxy.bridge" and r.levelno >= logging.WARNING]
+    assert any("agent" in m for m in warnings), warnings
+    assert all("\n" not in m and "\r" not in m for m in warnings), warnings
 
 
-def responses(received: bytes) -> list[bytes]:
-    """The status lines in what a visitor received (each response starts with one)."""
-    return [line for line in received.split(b"\r\n") if line.startswith(b"HTTP/1.")]
-
-
-BODYLESS = {
-    # (visitor's method, status the agent answers /first with)
-    "head": ("HEAD", 200),
-    "204": ("GET", 204),
-    "304": ("GET", 304),
-    "100": ("GET", 100),
-    "103": ("GET", 103),
+#: Response heads no HTTP/1.1 message may carry: each would let the agent write a header
+#: (or a response) of its own choosing.
+BAD_HEADS = {
+    "crlf-in-value": b'{"s":200,"r":"","h":[["X-A","b\\r\\nSet-Cookie: stolen=1"]]}',
+    "lf-in-value": b'{"s":200,"r":"","h":[["X-A","b\\nSet-Cookie: stolen=1"]]}',
+    "nul-in-value": b'{"s":200,"r":"","h":[["X-A","b\\u0000stolen"]]}',
+    "space-in-name": b'{"s":200,"r":"","h":[["Set-Cookie: stolen=1\\r\\nX","v"]]}',
+    "colon-in-name": b'{"s":200,"r":"","h":[["X:stolen","v"]]}',
+    "crlf-in-reason": b'{"s":200,"r":"OK\\r\\nSet-Cookie: stolen=1","h":[]}',
+    "esc-in-reason": b'{"s":200,"r":"OK\\u001b[2Jstolen","h":[]}',
+    "bad-subprotocol-not-websocket": b'{"s":200,"r":"","h":[["Content-Length","0"],["Bad Name","v"]]}',
 }
 
 
-@pytest.mark.parametrize(("method", "status"), list(BODYLESS.values()), ids=list(BODYLESS))
-async def test_a_body_where_none_may_be_is_never_written_and_cannot_desync_the_connection(
-    method: str, status: int, caplog: pytest.LogCaptureFixture
-) -> None:
-    # No FIN after the smuggled bytes: the stream stays open, so the bridge's RESET shows.
-    answer = answers(lambda s: reply(s, status, [["Content-Length", str(len(SMUGGLED))]]) + data(s, SMUGGLED))
-    async with running_bridge() as bridge, hostile_agent(bridge.url, answer) as agent:
-        assert bridge.port is not None
-        with caplog.at_level(logging.WARNING, "rproxy"):
-            received = await keep_alive_pair(bridge.port, method)
-        assert SMUGGLED not in received and b"stolen" not in received and b"SMUGGLED" not in received, received
-        statuses = responses(received)
-        # The first answer is the reply's head (or a 502 for a 1xx), and the second request,
-        # if this connection was kept at all, gets its own answer.
-        assert statuses, received
-        assert not statuses[0].startswith(b"HTTP/1.1 200") or method == "HEAD", received
-        assert len(statuses) == 1 or received.endswith(SECOND), received
-        code, reason = await agent.wait_reset(agent.stream_for("/first"))
-        assert code == 0x01 and ("body" in reason or "unrelayable" in reason), (code, reason)
-        logged = [r.getMessage() for r in caplog.records if "stream reset" in r.getMessage()]
-        assert len(logged) == 1, logged
-
-
-async def test_a_body_longer_than_its_content_length_is_cut_and_the_connection_closed() -> None:
-    answer = answers(lambda s: reply(s, 200, [["Content-Length", "5"]]) + data(s, b"hello" + SMUGGLED))
-    async with running_bridge() as bridge, hostile_agent(bridge.url, answer) as agent:
-        assert bridge.port is not None
-        received = await keep_alive_pair(bridge.port)
-        assert b"SMUGGLED" not in received
-        assert received.endswith(b"\r\n\r\nhello"), received
-        assert (await agent.wait_reset(agent.stream_for("/first")))[0] == 0x01
-
-
-async def test_a_body_shorter_than_its_content_length_closes_the_connection() -> None:
-    # The agent promises 100 bytes and ends after 5: had the bridge kept the connection, the
-    # visitor would take the second answer's bytes as the rest of the first body.
-    answer = answers(lambda s: reply(s, 200, [["Content-Length", "100"]]) + data(s, b"short", fin=True))
-    async with running_bridge() as bridge, hostile_agent(bridge.url, answer):
-        assert bridge.port is not None
-        received = await keep_alive_pair(bridge.port)
-        assert received.endswith(b"\r\n\r\nshort"), received
-        assert len(responses(received)) == 1, received
-
-
-HEADS = {
-    "crlf-in-value": reply(1, 200, [["X-Evil", "a\r\nSet-Cookie: pwned=1"]], fin=True),
-    "lf-in-value": reply(1, 200, [["X-Evil", "a\nSet-Cookie: pwned=1"]], fin=True),
-    "nul-in-value": reply(1, 200, [["X-Evil", "a\x00pwned"]], fin=True),
-    "colon-in-name": reply(1, 200, [["Set-Cookie: pwned=1\r\nX", "y"]], fin=True),
-    "space-in-name": reply(1, 200, [["X Evil", "pwned"]], fin=True),
-    "crlf-in-reason": reply(1, 200, [], reason="OK\r\nSet-Cookie: pwned=1", fin=True),
-    "two-lengths": reply(1, 200, [["Content-Length", "1"], ["Content-Length", "2"]], fin=True),
-    "bad-length": reply(1, 200, [["Content-Length", "+5"]], fin=True),
-}
-
-
-@pytest.mark.parametrize("head", list(HEADS.values()), ids=list(HEADS))
-async def test_a_reply_head_that_could_split_the_response_gets_502_and_an_access_line(
-    head: bytes, caplog: pytest.LogCaptureFixture
-) -> None:
-    async with running_bridge(access_log=True) as bridge, hostile_agent(bridge.url, lambda s, h: head):
-        assert bridge.port is not None
-        with caplog.at_level(logging.INFO, "rproxy"):
-            async with asyncio.timeout(10):
-                reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
-                writer.write(b"GET /x HTTP/1.1\r\nHost: home.test\r\nConnection: close\r\n\r\n")
-                received = await reader.read()
-                writer.close()
-        assert received.startswith(b"HTTP/1.1 502 "), received
-        assert b"pwned" not in received
-        access = [r.getMessage() for r in caplog.records if r.name == "rproxy.access"]
-        assert len(access) == 1 and " 502 " in access[0], access
-
-
-async def test_a_goaway_reason_is_logged_escaped(caplog: pytest.LogCaptureFixture) -> None:
-    forged = "bye\nrproxy.bridge WARNING: admin logged in\x1b[2J\x1b]0;owned\x07"
-    async with running_bridge() as bridge, hostile_agent(bridge.url, lambda s, h: b"") as agent:
-        with caplog.at_level(logging.INFO, "rproxy"):
-            await agent.send(frame(GOAWAY, 0, code_and_reason(0, forged)))
-            await until(lambda: not bridge.registry.tunnels())
-            await until(lambda: any("goodbye" in r.getMessage() for r in caplog.records))
-    messages = [r.getMessage() for r in caplog.records]
-    assert any("admin logged in" in m for m in messages)
-    for message in messages:
-        assert "\n" not in message and "\x1b" not in message and "\x07" not in message, message
+@pytest.mark.parametrize("head", list(BAD_HEADS.values()), ids=list(BAD_HEADS))
+async def test_invalid_response_heads_get_502_and_one_line(head: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "rproxy.bridge")
+    async with running_bridge() as bridge, raw_agent(bridge, "home") as agent:
+        port = urlsplit(bridge.url).port
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /first HTTP/1.1\r\nHost: home\r\nConnection: close\r\n\r\n")
+            sid, _ = await agent.next_open()
+            await agent.send(frame(FrameType.REPLY, sid, head, Flags.FIN))
+            data = await _read_to_end(reader)
+        finally:
+            writer.close()
+        assert data.startswith(b"HTTP/1.1 502 "), data
+        assert b"stolen" not in data, data
+        # The tunnel itself is unharmed: the next visitor is served.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /second HTTP/1.1\r\nHost: home\r\nConnection: close\r\n\r\n")
+            await _answer_second(agent)
+            assert (await _read_to_end(reader)).endswith(SECOND)
+        finally:
+            writer.close()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "rproxy.bridge" and r.levelno >= logging.WARNING]
+    assert len([m for m in warnings if "invalid answer" in m]) == 1, warnings
+    assert all("\n" not in m and "\r" not in m and "\x1b" not in m for m in warnings), warnings

@@ -432,6 +432,9 @@ def test_limit_settings_come_from_flags_environment_and_file_with_sizes_in_k_and
         (["--header-timeout", "0"], {}, "--header-timeout"),
         (["--idle-timeout", "soon"], {}, "--idle-timeout"),
         (["--max-pending-handshakes", "1.5"], {}, "--max-pending-handshakes"),
+        (["--max-websockets-per-visitor", "0"], {}, "--max-websockets-per-visitor"),
+        ([], {"RPROXY_MAX_REQUESTS_PER_VISITOR": "many"}, "$RPROXY_MAX_REQUESTS_PER_VISITOR"),
+        (["--max-pending-handshakes-per-credential", "-1"], {}, "--max-pending-handshakes-per-credential"),
     ],
 )
 def test_a_bad_limit_is_one_line_naming_its_flag_and_exit_code_2(argv: list[str], env: dict[str, str], named: str) -> None:
@@ -444,6 +447,8 @@ def test_every_limit_is_restart_only_on_reload() -> None:
     """A SIGHUP does not apply them (the server was built with them): the reload must say so."""
     from rproxy_core.cli import bridge as bridge_cli
 
-    for key in ("max_body_size", "header_timeout", "idle_timeout", "max_streams_per_tunnel", "max_pending_handshakes"):
+    for key in ("max_body_size", "header_timeout", "idle_timeout", "max_streams_per_tunnel", "max_pending_handshakes",
+                "max_pending_handshakes_per_source", "max_pending_handshakes_per_credential",
+                "max_requests_per_visitor", "max_websockets_per_visitor"):
         assert key in bridge_cli._RESTART_ONLY
         assert key in bridge_cli.BRIDGE_FLAGS and key in bridge_cli.BRIDGE_ENV

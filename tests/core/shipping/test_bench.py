@@ -89,3 +89,19 @@ def test_a_bad_flag_is_one_line_naming_it_and_exit_2() -> None:
     result = run_bench("--rounds", "0", timeout=280)
     assert result.returncode == 2
     assert result.stderr.strip() == "bench: error: --rounds must be at least 1, not 0"
+
+
+def test_abuse_smoke_run_measures_every_attack(tmp_path: Path) -> None:
+    """scripts/bench abuse --smoke: each attack ran against real processes, with RSS and probe figures."""
+    out = tmp_path / "results"
+    result = run_bench("abuse", "--smoke", "--out", str(out), "--work", str(tmp_path / "work"), timeout=200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data: dict[str, Any] = json.loads((out / "abuse-latest.json").read_text())
+    assert [r["attack"] for r in data["results"]] == ["stalled", "bigws", "idlews", "pingflood"]
+    for r in data["results"]:
+        for role in ("bridge", "agent"):
+            rss = r["rss_mib"][role]
+            assert 0 < rss["before"] <= rss["peak"], (r["attack"], role, rss)
+        assert r["probe"]["count"] > 0 and r["probe"]["p50_ms"] is not None, r
+    assert data["command"].startswith("scripts/bench abuse --smoke")
+    assert "| stalled |" in result.stdout

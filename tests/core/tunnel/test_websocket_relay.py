@@ -120,7 +120,12 @@ async def test_text_and_binary_messages_echo_through_the_tunnel(tunnel: Tunnel, 
 
 
 async def test_a_five_megabyte_binary_message_arrives_intact(tunnel: Tunnel, http: aiohttp.ClientSession) -> None:
-    """A 5 MB message, fragmented over several tunnel frames, is reassembled byte for byte."""
+    """A 5 MB message, fragmented over several tunnel frames, is reassembled byte for byte.
+
+    Visitors may send at most max_websocket_message (1 MiB by default); raised here so the
+    same message crosses both ways.
+    """
+    tunnel.bridge.config.max_websocket_message = 16 << 20
     payload = os.urandom(5 << 20)
     async with asyncio.timeout(60), http.ws_connect(tunnel.ws_url("/ws"), max_msg_size=16 << 20) as ws:
         await ws.send_bytes(payload)
