@@ -3,7 +3,7 @@
 For each attack a fresh ``rproxy bridge`` and ``rproxy agent`` (real processes) serve a home app
 (another process, ``--home``); the attack runs for at most ``--seconds`` while the RSS of bridge
 and agent is sampled and a probe request (``GET /small`` through the tunnel) is timed every
-quarter second. Reported per attack: RSS before, peak during and settled after (MiB), and the
+quarter second from another address (127.0.0.2). Reported per attack: RSS before, peak during and settled after (MiB), and the
 probe's median and worst latency with the number of probes that failed or took over 5 s.
 
 Attacks (each bounded in time):
@@ -200,7 +200,10 @@ async def pingflood(base: str, stop: asyncio.Event, token: str) -> dict[str, Any
 
 
 async def probe(base: str, stop: asyncio.Event, latencies: list[float], failures: list[str]) -> None:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+    # From another loopback address than the attack: the bridge caps what one address may have
+    # in flight, and the probe stands for another visitor.
+    connector = aiohttp.TCPConnector(force_close=True, local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=connector) as session:
         while not stop.is_set():
             started = time.monotonic()
             try:
