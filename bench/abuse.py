@@ -109,7 +109,7 @@ async def stalled(base: str, stop: asyncio.Event, count: int) -> dict[str, Any]:
 
 async def bigws(base: str, stop: asyncio.Event, count: int) -> dict[str, Any]:
     outcomes: dict[str, int] = {}
-    message = b"\0" * (16 << 20)
+    message = b"\0" * ((16 << 20) - 4096)  # just under the old 16 MiB limit
 
     async def one(session: aiohttp.ClientSession) -> None:
         try:
@@ -268,7 +268,8 @@ class Pair:
         return f"http://127.0.0.1:{self.port}"
 
     def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "rproxy_core", *args]
+        # -P: not the working directory first on sys.path, so PYTHONPATH picks the checkout.
+        return [sys.executable, "-P", "-m", "rproxy_core", *args]
 
     def env(self, **extra: str) -> dict[str, str]:
         return {"PYTHONPATH": str(self.src), **extra}

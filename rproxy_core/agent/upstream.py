@@ -21,8 +21,8 @@ from yarl import URL
 from ..const import MAX_WEBSOCKET_MESSAGE, TARGET_CONNECT_TIMEOUT
 from ..exceptions import StreamResetError
 from ..headers import WEBSOCKET_HOP_HEADERS, strip_hop_by_hop
-from ..protocol.frames import ErrorCode, MessageKind, decode_code, encode_code, sendable_close_code
-from ..protocol.heads import KIND_WEBSOCKET, ResponseHead
+from ..protocol.frames import ErrorCode, MessageKind, decode_code, encode_code, sendable_close_code, sendable_close_reason
+from ..protocol.heads import KIND_WEBSOCKET, ResponseHead, is_token
 from ..protocol.mux import DEFAULT_MAX_STREAMS
 from ..transport import TunnelStream
 from .inprocess import VISITOR_ADDRESS
@@ -76,7 +76,10 @@ def create_upstream_session(limit: int = DEFAULT_MAX_STREAMS) -> aiohttp.ClientS
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         trust_env=False,
-        read_bufsize=256 << 10,
+        # What the agent reads ahead of a visitor: the response reader pauses the home app's
+        # socket at twice this, so a visitor who stops reading leaves at most ~0.5 MiB here
+        # (beside the window in flight), for reads big enough that bulk transfers cost few frames.
+        read_bufsize=128 << 10,
     )
 
 
@@ -218,7 +221,10 @@ class Upstream:
             # Only a WebSocket upgrade can get here (plain requests never follow redirects):
             # the visitor gets the redirect itself, to follow or not.
             response = refused.response
-            stream.send_reply(ResponseHead(response.status, response.reason or "", strip_hop_by_hop(response.headers.items())), end_stream=True)
+            # Its body is not relayed, so neither is its length: the bridge holds a head to
+            # the body that actually follows it.
+            headers = [(k, v) for k, v in strip_hop_by_hop(response.headers.items()) if k.lower() != "content-length"]
+            stream.send_reply(ResponseHead(response.status, response.reason or "", headers), end_stream=True)
         except Exception:  # a bug, or an embedding's session failing in its own way
             # Logged once with its traceback for whoever runs the agent; the visitor gets a
             # prompt 502 rather than waiting out the bridge's timeout.
@@ -309,6 +315,11 @@ class Upstream:
             for p in v.split(",")
             if p.strip()
         ]
+        if not all(is_token(p) for p in offered):
+            # Subprotocols are tokens (RFC 6455 §4.1); anything else would go into the home
+            # app's handshake as the bridge wrote it.
+            stream.reset(ErrorCode.REQUEST_REJECTED, "subprotocol is not a token")
+            return
         try:
             ws = await self._upgrade_session().ws_connect(
                 url,
@@ -415,5 +426,5 @@ async def _pump_to_target(stream: TunnelStream, ws: aiohttp.ClientWebSocketRespo
             await ws.pong(data)
         elif kind is MessageKind.CLOSE:
             code, reason = decode_code(data) if len(data) >= 2 else (1000, "")
-            await ws.close(code=sendable_close_code(code), message=reason.encode())
+            await ws.close(code=sendable_close_code(code), message=sendable_close_reason(reason))
             return

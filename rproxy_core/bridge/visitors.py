@@ -22,8 +22,9 @@ from aiohttp import WSMsgType, hdrs, web
 from ..const import BUSY_RETRY_AFTER, MAX_WEBSOCKET_MESSAGE
 from ..exceptions import NoAgentError, StreamResetError
 from ..headers import WEBSOCKET_HOP_HEADERS, strip_hop_by_hop
-from ..protocol.frames import ErrorCode, MessageKind, decode_code, encode_code, sendable_close_code
-from ..protocol.heads import KIND_HTTP, KIND_WEBSOCKET, RequestHead, ResponseHead
+from ..logsafe import printable
+from ..protocol.frames import ErrorCode, MessageKind, decode_code, encode_code, sendable_close_code, sendable_close_reason
+from ..protocol.heads import KIND_HTTP, KIND_WEBSOCKET, RequestHead, ResponseHead, is_token
 from ..transport import TunnelStream
 from .pages import error_response
 from .registry import NoServiceError, TunnelBusyError
@@ -41,6 +42,9 @@ _LOGGER = logging.getLogger("rproxy.bridge")
 
 #: Visitor-supplied fields the bridge replaces with its own view of the connection.
 _FORWARDING_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"})
+
+#: Seconds a visitor may take to accept one chunk of a response before it is cut off.
+VISITOR_SEND_TIMEOUT = 60.0
 
 #: Messages relayed in a row before the loop gets a turn (see _pump_visitor_messages).
 MESSAGES_PER_TURN = 64
@@ -202,6 +206,11 @@ class VisitorHandler:
         except StreamResetError as err:
             if str(err) == _BODY_TOO_LARGE:
                 return log.done(_body_too_large(request, self._bridge.config.max_body_size or 0))
+            if err.code == ErrorCode.PROTOCOL_ERROR:
+                # Most often the agent's response head failed validation (protocol/heads.py).
+                _LOGGER.warning("tunnel %s, request %s: invalid answer from the agent, stream reset: %s",
+                                printable(log.tunnel or "-"), log.request_id, printable(err))
+                log.note = "agent error: invalid response head"
             status, message = _STATUS_FOR_RESET.get(err.code, (502, "the tunnel dropped the request"))  # type: ignore[call-overload]
             return log.done(error_response(request, status, message))
 
@@ -223,40 +232,123 @@ class VisitorHandler:
                     await upload
 
     async def _send_response(self, request: web.Request, stream: TunnelStream, head: ResponseHead, log: _Access) -> web.StreamResponse:
-        framed = any(name.lower() == "content-length" for name, _ in head.headers)
-        if framed and head.status >= 200 and head.status not in (204, 304) and request.method != "HEAD":
+        """Write the agent's answer to the visitor by HTTP's rules, never the agent's bytes as such.
+
+        The head was validated when it was decoded (protocol/heads.py). The body's extent is
+        decided here: none for HEAD, 1xx, 204 and 304; exactly Content-Length bytes when the
+        agent declared one; chunked otherwise. An agent that breaks this (a body where none
+        may be, more or fewer bytes than it declared) gets its stream reset and one log line,
+        and the visitor's connection is closed rather than reused: bytes of its choosing can
+        never become the start of the next response on that connection.
+        """
+        if head.status < 200:
+            # 101 only ends a WebSocket upgrade (handled by the caller); an interim answer is
+            # the home side's to handle, never the visitor's final response.
+            return self._agent_broke(request, stream, log, f"status {head.status} as a final response")
+        try:
+            length = _declared_length(head.headers)
+        except ValueError as err:
+            return self._agent_broke(request, stream, log, str(err))
+        bodiless = request.method == "HEAD" or head.status in (204, 304)
+        if bodiless:
+            return await self._send_bodiless(request, stream, head, log)
+        if length is not None:
             body = stream.take_complete_body(_ONE_WRITE_BODY)
-            if body is not None:
-                # The whole (small) body came with the head: answer with one write. Only for
-                # bodies the home app framed by Content-Length, so framing stays as it sent it.
+            if body is not None and len(body) == length:
+                # The whole (small) body came with the head: answer with one write.
                 whole = web.Response(status=head.status, reason=head.reason or None, body=body)
                 for name, value in strip_hop_by_hop(head.headers):
                     if name.lower() != "content-length":
                         whole.headers.add(name, value)
                 log.status, log.bytes = head.status, len(body)
                 return log.done(whole)
+            if body is not None:
+                # Complete, and not what the head declared; nothing is written yet.
+                return self._agent_broke(request, stream, log, f"{len(body)} body bytes for Content-Length {length}")
         response = web.StreamResponse(status=head.status, reason=head.reason or None)
         for name, value in strip_hop_by_hop(head.headers):
-            if name.lower() == "content-length":
-                with contextlib.suppress(ValueError):
-                    response.content_length = int(value)
-            else:
+            if name.lower() != "content-length":
                 response.headers.add(name, value)
+        if length is not None:
+            response.content_length = length
         log.status = head.status
         try:
             await response.prepare(request)
             while chunk := await stream.read():
-                await response.write(chunk)
+                if length is not None and log.bytes + len(chunk) > length:
+                    # Not one byte past the declared end: what follows would be read by the
+                    # visitor (or a proxy in front) as the next response.
+                    chunk = chunk[: length - log.bytes]
+                    overrun = True
+                else:
+                    overrun = False
+                try:
+                    # As nginx's send_timeout: a visitor that takes no chunk for this long has
+                    # stopped reading; its stream would otherwise hold a window for good.
+                    async with asyncio.timeout(VISITOR_SEND_TIMEOUT):
+                        await response.write(chunk)
+                except TimeoutError:
+                    log.note = f"visitor stopped reading for {VISITOR_SEND_TIMEOUT:g}s"
+                    stream.reset(ErrorCode.CANCEL, "visitor stopped reading")
+                    _close(request)
+                    return log.done(response)
                 log.bytes += len(chunk)
+                if overrun:
+                    self._reset_and_log(stream, log, f"more body than its Content-Length {length}")
+                    _close(request)
+                    return log.done(response)
+            if length is not None and log.bytes != length:
+                self._reset_and_log(stream, log, f"{log.bytes} body bytes for Content-Length {length}")
+                _close(request)
+                return log.done(response)
             await response.write_eof()
         except StreamResetError as err:
             # Headers are out: the only honest signal left is to cut the connection.
-            log.note = f"aborted: {err}"
-            if request.transport is not None:
-                request.transport.abort()
+            log.note = f"aborted: {printable(err)}"
+            _close(request)
         except (ConnectionError, RuntimeError) as err:
             log.note = f"visitor gone: {err.__class__.__name__}"
             stream.reset(ErrorCode.CANCEL, "visitor gone")
+        return log.done(response)
+
+    async def _send_bodiless(self, request: web.Request, stream: TunnelStream, head: ResponseHead, log: _Access) -> web.StreamResponse:
+        """HEAD, 204 and 304: the head alone, once the agent has ended its side without a body."""
+        if not stream.at_eof:
+            try:
+                async with asyncio.timeout(self._bridge.config.request_timeout):
+                    extra = await stream.read()
+            except TimeoutError:
+                stream.reset(ErrorCode.CANCEL, "request timeout")
+                return log.done(error_response(request, 504, "the home app did not end its answer in time"))
+            except StreamResetError as err:
+                log.note = f"aborted: {printable(err)}"
+                dropped = error_response(request, 502, "the tunnel dropped the request")
+                dropped.force_close()
+                return log.done(dropped)
+            if extra:
+                what = "a HEAD request" if request.method == "HEAD" else f"status {head.status}"
+                return self._agent_broke(request, stream, log, f"body bytes in an answer to {what}")
+        response = web.Response(status=head.status, reason=head.reason or None)
+        for name, value in strip_hop_by_hop(head.headers):
+            if name.lower() == "content-length" and head.status in (204, 304):
+                continue  # no length for what has none (a 304's would describe another message)
+            response.headers.add(name, value)
+        log.status = head.status
+        return log.done(response)
+
+    def _reset_and_log(self, stream: TunnelStream, log: _Access, what: str) -> None:
+        """One warning naming the tunnel and request; the agent's stream is reset."""
+        _LOGGER.warning("tunnel %s, request %s: the agent sent %s; stream reset, visitor connection closed",
+                        printable(log.tunnel or "-"), log.request_id, what)
+        log.note = f"agent error: {what}"
+        if not stream.closed:
+            stream.reset(ErrorCode.PROTOCOL_ERROR, what)
+
+    def _agent_broke(self, request: web.Request, stream: TunnelStream, log: _Access, what: str) -> web.Response:
+        """Before anything was written: 502, and the visitor's connection is not reused."""
+        self._reset_and_log(stream, log, what)
+        response = error_response(request, 502, "the home side sent an invalid response")
+        response.force_close()
         return log.done(response)
 
     async def _relay_websocket(self, request: web.Request, stream: TunnelStream, log: _Access) -> web.StreamResponse:
@@ -266,6 +358,9 @@ class VisitorHandler:
         if head.status != 101:  # the home app refused the upgrade: relay its answer
             return await self._send_response(request, stream, head, log)
         protocol = next((v for k, v in head.headers if k.lower() == "sec-websocket-protocol"), None)
+        if protocol is not None and not is_token(protocol):
+            # One subprotocol, a token (RFC 6455 §4.2.2); it goes into the visitor's 101 head.
+            return self._agent_broke(request, stream, log, "a subprotocol that is not a token")
         config = self._bridge.config
         ws = web.WebSocketResponse(
             protocols=(protocol,) if protocol else (),
@@ -308,7 +403,7 @@ class VisitorHandler:
                 elif kind is MessageKind.CLOSE:
                     code, reason = decode_code(data) if len(data) >= 2 else (1000, "")
                     log.note = log.note or f"closed with {code}"
-                    await ws.close(code=sendable_close_code(code), message=reason.encode())
+                    await ws.close(code=sendable_close_code(code), message=sendable_close_reason(reason))
                     break
         except StreamResetError as err:
             log.note = f"tunnel side ended: {err}"
@@ -325,6 +420,28 @@ class VisitorHandler:
                 with contextlib.suppress(asyncio.CancelledError):
                     await to_agent
         return log.done(ws)
+
+
+def _close(request: web.Request) -> None:
+    """End the visitor's connection now: nothing more is written on it, nothing read as next."""
+    if request.transport is not None:
+        request.transport.abort()
+
+
+def _declared_length(headers: list[tuple[str, str]]) -> int | None:
+    """The response's Content-Length, or None if it has none.
+
+    Raises:
+        ValueError: several that differ, or one that is not a plain decimal number.
+    """
+    length = None
+    for name, value in headers:
+        if name.lower() == "content-length":
+            text = value.strip(" \t")
+            if not text.isdigit() or not text.isascii() or len(text) > 18 or (length is not None and int(text) != length):
+                raise ValueError(f"a bad Content-Length {printable(value, 40)!r}")
+            length = int(text)
+    return length
 
 
 def behind_proxies(

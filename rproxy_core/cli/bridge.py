@@ -193,9 +193,9 @@ def add_parser(commands: Any) -> None:
                              "with 1008 (default 20000)")
     bridge.add_argument("--memory-budget", metavar="SIZE",
                         help="bytes all tunnels together may hold for visitors who do not read; when "
-                             "spent, new requests get 503 (default 512M)")
+                             "spent, new requests get 503 (default 1G)")
     bridge.add_argument("--tunnel-memory-budget", metavar="SIZE",
-                        help="the same for each agent's tunnel (default 256M)")
+                        help="the same for each agent's tunnel (default 512M)")
     bridge.add_argument("--authorized-keys", metavar="FILE",
                         help="agent keys accepted: lines 'ed25519 KEY NAME...' as rproxy keygen prints them, "
                              "NAME * for any name; reloaded on SIGHUP ($RPROXY_AUTHORIZED_KEYS)")

@@ -35,6 +35,7 @@ __all__ = [
     "encode_code",
     "decode_code",
     "sendable_close_code",
+    "sendable_close_reason",
 ]
 
 HEADER = struct.Struct("!BBII")
@@ -218,3 +219,16 @@ def sendable_close_code(code: int) -> int:
     if code < 1000 or code == 1005 or code >= 5000 or 1016 <= code < 3000:
         return 1000
     return code
+
+
+#: A close frame's payload is at most 125 bytes, two of them the code (RFC 6455 §5.5).
+MAX_CLOSE_REASON = 123
+
+
+def sendable_close_reason(reason: str) -> bytes:
+    """A peer's close reason as it may go on the wire: UTF-8, cut to 123 bytes on a character
+    boundary (a longer one would make the close itself fail)."""
+    data = reason.encode("utf-8", "replace")
+    if len(data) <= MAX_CLOSE_REASON:
+        return data
+    return data[:MAX_CLOSE_REASON].decode("utf-8", "ignore").encode()

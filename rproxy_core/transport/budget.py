@@ -13,10 +13,11 @@ from __future__ import annotations
 
 __all__ = ["MemoryBudget", "PROCESS_BUDGET", "DEFAULT_TUNNEL_BUDGET", "DEFAULT_PROCESS_BUDGET"]
 
-#: Per tunnel connection: 256 streams stalled with a full 1 MiB window each.
-DEFAULT_TUNNEL_BUDGET = 256 << 20
-#: Per process (every tunnel of a bridge, or an agent's tunnel): fits a small VPS or a Raspberry Pi.
-DEFAULT_PROCESS_BUDGET = 512 << 20
+#: Per tunnel connection: 512 streams stalled with a full 1 MiB window each, twice what the
+#: bridge lets one visitor address have in flight, so one address alone cannot spend it.
+DEFAULT_TUNNEL_BUDGET = 512 << 20
+#: Per process (every tunnel of a bridge, or an agent's tunnel).
+DEFAULT_PROCESS_BUDGET = 1 << 30
 
 
 class MemoryBudget:

@@ -57,7 +57,7 @@ class TunnelConnection:
         heartbeat_interval: seconds between PINGs.
         dead_after: seconds of silence after which the peer is considered dead.
         budget: what this tunnel's streams may hold (received, not consumed) before new
-            streams are refused and the biggest holders throttled; by default 256 MiB inside
+            streams are refused and the biggest holders throttled; by default 512 MiB inside
             the process's ``budget.PROCESS_BUDGET``.
     """
 
@@ -260,6 +260,11 @@ class TunnelConnection:
             else:
                 return
         self._flush_wanted.set()
+
+    @property
+    def writing(self) -> bool:
+        """Whether the writer task runs (so that waiting in :meth:`drain` can end)."""
+        return self._writer is not None and not self._writer.done()
 
     async def drain(self) -> None:
         """Wait until queued output falls below the high-water mark."""

@@ -299,6 +299,13 @@ class TunnelStream:
         offset = 0
         while True:
             self._raise_if_reset()
+            # Before queueing a frame, not after: with hundreds of writers each adding one
+            # frame before waiting, the queue (and a new stream's first bytes behind it) would
+            # grow by a frame per writer. Woken writers re-check one by one.
+            while mux.pending_bytes > conn.write_high_water and conn.writing:
+                conn.schedule_flush()
+                await conn.drain()
+                self._raise_if_reset()
             remaining = total - offset
             size = min(mux.send_window(self.id), remaining, mux.peer_max_frame_size)
             if size <= 0 and remaining:
@@ -316,16 +323,9 @@ class TunnelStream:
             self.bytes_sent += size
             if last:
                 break
-            if mux.pending_bytes > conn.write_high_water:
-                # Frame by frame, not after the whole write: queued output stays within the
-                # high-water mark plus one frame per writer, not one window per writer.
-                conn.schedule_flush()
-                await conn.drain()
         if end_stream:
             self._end_local()
         conn.schedule_flush()
-        if mux.pending_bytes > conn.write_high_water:
-            await conn.drain()
 
     def _raise_if_reset(self) -> None:
         if self._error is not None:

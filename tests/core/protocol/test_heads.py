@@ -11,7 +11,12 @@ from hypothesis import strategies as st
 from rproxy_core.exceptions import RemoteProtocolError
 from rproxy_core.protocol import KIND_HTTP, KIND_TCP, KIND_WEBSOCKET, RequestHead, ResponseHead
 
-header_lists = st.lists(st.tuples(st.text(max_size=20), st.text(max_size=40)), max_size=8)
+#: RFC 9110 tchar, and text without control characters but tab: what a head may hold.
+_TCHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+tokens = st.text(alphabet=_TCHARS, min_size=1, max_size=20)
+field_text = st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs")) | st.just("\t"), max_size=40)
+header_lists = st.lists(st.tuples(tokens, field_text), max_size=8)
+any_header_lists = st.lists(st.tuples(st.text(max_size=20), st.text(max_size=40)), max_size=8)
 
 
 def test_request_head_round_trips():
@@ -41,12 +46,38 @@ def test_response_head_keeps_duplicate_set_cookie_headers():
 
 def test_heads_with_non_ascii_values_round_trip_as_ascii_json():
     """Non-ASCII names and values round trip, and the encoded JSON itself is pure ASCII."""
-    request = RequestHead("GET", "/café/☃", [("X-Name", "Zoë ☃ 🏠"), ("X-Ctl", "\x00\x7f")])
+    request = RequestHead("GET", "/café/☃", [("X-Name", "Zoë ☃ 🏠"), ("X-Tab", "a\tb")])
     response = ResponseHead(404, "Nicht gefunden – ö", [("X-Emoji", "🙂")])
     for head in (request, response):
         wire = head.encode()
         wire.decode("ascii")
         assert type(head).decode(wire) == head
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        RequestHead("GET", "/", [("X-A", "b\r\nX-Injected: 1")]),
+        RequestHead("GET", "/", [("X-A", "b\x00")]),
+        RequestHead("GET", "/", [("X-A", "b\x7f")]),
+        RequestHead("GET", "/", [("X A", "b")]),
+        RequestHead("GET", "/", [("X:A", "b")]),
+        RequestHead("GET", "/", [("", "b")]),
+        RequestHead("GET /x HTTP/1.1\r\n", "/"),
+        RequestHead("G T", "/"),
+        RequestHead("GET", "/a b"),
+        RequestHead("GET", "/a\r\nX: 1"),
+        ResponseHead(200, "OK\r\nX-Injected: 1"),
+        ResponseHead(200, "OK\x1b[2J"),
+        ResponseHead(200, "", [("Set-Cookie", "a=1\nb=2")]),
+        ResponseHead(200, "", [("Bad Name", "v")]),
+    ],
+)
+def test_heads_that_cannot_be_written_as_http_are_refused(head: RequestHead | ResponseHead) -> None:
+    """A decoded head can go into an HTTP/1.1 message as it is: no line breaks, no controls,
+    methods and header names are tokens (issue 15, finding 1)."""
+    with pytest.raises(RemoteProtocolError):
+        type(head).decode(head.encode())
 
 
 def test_websocket_request_head_round_trips():
@@ -78,25 +109,40 @@ def test_heads_ignore_unknown_fields():
 
 
 @given(
-    method=st.text(min_size=1, max_size=10),
-    target=st.text(max_size=50),
+    method=tokens,
+    target=st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Zs")), max_size=50),
     headers=header_lists,
     kind=st.sampled_from([KIND_HTTP, KIND_WEBSOCKET]),
     request_id=st.text(max_size=20),
 )
 @settings(max_examples=200, deadline=None, database=None)
 def test_any_request_head_round_trips(method, target, headers, kind, request_id):
-    """Every request head made of strings survives encode/decode unchanged."""
+    """Every writable request head survives encode/decode unchanged."""
     head = RequestHead(method, target, headers, kind, request_id)
     assert RequestHead.decode(head.encode()) == head
 
 
-@given(status=st.integers(100, 599), reason=st.text(max_size=30), headers=header_lists)
+@given(status=st.integers(100, 599), reason=field_text, headers=header_lists)
 @settings(max_examples=200, deadline=None, database=None)
 def test_any_response_head_round_trips(status, reason, headers):
-    """Every response head with a valid status survives encode/decode unchanged."""
+    """Every writable response head with a valid status survives encode/decode unchanged."""
     head = ResponseHead(status, reason, headers)
     assert ResponseHead.decode(head.encode()) == head
+
+
+@given(method=st.text(max_size=10), target=st.text(max_size=50), headers=any_header_lists, reason=st.text(max_size=30))
+@settings(max_examples=200, deadline=None, database=None)
+def test_any_head_round_trips_or_is_refused(method, target, headers, reason):
+    """Whatever strings a peer puts in a head, decoding gives it back or refuses it cleanly."""
+    for head in (RequestHead(method, target, headers), ResponseHead(200, reason, headers)):
+        try:
+            decoded = type(head).decode(head.encode())
+        except RemoteProtocolError:
+            continue
+        assert decoded == head
+        for name, value in decoded.headers:
+            assert name and not any(c in name for c in ' :\r\n\x00"(),/;<=>?@[\\]{}')
+            assert not any(c in value for c in "\r\n\x00")
 
 
 MALFORMED_JSON = [

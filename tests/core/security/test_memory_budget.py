@@ -9,6 +9,7 @@ from the budgets' own counters, never from RSS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import aiohttp
@@ -16,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from rproxy_core import Agent, AgentConfig
+from rproxy_core.bridge import visitors
 from rproxy_core.protocol.frames import ErrorCode, FrameType, decode_code
 from rproxy_core.protocol.heads import RequestHead
 from rproxy_core.protocol.mux import DEFAULT_STREAM_WINDOW
@@ -120,3 +122,28 @@ async def test_an_agent_over_its_budget_refuses_new_streams_from_the_bridge(monk
     finally:
         await home_runner.cleanup()
     assert refused and refused[0][0] == ErrorCode.REFUSED_STREAM and "budget" in refused[0][1], refused
+
+
+async def test_a_visitor_that_stops_reading_is_cut_off_after_the_send_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As nginx's send_timeout: a chunk not taken within VISITOR_SEND_TIMEOUT ends the stream; its window is freed."""
+    monkeypatch.setattr(visitors, "VISITOR_SEND_TIMEOUT", 0.5)
+    runner, target = await _big_download_app()
+    sock = None
+    try:
+        async with asyncio.timeout(30), running_bridge() as bridge, running_agent(bridge.url, target):
+            await wait_for_tunnel(bridge)
+            conn = bridge.registry.connections()[0]
+            sock = await _stalled_download(int(bridge.url.rsplit(":", 1)[1]))
+            while not bridge.memory.used:  # the download started and stalled
+                await asyncio.sleep(0.01)
+            while conn.streams or bridge.memory.used:  # cut off, every byte released
+                await asyncio.sleep(0.02)
+            # The visitor's connection is closed by the bridge (a read returns EOF or a reset).
+            loop = asyncio.get_running_loop()
+            with contextlib.suppress(ConnectionError):
+                while await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 5):
+                    pass
+    finally:
+        if sock is not None:
+            sock.close()
+        await runner.cleanup()
