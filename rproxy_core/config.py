@@ -39,6 +39,7 @@ __all__ = [
     "TOKEN_HASH_PREFIX",
     "ZEROCONF_TARGET_PREFIX",
     "TokenGrant",
+    "agent_token",
     "check_token_entry",
     "load_file",
     "merge",
@@ -201,6 +202,11 @@ def _accepted_token(value: Any) -> str:
         return check_token_entry(_secret_text(value))
     except ValueError as err:
         raise vol.Invalid(str(err)) from None
+
+
+def agent_token(value: Any) -> str:
+    """A token as an agent presents it (vol.Invalid if it is empty or a hash; never echoing it)."""
+    return _agent_token(value)
 
 
 def _agent_token(value: Any) -> str:
@@ -582,6 +588,7 @@ AGENT_SCHEMA = vol.Schema(
         vol.Required("bridge", msg="is required (the bridge's URL)"): _url(("ws", "wss", "http", "https")),
         # One of token and key is required (checked by the agent's CLI, which names both).
         vol.Optional("token"): _optional(_agent_token),
+        vol.Optional("token_file"): _optional(_text("a file name")),
         vol.Optional("key"): _optional(_text("a file name")),
         # Required unless there are services (checked by the agent's CLI, which names both).
         vol.Optional("target"): _optional(_target),

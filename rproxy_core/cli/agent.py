@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import voluptuous as vol
+
 from ..agent import Agent, AgentConfig, split_bridge_credential
 from ..agent.discovery import (
     DISCOVER_TIMEOUT,
@@ -33,10 +35,10 @@ from ..agent.discovery import (
     zeroconf_target_name,
 )
 from ..bridge.keys import derived_name
-from ..config import AGENT_SCHEMA, load_file, merge, validate
+from ..config import AGENT_SCHEMA, agent_token, load_file, merge, validate
 from ..const import DEFAULT_TUNNEL_NAME
 from ..exceptions import ConfigError
-from .common import EXIT_OK, Signals, log_level, run, setup_logging
+from .common import EXIT_OK, Signals, log_level, read_token_file, run, setup_logging
 from .envfile import read_env_file
 from .keygen import load_private_key
 
@@ -56,6 +58,7 @@ _LOGGER = logging.getLogger("rproxy.agent")
 AGENT_FLAGS = {
     "bridge": "--bridge",
     "token": "--token",
+    "token_file": "--token-file",
     "key": "--key",
     "target": "--target",
     "services": "--service",
@@ -72,6 +75,7 @@ AGENT_FLAGS = {
 AGENT_ENV = {
     "bridge": ("RPROXY_BRIDGE", "REMOTE_URL"),
     "token": ("RPROXY_TOKEN",),
+    "token_file": ("RPROXY_TOKEN_FILE",),
     "key": ("RPROXY_KEY",),
     "target": ("RPROXY_TARGET", "LOCAL_URL"),
     "services": ("RPROXY_SERVICES",),
@@ -108,7 +112,12 @@ def add_parser(commands: Any) -> None:
                             "environment wins")
     agent.add_argument("--bridge", metavar="URL",
                        help="the bridge, e.g. wss://bridge.example.com ($RPROXY_BRIDGE, $REMOTE_URL)")
-    agent.add_argument("--token", metavar="T", help="agent token the bridge accepts ($RPROXY_TOKEN)")
+    agent.add_argument("--token", metavar="T",
+                       help="agent token the bridge accepts; every user of this machine can read it in ps, so "
+                            "prefer --token-file ($RPROXY_TOKEN)")
+    agent.add_argument("--token-file", metavar="FILE",
+                       help="read the agent token from the first line of FILE (keep it mode 600) "
+                            "($RPROXY_TOKEN_FILE)")
     agent.add_argument("--key", metavar="FILE",
                        help="instead of --token: the agent's private key from rproxy keygen; without --name the "
                             "tunnel is named after the key, as an --open-registration bridge wants ($RPROXY_KEY)")
@@ -215,11 +224,12 @@ def agent_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
     if isinstance(values.get("target"), str):
         values["target"] = _http_target(values["target"])
     settings = validate(AGENT_SCHEMA, values, origin, AGENT_FLAGS)
-    token, key_file = settings.get("token"), settings.get("key")
+    token, token_file, key_file = settings.get("token"), settings.get("token_file"), settings.get("key")
     given = [
         where
         for where, value in (
             (origin.get("token", "--token"), token),
+            (origin.get("token_file", "--token-file"), token_file),
             (origin.get("key", "--key"), key_file),
             (f"user:password@ in {origin.get('bridge', '--bridge')}", url_credential),
         )
@@ -227,11 +237,20 @@ def agent_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
     ]
     if not given:
         raise ConfigError(
-            "--token: give an agent token (--token, or RPROXY_TOKEN in the environment or .env), --key, "
+            "--token: give an agent token (--token, --token-file, or RPROXY_TOKEN in the environment or .env), --key, "
             "or user:password@ in the bridge URL (one of them)"
         )
     if len(given) > 1:
         raise ConfigError(f"{given[0]} and {given[1]}: two credentials; give one of them, not both")
+    if token_file:
+        # Read here, not by the schema: the token never passes through the merged settings,
+        # and a mistake names the flag or variable that named the file.
+        where = origin.get("token_file", "--token-file")
+        token = read_token_file(token_file, where)
+        try:
+            token = agent_token(token)
+        except vol.Invalid as err:
+            raise ConfigError(f"{where} {token_file}: {err.msg}") from None
     key = load_private_key(key_file) if key_file else None
     if not settings.get("name"):
         # A key's own name is the one an --open-registration bridge gives it.

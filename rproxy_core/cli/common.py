@@ -14,11 +14,16 @@ import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import NoReturn
 
 from ..config import LOG_LEVELS
+from ..exceptions import ConfigError
 
-__all__ = ["EXIT_OK", "EXIT_REFUSED", "EXIT_RUNTIME", "EXIT_USAGE", "Parser", "log_level", "run", "setup_logging"]
+__all__ = [
+    "EXIT_OK", "EXIT_REFUSED", "EXIT_RUNTIME", "EXIT_USAGE", "Parser", "log_level", "read_token_file", "run",
+    "setup_logging",
+]
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
 
@@ -49,6 +54,26 @@ def describe_os_error(err: OSError) -> str:
             why = "is not an address of this machine"
         return f"cannot listen on {address}: it {why}; pick another with --listen HOST:PORT"
     return err.strerror or str(err)
+
+
+def read_token_file(path: str, where: str = "--token-file") -> str:
+    """The token on the first line of ``path`` (so that it need not be on a command line, which
+    ``ps`` shows to every user of the machine).
+
+    Raises:
+        ConfigError: unreadable, not text, or an empty first line; the message starts with
+            ``where`` (the flag or variable that named the file) and never shows the file's content.
+    """
+    try:
+        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise ConfigError(f"{where} {path}: cannot read: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where} {path}: not a text file") from None
+    token = lines[0].strip() if lines else ""
+    if not token:
+        raise ConfigError(f"{where} {path}: the first line is empty (it should hold the token)")
+    return token
 
 
 def log_level(flag: str | None, setting: str | None = None, environ: Mapping[str, str] = os.environ) -> str:

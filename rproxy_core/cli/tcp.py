@@ -21,7 +21,6 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import voluptuous as vol
@@ -31,7 +30,7 @@ from ..client.tcp import TcpClient, TcpClientConfig, open_fd_sink, open_fd_sourc
 from ..config import parse_listen
 from ..const import DEFAULT_TUNNEL_NAME
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
-from .common import EXIT_OK, EXIT_REFUSED, EXIT_RUNTIME, Signals, log_level, run, setup_logging
+from .common import EXIT_OK, EXIT_REFUSED, EXIT_RUNTIME, Signals, log_level, read_token_file, run, setup_logging
 from .keygen import load_private_key
 
 __all__ = ["add_parser", "main", "tcp_config"]
@@ -81,19 +80,6 @@ def _listen_address(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(err.msg)) from None
 
 
-def _read_token_file(path: str) -> str:
-    try:
-        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise ConfigError(f"--token-file {path}: cannot read: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"--token-file {path}: not a text file") from None
-    token = lines[0].strip() if lines else ""
-    if not token:
-        raise ConfigError(f"--token-file {path}: the first line is empty")
-    return token
-
-
 def tcp_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> TcpClientConfig:
     """Flags and environment → TcpClientConfig (ConfigError names the flag or variable at fault)."""
     env = os.environ if environ is None else environ
@@ -106,7 +92,7 @@ def tcp_config(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
     if args.token is not None:
         token = args.token
     elif args.token_file is not None:
-        token = _read_token_file(args.token_file)
+        token = read_token_file(args.token_file)
     elif args.key is not None:
         key_file = args.key
     else:
