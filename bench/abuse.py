@@ -3,7 +3,8 @@
 For each attack a fresh ``rproxy bridge`` and ``rproxy agent`` (real processes) serve a home app
 (another process, ``--home``); the attack runs for at most ``--seconds`` while the RSS of bridge
 and agent is sampled and a probe request (``GET /small`` through the tunnel) is timed every
-quarter second from another address (127.0.0.2). Reported per attack: RSS before, peak during and settled after (MiB), and the
+quarter second from another address (127.0.0.2). Reported per attack: RSS before, peak during and settled after
+(MiB), and the
 probe's median and worst latency with the number of probes that failed or took over 5 s.
 
 Attacks (each bounded in time):
@@ -37,7 +38,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-
 from procs import Supervisor, free_port, http_status, log, raise_nofile, rss_kib, wait_for
 
 HERE = Path(__file__).resolve().parent
@@ -113,8 +113,9 @@ async def bigws(base: str, stop: asyncio.Event, count: int) -> dict[str, Any]:
 
     async def one(session: aiohttp.ClientSession) -> None:
         try:
-            async with session.ws_connect(base.replace("http", "ws", 1) + "/ws-sink", headers={"Host": HOME},
-                                          compress=15, max_msg_size=0) as ws:
+            async with session.ws_connect(
+                base.replace("http", "ws", 1) + "/ws-sink", headers={"Host": HOME}, compress=15, max_msg_size=0
+            ) as ws:
                 key = "deflate" if ws.compress else "plain"
                 for _ in range(2):
                     await ws.send_bytes(message)
@@ -145,8 +146,12 @@ async def idlews(base: str, stop: asyncio.Event, count: int) -> dict[str, Any]:
             if stop.is_set():
                 return
             try:
-                ws = await session.ws_connect(base.replace("http", "ws", 1) + "/ws-idle", headers={"Host": HOME},
-                                              autoping=True, timeout=aiohttp.ClientWSTimeout(ws_close=1))
+                ws = await session.ws_connect(
+                    base.replace("http", "ws", 1) + "/ws-idle",
+                    headers={"Host": HOME},
+                    autoping=True,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=1),
+                )
                 opened.append(ws)
             except aiohttp.WSServerHandshakeError as err:
                 refused[str(err.status)] = refused.get(str(err.status), 0) + 1
@@ -173,14 +178,19 @@ async def pingflood(base: str, stop: asyncio.Event, token: str) -> dict[str, Any
 
     hello = json.dumps({"version": 1, "agent_id": "flood"}).encode()
     batch = b"".join(frame(FrameType.PING, b"p" * (16 << 10)) for _ in range(16))
-    headers = {"Authorization": f"Bearer {token}", "Rproxy-Protocol": "1", "Rproxy-Tunnel": "flood",
-               "Rproxy-Agent-Id": "flood"}
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "Rproxy-Protocol": "1",
+        "Rproxy-Tunnel": "flood",
+        "Rproxy-Agent-Id": "flood",
+    }
     sent = 0
     ended = "still open"
     async with aiohttp.ClientSession() as session:
         try:
-            async with session.ws_connect(base.replace("http", "ws", 1) + "/_rproxy/connect", headers=headers,
-                                          max_msg_size=0, autoping=False) as ws:
+            async with session.ws_connect(
+                base.replace("http", "ws", 1) + "/_rproxy/connect", headers=headers, max_msg_size=0, autoping=False
+            ) as ws:
                 await ws.receive()  # the bridge's HELLO; nothing is read after it
                 await ws.send_bytes(frame(FrameType.HELLO, hello))
                 transport = ws._writer.transport  # the client learns of a close only by reading
@@ -207,8 +217,9 @@ async def probe(base: str, stop: asyncio.Event, latencies: list[float], failures
         while not stop.is_set():
             started = time.monotonic()
             try:
-                async with session.get(base + "/small", headers={"Host": HOME},
-                                       timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)) as response:
+                async with session.get(
+                    base + "/small", headers={"Host": HOME}, timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)
+                ) as response:
                     await response.read()
                     if response.status != 200:
                         failures.append(str(response.status))
@@ -219,8 +230,9 @@ async def probe(base: str, stop: asyncio.Event, latencies: list[float], failures
                 await asyncio.wait_for(stop.wait(), 0.25)
 
 
-async def run_attack(name: str, base: str, pids: dict[str, list[int]], seconds: float, smoke: bool,
-                     token: str) -> dict[str, Any]:
+async def run_attack(
+    name: str, base: str, pids: dict[str, list[int]], seconds: float, smoke: bool, token: str
+) -> dict[str, Any]:
     stop = asyncio.Event()
     samples = {who: [rss_kib(p)] for who, p in pids.items()}
     latencies: list[float] = []
@@ -251,11 +263,21 @@ async def run_attack(name: str, base: str, pids: dict[str, list[int]], seconds: 
     return {
         "attack": name,
         "details": details,
-        "rss_mib": {who: {"before": round(s[0] / 1024, 1), "peak": round(max(s) / 1024, 1),
-                          "after": round(after[who] / 1024, 1)} for who, s in samples.items()},
-        "probe": {"count": len(ms), "p50_ms": round(statistics.median(ms), 1) if ms else None,
-                  "max_ms": round(ms[-1], 1) if ms else None, "failed": len(failures),
-                  "slow_over_1s": sum(1 for x in ms if x > 1000)},
+        "rss_mib": {
+            who: {
+                "before": round(s[0] / 1024, 1),
+                "peak": round(max(s) / 1024, 1),
+                "after": round(after[who] / 1024, 1),
+            }
+            for who, s in samples.items()
+        },
+        "probe": {
+            "count": len(ms),
+            "p50_ms": round(statistics.median(ms), 1) if ms else None,
+            "max_ms": round(ms[-1], 1) if ms else None,
+            "failed": len(failures),
+            "slow_over_1s": sum(1 for x in ms if x > 1000),
+        },
     }
 
 
@@ -282,17 +304,44 @@ class Pair:
         token_file = self.work / "token"
         token_file.write_text(self.token + "\n")
         token_file.chmod(0o600)
-        bridge = self.sup.start(f"{tag}-bridge", self.argv("bridge", "--listen", f"127.0.0.1:{self.port}",
-                                                            "--token-file", str(token_file), "--domain", DOMAIN,
-                                                            "--no-access-log"), env=self.env())
-        wait_for("bridge", lambda: http_status(f"http://127.0.0.1:{self.port}/_rproxy/health") == 200, 30,
-                 self.sup.check_alive)
-        agent = self.sup.start(f"{tag}-agent", self.argv("agent", "--bridge", f"ws://127.0.0.1:{self.port}",
-                                                          "--target", f"http://127.0.0.1:{self.home_port}",
-                                                          "--name", "home", "--agent-id", "bench"),
-                               env=self.env(RPROXY_TOKEN=self.token))
-        wait_for("tunnel", lambda: http_status(f"http://127.0.0.1:{self.port}/small", HOME) == 200, 30,
-                 self.sup.check_alive)
+        bridge = self.sup.start(
+            f"{tag}-bridge",
+            self.argv(
+                "bridge",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--token-file",
+                str(token_file),
+                "--domain",
+                DOMAIN,
+                "--no-access-log",
+            ),
+            env=self.env(),
+        )
+        wait_for(
+            "bridge",
+            lambda: http_status(f"http://127.0.0.1:{self.port}/_rproxy/health") == 200,
+            30,
+            self.sup.check_alive,
+        )
+        agent = self.sup.start(
+            f"{tag}-agent",
+            self.argv(
+                "agent",
+                "--bridge",
+                f"ws://127.0.0.1:{self.port}",
+                "--target",
+                f"http://127.0.0.1:{self.home_port}",
+                "--name",
+                "home",
+                "--agent-id",
+                "bench",
+            ),
+            env=self.env(RPROXY_TOKEN=self.token),
+        )
+        wait_for(
+            "tunnel", lambda: http_status(f"http://127.0.0.1:{self.port}/small", HOME) == 200, 30, self.sup.check_alive
+        )
         time.sleep(0.5)
         return {"bridge": [bridge.pid], "agent": [agent.pid]}
 
@@ -302,13 +351,18 @@ class Pair:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| attack | bridge RSS MiB before → peak (after) | agent RSS MiB before → peak (after) | "
-             "probe p50 / max ms | probes failed (of) | attack |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| attack | bridge RSS MiB before → peak (after) | agent RSS MiB before → peak (after) | "
+        "probe p50 / max ms | probes failed (of) | attack |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results:
         b, a, p = r["rss_mib"]["bridge"], r["rss_mib"]["agent"], r["probe"]
-        lines.append(f"| {r['attack']} | {b['before']} → {b['peak']} ({b['after']}) | {a['before']} → {a['peak']} "
-                     f"({a['after']}) | {p['p50_ms']} / {p['max_ms']} | {p['failed']} ({p['count']}) | "
-                     f"{json.dumps(r['details'], sort_keys=True)} |")
+        lines.append(
+            f"| {r['attack']} | {b['before']} → {b['peak']} ({b['after']}) | {a['before']} → {a['peak']} "
+            f"({a['after']}) | {p['p50_ms']} / {p['max_ms']} | {p['failed']} ({p['count']}) | "
+            f"{json.dumps(r['details'], sort_keys=True)} |"
+        )
     return "\n".join(lines)
 
 
@@ -353,8 +407,13 @@ def main(argv: list[str]) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         sup.stop_all()
-    data = {"command": os.environ.get("BENCH_COMMAND", "scripts/bench abuse"), "rproxy_src": str(args.rproxy_src),
-            "seconds_per_attack": seconds, "seconds_taken": round(time.monotonic() - started, 1), "results": results}
+    data = {
+        "command": os.environ.get("BENCH_COMMAND", "scripts/bench abuse"),
+        "rproxy_src": str(args.rproxy_src),
+        "seconds_per_attack": seconds,
+        "seconds_taken": round(time.monotonic() - started, 1),
+        "results": results,
+    }
     (args.out / "abuse-latest.json").write_text(json.dumps(data, indent=2) + "\n")
     print(table(results))
     return 0

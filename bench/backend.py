@@ -16,7 +16,6 @@ import asyncio
 import sys
 
 from aiohttp import WSMsgType, web
-
 from procs import raise_nofile
 
 
@@ -56,8 +55,16 @@ def main() -> None:
     app.router.add_put("/sink", sink)
     app.router.add_post("/sink", sink)
     app.router.add_get("/health", health)
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, backlog=4096, print=None,
-                shutdown_timeout=1, loop=loop)
+    web.run_app(
+        app,
+        host="127.0.0.1",
+        port=int(sys.argv[1]),
+        access_log=None,
+        backlog=4096,
+        print=None,
+        shutdown_timeout=1,
+        loop=loop,
+    )
 
 
 if __name__ == "__main__":

@@ -69,9 +69,12 @@ def draw(result: dict[str, Any], out: Path) -> None:
     machine = result.get("machine", {})
     settings = result.get("settings", {})
     rounds = settings.get("rounds", "?")
-    fig.suptitle(f"rproxy benchmark, loopback, {machine.get('cores', '?')} cores ({machine.get('cpu_model', '?')}), "
-                 f"{result.get('date', '')[:16]}; medians of {rounds} round{'' if rounds == 1 else 's'} — "
-                 "compare ratios, not absolute figures", fontsize=10)
+    fig.suptitle(
+        f"rproxy benchmark, loopback, {machine.get('cores', '?')} cores ({machine.get('cpu_model', '?')}), "
+        f"{result.get('date', '')[:16]}; medians of {rounds} round{'' if rounds == 1 else 's'} — "
+        "compare ratios, not absolute figures",
+        fontsize=10,
+    )
     fig.text(0.5, 0.015, memory_line(result.get("memory", {})), ha="center", fontsize=9)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(out, dpi=110)
@@ -87,8 +90,10 @@ def memory_line(memory: dict[str, Any]) -> str:
         parts.append(f"{memory['idle_visitor_ws']['per_ws_kib_bridge']:.1f} KiB per idle visitor WebSocket (goal < 16)")
     many = memory.get("concurrent_ws")
     if many:
-        parts.append(f"{many['open']:,} of {many['attempted']:,} concurrent visitor WebSockets open, "
-                     f"{many['errors'] + many['echo_failed']:,} errors")
+        parts.append(
+            f"{many['open']:,} of {many['attempted']:,} concurrent visitor WebSockets open, "
+            f"{many['errors'] + many['echo_failed']:,} errors"
+        )
     return "rproxy bridge memory: " + "; ".join(parts) if parts else ""
 
 

@@ -65,8 +65,9 @@ class Backend:
     async def echo(self, request: web.Request) -> web.Response:
         body = await request.read()
         assert self.session is not None
-        async with self.session.post(request.headers["x-ws-proxy-send"], data=body,
-                                     headers={"Content-Type": "text/plain"}) as response:
+        async with self.session.post(
+            request.headers["x-ws-proxy-send"], data=body, headers={"Content-Type": "text/plain"}
+        ) as response:
             await response.read()
         return web.Response(status=204)
 
@@ -124,8 +125,12 @@ async def idle_memory(gateway: str, backend: str, pid: int, count: int) -> float
     held = []
     try:
         for start in range(0, count, 50):
-            held += await asyncio.gather(*(connect(f"{gateway}/connect?f={backend}/sink&d={backend}/gone",
-                                                   compression=None) for _ in range(min(50, count - start))))
+            held += await asyncio.gather(
+                *(
+                    connect(f"{gateway}/connect?f={backend}/sink&d={backend}/gone", compression=None)
+                    for _ in range(min(50, count - start))
+                )
+            )
         await asyncio.sleep(1.0)
         after = rss_kib(pid)
     finally:
@@ -168,10 +173,29 @@ async def main() -> None:
     # $RPROXY_BENCH_PROFILE=FILE: the gateway runs under cProfile, its stats written to FILE.
     profile = os.environ.get("RPROXY_BENCH_PROFILE")
     process = subprocess.Popen(
-        [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []), "-m", "rproxy_core", "--log-level", "warning", "gateway", "--address", f"127.0.0.1:{port}",
-         "--base-url", f"http://127.0.0.1:{port}", "--allowlist", r"http://127\.0\.0\.1:\d+/.*", "--no-access-log",
-         "--max-connections-per-address", "1000000", "--callback-rate", "100000"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=sys.stderr,
+        [
+            sys.executable,
+            *(["-m", "cProfile", "-o", profile] if profile else []),
+            "-m",
+            "rproxy_core",
+            "--log-level",
+            "warning",
+            "gateway",
+            "--address",
+            f"127.0.0.1:{port}",
+            "--base-url",
+            f"http://127.0.0.1:{port}",
+            "--allowlist",
+            r"http://127\.0\.0\.1:\d+/.*",
+            "--no-access-log",
+            "--max-connections-per-address",
+            "1000000",
+            "--callback-rate",
+            "100000",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=sys.stderr,
     )
     gateway = f"ws://127.0.0.1:{port}"
     try:
@@ -179,8 +203,10 @@ async def main() -> None:
             deadline = time.monotonic() + 20
             while True:
                 with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"http://127.0.0.1:{port}/connect") as response, \
-                            session.get(f"{backend}/sunk") as ready:
+                    async with (
+                        session.get(f"http://127.0.0.1:{port}/connect") as response,
+                        session.get(f"{backend}/sunk") as ready,
+                    ):
                         if response.status == 426 and ready.status == 200:
                             break
                 if time.monotonic() > deadline:

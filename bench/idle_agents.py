@@ -18,9 +18,9 @@ import os
 import sys
 import time
 
-from rproxy_core import Agent, AgentConfig
-
 from procs import raise_nofile
+
+from rproxy_core import Agent, AgentConfig
 
 #: Agents connecting at once: below the bridge's default --max-pending-handshakes (64).
 BATCH = 32
@@ -33,8 +33,17 @@ async def connect(agents: list[Agent], bridge: str, token: str, target: str, cou
     for batch_start in range(first, first + count, BATCH):
         batch = []
         for index in range(batch_start, min(batch_start + BATCH, first + count)):
-            agent = Agent(AgentConfig(bridge=bridge, token=token, target=target, name=f"idle{index}",
-                                      agent_id=f"bench-idle-{index}", backoff_initial=0.2, backoff_max=1.0))
+            agent = Agent(
+                AgentConfig(
+                    bridge=bridge,
+                    token=token,
+                    target=target,
+                    name=f"idle{index}",
+                    agent_id=f"bench-idle-{index}",
+                    backoff_initial=0.2,
+                    backoff_max=1.0,
+                )
+            )
             await agent.start()
             agents.append(agent)
             batch.append(agent)

@@ -37,8 +37,13 @@ def parse_wrk(output: str) -> dict[str, Any]:
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     if non_2xx:
         errors += int(non_2xx.group(1))
-    return {"rps": float(rate.group(1)), "p50_ms": duration_ms(p50.group(1)), "p99_ms": duration_ms(p99.group(1)),
-            "requests": int(total.group(1)), "errors": errors}
+    return {
+        "rps": float(rate.group(1)),
+        "p50_ms": duration_ms(p50.group(1)),
+        "p99_ms": duration_ms(p99.group(1)),
+        "requests": int(total.group(1)),
+        "errors": errors,
+    }
 
 
 def wrk(url: str, connections: int, seconds: float, host: str | None = None) -> dict[str, Any]:
@@ -63,25 +68,51 @@ def _curl_base(url: str, host: str | None, timeout: float) -> list[str]:
 
 def download(url: str, expected_bytes: int, timeout: float, host: str | None = None) -> dict[str, Any]:
     """GET ``url`` into /dev/null with curl; MB/s (10^6 bytes) and whether every byte arrived."""
-    argv = [*_curl_base(url, host, timeout), "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{time_total}", url]
+    argv = [
+        *_curl_base(url, host, timeout),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{size_download} %{time_total}",
+        url,
+    ]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30)
     code, size, seconds = ([*result.stdout.split(), "0", "0", "0"])[:3]
     ok = code == "200" and int(size) == expected_bytes
-    return {"mb_per_s": round(int(size) / float(seconds) / 1e6, 1) if ok and float(seconds) > 0 else 0.0,
-            "bytes": int(size), "seconds": float(seconds), "http": int(code), "ok": ok,
-            "error": "" if ok else (result.stderr.strip() or f"HTTP {code}, {size} bytes")[:200]}
+    return {
+        "mb_per_s": round(int(size) / float(seconds) / 1e6, 1) if ok and float(seconds) > 0 else 0.0,
+        "bytes": int(size),
+        "seconds": float(seconds),
+        "http": int(code),
+        "ok": ok,
+        "error": "" if ok else (result.stderr.strip() or f"HTTP {code}, {size} bytes")[:200],
+    }
 
 
 def upload(url: str, path: Path, timeout: float, host: str | None = None) -> dict[str, Any]:
     """PUT the file at ``path`` with curl to a sink that answers with the byte count it read."""
     expected = path.stat().st_size
     # No "Expect: 100-continue": it would only add a round trip before the body.
-    argv = [*_curl_base(url, host, timeout), "-T", str(path), "-H", "Expect:", "-w", "\n%{http_code} %{size_upload} %{time_total}", url]
+    argv = [
+        *_curl_base(url, host, timeout),
+        "-T",
+        str(path),
+        "-H",
+        "Expect:",
+        "-w",
+        "\n%{http_code} %{size_upload} %{time_total}",
+        url,
+    ]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30)
     lines = result.stdout.strip().splitlines() or [""]
     body = lines[0].strip() if len(lines) > 1 else ""
     code, size, seconds = ([*lines[-1].split(), "0", "0", "0"])[:3]
     ok = code == "200" and body == str(expected) and int(size) == expected
-    return {"mb_per_s": round(expected / float(seconds) / 1e6, 1) if ok and float(seconds) > 0 else 0.0,
-            "bytes": int(size), "seconds": float(seconds), "http": int(code), "ok": ok,
-            "error": "" if ok else (result.stderr.strip() or f"HTTP {code}, sink read {body or '?'}")[:200]}
+    return {
+        "mb_per_s": round(expected / float(seconds) / 1e6, 1) if ok and float(seconds) > 0 else 0.0,
+        "bytes": int(size),
+        "seconds": float(seconds),
+        "http": int(code),
+        "ok": ok,
+        "error": "" if ok else (result.stderr.strip() or f"HTTP {code}, sink read {body or '?'}")[:200],
+    }

@@ -104,17 +104,28 @@ class Supervisor:
         self.log_dir = log_dir
         self.children: dict[str, Child] = {}
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None,
-              stop_signal: int = signal.SIGTERM, stdin: int | None = subprocess.DEVNULL,
-              stdout_pipe: bool = False) -> Child:
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        stop_signal: int = signal.SIGTERM,
+        stdin: int | None = subprocess.DEVNULL,
+        stdout_pipe: bool = False,
+    ) -> Child:
         """Start ``argv`` as ``name``; its stderr (and stdout, unless piped) go to ``<log_dir>/<name>.log``."""
         if name in self.children and self.children[name].popen.poll() is None:
             raise RuntimeError(f"{name} is already running")
         log_path = self.log_dir / f"{name}.log"
         log_file = log_path.open("wb")
         popen = subprocess.Popen(
-            argv, stdin=stdin, stdout=subprocess.PIPE if stdout_pipe else log_file, stderr=log_file,
-            env={**os.environ, **(env or {})}, start_new_session=True, preexec_fn=_child_setup,
+            argv,
+            stdin=stdin,
+            stdout=subprocess.PIPE if stdout_pipe else log_file,
+            stderr=log_file,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+            preexec_fn=_child_setup,
         )
         child = Child(name, popen, log_path, stop_signal, log_file)
         self.children[name] = child
@@ -283,8 +294,7 @@ def _machine_ticks() -> tuple[int, int]:
     return sum(values) - idle, sum(values)
 
 
-def wait_for(what: str, condition: Callable[[], bool], timeout: float,
-             alive: Callable[[], None] | None = None) -> None:
+def wait_for(what: str, condition: Callable[[], bool], timeout: float, alive: Callable[[], None] | None = None) -> None:
     """Poll ``condition`` until it holds; raise naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():

@@ -31,7 +31,9 @@ def median(values: Iterable[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def summarise(raw: dict[str, dict[str, list[dict[str, Any]]]], roles: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+def summarise(
+    raw: dict[str, dict[str, list[dict[str, Any]]]], roles: dict[str, list[str]]
+) -> dict[str, dict[str, Any]]:
     """Medians per configuration from the rounds in ``raw`` (configuration → load → one dict per round).
 
     A failed transfer counts as missing, so one bad round cannot pass for a slow one; CPU per GB
@@ -53,7 +55,10 @@ def summarise(raw: dict[str, dict[str, list[dict[str, Any]]]], roles: dict[str, 
             if roles[config]:
                 s[f"relay_cpu_s_per_gb_{load}"] = median(
                     sum(r["resources"][role]["cpu_s"] for role in roles[config]) / (r["bytes"] / 1e9)
-                    if r.get("ok") else None for r in rounds)
+                    if r.get("ok")
+                    else None
+                    for r in rounds
+                )
         if loads.get("ws"):
             s["ws_rtt_per_s"] = median(r.get("per_s") for r in loads["ws"])
             s["ws_p50_ms"] = median(r.get("p50_ms") for r in loads["ws"])
@@ -62,7 +67,8 @@ def summarise(raw: dict[str, dict[str, list[dict[str, Any]]]], roles: dict[str, 
             for role in [*roles[config], "backend"]:
                 resources.setdefault(load, {})[role] = {
                     key: median(r["resources"][role][key] for r in rounds if role in r.get("resources", {}))
-                    for key in ("cpu_s", "peak_rss_kib")}
+                    for key in ("cpu_s", "peak_rss_kib")
+                }
             resources[load]["machine_busy"] = {"share": median(r.get("machine_busy") for r in rounds)}
         s["resources"] = resources
         if roles[config]:
@@ -80,8 +86,11 @@ def goals(summary: dict[str, dict[str, Any]], memory: dict[str, Any]) -> list[di
         return found
 
     def add(goal: str, measured: float | None, target: float | None, higher_is_better: bool, unit: str) -> None:
-        met = None if measured is None or target is None else (
-            measured >= target if higher_is_better else measured <= target)
+        met = (
+            None
+            if measured is None or target is None
+            else (measured >= target if higher_is_better else measured <= target)
+        )
         found.append({"goal": goal, "measured": measured, "target": target, "unit": unit, "met": met})
 
     if rp and sn:
@@ -92,10 +101,21 @@ def goals(summary: dict[str, dict[str, Any]], memory: dict[str, Any]) -> list[di
         if direct and direct.get("p50_c1_ms") is not None:
             added = [s.get("p50_c1_ms") for s in (rp, sn)]
             if None not in added:
-                add("p50 added at 1 conn <= snitun's", round(added[0] - direct["p50_c1_ms"], 4),
-                    round(added[1] - direct["p50_c1_ms"], 4), False, "ms")
+                add(
+                    "p50 added at 1 conn <= snitun's",
+                    round(added[0] - direct["p50_c1_ms"], 4),
+                    round(added[1] - direct["p50_c1_ms"], 4),
+                    False,
+                    "ms",
+                )
     if rp and direct and direct.get("ws_rtt_per_s"):
-        add("WebSocket round trips/s within 2x of direct", rp.get("ws_rtt_per_s"), direct["ws_rtt_per_s"] / 2, True, "/s")
+        add(
+            "WebSocket round trips/s within 2x of direct",
+            rp.get("ws_rtt_per_s"),
+            direct["ws_rtt_per_s"] / 2,
+            True,
+            "/s",
+        )
     agents = memory.get("idle_agents", {})
     add("bridge memory per idle agent < 64 KiB", agents.get("per_agent_kib"), 64, False, "KiB")
     visitors = memory.get("idle_visitor_ws", {})
@@ -147,24 +167,37 @@ def table(result: dict[str, Any]) -> str:
             row.append(f"{a / b:.2f}x" if a is not None and b else "n/a")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths, strict=True)))
-             for r in rows]
+    lines = [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     settings = result["settings"]
-    lines.append(f"medians of {settings['rounds']} interleaved rounds; (x) = ratio to direct (latency, CPU: lower is "
-                 f"better); wrk -t1 -d{settings['seconds']}s; bulk = one curl of {settings['bulk_bytes'] / 2**20:,.0f} MiB "
-                 "each way; snitun relays TLS (to nginx's TLS port), the others plain HTTP")
+    lines.append(
+        f"medians of {settings['rounds']} interleaved rounds; (x) = ratio to direct (latency, CPU: lower is "
+        f"better); wrk -t1 -d{settings['seconds']}s; bulk = one curl of {settings['bulk_bytes'] / 2**20:,.0f} MiB "
+        "each way; snitun relays TLS (to nginx's TLS port), the others plain HTTP"
+    )
     raw = result.get("raw", {})
     if result["settings"]["rounds"] > 1:
         spreads = []
-        for load, key, label in (("c64", "rps", "req/s 64 conns"), ("c1", "p50_ms", "p50 ms 1 conn"),
-                                 ("download", "mb_per_s", "download MB/s")):
-            cells = [f"{c} {_number(min(v))}-{_number(max(v))}" for c in configs
-                     if (v := [r[key] for r in raw.get(c, {}).get(load, []) if r.get(key)])]
+        for load, key, label in (
+            ("c64", "rps", "req/s 64 conns"),
+            ("c1", "p50_ms", "p50 ms 1 conn"),
+            ("download", "mb_per_s", "download MB/s"),
+        ):
+            cells = [
+                f"{c} {_number(min(v))}-{_number(max(v))}"
+                for c in configs
+                if (v := [r[key] for r in raw.get(c, {}).get(load, []) if r.get(key)])
+            ]
             spreads.append(f"  {label}: " + ", ".join(cells))
         lines += ["min-max over rounds (a wide spread means a disturbed run):", *spreads]
-    errors = {c: (summary[c]["errors_c64"], summary[c]["errors_c1"]) for c in configs
-              if summary[c]["errors_c64"] or summary[c]["errors_c1"]}
+    errors = {
+        c: (summary[c]["errors_c64"], summary[c]["errors_c1"])
+        for c in configs
+        if summary[c]["errors_c64"] or summary[c]["errors_c1"]
+    }
     if errors:
         lines.append("wrk errors (64 conns, 1 conn): " + ", ".join(f"{c} {a}/{b}" for c, (a, b) in errors.items()))
     lines += ["", "relay processes, CPU seconds / peak RSS MiB per load (medians):"]
@@ -181,19 +214,25 @@ def table(result: dict[str, Any]) -> str:
         lines += ["", "rproxy bridge memory:"]
         agents = memory.get("idle_agents")
         if agents:
-            lines.append(f"  idle agents: {agents['count']} connected ({agents['failed']} failed), "
-                         f"{agents['per_agent_kib']:.1f} KiB each at the bridge")
+            lines.append(
+                f"  idle agents: {agents['count']} connected ({agents['failed']} failed), "
+                f"{agents['per_agent_kib']:.1f} KiB each at the bridge"
+            )
         visitors = memory.get("idle_visitor_ws")
         if visitors:
-            lines.append(f"  idle visitor WebSockets: {visitors['count']} open, {visitors['per_ws_kib_bridge']:.1f} KiB "
-                         f"each at the bridge, {visitors['per_ws_kib_agent']:.1f} KiB at the agent")
+            lines.append(
+                f"  idle visitor WebSockets: {visitors['count']} open, {visitors['per_ws_kib_bridge']:.1f} KiB "
+                f"each at the bridge, {visitors['per_ws_kib_agent']:.1f} KiB at the agent"
+            )
         many = memory.get("concurrent_ws")
         if many:
             kinds = ", ".join(f"{k}: {v}" for k, v in {**many["error_kinds"], **many["echo_error_kinds"]}.items())
-            lines.append(f"  concurrent visitor WebSockets: {many['open']:,} of {many['attempted']:,} open in "
-                         f"{many['open_seconds']:.1f}s, {many['errors']:,} failed to open, echo ok on "
-                         f"{many['echo_ok']:,} ({many['echo_failed']} failed){'; ' + kinds if kinds else ''}; "
-                         f"bridge {many['bridge_rss_kib'] / 1024:.0f} MiB, agent {many['agent_rss_kib'] / 1024:.0f} MiB")
+            lines.append(
+                f"  concurrent visitor WebSockets: {many['open']:,} of {many['attempted']:,} open in "
+                f"{many['open_seconds']:.1f}s, {many['errors']:,} failed to open, echo ok on "
+                f"{many['echo_ok']:,} ({many['echo_failed']} failed){'; ' + kinds if kinds else ''}; "
+                f"bridge {many['bridge_rss_kib'] / 1024:.0f} MiB, agent {many['agent_rss_kib'] / 1024:.0f} MiB"
+            )
     if result.get("goals"):
         lines += ["", "issue 7 goals for rproxy:"]
         for goal in result["goals"]:

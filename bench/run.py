@@ -86,25 +86,39 @@ class Settings:
 
 def parse_args(argv: list[str]) -> Settings:
     parser = Parser(prog="bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", default=os.environ.get("BENCH_SMOKE") == "1",
-                        help="a quick check that everything works: 1 round of 1 s loads, 64 MiB bulk, few "
-                             "agents and WebSockets; the defaults below shrink accordingly ($BENCH_SMOKE=1)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        default=os.environ.get("BENCH_SMOKE") == "1",
+        help="a quick check that everything works: 1 round of 1 s loads, 64 MiB bulk, few "
+        "agents and WebSockets; the defaults below shrink accordingly ($BENCH_SMOKE=1)",
+    )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; smoke 1)")
     parser.add_argument("--seconds", type=int, help="length of each wrk and WebSocket load (default 8; smoke 1)")
     parser.add_argument("--bulk-mib", type=int, help="size of the download and upload (default 1024; smoke 64)")
     parser.add_argument("--agents", type=int, help="idle agents for the memory per agent (default 200; smoke 5)")
-    parser.add_argument("--idle-ws", type=int,
-                        help="idle visitor WebSockets for the memory per WebSocket (default 2000; smoke 50)")
-    parser.add_argument("--concurrent-ws", type=int,
-                        help="concurrent visitor WebSockets through one agent (default 10000; smoke 200)")
+    parser.add_argument(
+        "--idle-ws", type=int, help="idle visitor WebSockets for the memory per WebSocket (default 2000; smoke 50)"
+    )
+    parser.add_argument(
+        "--concurrent-ws", type=int, help="concurrent visitor WebSockets through one agent (default 10000; smoke 200)"
+    )
     parser.add_argument("--only", help="comma-separated subset of " + ",".join(CONFIGS) + " (direct is always run)")
     parser.add_argument("--no-snitun", action="store_true", help="leave snitun out")
     parser.add_argument("--budget", type=int, help="stop everything after this many seconds (default 840; smoke 50)")
-    parser.add_argument("--work", type=Path, default=Path(os.environ.get("BENCH_WORK", "/tmp/rproxy-bench")),
-                        help="scratch directory: files served, logs, nginx state ($BENCH_WORK, default /tmp/rproxy-bench)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path(os.environ.get("BENCH_WORK", "/tmp/rproxy-bench")),
+        help="scratch directory: files served, logs, nginx state ($BENCH_WORK, default /tmp/rproxy-bench)",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results", help="where latest.json and latest.png go")
-    parser.add_argument("--rproxy", type=Path, default=ROOT / ".venv" / "bin" / "rproxy",
-                        help="the rproxy command to measure (default .venv/bin/rproxy)")
+    parser.add_argument(
+        "--rproxy",
+        type=Path,
+        default=ROOT / ".venv" / "bin" / "rproxy",
+        help="the rproxy command to measure (default .venv/bin/rproxy)",
+    )
     args = parser.parse_args(argv)
     smoke = bool(args.smoke)
 
@@ -119,7 +133,9 @@ def parse_args(argv: list[str]) -> Settings:
         wanted = {c.strip() for c in args.only.split(",") if c.strip()}
         unknown = wanted - set(CONFIGS)
         if unknown:
-            raise UsageError(f"--only: unknown configuration(s) {', '.join(sorted(unknown))}; known: {', '.join(CONFIGS)}")
+            raise UsageError(
+                f"--only: unknown configuration(s) {', '.join(sorted(unknown))}; known: {', '.join(CONFIGS)}"
+            )
         configs = [c for c in CONFIGS if c in wanted or c == "direct"]
     if args.no_snitun and "snitun" in configs:
         configs.remove("snitun")
@@ -195,21 +211,49 @@ class Bench:
         self.token_file.write_text(self.token + "\n")
         cert, key = self.run_dir / "cert.pem", self.run_dir / "key.pem"
         if not cert.is_file():
-            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                            "-nodes", "-days", "30", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
-                            "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=30)
+            subprocess.run(
+                [
+                    "openssl",
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                    "-days",
+                    "30",
+                    "-subj",
+                    "/CN=localhost",
+                    "-addext",
+                    "subjectAltName=DNS:localhost",
+                    "-keyout",
+                    str(key),
+                    "-out",
+                    str(cert),
+                ],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
 
     def nginx_conf(self, template: str, name: str) -> Path:
         state = self.run_dir / name
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (state / sub).mkdir(parents=True, exist_ok=True)
-        values = {"RUN": str(state), "WWW": str(self.www), "CERT": str(self.run_dir / "cert.pem"),
-                  "KEY": str(self.run_dir / "key.pem"), "BACKEND_PORT": str(self.ports["backend"]),
-                  "BACKEND_TLS_PORT": str(self.ports["backend_tls"]), "APP_PORT": str(self.ports["app"]),
-                  "PROXY_PORT": str(self.ports["proxy"]),
-                  # Started as root, nginx's workers would become nobody, who cannot read a --work
-                  # directory inside a private one (pytest's tmp_path, /root): they stay root here.
-                  "USER": "user root;" if os.geteuid() == 0 else ""}
+        values = {
+            "RUN": str(state),
+            "WWW": str(self.www),
+            "CERT": str(self.run_dir / "cert.pem"),
+            "KEY": str(self.run_dir / "key.pem"),
+            "BACKEND_PORT": str(self.ports["backend"]),
+            "BACKEND_TLS_PORT": str(self.ports["backend_tls"]),
+            "APP_PORT": str(self.ports["app"]),
+            "PROXY_PORT": str(self.ports["proxy"]),
+            # Started as root, nginx's workers would become nobody, who cannot read a --work
+            # directory inside a private one (pytest's tmp_path, /root): they stay root here.
+            "USER": "user root;" if os.geteuid() == 0 else "",
+        }
         text = (HERE / template).read_text()
         for key, value in values.items():
             text = text.replace(f"@{key}@", value)
@@ -223,8 +267,21 @@ class Bench:
     def start_nginx(self, name: str, template: str) -> None:
         conf = self.nginx_conf(template, name)
         # SIGQUIT: nginx's graceful stop, in which the master also stops its workers.
-        self.sup.start(name, ["nginx", "-e", str(self.run_dir / name / "error.log"), "-p", str(self.run_dir / name),
-                              "-c", str(conf), "-g", "daemon off;"], stop_signal=signal.SIGQUIT)
+        self.sup.start(
+            name,
+            [
+                "nginx",
+                "-e",
+                str(self.run_dir / name / "error.log"),
+                "-p",
+                str(self.run_dir / name),
+                "-c",
+                str(conf),
+                "-g",
+                "daemon off;",
+            ],
+            stop_signal=signal.SIGQUIT,
+        )
 
     def wait_port(self, what: str, port: int, timeout: float = 20) -> None:
         wait_for(f"{what} on port {port}", lambda: port_open(port), timeout, self.sup.check_alive)
@@ -238,14 +295,17 @@ class Bench:
         self.wait_port("nginx backend", self.ports["backend"])
         base = f"http://127.0.0.1:{self.ports['backend']}"
         app = f"http://127.0.0.1:{self.ports['app']}"
-        self.targets["direct"] = Target("direct", base, app + "/sink", f"ws://127.0.0.1:{self.ports['app']}/ws", None, [])
+        self.targets["direct"] = Target(
+            "direct", base, app + "/sink", f"ws://127.0.0.1:{self.ports['app']}/ws", None, []
+        )
 
     def start_nginx_proxy(self) -> None:
         self.start_nginx("nginx-proxy", "nginx-proxy.conf.template")
         self.wait_port("nginx proxy", self.ports["proxy"])
         base = f"http://127.0.0.1:{self.ports['proxy']}"
-        self.targets["nginx"] = Target("nginx", base, base + "/sink", f"ws://127.0.0.1:{self.ports['proxy']}/ws", None,
-                                       ["nginx-proxy"])
+        self.targets["nginx"] = Target(
+            "nginx", base, base + "/sink", f"ws://127.0.0.1:{self.ports['proxy']}/ws", None, ["nginx-proxy"]
+        )
 
     def start_snitun(self) -> None:
         probe = subprocess.run([PY, "-c", "import snitun"], capture_output=True, text=True, timeout=60)
@@ -256,10 +316,13 @@ class Bench:
         keys.unlink(missing_ok=True)
         subprocess.run([PY, str(HERE / "snitun_peer.py"), "keys", str(keys)], check=True, timeout=60)
         script = str(HERE / "snitun_peer.py")
-        self.sup.start("snitun-server", [PY, script, "server", str(keys), str(self.ports["sni"]), str(self.ports["peer"])])
+        self.sup.start(
+            "snitun-server", [PY, script, "server", str(keys), str(self.ports["sni"]), str(self.ports["peer"])]
+        )
         self.wait_port("snitun server", self.ports["peer"])
-        self.sup.start("snitun-client", [PY, script, "client", str(keys), str(self.ports["peer"]),
-                                         str(self.ports["backend_tls"])])
+        self.sup.start(
+            "snitun-client", [PY, script, "client", str(keys), str(self.ports["peer"]), str(self.ports["backend_tls"])]
+        )
         base = f"https://localhost:{self.ports['sni']}"
 
         def through() -> bool:
@@ -271,29 +334,62 @@ class Bench:
     def start_rproxy_pair(self, prefix: str, port: int, target: str, services: dict[str, str]) -> None:
         """A bridge and one agent, as real ``rproxy`` processes (uvloop, as the CLI picks it)."""
         rproxy = str(self.s.rproxy)
-        self.sup.start(f"{prefix}bridge", [rproxy, "bridge", "--listen", f"127.0.0.1:{port}", "--token-file",
-                                           str(self.token_file), "--no-access-log"])
+        self.sup.start(
+            f"{prefix}bridge",
+            [
+                rproxy,
+                "bridge",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--token-file",
+                str(self.token_file),
+                "--no-access-log",
+            ],
+        )
         self.wait_port(f"{prefix}bridge", port)
-        argv = [rproxy, "agent", "--bridge", f"ws://127.0.0.1:{port}", "--target", target, "--name", "home",
-                "--agent-id", f"bench-{prefix}agent"]
+        argv = [
+            rproxy,
+            "agent",
+            "--bridge",
+            f"ws://127.0.0.1:{port}",
+            "--target",
+            target,
+            "--name",
+            "home",
+            "--agent-id",
+            f"bench-{prefix}agent",
+        ]
         for name, url in services.items():
             argv += ["--service", f"{name}={url}"]
         # The token goes by environment: nothing secret in any process list or log.
         self.sup.start(f"{prefix}agent", argv, env={"RPROXY_TOKEN": self.token})
         # Ready when a request crosses the tunnel to the aiohttp backend (directly or as the service).
         host = APP_HOST if services else None
-        wait_for(f"{prefix}agent's tunnel", lambda: http_status(f"http://127.0.0.1:{port}/health", host) == 200, 30,
-                 self.sup.check_alive)
+        wait_for(
+            f"{prefix}agent's tunnel",
+            lambda: http_status(f"http://127.0.0.1:{port}/health", host) == 200,
+            30,
+            self.sup.check_alive,
+        )
 
     def start_rproxy(self) -> None:
         port = self.ports["bridge"]
-        self.start_rproxy_pair("rproxy-", port, f"http://127.0.0.1:{self.ports['backend']}",
-                               {"app": f"http://127.0.0.1:{self.ports['app']}"})
-        wait_for("rproxy tunnel to nginx", lambda: http_status(f"http://127.0.0.1:{port}/1k") == 200, 30,
-                 self.sup.check_alive)
+        self.start_rproxy_pair(
+            "rproxy-",
+            port,
+            f"http://127.0.0.1:{self.ports['backend']}",
+            {"app": f"http://127.0.0.1:{self.ports['app']}"},
+        )
+        wait_for(
+            "rproxy tunnel to nginx",
+            lambda: http_status(f"http://127.0.0.1:{port}/1k") == 200,
+            30,
+            self.sup.check_alive,
+        )
         base = f"http://127.0.0.1:{port}"
-        self.targets["rproxy"] = Target("rproxy", base, base + "/sink", f"ws://127.0.0.1:{port}/ws", APP_HOST,
-                                        ["rproxy-bridge", "rproxy-agent"])
+        self.targets["rproxy"] = Target(
+            "rproxy", base, base + "/sink", f"ws://127.0.0.1:{port}/ws", APP_HOST, ["rproxy-bridge", "rproxy-agent"]
+        )
 
     def setup(self) -> None:
         self.prepare_files()
@@ -371,7 +467,10 @@ class Bench:
                     if done[load].get("ok") is False:
                         self.failures.append(f"round {number} {name} {load}: {done[load]['error']}")
                 self.sup.check_alive()
-                log(f"round {number}/{self.s.rounds} {name:6s} " + " | ".join(_brief(load, r) for load, r in done.items()))
+                log(
+                    f"round {number}/{self.s.rounds} {name:6s} "
+                    + " | ".join(_brief(load, r) for load, r in done.items())
+                )
 
     # ------------------------------------------------------------------ memory
 
@@ -393,12 +492,31 @@ class Bench:
         """Bridge RSS per connected idle agent: K agents, each its own tunnel, on a fresh bridge."""
         port = free_port()
         rproxy = str(self.s.rproxy)
-        bridge = self.sup.start("idle-bridge", [rproxy, "bridge", "--listen", f"127.0.0.1:{port}", "--token-file",
-                                                str(self.token_file), "--no-access-log"])
+        bridge = self.sup.start(
+            "idle-bridge",
+            [
+                rproxy,
+                "bridge",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--token-file",
+                str(self.token_file),
+                "--no-access-log",
+            ],
+        )
         self.wait_port("idle-bridge", port)
-        helper = self.sup.start("idle-agents", [self.rproxy_python, str(HERE / "idle_agents.py"),
-                                                f"ws://127.0.0.1:{port}", f"http://127.0.0.1:{self.ports['app']}"],
-                                env={"RPROXY_TOKEN": self.token}, stdin=subprocess.PIPE, stdout_pipe=True)
+        helper = self.sup.start(
+            "idle-agents",
+            [
+                self.rproxy_python,
+                str(HERE / "idle_agents.py"),
+                f"ws://127.0.0.1:{port}",
+                f"http://127.0.0.1:{self.ports['app']}",
+            ],
+            env={"RPROXY_TOKEN": self.token},
+            stdin=subprocess.PIPE,
+            stdout_pipe=True,
+        )
         try:
             warm = 8  # first connections allocate the bridge's lasting structures: not per agent
             self.ask(helper, f"add {warm}", 60)
@@ -408,10 +526,18 @@ class Bench:
             health = http_json(f"http://127.0.0.1:{port}/_rproxy/health") or {}
             tunnels = len(health.get("tunnels", {}))
             if tunnels != warm + self.s.idle_agents:
-                self.failures.append(f"idle agents: the bridge lists {tunnels} tunnels, not {warm + self.s.idle_agents}")
-            return {"count": self.s.idle_agents, "failed": added["failed"], "connect_seconds": added["seconds"],
-                    "tunnels_at_bridge": tunnels, "bridge_rss_base_kib": base, "bridge_rss_kib": after,
-                    "per_agent_kib": round((after - base) / self.s.idle_agents, 2)}
+                self.failures.append(
+                    f"idle agents: the bridge lists {tunnels} tunnels, not {warm + self.s.idle_agents}"
+                )
+            return {
+                "count": self.s.idle_agents,
+                "failed": added["failed"],
+                "connect_seconds": added["seconds"],
+                "tunnels_at_bridge": tunnels,
+                "bridge_rss_base_kib": base,
+                "bridge_rss_kib": after,
+                "per_agent_kib": round((after - base) / self.s.idle_agents, 2),
+            }
         finally:
             self.sup.stop("idle-agents")
             self.sup.stop("idle-bridge")
@@ -421,8 +547,12 @@ class Bench:
         port = free_port()
         self.start_rproxy_pair("ws-", port, f"http://127.0.0.1:{self.ports['app']}", {})
         bridge, agent = self.sup.children["ws-bridge"], self.sup.children["ws-agent"]
-        holder = self.sup.start("ws-holder", [PY, str(HERE / "wsload.py"), "hold", f"ws://127.0.0.1:{port}/ws"],
-                                stdin=subprocess.PIPE, stdout_pipe=True)
+        holder = self.sup.start(
+            "ws-holder",
+            [PY, str(HERE / "wsload.py"), "hold", f"ws://127.0.0.1:{port}/ws"],
+            stdin=subprocess.PIPE,
+            stdout_pipe=True,
+        )
         try:
             warm = 100 if not self.s.smoke else 20
             self.ask(holder, f"open {warm}", 60)
@@ -432,19 +562,34 @@ class Bench:
             bridge1, agent1 = settled_rss_kib(bridge.pids()), settled_rss_kib(agent.pids())
             count = opened["open"] - warm
             if opened["errors"]:
-                self.failures.append(f"idle visitor WebSockets: {opened['errors']} failed to open {opened['error_kinds']}")
-            idle = {"count": count, "errors": opened["errors"], "bridge_rss_base_kib": bridge0, "bridge_rss_kib": bridge1,
-                    "per_ws_kib_bridge": round((bridge1 - bridge0) / max(1, count), 2),
-                    "per_ws_kib_agent": round((agent1 - agent0) / max(1, count), 2)}
+                self.failures.append(
+                    f"idle visitor WebSockets: {opened['errors']} failed to open {opened['error_kinds']}"
+                )
+            idle = {
+                "count": count,
+                "errors": opened["errors"],
+                "bridge_rss_base_kib": bridge0,
+                "bridge_rss_kib": bridge1,
+                "per_ws_kib_bridge": round((bridge1 - bridge0) / max(1, count), 2),
+                "per_ws_kib_agent": round((agent1 - agent0) / max(1, count), 2),
+            }
             total = max(self.s.concurrent_ws, idle_total)
             many = self.ask(holder, f"open {total}", 60 + total * 0.05)
             bridge2, agent2 = settled_rss_kib(bridge.pids()), settled_rss_kib(agent.pids())
             echoed = self.ask(holder, "echo", 60 + total * 0.01)
-            concurrent = {"attempted": many["attempts"], "open": many["open"], "errors": many["errors"],
-                          "error_kinds": many["error_kinds"], "open_seconds": many["seconds"],
-                          "echo_ok": echoed["echo_ok"], "echo_failed": echoed["echo_failed"],
-                          "echo_error_kinds": echoed["echo_error_kinds"], "bridge_rss_kib": bridge2,
-                          "agent_rss_kib": agent2, "rss_now_kib": rss_kib(bridge.pids())}
+            concurrent = {
+                "attempted": many["attempts"],
+                "open": many["open"],
+                "errors": many["errors"],
+                "error_kinds": many["error_kinds"],
+                "open_seconds": many["seconds"],
+                "echo_ok": echoed["echo_ok"],
+                "echo_failed": echoed["echo_failed"],
+                "echo_error_kinds": echoed["echo_error_kinds"],
+                "bridge_rss_kib": bridge2,
+                "agent_rss_kib": agent2,
+                "rss_now_kib": rss_kib(bridge.pids()),
+            }
             return idle, concurrent
         finally:
             self.sup.stop("ws-holder")
@@ -456,12 +601,17 @@ class Bench:
             return
         log(f"memory: {self.s.idle_agents} idle agents on a fresh bridge")
         agents = self.memory_results["idle_agents"] = self.idle_agents()
-        log(f"memory: {agents['per_agent_kib']:.1f} KiB per idle agent; now {self.s.idle_ws} idle visitor WebSockets, "
-            f"then {self.s.concurrent_ws:,} at once, on a fresh bridge and agent")
+        log(
+            f"memory: {agents['per_agent_kib']:.1f} KiB per idle agent; now {self.s.idle_ws} idle visitor WebSockets, "
+            f"then {self.s.concurrent_ws:,} at once, on a fresh bridge and agent"
+        )
         idle, concurrent = self.visitor_websockets()
         self.memory_results.update(idle_visitor_ws=idle, concurrent_ws=concurrent)
-        log(f"memory: {idle['per_ws_kib_bridge']:.1f} KiB per idle visitor WebSocket at the bridge; "
-            f"{concurrent['open']:,} of {concurrent['attempted']:,} concurrent open, echo ok on {concurrent['echo_ok']:,}")
+        log(
+            f"memory: {idle['per_ws_kib_bridge']:.1f} KiB per idle visitor WebSocket at the bridge; "
+            f"{concurrent['open']:,} of {concurrent['attempted']:,} concurrent open, "
+            f"echo ok on {concurrent['echo_ok']:,}"
+        )
 
     def close(self) -> None:
         if self.sup.children:
@@ -491,22 +641,36 @@ def machine_info(settings: Settings) -> dict[str, Any]:
         if line.startswith("model name"):
             model = line.split(":", 1)[1].strip()
             break
-    package_versions = ("import importlib.metadata as m, sys\n"
-                        "for p in sys.argv[1:]:\n"
-                        "    try: print(p, m.version(p))\n"
-                        "    except m.PackageNotFoundError: print(p, '-')")
+    package_versions = (
+        "import importlib.metadata as m, sys\n"
+        "for p in sys.argv[1:]:\n"
+        "    try: print(p, m.version(p))\n"
+        "    except m.PackageNotFoundError: print(p, '-')"
+    )
     rproxy_side = _version([str(settings.rproxy.parent / "python"), "-c", "import sys; print(sys.version.split()[0])"])
     packages = {}
-    for python, names in ((str(settings.rproxy.parent / "python"), ["aiohttp", "uvloop", "websockets"]),
-                          (PY, ["snitun", "matplotlib"])):
+    for python, names in (
+        (str(settings.rproxy.parent / "python"), ["aiohttp", "uvloop", "websockets"]),
+        (PY, ["snitun", "matplotlib"]),
+    ):
         done = subprocess.run([python, "-c", package_versions, *names], capture_output=True, text=True, timeout=60)
         packages.update(dict(line.split(" ", 1) for line in done.stdout.splitlines()))
     return {
-        "cores": os.cpu_count(), "cpu_model": model, "kernel": platform.release(), "os": _os_name(),
-        "memory_mib": _meminfo_mib(), "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
-        "python_bench": platform.python_version(), "python_rproxy": rproxy_side,
-        "versions": {"rproxy": _version([str(settings.rproxy), "--version"]), "nginx": _version(["nginx", "-v"]),
-                     "wrk": _version(["wrk", "-v"]), "curl": _version(["curl", "-V"]), **packages},
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "os": _os_name(),
+        "memory_mib": _meminfo_mib(),
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        "python_bench": platform.python_version(),
+        "python_rproxy": rproxy_side,
+        "versions": {
+            "rproxy": _version([str(settings.rproxy), "--version"]),
+            "nginx": _version(["nginx", "-v"]),
+            "wrk": _version(["wrk", "-v"]),
+            "curl": _version(["curl", "-V"]),
+            **packages,
+        },
     }
 
 
@@ -535,7 +699,10 @@ def run(settings: Settings) -> int:
     bench = Bench(settings)
     machine = machine_info(settings)
     if float(machine["loadavg_at_start"][0]) > 0.5 * (os.cpu_count() or 1):
-        log(f"note: the machine is already busy (load average {machine['loadavg_at_start'][0]}): figures may be disturbed")
+        log(
+            f"note: the machine is already busy (load average {machine['loadavg_at_start'][0]}): "
+            "figures may be disturbed"
+        )
 
     def out_of_time(signum: int, frame: object) -> None:
         raise OutOfTime(f"the time budget of {settings.budget:.0f}s ran out (--budget)")
@@ -570,10 +737,17 @@ def run(settings: Settings) -> int:
         "seconds_taken": round((datetime.now(UTC) - started).total_seconds(), 1),
         "command": os.environ.get("BENCH_COMMAND") or " ".join([Path(PY).name, *sys.argv]),
         "machine": machine,
-        "settings": {"smoke": settings.smoke, "rounds": settings.rounds, "seconds": settings.seconds,
-                     "bulk_bytes": settings.bulk_bytes, "idle_agents": settings.idle_agents,
-                     "idle_ws": settings.idle_ws, "concurrent_ws": settings.concurrent_ws,
-                     "configs": list(summary), "wrk": "wrk -t1 -cN -dS --latency on a 1 KiB file"},
+        "settings": {
+            "smoke": settings.smoke,
+            "rounds": settings.rounds,
+            "seconds": settings.seconds,
+            "bulk_bytes": settings.bulk_bytes,
+            "idle_agents": settings.idle_agents,
+            "idle_ws": settings.idle_ws,
+            "concurrent_ws": settings.concurrent_ws,
+            "configs": list(summary),
+            "wrk": "wrk -t1 -cN -dS --latency on a 1 KiB file",
+        },
         "configs": list(summary),
         "roles": {name: roles[name] for name in summary},
         "summary": summary,

@@ -35,8 +35,9 @@ def write_keys(path: Path) -> None:
     aes_key, aes_iv = generate_aes_keyset()
     token = generate_client_token([fernet_key], timedelta(hours=12), SNI_NAME, aes_key, aes_iv)
     path.touch(mode=0o600)
-    path.write_text(json.dumps({"fernet": fernet_key, "aes_key": aes_key.hex(), "aes_iv": aes_iv.hex(),
-                                "token": token.decode()}))
+    path.write_text(
+        json.dumps({"fernet": fernet_key, "aes_key": aes_key.hex(), "aes_iv": aes_iv.hex(), "token": token.decode()})
+    )
 
 
 async def until_stopped() -> None:
@@ -50,8 +51,9 @@ async def until_stopped() -> None:
 async def server(keys: dict[str, Any], sni_port: int, peer_port: int) -> None:
     from snitun.server.run import SniTunServer
 
-    relay = SniTunServer([keys["fernet"]], sni_port=sni_port, sni_host=LOOPBACK, peer_port=peer_port,
-                         peer_host=LOOPBACK)
+    relay = SniTunServer(
+        [keys["fernet"]], sni_port=sni_port, sni_host=LOOPBACK, peer_port=peer_port, peer_host=LOOPBACK
+    )
     await relay.start()
     await until_stopped()
     await relay.stop()
@@ -64,8 +66,13 @@ async def client(keys: dict[str, Any], peer_port: int, tls_port: int) -> None:
 
     peer = ClientPeer(LOOPBACK, peer_port)
     # The newest multiplexer protocol: per-channel flow control, as current Home Assistant uses.
-    await peer.start(EndpointConnector(LOOPBACK, tls_port), keys["token"].encode(), bytes.fromhex(keys["aes_key"]),
-                     bytes.fromhex(keys["aes_iv"]), protocol_version=PROTOCOL_VERSION)
+    await peer.start(
+        EndpointConnector(LOOPBACK, tls_port),
+        keys["token"].encode(),
+        bytes.fromhex(keys["aes_key"]),
+        bytes.fromhex(keys["aes_iv"]),
+        protocol_version=PROTOCOL_VERSION,
+    )
     closed = asyncio.ensure_future(peer.wait())
     stop = asyncio.ensure_future(until_stopped())
     await asyncio.wait([closed, stop], return_when=asyncio.FIRST_COMPLETED)

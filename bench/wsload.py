@@ -22,7 +22,6 @@ from collections import Counter
 from typing import Any
 
 import aiohttp
-
 from procs import raise_nofile
 
 MESSAGE = "x" * 32
@@ -49,9 +48,13 @@ async def rtt(url: str, seconds: float, host: str | None) -> dict[str, Any]:
             now = after
         elapsed = now - start
     times.sort()
-    return {"round_trips": len(times), "seconds": round(elapsed, 3), "per_s": round(len(times) / elapsed, 1),
-            "p50_ms": round(statistics.median(times) * 1e3, 4),
-            "p99_ms": round(times[min(len(times) - 1, int(len(times) * 0.99))] * 1e3, 4)}
+    return {
+        "round_trips": len(times),
+        "seconds": round(elapsed, 3),
+        "per_s": round(len(times) / elapsed, 1),
+        "p50_ms": round(statistics.median(times) * 1e3, 4),
+        "p99_ms": round(times[min(len(times) - 1, int(len(times) * 0.99))] * 1e3, 4),
+    }
 
 
 class Holder:
@@ -68,7 +71,13 @@ class Holder:
     async def _open_one(self, gate: asyncio.Semaphore) -> None:
         async with gate:
             try:
-                ws = await self.session.ws_connect(self.url, headers=self.headers, compress=0, heartbeat=None, timeout=aiohttp.ClientWSTimeout(ws_close=5))
+                ws = await self.session.ws_connect(
+                    self.url,
+                    headers=self.headers,
+                    compress=0,
+                    heartbeat=None,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=5),
+                )
             except aiohttp.WSServerHandshakeError as err:
                 self.errors[f"handshake {err.status}"] += 1
             except (TimeoutError, aiohttp.ClientError, OSError) as err:
@@ -82,8 +91,13 @@ class Holder:
         wanted = total - self.attempts
         self.attempts = max(self.attempts, total)
         await asyncio.gather(*(self._open_one(gate) for _ in range(wanted)))
-        return {"open": len(self.sockets), "attempts": self.attempts, "errors": sum(self.errors.values()),
-                "error_kinds": dict(self.errors), "seconds": round(time.perf_counter() - start, 2)}
+        return {
+            "open": len(self.sockets),
+            "attempts": self.attempts,
+            "errors": sum(self.errors.values()),
+            "error_kinds": dict(self.errors),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
 
     async def echo(self) -> dict[str, Any]:
         start = time.perf_counter()
@@ -104,8 +118,12 @@ class Holder:
                 return False
 
         results = await asyncio.gather(*(one(ws) for ws in self.sockets))
-        return {"echo_ok": sum(results), "echo_failed": len(results) - sum(results), "echo_error_kinds": dict(failed),
-                "seconds": round(time.perf_counter() - start, 2)}
+        return {
+            "echo_ok": sum(results),
+            "echo_failed": len(results) - sum(results),
+            "echo_error_kinds": dict(failed),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
 
     async def close(self) -> None:
         await asyncio.gather(*(ws.close() for ws in self.sockets), return_exceptions=True)

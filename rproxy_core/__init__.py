@@ -9,4 +9,14 @@ from .bridge import Bridge, BridgeConfig, MemoryRegistry, TokenGrant, TunnelRegi
 from .exceptions import *  # noqa: F403
 from .exceptions import __all__ as _exceptions_all
 
-__all__ = ["__version__", "Agent", "AgentConfig", "Bridge", "BridgeConfig", "TokenGrant", "TunnelRegistry", "MemoryRegistry", *_exceptions_all]
+__all__ = [
+    "__version__",
+    "Agent",
+    "AgentConfig",
+    "Bridge",
+    "BridgeConfig",
+    "TokenGrant",
+    "TunnelRegistry",
+    "MemoryRegistry",
+    *_exceptions_all,
+]

@@ -300,7 +300,9 @@ def _aliases(value: Any) -> dict[str, tuple[str, str]]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise vol.Invalid("expected host names mapped to TUNNEL or SERVICE.TUNNEL, e.g. garden.example.com: garden.home")
+        raise vol.Invalid(
+            "expected host names mapped to TUNNEL or SERVICE.TUNNEL, e.g. garden.example.com: garden.home"
+        )
     aliases: dict[str, tuple[str, str]] = {}
     for host, route in value.items():
         name = _domain(host)
@@ -423,8 +425,20 @@ def _regex_list(value: Any) -> list[Any]:
 
 
 #: Fields the gateway writes itself, or that describe the POST rather than the client.
-_UNFORWARDABLE = frozenset({"host", "content-length", "content-type", "transfer-encoding", "connection", "upgrade",
-                            "te", "trailer", "keep-alive", "expect"})
+_UNFORWARDABLE = frozenset(
+    {
+        "host",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "upgrade",
+        "te",
+        "trailer",
+        "keep-alive",
+        "expect",
+    }
+)
 
 
 def _header_name(value: Any) -> str:
@@ -449,7 +463,9 @@ def _rate(value: Any) -> float:
 #: The gateway's settings (docs/GATEWAY.md), as ``rproxy gateway`` and a bridge's ``gateway:`` share them.
 GATEWAY_SCHEMA = vol.Schema(
     {
-        vol.Required("base_url", msg="is required (the public URL the callback URLs start with)"): _url(("http", "https")),
+        vol.Required("base_url", msg="is required (the public URL the callback URLs start with)"): _url(
+            ("http", "https")
+        ),
         vol.Optional("allowlist", default=[]): vol.All(_regex_list, [_regex]),
         vol.Optional("secret"): _optional(_secret_text),
         vol.Optional("forward_headers", default=["origin", "user-agent"]): vol.All(_pin_list, [_header_name]),
@@ -527,6 +543,7 @@ BRIDGE_SCHEMA = vol.Schema(
         vol.Optional("log_level"): _optional(_log_level),
     }
 )
+
 
 def _service_target(value: Any) -> str:
     """A service: a web app (as ``target``) or a TCP service, ``tcp://host:port``."""
@@ -738,7 +755,9 @@ def validate(
             rest = _path_text(path[1:])  # ``tokens[2].name``, with the key as written
             where += rest if rest.startswith("[") or not rest else "." + rest
         elif where is None:  # unknown or missing: with a file, say where in it
-            where = f"{file}: {_path_text(path)}" if file else (flag_names or {}).get(key) or "--" + key.replace("_", "-")
+            where = (
+                f"{file}: {_path_text(path)}" if file else (flag_names or {}).get(key) or "--" + key.replace("_", "-")
+            )
         message = first.error_message
         if message.startswith("extra keys not allowed"):
             message = "unknown key"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 import re
+from collections.abc import Iterable, Mapping
 
 from .typing import Headers
 
@@ -26,7 +26,9 @@ HOP_BY_HOP = frozenset(
 
 #: Fields of the WebSocket opening handshake that belong to one hop (RFC 6455 §4); the
 #: subprotocol list (Sec-WebSocket-Protocol) is end to end and is kept.
-WEBSOCKET_HOP_HEADERS = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-accept"})
+WEBSOCKET_HOP_HEADERS = frozenset(
+    {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-accept"}
+)
 
 
 def strip_hop_by_hop(headers: Iterable[tuple[str, str]], extra: frozenset[str] = frozenset()) -> Headers:
@@ -52,8 +54,14 @@ def is_tunnel_name(name: str) -> bool:
 #: WebSocket handshake fields are base64 and tokens). A visitor's bytes that are not ASCII here
 #: are refused with 400 before any handler parses them: a parser that expects ASCII (base64,
 #: str.encode) would otherwise fail with a 500.
-ASCII_ONLY = ("Authorization", "Proxy-Authorization", "Sec-WebSocket-Key", "Sec-WebSocket-Version",
-              "Sec-WebSocket-Protocol", "Sec-WebSocket-Extensions")
+ASCII_ONLY = (
+    "Authorization",
+    "Proxy-Authorization",
+    "Sec-WebSocket-Key",
+    "Sec-WebSocket-Version",
+    "Sec-WebSocket-Protocol",
+    "Sec-WebSocket-Extensions",
+)
 
 
 def non_ascii_field(headers: Mapping[str, str]) -> str | None:

@@ -59,8 +59,9 @@ async def running_bridge(**overrides: object) -> AsyncIterator[Bridge]:
 @asynccontextmanager
 async def running_agent(bridge_url: str, target: str, **overrides: object) -> AsyncIterator[Agent]:
     """A real agent connected (waited for) to ``bridge_url``, serving ``target``."""
-    config = AgentConfig(bridge=bridge_url, token=TOKEN, target=target, agent_id="test-agent",
-                         backoff_initial=0.1, backoff_max=0.5)
+    config = AgentConfig(
+        bridge=bridge_url, token=TOKEN, target=target, agent_id="test-agent", backoff_initial=0.1, backoff_max=0.5
+    )
     for key, value in overrides.items():
         setattr(config, key, value)
     agent = Agent(config)
@@ -141,7 +142,12 @@ class Proc:
     """A running ``rproxy`` process with its output in a file."""
 
     def __init__(
-        self, args: list[str], log: Path, env: dict[str, str] | None = None, *, cwd: Path = ROOT,
+        self,
+        args: list[str],
+        log: Path,
+        env: dict[str, str] | None = None,
+        *,
+        cwd: Path = ROOT,
         base_env: dict[str, str] | None = None,
     ) -> None:
         self.args = args
@@ -149,7 +155,9 @@ class Proc:
         self._log = log.open("w")
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "rproxy_core", *args],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
             env={**(os.environ if base_env is None else base_env), **(env or {})},
             start_new_session=True,
         )
@@ -192,8 +200,9 @@ def procs(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
     """Start ``rproxy`` processes; every one is stopped at the end of the test."""
     started: list[Proc] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT,
-              base_env: dict[str, str] | None = None) -> Proc:
+    def start(
+        *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, base_env: dict[str, str] | None = None
+    ) -> Proc:
         proc = Proc(list(args), tmp_path / f"proc-{len(started)}.log", env, cwd=cwd, base_env=base_env)
         started.append(proc)
         return proc

@@ -9,10 +9,11 @@ from homeassistant.const import EVENT_HOMEASSISTANT_STOP, Platform
 from homeassistant.core import Event, HomeAssistant
 from homeassistant.exceptions import ConfigEntryAuthFailed, ConfigEntryError, ConfigEntryNotReady
 from homeassistant.helpers import issue_registry as ir
-from rproxy_core import AuthenticationError
-from rproxy_core.exceptions import ConfigError
-from rproxy_core.agent import AgentState
 from yarl import URL
+
+from rproxy_core import AuthenticationError
+from rproxy_core.agent import AgentState
+from rproxy_core.exceptions import ConfigError
 
 from .const import CONF_BRIDGE_URL, CONF_EXPOSED, CONF_TUNNEL_NAME, DOMAIN
 from .coordinator import RproxyConfigEntry, RproxyCoordinator, cleartext_bridge, visitor_refused_issue_id

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from ipaddress import ip_address
-import logging
 from typing import Any
 
 import aiohttp
-from rproxy_core import Agent, AgentConfig, AuthenticationError, RproxyConnectionError
-from rproxy_core.agent import FORWARDED_HEADERS, bridge_connect_url, split_bridge_credential
-from rproxy_core.exceptions import ConfigError
-from rproxy_core.headers import is_tunnel_name
 import voluptuous as vol
-from yarl import URL
-
 from homeassistant.config_entries import (
     SOURCE_RECONFIGURE,
     ConfigEntry,
@@ -38,6 +32,12 @@ from homeassistant.helpers.selector import (
     TextSelectorType,
 )
 from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
+from yarl import URL
+
+from rproxy_core import Agent, AgentConfig, AuthenticationError, RproxyConnectionError
+from rproxy_core.agent import FORWARDED_HEADERS, bridge_connect_url, split_bridge_credential
+from rproxy_core.exceptions import ConfigError
+from rproxy_core.headers import is_tunnel_name
 
 from .const import (
     CONF_BRIDGE_URL,
@@ -427,9 +427,7 @@ class RproxyConfigFlow(ConfigFlow, domain=DOMAIN):
                 )
         return self.async_show_form(
             step_id=SOURCE_RECONFIGURE,
-            data_schema=_bridge_schema(
-                {**user_input, CONF_BRIDGE_URL: bridge_url} if user_input else entry.data
-            ),
+            data_schema=_bridge_schema({**user_input, CONF_BRIDGE_URL: bridge_url} if user_input else entry.data),
             errors=errors,
             description_placeholders={"error": detail},
         )
@@ -514,9 +512,7 @@ class RproxyOptionsFlow(OptionsFlow):
             )
         fields.update(
             {
-                vol.Optional(
-                    CONF_PUBLIC_URL, description={"suggested_value": current.get(CONF_PUBLIC_URL)}
-                ): _URL,
+                vol.Optional(CONF_PUBLIC_URL, description={"suggested_value": current.get(CONF_PUBLIC_URL)}): _URL,
                 vol.Optional(
                     CONF_SERVICES, description={"suggested_value": list(current.get(CONF_SERVICES) or [])}
                 ): _SERVICES,

@@ -7,16 +7,12 @@ coordinator turns both into snapshots its entities render. Nothing here polls.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, replace
 from ipaddress import ip_address
-import logging
 from typing import Any
 
 import aiohttp
-from rproxy_core import Agent, AgentConfig, AuthenticationError
-from rproxy_core.agent import FORWARDED_HEADERS, AgentState, AgentStats, create_inprocess_session, is_cleartext_remote
-from rproxy_core.exceptions import ConfigError
-
 from homeassistant.config_entries import ConfigEntry
 from homeassistant.const import CONF_TOKEN
 from homeassistant.core import HomeAssistant, callback
@@ -26,6 +22,10 @@ from homeassistant.helpers.aiohttp_client import async_create_clientsession, asy
 from homeassistant.helpers.update_coordinator import DataUpdateCoordinator
 from homeassistant.util.network import is_local
 from yarl import URL
+
+from rproxy_core import Agent, AgentConfig, AuthenticationError
+from rproxy_core.agent import FORWARDED_HEADERS, AgentState, AgentStats, create_inprocess_session, is_cleartext_remote
+from rproxy_core.exceptions import ConfigError
 
 from .const import (
     CONF_BRIDGE_URL,

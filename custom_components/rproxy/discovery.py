@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import logging
 
+from homeassistant.core import HomeAssistant
+from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
+from zeroconf.asyncio import AsyncServiceInfo
+
 from rproxy_core.agent.discovery import (
     DiscoveredApp,
     app_from_info,
     app_from_properties,
     property_text,
 )
-from zeroconf.asyncio import AsyncServiceInfo
-
-from homeassistant.core import HomeAssistant
-from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 
 from .const import ZEROCONF_HTTP_TYPE, ZEROCONF_TYPE
 

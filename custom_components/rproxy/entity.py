@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from rproxy_core import __version__ as rproxy_version
-
 from homeassistant.helpers.device_registry import DeviceEntryType, DeviceInfo
 from homeassistant.helpers.update_coordinator import CoordinatorEntity
+
+from rproxy_core import __version__ as rproxy_version
 
 from .const import CONF_TUNNEL_NAME, DOMAIN
 from .coordinator import RproxyCoordinator

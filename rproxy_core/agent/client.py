@@ -35,8 +35,10 @@ from websockets.exceptions import InvalidHandshake, InvalidMessage, InvalidStatu
 from yarl import URL
 
 from .. import __version__
+from ..bridge.keys import sign
+from ..bridge.visitor_policy import parse_agent_policy
+from ..config import ZEROCONF_TARGET_PREFIX, parse_sha256_pin
 from ..const import (
-    MAX_SERVICES,
     BACKOFF_INITIAL,
     BACKOFF_MAX,
     BACKOFF_RESET_AFTER,
@@ -49,18 +51,23 @@ from ..const import (
     HEADER_PROTOCOL,
     HEADER_TUNNEL,
     HEARTBEAT_INTERVAL,
+    MAX_SERVICES,
     TUNNEL_MESSAGE_LIMIT,
 )
-from ..config import ZEROCONF_TARGET_PREFIX, parse_sha256_pin
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
-from ..bridge.keys import sign
 from ..headers import is_tunnel_name
 from ..logsafe import printable
-from ..protocol.mux import SUPPORTED_VERSIONS, Multiplexer, Role
 from ..protocol.frames import ErrorCode
 from ..protocol.heads import KIND_HTTP, KIND_TCP
-from ..transport import AiohttpFrameSocket, FrameSocket, HandshakeError, TunnelConnection, TunnelStream, WebsocketsFrameSocket
-from ..bridge.visitor_policy import parse_agent_policy
+from ..protocol.mux import SUPPORTED_VERSIONS, Multiplexer, Role
+from ..transport import (
+    AiohttpFrameSocket,
+    FrameSocket,
+    HandshakeError,
+    TunnelConnection,
+    TunnelStream,
+    WebsocketsFrameSocket,
+)
 from .tcp import TCP_SCHEME, TcpService, parse_tcp_target
 from .upstream import FORWARDED_HEADERS, RedirectRefused, Upstream, create_upstream_session, refuse_redirect
 
@@ -94,7 +101,11 @@ class _NoSecretsFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.msg in ("> %s", "< %s"):  # a frame
             return False
-        if record.msg == "> %s: %s" and isinstance(record.args, tuple) and str(record.args[0]).lower() == "authorization":
+        if (
+            record.msg == "> %s: %s"
+            and isinstance(record.args, tuple)
+            and str(record.args[0]).lower() == "authorization"
+        ):
             record.args = (record.args[0], "[redacted]")
         return True
 
@@ -381,7 +392,6 @@ class AgentConfig:
         except ValueError as err:
             raise ConfigError(f"--visitor-allow/--visitor-auth: {err}") from None
 
-
     def visitor_policy_hello(self) -> dict[str, Any]:
         """HELLO settings asking the bridge to guard this tunnel's visitors (none when nothing is asked)."""
         hello: dict[str, Any] = {}
@@ -527,7 +537,11 @@ class Agent:
         for service, target in ([("", config.target)] if config.target else []) + list(config.services.items()):
             self._kinds[service] = check_service(service or "main", target) if service else KIND_HTTP
             self._targets[service] = None if _is_deferred_target(target) else target.strip()
-        if in_process and service_session is None and any(kind == KIND_HTTP for service, kind in self._kinds.items() if service):
+        if (
+            in_process
+            and service_session is None
+            and any(kind == KIND_HTTP for service, kind in self._kinds.items() if service)
+        ):
             raise ConfigError("an in-process agent serves its own app only: web services need their own agent")
         #: What serves each service's streams, while the agent runs.
         self._handlers: dict[str, Upstream | TcpService] = {}
@@ -572,8 +586,12 @@ class Agent:
             )
         self.failure = None
         if is_cleartext_remote(config.bridge):
-            _LOGGER.warning("tunnel %r: plain ws:// to %s (insecure is on): the token and all traffic cross the "
-                            "network unencrypted", config.name, URL(self.connect_url).origin())
+            _LOGGER.warning(
+                "tunnel %r: plain ws:// to %s (insecure is on): the token and all traffic cross the "
+                "network unencrypted",
+                config.name,
+                URL(self.connect_url).origin(),
+            )
         self._task = asyncio.create_task(self._run(), name=f"rproxy-agent {config.name}")
         if self._stats_listeners and self._stats_timer is None:
             self._stats_timer = asyncio.get_running_loop().call_later(
@@ -829,7 +847,9 @@ class Agent:
                 logger=_TUNNEL_LOGGER,
             )
         except InvalidStatus as err:
-            raise _refusal(err.response.status_code, bytes(err.response.body or b""), key=self.config.key is not None) from None
+            raise _refusal(
+                err.response.status_code, bytes(err.response.body or b""), key=self.config.key is not None
+            ) from None
         except ssl.SSLCertVerificationError as err:
             raise self._untrusted(err) from None
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as err:
@@ -876,7 +896,9 @@ class Agent:
             raise
         except RedirectRefused as err:
             await session.close()
-            raise RproxyConnectionError(f"the bridge redirected the agent (HTTP {err.response.status}); not followed") from None
+            raise RproxyConnectionError(
+                f"the bridge redirected the agent (HTTP {err.response.status}); not followed"
+            ) from None
         except (aiohttp.ClientError, OSError, TimeoutError) as err:
             await session.close()
             raise RproxyConnectionError(_describe(err)) from None
@@ -938,7 +960,12 @@ class Agent:
         self._connected.set()
         self._set_state(AgentState.CONNECTED)
         if config.target:
-            _LOGGER.info("tunnel %r is up: %s → %s", config.name, printable(self.public_url or "(no public URL given)"), config.target)
+            _LOGGER.info(
+                "tunnel %r is up: %s → %s",
+                config.name,
+                printable(self.public_url or "(no public URL given)"),
+                config.target,
+            )
         else:
             _LOGGER.info("tunnel %r is up (no main web app; services only)", config.name)
         service_url = settings.get("service_url")
@@ -947,10 +974,18 @@ class Agent:
                 continue
             target = config.services[service]
             if kind == KIND_TCP:
-                _LOGGER.info("service %r → %s: reach it with rproxy tcp --bridge %s --tunnel %s --service %s",
-                             service, target, config.bridge, config.name, service)
+                _LOGGER.info(
+                    "service %r → %s: reach it with rproxy tcp --bridge %s --tunnel %s --service %s",
+                    service,
+                    target,
+                    config.bridge,
+                    config.name,
+                    service,
+                )
             elif isinstance(service_url, str) and "{service}" in service_url:
-                _LOGGER.info("service %r is up: %s → %s", service, printable(service_url.replace("{service}", service)), target)
+                _LOGGER.info(
+                    "service %r is up: %s → %s", service, printable(service_url.replace("{service}", service)), target
+                )
             else:
                 _LOGGER.info("service %r is up: %s.%s.<domain> → %s", service, service, config.name, target)
         try:
@@ -972,8 +1007,12 @@ class Agent:
         handler = self._handlers.get(head.service)
         if handler is None or (head.kind == KIND_TCP) != isinstance(handler, TcpService):
             # Whatever the bridge asks: only configured services, each only as its own kind.
-            _LOGGER.warning("refused a %s stream for service %r: %s", head.kind, head.service[:64],
-                            "not offered by this agent" if handler is None else "it is not that kind of service")
+            _LOGGER.warning(
+                "refused a %s stream for service %r: %s",
+                head.kind,
+                head.service[:64],
+                "not offered by this agent" if handler is None else "it is not that kind of service",
+            )
             stream.reset(ErrorCode.REQUEST_REJECTED, "no such service")
             return
         task = asyncio.create_task(handler.serve(stream))
@@ -1062,7 +1101,9 @@ def _refusal(status: int, raw_body: bytes, *, key: bool = False) -> RproxyConnec
             return AuthenticationError("the bridge refused the agent key (401): its signed challenge was not accepted")
         return AuthenticationError("the bridge refused the agent token (401): check the token")
     if status == 403:
-        return AuthenticationError(f"the bridge refused the agent (403): {body or 'not allowed'}: check the token and the tunnel name")
+        return AuthenticationError(
+            f"the bridge refused the agent (403): {body or 'not allowed'}: check the token and the tunnel name"
+        )
     if status == 426:
         return _FatalRefusal(f"the bridge does not speak this agent's protocol: {body or status}")
     if status == 400:
@@ -1080,8 +1121,10 @@ def _describe(err: BaseException) -> str:
         err = err.os_error
     if isinstance(err, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(err):
         # The answer to our TLS hello was not TLS: most often plain HTTP.
-        return ("cannot connect to the bridge: its answer is not TLS (SSL: WRONG_VERSION_NUMBER): no TLS on that "
-                "port? a bridge without --tls-cert takes ws:// (or put TLS in front of it)")
+        return (
+            "cannot connect to the bridge: its answer is not TLS (SSL: WRONG_VERSION_NUMBER): no TLS on that "
+            "port? a bridge without --tls-cert takes ws:// (or put TLS in front of it)"
+        )
     if isinstance(err, InvalidMessage) and isinstance(err.__cause__, EOFError):
         return "cannot connect to the bridge: it closed the connection before answering"
     if isinstance(err, InvalidMessage | aiohttp.ClientResponseError):

@@ -335,7 +335,8 @@ class AppFollower:
             self._warned_ambiguous = keys
             _LOGGER.warning(
                 "several apps on the LAN answer to %r: %s; following %s",
-                self.name, ", ".join(app.label for app in candidates),
+                self.name,
+                ", ".join(app.label for app in candidates),
                 (self._same_app(candidates) or candidates[0]).label,
             )
         return self._same_app(candidates) or candidates[0]
@@ -392,8 +393,12 @@ async def announce_app(
     packed = socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
     properties = {"path": path, **({"id": app_id} if app_id else {})}
     info = AsyncServiceInfo(
-        ZEROCONF_TYPE, f"{name}.{ZEROCONF_TYPE}", addresses=[packed], port=port,
-        properties=properties, server=_server_name(name),
+        ZEROCONF_TYPE,
+        f"{name}.{ZEROCONF_TYPE}",
+        addresses=[packed],
+        port=port,
+        properties=properties,
+        server=_server_name(name),
     )
     aiozc = _open_zeroconf(interfaces)
     try:

@@ -35,9 +35,9 @@ import asyncio
 import contextvars
 import errno
 import ipaddress
-from collections import deque
 from asyncio.constants import _SendfileMode
 from asyncio.transports import _FlowControlMixin
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 

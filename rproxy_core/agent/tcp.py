@@ -26,6 +26,7 @@ __all__ = ["TCP_SCHEME", "TcpService", "parse_tcp_target"]
 
 _LOGGER = logging.getLogger("rproxy.agent")
 
+
 class TcpService:
     """Serves TCP streams by connecting to ``host:port``.
 
@@ -59,11 +60,15 @@ class TcpService:
                 async with asyncio.timeout(self._connect_timeout):
                     reader, writer = await asyncio.open_connection(self.host, self.port, limit=TCP_READ_SIZE)
             except TimeoutError:
-                _LOGGER.warning("service %r: %s:%d did not accept in %gs", self.name, self.host, self.port, self._connect_timeout)
+                _LOGGER.warning(
+                    "service %r: %s:%d did not accept in %gs", self.name, self.host, self.port, self._connect_timeout
+                )
                 stream.reset(ErrorCode.TARGET_TIMEOUT, "service timed out")
                 return
             except OSError as err:
-                _LOGGER.warning("service %r: cannot connect to %s:%d: %s", self.name, self.host, self.port, err.strerror or err)
+                _LOGGER.warning(
+                    "service %r: cannot connect to %s:%d: %s", self.name, self.host, self.port, err.strerror or err
+                )
                 stream.reset(ErrorCode.TARGET_UNREACHABLE, "service unreachable")
                 return
             stream.send_reply(ResponseHead(200, "Connected"))

@@ -22,7 +22,14 @@ from yarl import URL
 from ..const import MAX_WEBSOCKET_MESSAGE, TARGET_CONNECT_TIMEOUT
 from ..exceptions import StreamResetError
 from ..headers import WEBSOCKET_HOP_HEADERS, strip_hop_by_hop
-from ..protocol.frames import ErrorCode, MessageKind, decode_code, encode_code, sendable_close_code, sendable_close_reason
+from ..protocol.frames import (
+    ErrorCode,
+    MessageKind,
+    decode_code,
+    encode_code,
+    sendable_close_code,
+    sendable_close_reason,
+)
 from ..protocol.heads import KIND_WEBSOCKET, ResponseHead, is_token
 from ..protocol.mux import DEFAULT_MAX_STREAMS
 from ..transport import TunnelStream
@@ -118,7 +125,9 @@ class Upstream:
         self.set_target(target)
         self._session = session
         self._ws_session: aiohttp.ClientSession | None = None
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=TARGET_CONNECT_TIMEOUT, sock_connect=TARGET_CONNECT_TIMEOUT)
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=TARGET_CONNECT_TIMEOUT, sock_connect=TARGET_CONNECT_TIMEOUT
+        )
         self._request_timeout = request_timeout
         forwarded = {name.lower() for name in forward_headers}
         drop = {name for name in (h.lower() for h in FORWARDED_HEADERS) if in_process or name not in forwarded}
@@ -260,13 +269,18 @@ class Upstream:
             # surrogateescape: bytes that were not UTF-8 compare (unequal) instead of raising.
             if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self._expected_authorization):
                 await _answer(
-                    stream, 401, "Unauthorized", "this site needs a user name and password",
+                    stream,
+                    401,
+                    "Unauthorized",
+                    "this site needs a user name and password",
                     [("WWW-Authenticate", 'Basic realm="rproxy", charset="UTF-8"')],
                 )
                 return False
         return True
 
-    def _request_headers(self, stream: TunnelStream, extra_drop: frozenset[str] = frozenset()) -> tuple[CIMultiDict[str], list[str]]:
+    def _request_headers(
+        self, stream: TunnelStream, extra_drop: frozenset[str] = frozenset()
+    ) -> tuple[CIMultiDict[str], list[str]]:
         drop = extra_drop | self._drop if extra_drop else self._drop  # no new set per plain request
         # Names with an underscore never reach the home app (the bridge drops them too; this
         # holds for an older or a hostile bridge): a WSGI app would read X_Real_IP as X-Real-IP.
@@ -362,12 +376,16 @@ class Upstream:
                         async with asyncio.timeout(2):
                             await asyncio.shield(to_target)
                     to_target.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StreamResetError, aiohttp.ClientError, ConnectionError):
+                with contextlib.suppress(
+                    asyncio.CancelledError, StreamResetError, aiohttp.ClientError, ConnectionError
+                ):
                     await to_target
 
 
 #: How a dot segment can be spelled (RFC 3986 §2.3: %2E is "." and must be treated as one).
-_DOT_SEGMENTS = frozenset({".", "..", "%2e", "%2E", ".%2e", ".%2E", "%2e.", "%2E.", "%2e%2e", "%2E%2E", "%2e%2E", "%2E%2e"})
+_DOT_SEGMENTS = frozenset(
+    {".", "..", "%2e", "%2E", ".%2e", ".%2E", "%2e.", "%2E.", "%2e%2e", "%2E%2E", "%2e%2E", "%2E%2e"}
+)
 #: Separators a home server may see in a segment even though RFC 3986 does not: an encoded
 #: slash (decoded before routing by some) and a backslash (a separator on Windows servers).
 _HIDDEN_SEPARATORS = re.compile(r"\\|%2[fF]|%5[cC]")

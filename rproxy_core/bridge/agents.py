@@ -17,18 +17,25 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import hdrs, web
 
-from ..const import HANDSHAKE_TIMEOUT, HEADER_AGENT_ID, HEADER_PROTOCOL, HEADER_TUNNEL, MAX_SERVICES, TUNNEL_MESSAGE_LIMIT
+from ..const import (
+    HANDSHAKE_TIMEOUT,
+    HEADER_AGENT_ID,
+    HEADER_PROTOCOL,
+    HEADER_TUNNEL,
+    MAX_SERVICES,
+    TUNNEL_MESSAGE_LIMIT,
+)
 from ..headers import is_tunnel_name
 from ..protocol.frames import ErrorCode
-from ..protocol.mux import Multiplexer, Role, SUPPORTED_VERSIONS
+from ..protocol.heads import SERVICE_KINDS
+from ..protocol.mux import SUPPORTED_VERSIONS, Multiplexer, Role
 from ..transport import AiohttpFrameSocket, HandshakeError, TunnelConnection
 from ..transport.budget import MemoryBudget
-from ..protocol.heads import SERVICE_KINDS
 from .auth import basic_credential
 from .keys import AUTH_SCHEME, decode_public_key, fingerprint, signed_message, verify_signature
 from .registry import MAIN_SERVICE
-from .shares import Shares, address_share
 from .routing import host_name, is_loopback_host
+from .shares import Shares, address_share
 from .visitor_policy import parse_agent_policy
 
 if TYPE_CHECKING:
@@ -158,7 +165,11 @@ class AgentHandler:
         if not token or self._bridge.auth.match(token) is None:
             return "invalid token" if token else "no token"
         bridge = self._bridge
-        return Credential(lambda tunnel: bridge.auth.allows(token, tunnel), "token", "token " + hashlib.sha256(token.encode()).hexdigest())
+        return Credential(
+            lambda tunnel: bridge.auth.allows(token, tunnel),
+            "token",
+            "token " + hashlib.sha256(token.encode()).hexdigest(),
+        )
 
     def _take_pending(self, source: str, credential: str) -> str | None:
         """Reserve a pending-handshake slot (before any await, so concurrent upgrades cannot all
@@ -166,8 +177,9 @@ class AgentHandler:
         config = self._bridge.config
         if self._pending_total >= config.max_pending_handshakes:
             if not self._refused_backlog:
-                _LOGGER.warning("%d agents are in their handshake (the limit): refusing more for now",
-                                config.max_pending_handshakes)
+                _LOGGER.warning(
+                    "%d agents are in their handshake (the limit): refusing more for now", config.max_pending_handshakes
+                )
             self._refused_backlog += 1
             return "at once"
         if not self._pending_by_source.take(source):
@@ -184,8 +196,9 @@ class AgentHandler:
         """Log a refusal once per burst and holder (until it holds none), not once per attempt."""
         if key not in self._noted:
             self._noted.add(key)
-            _LOGGER.warning("%s agents %s are in their handshake (the limit per %s): refusing more for now",
-                            limit, holder, per)
+            _LOGGER.warning(
+                "%s agents %s are in their handshake (the limit per %s): refusing more for now", limit, holder, per
+            )
 
     def _give_back_pending(self, source: str, credential: str) -> None:
         self._pending_total -= 1
@@ -245,12 +258,16 @@ class AgentHandler:
         if self._bridge.config.domain is not None or self._warned_no_domain or len(names) < 2:
             return
         self._warned_no_domain = True
-        example = "NAME.localhost" if is_loopback_host(host_name(host)) else "a host name whose first label is the tunnel's"
+        example = (
+            "NAME.localhost" if is_loopback_host(host_name(host)) else "a host name whose first label is the tunnel's"
+        )
         _LOGGER.warning(
             "a second tunnel (%r) on a bridge without --domain: visitors now reach each tunnel by the first label "
             "of the host name they use (%s, e.g. %s), and an address naming none of %s reaches none; "
             "run the bridge with --domain for a name per tunnel",
-            name, example, host_name(f"{name}.localhost") if example == "NAME.localhost" else f"{name}.example.com",
+            name,
+            example,
+            host_name(f"{name}.localhost") if example == "NAME.localhost" else f"{name}.example.com",
             ", ".join(repr(n) for n in sorted(names)),
         )
 
@@ -278,7 +295,9 @@ class AgentHandler:
             supported = ",".join(map(str, sorted(SUPPORTED_VERSIONS)))
             bridge.metrics.handshake_failed("protocol_version")
             return web.Response(
-                status=426, text=f"this bridge speaks rproxy protocol {supported}\n", headers={HEADER_PROTOCOL: supported}
+                status=426,
+                text=f"this bridge speaks rproxy protocol {supported}\n",
+                headers={HEADER_PROTOCOL: supported},
             )
         if not is_tunnel_name(name):
             _LOGGER.warning("refused agent from %s: invalid tunnel name %r", remote, name[:80])
@@ -302,8 +321,9 @@ class AgentHandler:
         refused = self._take_pending(source, credential.key)
         if refused is not None:
             bridge.metrics.handshake_failed("too_many_pending")
-            return web.Response(status=503, text=f"too many agents connecting {refused}, try again\n",
-                                headers={"Retry-After": "5"})
+            return web.Response(
+                status=503, text=f"too many agents connecting {refused}, try again\n", headers={"Retry-After": "5"}
+            )
         try:
             connection = await self._handshake(request, ws, name, agent_id, remote)
         finally:

@@ -8,14 +8,14 @@ import functools
 import logging
 import secrets
 import ssl
-from importlib import resources
 from dataclasses import dataclass, field
+from importlib import resources
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any, Self
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
@@ -26,21 +26,21 @@ from ..const import (
     HEADER_TIMEOUT,
     HEALTH_PATH,
     HEARTBEAT_INTERVAL,
-    METRICS_PATH,
-    STATUS_JSON_PATH,
-    STATUS_PAGE_PATH,
     IDLE_TIMEOUT,
     MAX_HEADER_FIELD,
     MAX_HEADERS,
     MAX_PENDING_HANDSHAKES,
     MAX_PENDING_HANDSHAKES_PER_CREDENTIAL,
     MAX_PENDING_HANDSHAKES_PER_SOURCE,
-    MAX_REQUESTS_PER_VISITOR,
-    MAX_WEBSOCKETS_PER_VISITOR,
     MAX_REQUEST_HEAD,
     MAX_REQUEST_LINE,
+    MAX_REQUESTS_PER_VISITOR,
+    MAX_WEBSOCKETS_PER_VISITOR,
+    METRICS_PATH,
     REQUEST_TIMEOUT,
     RESERVED_PREFIX,
+    STATUS_JSON_PATH,
+    STATUS_PAGE_PATH,
     TCP_PATH,
     VISITOR_WEBSOCKET_MESSAGE,
     WEBSOCKET_IDLE_TIMEOUT,
@@ -54,9 +54,9 @@ from ..protocol.frames import ErrorCode
 from ..protocol.heads import KIND_WEBSOCKET
 from ..transport.budget import DEFAULT_PROCESS_BUDGET, DEFAULT_TUNNEL_BUDGET, MemoryBudget
 from .agents import AgentHandler, Credential
+from .auth import TokenAuth, TokenGrant
 from .channels import ChannelHandler, TcpPort, TcpPortServer
 from .gateway import bridge_gateway
-from .auth import TokenAuth, TokenGrant
 from .keys import ChallengeStore, KeyAuth, KeyGrant
 from .limits import BridgeRunner, HeadLimits
 from .metrics import BridgeMetrics
@@ -82,7 +82,10 @@ class _MalformedRequestFilter(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
             record.msg = "malformed request from %s: %s"
-            record.args = (record.args[0] if isinstance(record.args, tuple) and record.args else "?", str(exc).splitlines()[0])
+            record.args = (
+                record.args[0] if isinstance(record.args, tuple) and record.args else "?",
+                str(exc).splitlines()[0],
+            )
             record.exc_info = None
             record.exc_text = None
             record.levelno, record.levelname = logging.INFO, "INFO"
@@ -270,7 +273,9 @@ class Bridge:
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self.config.port
-        _LOGGER.info("bridge listening on %s (agents connect to %s)", self.url, self.url.replace("http", "ws", 1) + CONNECT_PATH)
+        _LOGGER.info(
+            "bridge listening on %s (agents connect to %s)", self.url, self.url.replace("http", "ws", 1) + CONNECT_PATH
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop gracefully: stop listening, let streams in flight finish, then close the tunnels.
@@ -313,9 +318,7 @@ class Bridge:
     def _streams_in_flight(self) -> int:
         # Visitor WebSockets are left out: a dashboard's live socket never "finishes", and its
         # page reconnects by itself.
-        return sum(
-            1 for c in self.registry.connections() for s in c.streams.values() if s.head.kind != KIND_WEBSOCKET
-        )
+        return sum(1 for c in self.registry.connections() for s in c.streams.values() if s.head.kind != KIND_WEBSOCKET)
 
     async def set_tokens(self, tokens: list[str | TokenGrant]) -> int:
         """Replace the accepted tokens; tunnels whose token is gone are closed. Returns how many.
@@ -437,9 +440,16 @@ class Bridge:
         auth = request.headers.get("Authorization", "")
         token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
         if not token or self._admin.match(token) is None:
-            _LOGGER.warning("refused %s %s from %s: %s admin token", request.method, request.path,
-                            request.remote, "wrong" if token else "no")
-            return error_response(request, 401, "the admin token is required", {"WWW-Authenticate": 'Bearer realm="rproxy"'})
+            _LOGGER.warning(
+                "refused %s %s from %s: %s admin token",
+                request.method,
+                request.path,
+                request.remote,
+                "wrong" if token else "no",
+            )
+            return error_response(
+                request, 401, "the admin token is required", {"WWW-Authenticate": 'Bearer realm="rproxy"'}
+            )
         return None
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -469,8 +479,12 @@ class Bridge:
         return web.Response(
             text=_status_page_template().replace("__NONCE__", nonce),
             content_type="text/html",
-            headers={"Content-Security-Policy": csp, "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
-                     "Referrer-Policy": "no-referrer"},
+            headers={
+                "Content-Security-Policy": csp,
+                "Cache-Control": "no-store",
+                "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer",
+            },
         )
 
     async def _reserved(self, request: web.Request) -> web.Response:
@@ -487,8 +501,13 @@ async def _refuse_non_ascii_fields(request: web.Request, handler: Handler) -> we
     bad = non_ascii_field(request.headers)
     if bad is None:
         return await handler(request)
-    _LOGGER.info("refused %s %s from %s: %s is not printable ASCII", request.method, printable(request.raw_path, 200),
-                 request.remote, bad)
+    _LOGGER.info(
+        "refused %s %s from %s: %s is not printable ASCII",
+        request.method,
+        printable(request.raw_path, 200),
+        request.remote,
+        bad,
+    )
     response = error_response(request, 400, f"the {bad} header must be printable ASCII")
     response.force_close()
     return response

@@ -144,12 +144,16 @@ class ChannelHandler:
             _LOGGER.warning("refused TCP channel from %s to %s/%s: %s", remote, tunnel, service, credential)
             return _plain(401, "a TCP channel needs an agent token or key the bridge accepts")
         if not credential.allows(tunnel):
-            _LOGGER.warning("refused TCP channel from %s: its %s may not reach tunnel %r", remote, credential.what, tunnel)
+            _LOGGER.warning(
+                "refused TCP channel from %s: its %s may not reach tunnel %r", remote, credential.what, tunnel
+            )
             return _plain(403, f"this {credential.what.split()[0]} may not reach tunnel {tunnel!r}")
         # Pings find a client that vanished without closing (a laptop gone to sleep, a dropped
         # mobile link), so its stream and the agent's socket to the service do not stay open forever.
         ws = web.WebSocketResponse(
-            max_msg_size=_MAX_CHANNEL_MESSAGE, compress=False, autoping=True,
+            max_msg_size=_MAX_CHANNEL_MESSAGE,
+            compress=False,
+            autoping=True,
             heartbeat=bridge.config.heartbeat_interval * 3,
         )
         if not ws.can_prepare(request).ok:
@@ -159,7 +163,9 @@ class ChannelHandler:
         if policy is not None and policy.allow and not address_allowed(visitor, policy.allow):
             # The tunnel's visitor allowlist holds for its TCP services too (the rest of its
             # policy, logins and rate limits, is about web visitors).
-            _LOGGER.warning("refused TCP channel from %s to %s/%s: not in the tunnel's allow list", visitor, tunnel, service)
+            _LOGGER.warning(
+                "refused TCP channel from %s to %s/%s: not in the tunnel's allow list", visitor, tunnel, service
+            )
             return _plain(403, "this address may not reach this tunnel")
         try:
             stream = await open_channel(bridge, tunnel, service, visitor)
@@ -173,8 +179,13 @@ class ChannelHandler:
             raise
         _LOGGER.info("TCP channel %s from %s to %s/%s opened", stream.head.request_id, visitor, tunnel, service)
         note = await _relay_websocket(ws, stream)
-        _LOGGER.info("TCP channel %s closed (%s; %d bytes in, %d out)", stream.head.request_id, note,
-                     stream.bytes_sent, stream.bytes_received)
+        _LOGGER.info(
+            "TCP channel %s closed (%s; %d bytes in, %d out)",
+            stream.head.request_id,
+            note,
+            stream.bytes_sent,
+            stream.bytes_received,
+        )
         return ws
 
 
@@ -241,8 +252,13 @@ class TcpPortServer:
             self._accept, self.config.host, self.config.port, limit=TCP_READ_SIZE, reuse_address=True
         )
         self.port = self._server.sockets[0].getsockname()[1]
-        _LOGGER.info("TCP port %s:%d carries service %r of tunnel %r", self.config.host, self.port,
-                     self.config.service, self.config.tunnel)
+        _LOGGER.info(
+            "TCP port %s:%d carries service %r of tunnel %r",
+            self.config.host,
+            self.port,
+            self.config.service,
+            self.config.tunnel,
+        )
 
     async def stop(self) -> None:
         """Stop listening and cut the connections still open."""

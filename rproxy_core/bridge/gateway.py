@@ -69,9 +69,14 @@ class TunnelDelivery:
         head = RequestHead(
             method="POST",
             target=parsed.raw_path_qs or "/",
-            headers=[*headers, ("Host", parsed.raw_authority), ("Content-Length", str(len(body))),
-                     ("X-Forwarded-For", client), ("X-Forwarded-Proto", parsed.scheme),
-                     ("X-Forwarded-Host", parsed.raw_authority)],
+            headers=[
+                *headers,
+                ("Host", parsed.raw_authority),
+                ("Content-Length", str(len(body))),
+                ("X-Forwarded-For", client),
+                ("X-Forwarded-Proto", parsed.scheme),
+                ("X-Forwarded-Host", parsed.raw_authority),
+            ],
             kind=KIND_HTTP,
             request_id=f"{self._prefix}{next(self._ids):08x}",
             service=service,

@@ -20,8 +20,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ..exceptions import ConfigError
-from .auth import credential_lines
 from ..headers import is_tunnel_name
+from .auth import credential_lines
 
 __all__ = [
     "AUTH_SCHEME",

@@ -126,9 +126,15 @@ class GuardedRequestHandler(RequestHandler):
             if len(message.raw_headers) > self._limits.max_headers:
                 error = BadHttpMessage(f"{len(message.raw_headers)} header fields")
                 answer = _short(431, "too many request header fields")
-            elif measure and (
-                size := len(message.method) + len(message.path) + sum(len(k) + len(v) + 4 for k, v in message.raw_headers)
-            ) > self._limits.max_head:
+            elif (
+                measure
+                and (
+                    size := len(message.method)
+                    + len(message.path)
+                    + sum(len(k) + len(v) + 4 for k, v in message.raw_headers)
+                )
+                > self._limits.max_head
+            ):
                 _LOGGER.info("request head from %s over %d bytes: answered 431", self._peer(), self._limits.max_head)
                 error = BadHttpMessage(f"request head of {size} bytes")
                 answer = _short(431, "the request header fields are too large")
@@ -179,7 +185,9 @@ class GuardedRequestHandler(RequestHandler):
             # response short; the client gains nothing, it still holds only this one connection.
             self._arm_head_timer()
             return
-        _LOGGER.info("visitor %s took over %gs to send a request head: answered 408", self._peer(), self._limits.timeout)
+        _LOGGER.info(
+            "visitor %s took over %gs to send a request head: answered 408", self._peer(), self._limits.timeout
+        )
         self._answer_and_close(408, "the request head took too long")
 
     def _answer_and_close(self, status: int, message: str) -> None:

@@ -164,9 +164,14 @@ class _Exposition(Collector):
         connected = [t for t in tunnels if t["agents"]]
         yield GaugeMetricFamily("rproxy_tunnels", "Tunnels with at least one agent connected.", value=len(connected))
         agents = GaugeMetricFamily("rproxy_agents", "Agents connected, per tunnel.", labels=["tunnel"])
-        streams = GaugeMetricFamily("rproxy_streams", "Streams in flight (requests, WebSockets, TCP connections), per tunnel.",
-                                    labels=["tunnel"])
-        websockets = GaugeMetricFamily("rproxy_visitor_websockets", "Visitor WebSockets open, per tunnel.", labels=["tunnel"])
+        streams = GaugeMetricFamily(
+            "rproxy_streams",
+            "Streams in flight (requests, WebSockets, TCP connections), per tunnel.",
+            labels=["tunnel"],
+        )
+        websockets = GaugeMetricFamily(
+            "rproxy_visitor_websockets", "Visitor WebSockets open, per tunnel.", labels=["tunnel"]
+        )
         for tunnel in connected:
             agents.add_metric([tunnel["name"]], len(tunnel["agents"]))
             streams.add_metric([tunnel["name"]], sum(a["streams"] for a in tunnel["agents"]))
@@ -174,26 +179,36 @@ class _Exposition(Collector):
         yield agents
         yield streams
         yield websockets
-        yield GaugeMetricFamily("rproxy_visitor_connections", "Visitor HTTP connections open to the bridge.",
-                                value=status["visitor_connections"])
-        requests = CounterMetricFamily("rproxy_requests", "Visitor requests answered, by tunnel and status class.",
-                                       labels=["tunnel", "code"])
+        yield GaugeMetricFamily(
+            "rproxy_visitor_connections",
+            "Visitor HTTP connections open to the bridge.",
+            value=status["visitor_connections"],
+        )
+        requests = CounterMetricFamily(
+            "rproxy_requests", "Visitor requests answered, by tunnel and status class.", labels=["tunnel", "code"]
+        )
         for tunnel in tunnels:
             for status_class, count in tunnel["requests"].items():
                 requests.add_metric([tunnel["name"], status_class], count)
         yield requests
-        unrouted = CounterMetricFamily("rproxy_unrouted_requests",
-                                       "Requests the bridge answered itself before any tunnel (unknown host, restarting).",
-                                       labels=["code"])
+        unrouted = CounterMetricFamily(
+            "rproxy_unrouted_requests",
+            "Requests the bridge answered itself before any tunnel (unknown host, restarting).",
+            labels=["code"],
+        )
         for status_class, count in status["unrouted_requests"].items():
             unrouted.add_metric([status_class], count)
         yield unrouted
-        received = CounterMetricFamily("rproxy_tunnel_received_bytes", "Bytes received from agents over tunnels.",
-                                       labels=["tunnel"])
+        received = CounterMetricFamily(
+            "rproxy_tunnel_received_bytes", "Bytes received from agents over tunnels.", labels=["tunnel"]
+        )
         sent = CounterMetricFamily("rproxy_tunnel_sent_bytes", "Bytes sent to agents over tunnels.", labels=["tunnel"])
-        resets = CounterMetricFamily("rproxy_stream_resets", "Streams reset (either side), per tunnel.", labels=["tunnel"])
-        connects = CounterMetricFamily("rproxy_agent_connects", "Agent connections accepted (reconnects included).",
-                                       labels=["tunnel"])
+        resets = CounterMetricFamily(
+            "rproxy_stream_resets", "Streams reset (either side), per tunnel.", labels=["tunnel"]
+        )
+        connects = CounterMetricFamily(
+            "rproxy_agent_connects", "Agent connections accepted (reconnects included).", labels=["tunnel"]
+        )
         for tunnel in tunnels:
             received.add_metric([tunnel["name"]], tunnel["bytes_from_agents"])
             sent.add_metric([tunnel["name"]], tunnel["bytes_to_agents"])
@@ -203,12 +218,17 @@ class _Exposition(Collector):
         yield sent
         yield resets
         yield connects
-        failures = CounterMetricFamily("rproxy_agent_handshake_failures", "Agents refused, by reason.", labels=["reason"])
+        failures = CounterMetricFamily(
+            "rproxy_agent_handshake_failures", "Agents refused, by reason.", labels=["reason"]
+        )
         for reason, count in sorted(status["handshake_failures"].items()):
             failures.add_metric([reason], count)
         yield failures
-        latency = HistogramMetricFamily("rproxy_request_duration_seconds",
-                                        "Visitor request time at the bridge, to the end of the answer.", labels=["tunnel"])
+        latency = HistogramMetricFamily(
+            "rproxy_request_duration_seconds",
+            "Visitor request time at the bridge, to the end of the answer.",
+            labels=["tunnel"],
+        )
         for name, counts in sorted(metrics.tunnels.items()):
             cumulative, running = [], 0
             for bound, count in zip((*LATENCY_BUCKETS, float("inf")), counts.buckets, strict=True):
@@ -216,11 +236,14 @@ class _Exposition(Collector):
                 cumulative.append((_bucket_label(bound), running))
             latency.add_metric([name], cumulative, sum_value=counts.latency_sum)
         yield latency
-        yield GaugeMetricFamily("rproxy_start_time_seconds", "When the bridge started (Unix time).", value=metrics.started)
+        yield GaugeMetricFamily(
+            "rproxy_start_time_seconds", "When the bridge started (Unix time).", value=metrics.started
+        )
         gateway = status.get("gateway")
         if gateway is not None:  # docs/GATEWAY.md, "Limits and failures"
-            yield GaugeMetricFamily("rproxy_gateway_connections", "Gateway WebSocket clients connected.",
-                                    value=gateway["open"])
+            yield GaugeMetricFamily(
+                "rproxy_gateway_connections", "Gateway WebSocket clients connected.", value=gateway["open"]
+            )
             for key, text in _GATEWAY_COUNTERS.items():
                 yield CounterMetricFamily(f"rproxy_gateway_{key}", text, value=gateway[key])
 

@@ -11,7 +11,9 @@ from aiohttp import web
 __all__ = ["error_response"]
 
 
-def error_response(request: web.BaseRequest, status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+def error_response(
+    request: web.BaseRequest, status: int, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
     """A plain, JSON or tiny HTML page by the visitor's ``Accept``; never a traceback."""
     reason = HTTPStatus(status).phrase
     accept = request.headers.get("Accept", "")

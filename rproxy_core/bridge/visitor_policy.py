@@ -81,7 +81,12 @@ class PasswordHash:
 
     def matches(self, password: bytes) -> bool:
         candidate = hashlib.scrypt(
-            password, salt=self.salt, n=self.n, r=self.r, p=self.p, maxmem=256 * self.n * self.r + (1 << 20),
+            password,
+            salt=self.salt,
+            n=self.n,
+            r=self.r,
+            p=self.p,
+            maxmem=256 * self.n * self.r + (1 << 20),
             dklen=len(self.digest),
         )
         return hmac.compare_digest(candidate, self.digest)
@@ -92,7 +97,14 @@ def hash_password(password: str, *, n: int = _SCRYPT_N) -> str:
     salt = secrets.token_bytes(16)
     digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=_SCRYPT_R, p=_SCRYPT_P, dklen=32)
     return "$".join(
-        ("scrypt", str(n), str(_SCRYPT_R), str(_SCRYPT_P), base64.b64encode(salt).decode(), base64.b64encode(digest).decode())
+        (
+            "scrypt",
+            str(n),
+            str(_SCRYPT_R),
+            str(_SCRYPT_P),
+            base64.b64encode(salt).decode(),
+            base64.b64encode(digest).decode(),
+        )
     )
 
 
@@ -107,7 +119,9 @@ def parse_password_hash(text: Any) -> PasswordHash:
     except (ValueError, binascii.Error):
         raise ValueError("malformed scrypt password hash") from None
     if n < 2 or n & (n - 1) or n > _MAX_N or not 1 <= r <= _MAX_R or not 1 <= p <= _MAX_P:
-        raise ValueError(f"scrypt cost out of range (N a power of two up to {_MAX_N}, r up to {_MAX_R}, p up to {_MAX_P})")
+        raise ValueError(
+            f"scrypt cost out of range (N a power of two up to {_MAX_N}, r up to {_MAX_R}, p up to {_MAX_P})"
+        )
     if len(salt) < 8 or not 16 <= len(digest) <= 64:
         raise ValueError("scrypt password hash with too short a salt or a bad hash length")
     return PasswordHash(n, r, p, salt, digest)
@@ -169,7 +183,11 @@ def parse_agent_policy(settings: Mapping[str, Any]) -> VisitorPolicy | None:
     """The policy an agent asked for in its HELLO, None if none; ValueError if malformed."""
     allow_items = settings.get("visitor_allow") or []
     basic_items = settings.get("visitor_basic") or []
-    if not isinstance(allow_items, list) or not isinstance(basic_items, list) or len(allow_items) + len(basic_items) > 256:
+    if (
+        not isinstance(allow_items, list)
+        or not isinstance(basic_items, list)
+        or len(allow_items) + len(basic_items) > 256
+    ):
         raise ValueError("visitor_allow and visitor_basic must be lists (of at most 256 entries)")
     if not allow_items and not basic_items:
         return None
@@ -423,11 +441,16 @@ class VisitorGuard:
                 if visitor.failures and now - visitor.last_failure > 2 * delays.longest:
                     visitor.failures = 0
                 if visitor.checking >= max(delays.free - visitor.failures, 1):
-                    return error_response(request, 429, "too many logins at once from this address, try one at a time",
-                                          {"Retry-After": "1"})
+                    return error_response(
+                        request,
+                        429,
+                        "too many logins at once from this address, try one at a time",
+                        {"Retry-After": "1"},
+                    )
                 if self._queued >= _MAX_QUEUED_CHECKS:
-                    return error_response(request, 503, "too many logins are being checked, try again shortly",
-                                          {"Retry-After": "1"})
+                    return error_response(
+                        request, 503, "too many logins are being checked, try again shortly", {"Retry-After": "1"}
+                    )
                 check = self._start_check(guard, visitor, verdict)
             # The same credentials already being checked (a browser's parallel requests after
             # the login): one hash for all, one try counted. Shielded: a visitor who hangs up
@@ -560,7 +583,10 @@ def _seconds(wait: float) -> str:
 
 def _too_many_failures(request: web.Request, wait: float) -> web.Response:
     return error_response(
-        request, 429, "too many failed logins from this address, wait before trying again", {"Retry-After": _seconds(wait)}
+        request,
+        429,
+        "too many failed logins from this address, wait before trying again",
+        {"Retry-After": _seconds(wait)},
     )
 
 

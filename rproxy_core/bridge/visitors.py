@@ -23,7 +23,14 @@ from ..const import BUSY_RETRY_AFTER, MAX_WEBSOCKET_MESSAGE
 from ..exceptions import NoAgentError, StreamResetError
 from ..headers import WEBSOCKET_HOP_HEADERS, strip_hop_by_hop
 from ..logsafe import printable
-from ..protocol.frames import ErrorCode, MessageKind, decode_code, encode_code, sendable_close_code, sendable_close_reason
+from ..protocol.frames import (
+    ErrorCode,
+    MessageKind,
+    decode_code,
+    encode_code,
+    sendable_close_code,
+    sendable_close_reason,
+)
 from ..protocol.heads import KIND_HTTP, KIND_WEBSOCKET, RequestHead, ResponseHead, is_token
 from ..transport import TunnelStream
 from .pages import error_response
@@ -87,10 +94,7 @@ class VisitorHandler:
         started = time.monotonic()
         route = resolve_route(request.host, bridge.config.domain, bridge.registry.names(), bridge.config.aliases)
         name, service = route if route is not None else (None, "")
-        is_websocket = (
-            request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
-            and request.method == "GET"
-        )
+        is_websocket = request.headers.get(hdrs.UPGRADE, "").lower() == "websocket" and request.method == "GET"
         head = RequestHead(
             method=request.method,
             target=_request_target(request),
@@ -99,8 +103,15 @@ class VisitorHandler:
             request_id=self._next_request_id(),
             service=service,
         )
-        log = _Access(request, f"{service}.{name}" if service and name else name, head.request_id, started,
-                      bridge.config.access_log, bridge.metrics, name)
+        log = _Access(
+            request,
+            f"{service}.{name}" if service and name else name,
+            head.request_id,
+            started,
+            bridge.config.access_log,
+            bridge.metrics,
+            name,
+        )
         if bridge.draining:
             return log.done(
                 error_response(request, 503, "the bridge is restarting", {"Retry-After": "5", "Connection": "close"})
@@ -113,7 +124,9 @@ class VisitorHandler:
             return log.done(error_response(request, 404, f"no tunnel is named by host {request.host!r}"))
         if service and bridge.registry.service_kind(name, service) not in (KIND_HTTP, None):
             return log.done(
-                error_response(request, 404, f"{service!r} of tunnel {name!r} is a TCP service: reach it with rproxy tcp")
+                error_response(
+                    request, 404, f"{service!r} of tunnel {name!r} is a TCP service: reach it with rproxy tcp"
+                )
             )
         address = bridge.visitor_address(request)[0]
         guard = bridge.visitor_guard
@@ -134,17 +147,27 @@ class VisitorHandler:
         shares = self._websockets if is_websocket else self._requests
         if not shares.take(share):
             what = "WebSockets open" if is_websocket else "requests in flight"
-            return log.done(error_response(
-                request, 429, f"too many {what} at once from your address, close some and try again",
-                {"Retry-After": str(BUSY_RETRY_AFTER)},
-            ))
+            return log.done(
+                error_response(
+                    request,
+                    429,
+                    f"too many {what} at once from your address, close some and try again",
+                    {"Retry-After": str(BUSY_RETRY_AFTER)},
+                )
+            )
         try:
             return await self._relay(request, name, service, head, has_body, is_websocket, log)
         finally:
             shares.give_back(share)
 
     async def _relay(
-        self, request: web.Request, name: str, service: str, head: RequestHead, has_body: bool, is_websocket: bool,
+        self,
+        request: web.Request,
+        name: str,
+        service: str,
+        head: RequestHead,
+        has_body: bool,
+        is_websocket: bool,
         log: _Access,
     ) -> web.StreamResponse:
         """Open the stream for ``head`` and relay the exchange over it."""
@@ -197,8 +220,9 @@ class VisitorHandler:
         headers.append(("X-Forwarded-Host", request.host))
         return headers
 
-
-    async def _await_reply(self, request: web.Request, stream: TunnelStream, log: _Access) -> ResponseHead | web.StreamResponse:
+    async def _await_reply(
+        self, request: web.Request, stream: TunnelStream, log: _Access
+    ) -> ResponseHead | web.StreamResponse:
         try:
             async with asyncio.timeout(self._bridge.config.request_timeout):
                 return await stream.reply()
@@ -210,13 +234,19 @@ class VisitorHandler:
                 return log.done(_body_too_large(request, self._bridge.config.max_body_size or 0))
             if err.code == ErrorCode.PROTOCOL_ERROR:
                 # Most often the agent's response head failed validation (protocol/heads.py).
-                _LOGGER.warning("tunnel %s, request %s: invalid answer from the agent, stream reset: %s",
-                                printable(log.tunnel or "-"), log.request_id, printable(err))
+                _LOGGER.warning(
+                    "tunnel %s, request %s: invalid answer from the agent, stream reset: %s",
+                    printable(log.tunnel or "-"),
+                    log.request_id,
+                    printable(err),
+                )
                 log.note = "agent error: invalid response head"
             status, message = _STATUS_FOR_RESET.get(err.code, (502, "the tunnel dropped the request"))  # type: ignore[call-overload]
             return log.done(error_response(request, status, message))
 
-    async def _relay_http(self, request: web.Request, stream: TunnelStream, has_body: bool, log: _Access) -> web.StreamResponse:
+    async def _relay_http(
+        self, request: web.Request, stream: TunnelStream, has_body: bool, log: _Access
+    ) -> web.StreamResponse:
         upload = None
         if has_body:
             limit = self._bridge.config.max_body_size
@@ -233,7 +263,9 @@ class VisitorHandler:
                 with contextlib.suppress(asyncio.CancelledError):
                     await upload
 
-    async def _send_response(self, request: web.Request, stream: TunnelStream, head: ResponseHead, log: _Access) -> web.StreamResponse:
+    async def _send_response(
+        self, request: web.Request, stream: TunnelStream, head: ResponseHead, log: _Access
+    ) -> web.StreamResponse:
         """Write the agent's answer to the visitor by HTTP's rules, never the agent's bytes as such.
 
         The head was validated when it was decoded (protocol/heads.py). The body's extent is
@@ -313,7 +345,9 @@ class VisitorHandler:
             stream.reset(ErrorCode.CANCEL, "visitor gone")
         return log.done(response)
 
-    async def _send_bodiless(self, request: web.Request, stream: TunnelStream, head: ResponseHead, log: _Access) -> web.StreamResponse:
+    async def _send_bodiless(
+        self, request: web.Request, stream: TunnelStream, head: ResponseHead, log: _Access
+    ) -> web.StreamResponse:
         """HEAD, 204 and 304: the head alone, once the agent has ended its side without a body."""
         if not stream.at_eof:
             try:
@@ -340,8 +374,12 @@ class VisitorHandler:
 
     def _reset_and_log(self, stream: TunnelStream, log: _Access, what: str) -> None:
         """One warning naming the tunnel and request; the agent's stream is reset."""
-        _LOGGER.warning("tunnel %s, request %s: the agent sent %s; stream reset, visitor connection closed",
-                        printable(log.tunnel or "-"), log.request_id, what)
+        _LOGGER.warning(
+            "tunnel %s, request %s: the agent sent %s; stream reset, visitor connection closed",
+            printable(log.tunnel or "-"),
+            log.request_id,
+            what,
+        )
         log.note = f"agent error: {what}"
         if not stream.closed:
             stream.reset(ErrorCode.PROTOCOL_ERROR, what)
@@ -440,7 +478,12 @@ def _declared_length(headers: list[tuple[str, str]]) -> int | None:
     for name, value in headers:
         if name.lower() == "content-length":
             text = value.strip(" \t")
-            if not text.isdigit() or not text.isascii() or len(text) > 18 or (length is not None and int(text) != length):
+            if (
+                not text.isdigit()
+                or not text.isascii()
+                or len(text) > 18
+                or (length is not None and int(text) != length)
+            ):
                 raise ValueError(f"a bad Content-Length {printable(value, 40)!r}")
             length = int(text)
     return length
@@ -569,8 +612,9 @@ async def _pump_visitor_messages(ws: web.WebSocketResponse, stream: TunnelStream
                 if now - window_start >= 1.0:
                     window_start, count = now, 1
                 else:
-                    _LOGGER.warning("visitor websocket %s: more than %d messages a second, closed",
-                                    stream.head.request_id, rate)
+                    _LOGGER.warning(
+                        "visitor websocket %s: more than %d messages a second, closed", stream.head.request_id, rate
+                    )
                     log.note = f"closed with 1008: more than {rate} messages a second"
                     await stream.send_message(MessageKind.CLOSE, encode_code(1008, "too many messages"))
                     await stream.end()
@@ -590,7 +634,9 @@ async def _pump_visitor_messages(ws: web.WebSocketResponse, stream: TunnelStream
                 await stream.end()
                 return
             else:  # CLOSING, CLOSED, ERROR: the visitor vanished without a close frame
-                await stream.send_message(MessageKind.CLOSE, encode_code(1006 if msg.type is WSMsgType.ERROR else 1001, ""))
+                await stream.send_message(
+                    MessageKind.CLOSE, encode_code(1006 if msg.type is WSMsgType.ERROR else 1001, "")
+                )
                 await stream.end()
                 return
     except StreamResetError:
@@ -606,8 +652,19 @@ _R = TypeVar("_R", bound=web.StreamResponse | None)
 class _Access:
     """One access-log line per visitor request, written when the response is done."""
 
-    __slots__ = ("request", "tunnel", "request_id", "started", "enabled", "status", "bytes", "note", "metrics",
-                 "tunnel_name", "finished")
+    __slots__ = (
+        "request",
+        "tunnel",
+        "request_id",
+        "started",
+        "enabled",
+        "status",
+        "bytes",
+        "note",
+        "metrics",
+        "tunnel_name",
+        "finished",
+    )
 
     def __init__(
         self,

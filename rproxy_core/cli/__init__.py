@@ -1,5 +1,5 @@
-"""The ``rproxy`` command: ``bridge`` on a public server, ``agent`` at home, ``tcp`` to reach a TCP service, ``demo`` to try it,
-``gateway`` for WebSocket clients of an HTTP-only backend.
+"""The ``rproxy`` command: ``bridge`` on a public server, ``agent`` at home, ``tcp`` to reach a TCP
+service, ``demo`` to try it, ``gateway`` for WebSocket clients of an HTTP-only backend.
 
 Exit codes: 0 stopped cleanly · 1 runtime failure (e.g. address in use, or a TCP channel
 the bridge could not connect) · 2 bad flag, variable or config value · 3 the bridge refused
@@ -30,10 +30,16 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Put a web app that sits behind NAT on the internet, through one outbound WebSocket.",
     )
     parser.add_argument("--version", action="version", version=f"rproxy {__version__}")
-    parser.add_argument("--log-level", choices=LOG_LEVELS,
-                        help="log verbosity (default: info; $RPROXY_LOG_LEVEL, or log_level in a config file)")
-    parser.add_argument("--log-format", choices=common.LOG_FORMATS,
-                        help="text for people (default) or json, one object per line ($RPROXY_LOG_FORMAT)")
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        help="log verbosity (default: info; $RPROXY_LOG_LEVEL, or log_level in a config file)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=common.LOG_FORMATS,
+        help="text for people (default) or json, one object per line ($RPROXY_LOG_FORMAT)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     bridge.add_parser(commands)
     agent.add_parser(commands)
@@ -46,8 +52,16 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = {"bridge": bridge.main, "agent": agent.main, "demo": demo.main, "hash-token": hash_token.main,
-             "keygen": keygen.main, "tcp": tcp.main, "status": status.main, "gateway": gateway.main}
+_COMMANDS = {
+    "bridge": bridge.main,
+    "agent": agent.main,
+    "demo": demo.main,
+    "hash-token": hash_token.main,
+    "keygen": keygen.main,
+    "tcp": tcp.main,
+    "status": status.main,
+    "gateway": gateway.main,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

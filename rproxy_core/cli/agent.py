@@ -92,69 +92,133 @@ AGENT_ENV = {
 
 def add_parser(commands: Any) -> None:
     agent = commands.add_parser(
-        "agent", help="run the home side (next to the web app)",
+        "agent",
+        help="run the home side (next to the web app)",
         usage="%(prog)s [BRIDGE_URL [TARGET_URL]] [options]",
         description="Dial the bridge and serve its visitors from --target.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_AGENT_EPILOG,
     )
-    agent.add_argument("bridge_url", nargs="?", metavar="BRIDGE_URL",
-                       help="the bridge, as --bridge; ws://USER:PASS@host:8080 gives USER:PASS as the "
-                            "credential (sent as HTTP Basic, never logged)")
-    agent.add_argument("target_url", nargs="?", metavar="TARGET_URL",
-                       help="the home app, as --target (ws:// and wss:// are read as http:// and https://)")
-    agent.add_argument("--config", metavar="FILE",
-                       help="YAML (or JSON, or .toml) file with these settings and extra services; keys are the "
-                            "flag names with _ ($RPROXY_CONFIG)")
-    agent.add_argument("--env-file", metavar="FILE",
-                       help="read these settings' environment variables (RPROXY_*, REMOTE_URL, LOCAL_URL, AGENT_ID) "
-                            "from FILE, python-dotenv's format (default: ./.env when it exists); the real "
-                            "environment wins")
-    agent.add_argument("--bridge", metavar="URL",
-                       help="the bridge, e.g. wss://bridge.example.com ($RPROXY_BRIDGE, $REMOTE_URL)")
-    agent.add_argument("--token", metavar="T",
-                       help="agent token the bridge accepts; every user of this machine can read it in ps, so "
-                            "prefer --token-file ($RPROXY_TOKEN)")
-    agent.add_argument("--token-file", metavar="FILE",
-                       help="read the agent token from the first line of FILE (keep it mode 600) "
-                            "($RPROXY_TOKEN_FILE)")
-    agent.add_argument("--key", metavar="FILE",
-                       help="instead of --token: the agent's private key from rproxy keygen; without --name the "
-                            "tunnel is named after the key, as an --open-registration bridge wants ($RPROXY_KEY)")
-    agent.add_argument("--target", metavar="URL",
-                       help="the home app, e.g. http://127.0.0.1:8123, or zeroconf:NAME for an app announced "
-                            "on the LAN ($RPROXY_TARGET, $LOCAL_URL)")
-    agent.add_argument("--service", dest="services", action="append", metavar="NAME=URL",
-                       help="one more service over the same tunnel (repeatable): a web app (http://..., "
-                            "zeroconf:NAME), visited as NAME.<tunnel>.<domain>, or a TCP service "
-                            "(tcp://192.168.1.5:22) reached with rproxy tcp; the agent connects to nothing "
-                            "else ($RPROXY_SERVICES, comma-separated)")
+    agent.add_argument(
+        "bridge_url",
+        nargs="?",
+        metavar="BRIDGE_URL",
+        help="the bridge, as --bridge; ws://USER:PASS@host:8080 gives USER:PASS as the "
+        "credential (sent as HTTP Basic, never logged)",
+    )
+    agent.add_argument(
+        "target_url",
+        nargs="?",
+        metavar="TARGET_URL",
+        help="the home app, as --target (ws:// and wss:// are read as http:// and https://)",
+    )
+    agent.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML (or JSON, or .toml) file with these settings and extra services; keys are the "
+        "flag names with _ ($RPROXY_CONFIG)",
+    )
+    agent.add_argument(
+        "--env-file",
+        metavar="FILE",
+        help="read these settings' environment variables (RPROXY_*, REMOTE_URL, LOCAL_URL, AGENT_ID) "
+        "from FILE, python-dotenv's format (default: ./.env when it exists); the real "
+        "environment wins",
+    )
+    agent.add_argument(
+        "--bridge", metavar="URL", help="the bridge, e.g. wss://bridge.example.com ($RPROXY_BRIDGE, $REMOTE_URL)"
+    )
+    agent.add_argument(
+        "--token",
+        metavar="T",
+        help="agent token the bridge accepts; every user of this machine can read it in ps, so "
+        "prefer --token-file ($RPROXY_TOKEN)",
+    )
+    agent.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="read the agent token from the first line of FILE (keep it mode 600) ($RPROXY_TOKEN_FILE)",
+    )
+    agent.add_argument(
+        "--key",
+        metavar="FILE",
+        help="instead of --token: the agent's private key from rproxy keygen; without --name the "
+        "tunnel is named after the key, as an --open-registration bridge wants ($RPROXY_KEY)",
+    )
+    agent.add_argument(
+        "--target",
+        metavar="URL",
+        help="the home app, e.g. http://127.0.0.1:8123, or zeroconf:NAME for an app announced "
+        "on the LAN ($RPROXY_TARGET, $LOCAL_URL)",
+    )
+    agent.add_argument(
+        "--service",
+        dest="services",
+        action="append",
+        metavar="NAME=URL",
+        help="one more service over the same tunnel (repeatable): a web app (http://..., "
+        "zeroconf:NAME), visited as NAME.<tunnel>.<domain>, or a TCP service "
+        "(tcp://192.168.1.5:22) reached with rproxy tcp; the agent connects to nothing "
+        "else ($RPROXY_SERVICES, comma-separated)",
+    )
     agent.add_argument("--name", metavar="NAME", help="tunnel name, a DNS label (default: home) ($RPROXY_NAME)")
-    agent.add_argument("--agent-id", metavar="ID",
-                       help="this agent's identity in logs, e.g. mac@home (default: host name) "
-                            "($RPROXY_AGENT_ID, $AGENT_ID)")
-    agent.add_argument("--ca-file", metavar="FILE",
-                       help="PEM file of the CAs to trust for a wss:// bridge instead of the system's, e.g. a "
-                            "private CA ($RPROXY_CA_FILE)")
-    agent.add_argument("--pin-sha256", dest="pin_sha256", action="append", metavar="HEX",
-                       help="accept the wss:// bridge only with this certificate: its SHA-256 fingerprint "
-                            "(openssl x509 -noout -fingerprint -sha256), colons optional; enough on its own, "
-                            "e.g. for a self-signed certificate; repeatable, to rotate certificates "
-                            "($RPROXY_PIN_SHA256, comma-separated)")
-    agent.add_argument("--insecure", action="store_const", const=True,
-                       help="allow plain ws:// or http:// to a bridge that is not on this machine (a LAN bridge "
-                            "without TLS): the token and all traffic travel unencrypted; certificates of a "
-                            "wss:// bridge are still checked ($RPROXY_INSECURE)")
-    agent.add_argument("--visitor-allow", dest="visitor_allow", action="append", metavar="CIDR",
-                       help="ask the bridge to admit visitors only from these addresses (repeatable; the "
-                            "bridge's own tunnels: config wins) ($RPROXY_VISITOR_ALLOW, comma-separated)")
-    agent.add_argument("--visitor-auth", dest="visitor_auth", action="append", metavar="USER:HASH",
-                       help="ask the bridge to require HTTP basic auth: a user and the scrypt hash of its "
-                            "password (see docs/BRIDGE.md, Visitor protection); repeatable ($RPROXY_VISITOR_AUTH)")
-    agent.add_argument("--discover", action="store_true",
-                       help="list the web apps announced on the LAN (mDNS) and exit; needs no other setting")
-    agent.add_argument("--discover-timeout", metavar="SECONDS", type=_discover_seconds, default=DISCOVER_TIMEOUT,
-                       help=f"how long --discover browses (default {DISCOVER_TIMEOUT:g})")
+    agent.add_argument(
+        "--agent-id",
+        metavar="ID",
+        help="this agent's identity in logs, e.g. mac@home (default: host name) ($RPROXY_AGENT_ID, $AGENT_ID)",
+    )
+    agent.add_argument(
+        "--ca-file",
+        metavar="FILE",
+        help="PEM file of the CAs to trust for a wss:// bridge instead of the system's, e.g. a "
+        "private CA ($RPROXY_CA_FILE)",
+    )
+    agent.add_argument(
+        "--pin-sha256",
+        dest="pin_sha256",
+        action="append",
+        metavar="HEX",
+        help="accept the wss:// bridge only with this certificate: its SHA-256 fingerprint "
+        "(openssl x509 -noout -fingerprint -sha256), colons optional; enough on its own, "
+        "e.g. for a self-signed certificate; repeatable, to rotate certificates "
+        "($RPROXY_PIN_SHA256, comma-separated)",
+    )
+    agent.add_argument(
+        "--insecure",
+        action="store_const",
+        const=True,
+        help="allow plain ws:// or http:// to a bridge that is not on this machine (a LAN bridge "
+        "without TLS): the token and all traffic travel unencrypted; certificates of a "
+        "wss:// bridge are still checked ($RPROXY_INSECURE)",
+    )
+    agent.add_argument(
+        "--visitor-allow",
+        dest="visitor_allow",
+        action="append",
+        metavar="CIDR",
+        help="ask the bridge to admit visitors only from these addresses (repeatable; the "
+        "bridge's own tunnels: config wins) ($RPROXY_VISITOR_ALLOW, comma-separated)",
+    )
+    agent.add_argument(
+        "--visitor-auth",
+        dest="visitor_auth",
+        action="append",
+        metavar="USER:HASH",
+        help="ask the bridge to require HTTP basic auth: a user and the scrypt hash of its "
+        "password (see docs/BRIDGE.md, Visitor protection); repeatable ($RPROXY_VISITOR_AUTH)",
+    )
+    agent.add_argument(
+        "--discover",
+        action="store_true",
+        help="list the web apps announced on the LAN (mDNS) and exit; needs no other setting",
+    )
+    agent.add_argument(
+        "--discover-timeout",
+        metavar="SECONDS",
+        type=_discover_seconds,
+        default=DISCOVER_TIMEOUT,
+        help=f"how long --discover browses (default {DISCOVER_TIMEOUT:g})",
+    )
 
 
 _AGENT_EPILOG = """\
@@ -259,10 +323,19 @@ def agent_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
         raise ConfigError("--target: the home app's URL is required (or at least one --service NAME=URL)")
     agent_id = settings.get("agent_id") or socket.gethostname()
     config = AgentConfig(
-        bridge=settings["bridge"], token=token or url_credential or "", basic_auth=url_credential is not None, key=key, target=settings.get("target") or "",
-        name=settings["name"], services={s["name"]: s["target"] for s in settings["services"]}, agent_id=agent_id,
-        ca_file=settings.get("ca_file"), pins=tuple(settings["pin_sha256"]), insecure=settings["insecure"],
-        visitor_allow=tuple(settings["visitor_allow"]), visitor_basic=tuple(settings["visitor_auth"]),
+        bridge=settings["bridge"],
+        token=token or url_credential or "",
+        basic_auth=url_credential is not None,
+        key=key,
+        target=settings.get("target") or "",
+        name=settings["name"],
+        services={s["name"]: s["target"] for s in settings["services"]},
+        agent_id=agent_id,
+        ca_file=settings.get("ca_file"),
+        pins=tuple(settings["pin_sha256"]),
+        insecure=settings["insecure"],
+        visitor_allow=tuple(settings["visitor_allow"]),
+        visitor_basic=tuple(settings["visitor_auth"]),
     )
     return AgentSettings([config], settings.get("log_level"))
 
@@ -285,8 +358,12 @@ async def _follow_app(agent: Agent, name: str, browser: AppBrowser, service: str
 
     def on_change(app: DiscoveredApp | None) -> None:
         if app is None:
-            _LOGGER.warning("tunnel %r: %r is no longer announced on the LAN; requests still go to %s",
-                            tunnel, name, agent.service_target(service))
+            _LOGGER.warning(
+                "tunnel %r: %r is no longer announced on the LAN; requests still go to %s",
+                tunnel,
+                name,
+                agent.service_target(service),
+            )
             return
         previous = agent.service_target(service)
         try:
@@ -298,7 +375,9 @@ async def _follow_app(agent: Agent, name: str, browser: AppBrowser, service: str
             found.set()
             _LOGGER.info("tunnel %r: found %r on the LAN at %s", tunnel, name, app.url)
         elif previous != app.url:
-            _LOGGER.info("tunnel %r: %r moved from %s to %s; the next requests go there", tunnel, name, previous, app.url)
+            _LOGGER.info(
+                "tunnel %r: %r moved from %s to %s; the next requests go there", tunnel, name, previous, app.url
+            )
         else:
             _LOGGER.info("tunnel %r: %r is announced again at %s", tunnel, name, app.url)
 
@@ -311,7 +390,11 @@ async def _follow_app(agent: Agent, name: str, browser: AppBrowser, service: str
             _LOGGER.warning(
                 "tunnel %r: waiting for a web app announced on the LAN as %r (mDNS %s, or %s with an %r "
                 "property); until it appears visitors get 502 (the home app cannot be reached)",
-                tunnel, name, ZEROCONF_TYPE, ZEROCONF_HTTP_TYPE, ZEROCONF_MARKER,
+                tunnel,
+                name,
+                ZEROCONF_TYPE,
+                ZEROCONF_HTTP_TYPE,
+                ZEROCONF_MARKER,
             )
         await asyncio.Event().wait()  # the follower works from the browser's callbacks
     finally:
@@ -370,8 +453,10 @@ def _printable(text: str) -> str:
 def format_apps(apps: Sequence[DiscoveredApp], browsed: float) -> str:
     """``--discover``'s output: a table, or one line saying nothing was found."""
     if not apps:
-        return (f"No web apps announced on the LAN (browsed {browsed:g} s for {ZEROCONF_TYPE}, "
-                f"and {ZEROCONF_HTTP_TYPE} with an {ZEROCONF_MARKER!r} property).")
+        return (
+            f"No web apps announced on the LAN (browsed {browsed:g} s for {ZEROCONF_TYPE}, "
+            f"and {ZEROCONF_HTTP_TYPE} with an {ZEROCONF_MARKER!r} property)."
+        )
     rows: list[tuple[str, ...]] = [("NAME", "HOST", "PORT", "PATH", "URL")]
     rows += [tuple(_printable(cell) for cell in (a.name, a.host, str(a.port), a.path, a.url)) for a in apps]
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]

@@ -25,8 +25,8 @@ from ..bridge.channels import TcpPort
 from ..bridge.keys import KeyGrant, read_authorized_keys
 from ..config import BRIDGE_SCHEMA, load_file, merge, validate
 from ..exceptions import ConfigError
-from .gateway import gateway_config
 from .common import EXIT_OK, Signals, log_level, run, setup_logging
+from .gateway import gateway_config
 from .state import StateToken, agent_command, state_path, state_token
 
 __all__ = ["BRIDGE_ENV", "BRIDGE_FLAGS", "add_parser", "bridge_config", "bridge_settings", "main"]
@@ -132,82 +132,164 @@ def add_parser(commands: Any) -> None:
         description="Serve agents on /_rproxy/connect and visitors on every other path, on one port. "
         "SIGTERM stops gracefully, SIGHUP reloads tokens and the TLS certificate.",
     )
-    bridge.add_argument("port", nargs="?", metavar="PORT",
-                        help="as --listen 0.0.0.0:PORT (node-rproxy's form: rproxy bridge 8080 user:password)")
-    bridge.add_argument("userpass", nargs="?", metavar="USER:PASS",
-                        help="accept agents whose bridge URL is ws://USER:PASS@host (sent as HTTP Basic), as a "
-                             "--token; anyone who can list processes sees it: prefer --token-file on a shared machine")
-    bridge.add_argument("--config", metavar="FILE",
-                        help="YAML (or JSON, or .toml) file with these settings; keys are the flag names "
-                             "with _ (--token is tokens) ($RPROXY_CONFIG)")
-    bridge.add_argument("--check-config", metavar="FILE",
-                        help="validate FILE (with the flags and environment) and exit: 0 if usable, 2 if not")
-    bridge.add_argument("--listen", metavar="HOST:PORT",
-                        help="address to listen on (default 0.0.0.0:8080, or 0.0.0.0:$PORT when $PORT is set)")
+    bridge.add_argument(
+        "port",
+        nargs="?",
+        metavar="PORT",
+        help="as --listen 0.0.0.0:PORT (node-rproxy's form: rproxy bridge 8080 user:password)",
+    )
+    bridge.add_argument(
+        "userpass",
+        nargs="?",
+        metavar="USER:PASS",
+        help="accept agents whose bridge URL is ws://USER:PASS@host (sent as HTTP Basic), as a "
+        "--token; anyone who can list processes sees it: prefer --token-file on a shared machine",
+    )
+    bridge.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML (or JSON, or .toml) file with these settings; keys are the flag names "
+        "with _ (--token is tokens) ($RPROXY_CONFIG)",
+    )
+    bridge.add_argument(
+        "--check-config",
+        metavar="FILE",
+        help="validate FILE (with the flags and environment) and exit: 0 if usable, 2 if not",
+    )
+    bridge.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="address to listen on (default 0.0.0.0:8080, or 0.0.0.0:$PORT when $PORT is set)",
+    )
     bridge.add_argument("--domain", metavar="D", help="serve tunnel NAME at NAME.D")
-    bridge.add_argument("--token", dest="tokens", action="append", metavar="T",
-                        help="an agent token to accept (repeatable)")
-    bridge.add_argument("--token-file", metavar="F",
-                        help="file with one accepted agent token per line, optionally followed by the "
-                             "tunnel names it may serve")
-    bridge.add_argument("--request-timeout", type=str, metavar="SECONDS",
-                        help="time the home app has to answer before the visitor gets 504 (default 30)")
-    bridge.add_argument("--shutdown-grace", type=str, metavar="SECONDS",
-                        help="on SIGTERM, time requests in flight get to finish (default 10)")
+    bridge.add_argument(
+        "--token", dest="tokens", action="append", metavar="T", help="an agent token to accept (repeatable)"
+    )
+    bridge.add_argument(
+        "--token-file",
+        metavar="F",
+        help="file with one accepted agent token per line, optionally followed by the tunnel names it may serve",
+    )
+    bridge.add_argument(
+        "--request-timeout",
+        type=str,
+        metavar="SECONDS",
+        help="time the home app has to answer before the visitor gets 504 (default 30)",
+    )
+    bridge.add_argument(
+        "--shutdown-grace",
+        type=str,
+        metavar="SECONDS",
+        help="on SIGTERM, time requests in flight get to finish (default 10)",
+    )
     bridge.add_argument("--tls-cert", metavar="F", help="PEM certificate chain: serve HTTPS and WSS")
     bridge.add_argument("--tls-key", metavar="F", help="PEM private key for --tls-cert")
-    bridge.add_argument("--trusted-proxy", dest="trusted_proxies", action="append", metavar="CIDR",
-                        help="a load balancer or proxy in front of the bridge whose X-Forwarded-For/-Proto "
-                             "the bridge believes (repeatable; $RPROXY_TRUSTED_PROXIES, comma-separated)")
-    bridge.add_argument("--max-body-size", metavar="SIZE",
-                        help="largest visitor request body, e.g. 10M, 512K or bytes; larger gets 413 "
-                             "(default: no limit)")
-    bridge.add_argument("--header-timeout", metavar="SECONDS",
-                        help="time a visitor has to send a request head before getting 408 (default 10)")
-    bridge.add_argument("--idle-timeout", metavar="SECONDS",
-                        help="close a kept-alive visitor connection idle this long (default 75)")
-    bridge.add_argument("--max-streams-per-tunnel", metavar="N",
-                        help="requests in flight at once per tunnel, over all its agents; more get 503 "
-                             "(default: each agent's own limit)")
-    bridge.add_argument("--max-pending-handshakes", metavar="N",
-                        help="agents connecting but not through their handshake at once; more get 503 "
-                             "(default 64)")
-    bridge.add_argument("--max-pending-handshakes-per-source", metavar="N",
-                        help="of those, most from one address (an IPv6 /64 counts as one) (default 8)")
-    bridge.add_argument("--max-pending-handshakes-per-credential", metavar="N",
-                        help="of those, most with one agent token or key (default 8)")
-    bridge.add_argument("--max-requests-per-visitor", metavar="N",
-                        help="requests in flight at once from one visitor address (an IPv6 /64 counts as one) "
-                             "to one tunnel; more get 429 (default 256)")
-    bridge.add_argument("--max-websockets-per-visitor", metavar="N",
-                        help="WebSockets open at once from one visitor address (an IPv6 /64 counts as one) "
-                             "to one tunnel; more get 429 (default 256)")
-    bridge.add_argument("--max-websocket-message", metavar="SIZE",
-                        help="largest WebSocket message a visitor may send, e.g. 1M; larger closes the "
-                             "socket with 1009 (default 1M)")
-    bridge.add_argument("--websocket-idle-timeout", metavar="SECONDS",
-                        help="ping a visitor WebSocket silent this long; close it if it does not answer "
-                             "within half that again (default 120)")
-    bridge.add_argument("--websocket-message-rate", metavar="N",
-                        help="WebSocket messages a visitor may send per second; more closes the socket "
-                             "with 1008 (default 20000)")
-    bridge.add_argument("--memory-budget", metavar="SIZE",
-                        help="bytes all tunnels together may hold for visitors who do not read; when "
-                             "spent, new requests get 503 (default 1G)")
-    bridge.add_argument("--tunnel-memory-budget", metavar="SIZE",
-                        help="the same for each agent's tunnel (default 512M)")
-    bridge.add_argument("--authorized-keys", metavar="FILE",
-                        help="agent keys accepted: lines 'ed25519 KEY NAME...' as rproxy keygen prints them, "
-                             "NAME * for any name; reloaded on SIGHUP ($RPROXY_AUTHORIZED_KEYS)")
-    bridge.add_argument("--open-registration", action="store_const", const=True,
-                        help="accept any agent key, serving it under a name derived from the key "
-                             "(needs --domain) ($RPROXY_OPEN_REGISTRATION)")
-    bridge.add_argument("--admin-token", metavar="T",
-                        help="open /_rproxy/metrics (Prometheus) and /_rproxy/status.json to this bearer token, or "
-                             "its sha256: hash from rproxy hash-token; without it they do not exist "
-                             "($RPROXY_ADMIN_TOKEN)")
-    bridge.add_argument("--no-access-log", dest="access_log", action="store_const", const=False,
-                        help="do not log one line per visitor request")
+    bridge.add_argument(
+        "--trusted-proxy",
+        dest="trusted_proxies",
+        action="append",
+        metavar="CIDR",
+        help="a load balancer or proxy in front of the bridge whose X-Forwarded-For/-Proto "
+        "the bridge believes (repeatable; $RPROXY_TRUSTED_PROXIES, comma-separated)",
+    )
+    bridge.add_argument(
+        "--max-body-size",
+        metavar="SIZE",
+        help="largest visitor request body, e.g. 10M, 512K or bytes; larger gets 413 (default: no limit)",
+    )
+    bridge.add_argument(
+        "--header-timeout",
+        metavar="SECONDS",
+        help="time a visitor has to send a request head before getting 408 (default 10)",
+    )
+    bridge.add_argument(
+        "--idle-timeout", metavar="SECONDS", help="close a kept-alive visitor connection idle this long (default 75)"
+    )
+    bridge.add_argument(
+        "--max-streams-per-tunnel",
+        metavar="N",
+        help="requests in flight at once per tunnel, over all its agents; more get 503 "
+        "(default: each agent's own limit)",
+    )
+    bridge.add_argument(
+        "--max-pending-handshakes",
+        metavar="N",
+        help="agents connecting but not through their handshake at once; more get 503 (default 64)",
+    )
+    bridge.add_argument(
+        "--max-pending-handshakes-per-source",
+        metavar="N",
+        help="of those, most from one address (an IPv6 /64 counts as one) (default 8)",
+    )
+    bridge.add_argument(
+        "--max-pending-handshakes-per-credential",
+        metavar="N",
+        help="of those, most with one agent token or key (default 8)",
+    )
+    bridge.add_argument(
+        "--max-requests-per-visitor",
+        metavar="N",
+        help="requests in flight at once from one visitor address (an IPv6 /64 counts as one) "
+        "to one tunnel; more get 429 (default 256)",
+    )
+    bridge.add_argument(
+        "--max-websockets-per-visitor",
+        metavar="N",
+        help="WebSockets open at once from one visitor address (an IPv6 /64 counts as one) "
+        "to one tunnel; more get 429 (default 256)",
+    )
+    bridge.add_argument(
+        "--max-websocket-message",
+        metavar="SIZE",
+        help="largest WebSocket message a visitor may send, e.g. 1M; larger closes the socket with 1009 (default 1M)",
+    )
+    bridge.add_argument(
+        "--websocket-idle-timeout",
+        metavar="SECONDS",
+        help="ping a visitor WebSocket silent this long; close it if it does not answer "
+        "within half that again (default 120)",
+    )
+    bridge.add_argument(
+        "--websocket-message-rate",
+        metavar="N",
+        help="WebSocket messages a visitor may send per second; more closes the socket with 1008 (default 20000)",
+    )
+    bridge.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        help="bytes all tunnels together may hold for visitors who do not read; when "
+        "spent, new requests get 503 (default 1G)",
+    )
+    bridge.add_argument(
+        "--tunnel-memory-budget", metavar="SIZE", help="the same for each agent's tunnel (default 512M)"
+    )
+    bridge.add_argument(
+        "--authorized-keys",
+        metavar="FILE",
+        help="agent keys accepted: lines 'ed25519 KEY NAME...' as rproxy keygen prints them, "
+        "NAME * for any name; reloaded on SIGHUP ($RPROXY_AUTHORIZED_KEYS)",
+    )
+    bridge.add_argument(
+        "--open-registration",
+        action="store_const",
+        const=True,
+        help="accept any agent key, serving it under a name derived from the key "
+        "(needs --domain) ($RPROXY_OPEN_REGISTRATION)",
+    )
+    bridge.add_argument(
+        "--admin-token",
+        metavar="T",
+        help="open /_rproxy/metrics (Prometheus) and /_rproxy/status.json to this bearer token, or "
+        "its sha256: hash from rproxy hash-token; without it they do not exist "
+        "($RPROXY_ADMIN_TOKEN)",
+    )
+    bridge.add_argument(
+        "--no-access-log",
+        dest="access_log",
+        action="store_const",
+        const=False,
+        help="do not log one line per visitor request",
+    )
 
 
 @dataclass(slots=True)
@@ -416,10 +498,12 @@ async def _serve(settings: BridgeSettings, args: argparse.Namespace, signals: Si
     stop = asyncio.ensure_future(signals.stop.wait())
     reload = asyncio.ensure_future(signals.reload.wait())
     current = [settings]
-    watcher = asyncio.ensure_future(_watch_credential_files(
-        lambda: [path for key in ("token_file", "authorized_keys") if (path := current[0].values.get(key))],
-        signals.reload,
-    ))
+    watcher = asyncio.ensure_future(
+        _watch_credential_files(
+            lambda: [path for key in ("token_file", "authorized_keys") if (path := current[0].values.get(key))],
+            signals.reload,
+        )
+    )
     try:
         while not stop.done():
             await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
@@ -444,17 +528,25 @@ def _announce_state_token(settings: BridgeSettings) -> None:
     config = settings.config
     command, insecure = agent_command(config.host, config.port, state.token, tls=config.ssl_context is not None)
     if state.created and sys.stdout.isatty():
-        print(f"\nNo agent token was given: this bridge made one and keeps it in {state.path} (mode 0600).\n"
-              "At home, with your web app's address instead of http://127.0.0.1:8080 (and this server's "
-              "public name or address, if the agent knows it by another), run:\n\n"
-              f"    {command}\n", flush=True)
+        print(
+            f"\nNo agent token was given: this bridge made one and keeps it in {state.path} (mode 0600).\n"
+            "At home, with your web app's address instead of http://127.0.0.1:8080 (and this server's "
+            "public name or address, if the agent knows it by another), run:\n\n"
+            f"    {command}\n",
+            flush=True,
+        )
         if insecure:
-            print("(--insecure: this bridge has no TLS, so the token and all traffic would cross the network in "
-                  "clear text; put TLS in front, see docs/BRIDGE.md, and use wss:// instead)\n", flush=True)
+            print(
+                "(--insecure: this bridge has no TLS, so the token and all traffic would cross the network in "
+                "clear text; put TLS in front, see docs/BRIDGE.md, and use wss:// instead)\n",
+                flush=True,
+            )
         return
     _LOGGER.info(
-        "%s agent token is in %s (mode 0600): give the agent --token \"$(cat %s)\"",
-        "no credential given: a new" if state.created else "no credential given: this bridge's", state.path, state.path,
+        '%s agent token is in %s (mode 0600): give the agent --token "$(cat %s)"',
+        "no credential given: a new" if state.created else "no credential given: this bridge's",
+        state.path,
+        state.path,
     )
 
 

@@ -21,7 +21,14 @@ from ..config import LOG_LEVELS
 from ..exceptions import ConfigError
 
 __all__ = [
-    "EXIT_OK", "EXIT_REFUSED", "EXIT_RUNTIME", "EXIT_USAGE", "Parser", "log_level", "read_token_file", "run",
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "EXIT_RUNTIME",
+    "EXIT_USAGE",
+    "Parser",
+    "log_level",
+    "read_token_file",
+    "run",
     "setup_logging",
 ]
 
@@ -111,7 +118,9 @@ def setup_logging(level: str) -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+        )
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
     # websockets logs every handshake failure with a traceback at ERROR; ours is one line.
     logging.getLogger("websockets").setLevel(logging.CRITICAL)

@@ -31,11 +31,17 @@ _HOME_ADDRESS = "127.0.0.1"
 
 
 def add_parser(commands: Any) -> None:
-    demo = commands.add_parser("demo", help="run a bridge, an agent and a small home app in one process",
-                               description="See rproxy work: a lights-and-sprinklers app served through a local tunnel.")
-    demo.add_argument("--listen", metavar="HOST:PORT",
-                      help=f"public address of the demo bridge (default {_DEFAULT_LISTEN}, or the next free port "
-                           "after it when that one is taken)")
+    demo = commands.add_parser(
+        "demo",
+        help="run a bridge, an agent and a small home app in one process",
+        description="See rproxy work: a lights-and-sprinklers app served through a local tunnel.",
+    )
+    demo.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help=f"public address of the demo bridge (default {_DEFAULT_LISTEN}, or the next free port "
+        "after it when that one is taken)",
+    )
 
 
 _DEFAULT_LISTEN = "127.0.0.1:8080"
@@ -56,8 +62,13 @@ async def _start_bridge(host: str, port: int, token: str, *, explicit: bool) -> 
                 raise
             continue
         if bridge.port != port:
-            _LOGGER.warning("%s:%d is in use; the demo listens on %s:%d instead (--listen HOST:PORT picks one)",
-                            host, port, host, bridge.port)
+            _LOGGER.warning(
+                "%s:%d is in use; the demo listens on %s:%d instead (--listen HOST:PORT picks one)",
+                host,
+                port,
+                host,
+                bridge.port,
+            )
         return bridge
     raise AssertionError("unreachable: port 0 either binds or raises")
 
@@ -75,7 +86,9 @@ async def _serve(host: str, port: int, signals: Signals, *, explicit: bool = Tru
         await home.cleanup()
         raise
     try:
-        agent = Agent(AgentConfig(bridge=bridge.url, token=token, target=f"http://{_HOME_ADDRESS}:{home_port}", agent_id="demo"))
+        agent = Agent(
+            AgentConfig(bridge=bridge.url, token=token, target=f"http://{_HOME_ADDRESS}:{home_port}", agent_id="demo")
+        )
         await agent.start()
         try:
             await agent.wait_connected(timeout=10)
@@ -112,11 +125,16 @@ async def _announce_until_stopped(home_port: int, signals: Signals) -> None:
 async def _announce(home_port: int, signals: Signals) -> None:
     try:
         async with announce_app(
-            DEMO_APP_NAME, home_port, address=_HOME_ADDRESS, path="/",
-            app_id=f"rproxy-demo-{socket.gethostname()}-{home_port}", interfaces=[_HOME_ADDRESS],
+            DEMO_APP_NAME,
+            home_port,
+            address=_HOME_ADDRESS,
+            path="/",
+            app_id=f"rproxy-demo-{socket.gethostname()}-{home_port}",
+            interfaces=[_HOME_ADDRESS],
         ) as instance:
-            _LOGGER.info("home app announced over mDNS on this machine as %r (rproxy agent --discover lists it)",
-                         instance)
+            _LOGGER.info(
+                "home app announced over mDNS on this machine as %r (rproxy agent --discover lists it)", instance
+            )
             await signals.stop.wait()
     except OSError as err:
         _LOGGER.warning("home app not announced over mDNS: %s", err.strerror or err)

@@ -61,50 +61,87 @@ _ALLOWLIST_HELP = (
 
 def add_parser(commands: Any) -> None:
     gateway = commands.add_parser(
-        "gateway", help="serve WebSocket clients for an HTTP-only backend (frames become POSTs)",
+        "gateway",
+        help="serve WebSocket clients for an HTTP-only backend (frames become POSTs)",
         description="Accept WebSocket clients on /connect?f=FRAME_URL&d=DISCONNECT_URL. Each frame is POSTed to "
-                    "FRAME_URL with an x-ws-proxy-send header naming a callback URL (BASE_URL/<id>); a POST to the "
-                    "callback sends its body to the client as one frame, GET shows the connection, DELETE closes "
-                    "it. When the client goes, one POST to DISCONNECT_URL. Allowlist patterns match the WHOLE URL.",
+        "FRAME_URL with an x-ws-proxy-send header naming a callback URL (BASE_URL/<id>); a POST to the "
+        "callback sends its body to the client as one frame, GET shows the connection, DELETE closes "
+        "it. When the client goes, one POST to DISCONNECT_URL. Allowlist patterns match the WHOLE URL.",
     )
-    gateway.add_argument("--config", metavar="FILE",
-                         help="YAML (or JSON, or .toml) file with these settings; keys are the long flag names "
-                              "with _ (--address is listen, --cert tls_cert) ($RPROXY_CONFIG)")
-    gateway.add_argument("--address", "--listen", dest="listen", metavar="HOST:PORT",
-                         help="address to listen on (default 0.0.0.0:8080) ($RPROXY_LISTEN)")
-    gateway.add_argument("--base-url", metavar="URL",
-                         help="the public URL of this gateway, e.g. https://ws.example.com: callbacks are "
-                              "URL/<id> ($RPROXY_BASE_URL)")
+    gateway.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML (or JSON, or .toml) file with these settings; keys are the long flag names "
+        "with _ (--address is listen, --cert tls_cert) ($RPROXY_CONFIG)",
+    )
+    gateway.add_argument(
+        "--address",
+        "--listen",
+        dest="listen",
+        metavar="HOST:PORT",
+        help="address to listen on (default 0.0.0.0:8080) ($RPROXY_LISTEN)",
+    )
+    gateway.add_argument(
+        "--base-url",
+        metavar="URL",
+        help="the public URL of this gateway, e.g. https://ws.example.com: callbacks are URL/<id> ($RPROXY_BASE_URL)",
+    )
     gateway.add_argument("--cert", "--tls-cert", dest="tls_cert", metavar="F", help="PEM certificate chain: serve WSS")
     gateway.add_argument("--key", "--tls-key", dest="tls_key", metavar="F", help="PEM private key for --cert")
     gateway.add_argument("--allowlist", action="append", metavar="REGEX", help=_ALLOWLIST_HELP)
-    gateway.add_argument("--secret", metavar="S",
-                         help="sign every POST with HMAC-SHA256 under this secret (x-ws-proxy-signature) "
-                              "($RPROXY_GATEWAY_SECRET)")
-    gateway.add_argument("--forward-header", dest="forward_headers", action="append", metavar="NAME",
-                         help="a handshake header replayed on every POST (repeatable; default Origin and User-Agent)")
-    gateway.add_argument("--max-message-size", metavar="SIZE",
-                         help="largest frame either way (default 128K; a client's larger frame closes it with 1009)")
+    gateway.add_argument(
+        "--secret",
+        metavar="S",
+        help="sign every POST with HMAC-SHA256 under this secret (x-ws-proxy-signature) ($RPROXY_GATEWAY_SECRET)",
+    )
+    gateway.add_argument(
+        "--forward-header",
+        dest="forward_headers",
+        action="append",
+        metavar="NAME",
+        help="a handshake header replayed on every POST (repeatable; default Origin and User-Agent)",
+    )
+    gateway.add_argument(
+        "--max-message-size",
+        metavar="SIZE",
+        help="largest frame either way (default 128K; a client's larger frame closes it with 1009)",
+    )
     gateway.add_argument("--idle-timeout", metavar="SECONDS", help="close a connection idle this long (default 600)")
     gateway.add_argument("--max-lifetime", metavar="SECONDS", help="close a connection this old (default 7200)")
     gateway.add_argument("--max-connections", metavar="N", help="connections at once (default 10000)")
-    gateway.add_argument("--max-connections-per-address", metavar="N",
-                         help="connections at once from one address (default 100)")
+    gateway.add_argument(
+        "--max-connections-per-address", metavar="N", help="connections at once from one address (default 100)"
+    )
     gateway.add_argument("--callback-rate", metavar="N", help="callback POSTs per second per connection (default 100)")
-    gateway.add_argument("--queue-frames", metavar="N",
-                         help="client frames waiting for their POST before the client is held back (default 32)")
+    gateway.add_argument(
+        "--queue-frames",
+        metavar="N",
+        help="client frames waiting for their POST before the client is held back (default 32)",
+    )
     gateway.add_argument("--queue-bytes", metavar="SIZE", help="the same in bytes (default 1M)")
     gateway.add_argument("--post-timeout", metavar="SECONDS", help="time one POST to the backend may take (default 10)")
-    gateway.add_argument("--retries", metavar="N",
-                         help="further attempts after a connection error, timeout or 5xx; then the client is "
-                              "closed with 1011 (default 3)")
-    gateway.add_argument("--shutdown-grace", metavar="SECONDS",
-                         help="on SIGTERM, time the disconnect POSTs get (default 5)")
-    gateway.add_argument("--admin-token", metavar="T",
-                         help="open /_rproxy/metrics (Prometheus) and /_rproxy/status.json to this bearer token, or "
-                              "its sha256: hash from rproxy hash-token ($RPROXY_ADMIN_TOKEN)")
-    gateway.add_argument("--no-access-log", dest="access_log", action="store_const", const=False,
-                         help="do not log one line per connection")
+    gateway.add_argument(
+        "--retries",
+        metavar="N",
+        help="further attempts after a connection error, timeout or 5xx; then the client is "
+        "closed with 1011 (default 3)",
+    )
+    gateway.add_argument(
+        "--shutdown-grace", metavar="SECONDS", help="on SIGTERM, time the disconnect POSTs get (default 5)"
+    )
+    gateway.add_argument(
+        "--admin-token",
+        metavar="T",
+        help="open /_rproxy/metrics (Prometheus) and /_rproxy/status.json to this bearer token, or "
+        "its sha256: hash from rproxy hash-token ($RPROXY_ADMIN_TOKEN)",
+    )
+    gateway.add_argument(
+        "--no-access-log",
+        dest="access_log",
+        action="store_const",
+        const=False,
+        help="do not log one line per connection",
+    )
 
 
 @dataclass(slots=True)
@@ -148,8 +185,10 @@ def gateway_settings(args: argparse.Namespace, environ: Mapping[str, str] | None
     environ = dict(os.environ if environ is None else environ)
     config_file = args.config or environ.get("RPROXY_CONFIG") or None
     flags = {key: getattr(args, key, None) for key in GATEWAY_FLAGS if key != "log_level"}
-    file_values = load_file(config_file, aliases={"address": "listen", "cert": "tls_cert", "key": "tls_key",
-                                                  "forward_header": "forward_headers"})
+    file_values = load_file(
+        config_file,
+        aliases={"address": "listen", "cert": "tls_cert", "key": "tls_key", "forward_header": "forward_headers"},
+    )
     values, origin = merge(flags, GATEWAY_ENV, file_values, environ, file=config_file, flag_names=GATEWAY_FLAGS)
     settings = validate(GATEWAY_COMMAND_SCHEMA, values, origin, GATEWAY_FLAGS)
     cert, key = settings.get("tls_cert"), settings.get("tls_key")
@@ -174,9 +213,16 @@ async def _serve(settings: GatewaySettings, signals: Signals) -> None:
         reason = os.strerror(err.errno) if err.errno and err.errno > 0 else err.strerror or str(err)
         raise OSError(err.errno, f"--address {settings.host}:{settings.port}: {reason}") from None
     scheme = "wss" if settings.ssl_context else "ws"
-    _LOGGER.info("gateway listening on %s:%d: clients connect to %s://HOST:%d/connect?f=FRAME_URL&d=DISCONNECT_URL; "
-                 "callbacks at %s/<id>; %d allowlist pattern(s)", settings.host, gateway.port, scheme, gateway.port,
-                 settings.config.callback_base, len(settings.config.allowlist))
+    _LOGGER.info(
+        "gateway listening on %s:%d: clients connect to %s://HOST:%d/connect?f=FRAME_URL&d=DISCONNECT_URL; "
+        "callbacks at %s/<id>; %d allowlist pattern(s)",
+        settings.host,
+        gateway.port,
+        scheme,
+        gateway.port,
+        settings.config.callback_base,
+        len(settings.config.allowlist),
+    )
     try:
         await signals.stop.wait()
     finally:

@@ -47,16 +47,27 @@ def add_parser(commands: Any) -> None:
         "with --new, and print the line for the bridge's token file or tokens: list: sha256:HEX, then the "
         "tunnel names. The bridge accepts the token and stores nothing an agent could log in with.",
     )
-    command.add_argument("--new", action="store_true",
-                         help="make a new random token: shown once on standard error, its hash on standard output")
-    command.add_argument("--name", dest="names", action="append", metavar="NAME", default=[],
-                         help="a tunnel name the token may serve (repeatable; default: any)")
+    command.add_argument(
+        "--new",
+        action="store_true",
+        help="make a new random token: shown once on standard error, its hash on standard output",
+    )
+    command.add_argument(
+        "--name",
+        dest="names",
+        action="append",
+        metavar="NAME",
+        default=[],
+        help="a tunnel name the token may serve (repeatable; default: any)",
+    )
 
 
 def _read_token(stdin: TextIO) -> str:
     # On a terminal, not echoed: a token typed in would otherwise stay in the scrollback.
     interactive = stdin.isatty()
-    token = (getpass.getpass("agent token (not echoed): ", stream=sys.stderr) if interactive else stdin.readline()).strip()
+    token = (
+        getpass.getpass("agent token (not echoed): ", stream=sys.stderr) if interactive else stdin.readline()
+    ).strip()
     if not token:
         raise ConfigError("no token on standard input (or use --new to make one)")
     if not token.isprintable() or any(c.isspace() for c in token):
@@ -75,8 +86,11 @@ def main(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
     else:
         token = _read_token(stdin or sys.stdin)
         if len(token) < MIN_TOKEN_LENGTH:
-            print(f"rproxy hash-token: warning: a token shorter than {MIN_TOKEN_LENGTH} characters can be found "
-                  "from its hash by guessing; rproxy hash-token --new makes a strong one", file=sys.stderr)
+            print(
+                f"rproxy hash-token: warning: a token shorter than {MIN_TOKEN_LENGTH} characters can be found "
+                "from its hash by guessing; rproxy hash-token --new makes a strong one",
+                file=sys.stderr,
+            )
     print(" ".join([hash_token(token), *args.names]), flush=True)
     if args.new:
         print(f"new agent token (give it to the agent; it is shown only now): {token}", file=sys.stderr, flush=True)

@@ -35,10 +35,20 @@ def add_parser(commands: Any) -> None:
         "and print the line for the bridge's --authorized-keys file: ed25519 KEY NAME... On standard "
         "error: the key's fingerprint and the tunnel name an --open-registration bridge gives it.",
     )
-    command.add_argument("--out", metavar="FILE", default=DEFAULT_KEY_FILE,
-                         help=f"where to write the private key (default {DEFAULT_KEY_FILE})")
-    command.add_argument("--name", dest="names", action="append", metavar="NAME", default=[],
-                         help="a tunnel name the key may claim, written on the line (repeatable)")
+    command.add_argument(
+        "--out",
+        metavar="FILE",
+        default=DEFAULT_KEY_FILE,
+        help=f"where to write the private key (default {DEFAULT_KEY_FILE})",
+    )
+    command.add_argument(
+        "--name",
+        dest="names",
+        action="append",
+        metavar="NAME",
+        default=[],
+        help="a tunnel name the key may claim, written on the line (repeatable)",
+    )
 
 
 def load_private_key(path: str) -> Ed25519PrivateKey:
@@ -73,6 +83,10 @@ def main(args: argparse.Namespace) -> int:
         file.write(pem)
     raw = key.public_key().public_bytes_raw()
     print(" ".join(["ed25519", encode_public_key(key.public_key()), *args.names]), flush=True)
-    print(f"private key written to {path}\nfingerprint: {fingerprint(raw)}\n"
-          f"tunnel name on an --open-registration bridge: {derived_name(raw)}", file=sys.stderr, flush=True)
+    print(
+        f"private key written to {path}\nfingerprint: {fingerprint(raw)}\n"
+        f"tunnel name on an --open-registration bridge: {derived_name(raw)}",
+        file=sys.stderr,
+        flush=True,
+    )
     return EXIT_OK

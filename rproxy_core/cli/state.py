@@ -24,7 +24,15 @@ from pathlib import Path
 from ..bridge.routing import is_loopback_host
 from ..exceptions import ConfigError
 
-__all__ = ["PLACEHOLDER_HOST", "STATE_TOKEN_FILE", "StateToken", "agent_command", "state_directory", "state_path", "state_token"]
+__all__ = [
+    "PLACEHOLDER_HOST",
+    "STATE_TOKEN_FILE",
+    "StateToken",
+    "agent_command",
+    "state_directory",
+    "state_path",
+    "state_token",
+]
 
 STATE_TOKEN_FILE = "agent-token"
 #: 256 random bits, as hex: no character a shell or argparse reads specially.

@@ -25,17 +25,27 @@ _TIMEOUT = 10.0
 
 def add_parser(commands: Any) -> None:
     status = commands.add_parser(
-        "status", help="show a bridge's tunnels, agents and traffic (needs its admin token)",
+        "status",
+        help="show a bridge's tunnels, agents and traffic (needs its admin token)",
         description="Ask a bridge what it carries: tunnels, their agents, requests and bytes.",
     )
     status.add_argument("--bridge", metavar="URL", help="the bridge, e.g. https://bridge.example.com ($RPROXY_BRIDGE)")
     status.add_argument("--admin-token", metavar="T", help="the bridge's admin token ($RPROXY_ADMIN_TOKEN)")
     status.add_argument("--json", action="store_true", help="print the bridge's status JSON instead of tables")
     status.add_argument("--ca-file", metavar="FILE", help="PEM file of the CAs to trust for an https:// bridge")
-    status.add_argument("--pin-sha256", dest="pin_sha256", action="append", metavar="HEX", default=[],
-                        help="accept the https:// bridge only with this certificate's SHA-256 fingerprint")
-    status.add_argument("--insecure", action="store_true",
-                        help="allow plain http:// to a bridge that is not on this machine (the token travels unencrypted)")
+    status.add_argument(
+        "--pin-sha256",
+        dest="pin_sha256",
+        action="append",
+        metavar="HEX",
+        default=[],
+        help="accept the https:// bridge only with this certificate's SHA-256 fingerprint",
+    )
+    status.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plain http:// to a bridge that is not on this machine (the token travels unencrypted)",
+    )
 
 
 def _status_url(bridge: str) -> URL:
@@ -50,8 +60,13 @@ async def _fetch(args: argparse.Namespace, bridge: str, token: str) -> dict[str,
     try:
         async with (
             aiohttp.ClientSession(trust_env=False, cookie_jar=aiohttp.DummyCookieJar()) as session,
-            session.get(url, headers={"Authorization": f"Bearer {token}"}, allow_redirects=False,
-                        ssl=tls if tls is not None else True, timeout=aiohttp.ClientTimeout(total=_TIMEOUT)) as response,
+            session.get(
+                url,
+                headers={"Authorization": f"Bearer {token}"},
+                allow_redirects=False,
+                ssl=tls if tls is not None else True,
+                timeout=aiohttp.ClientTimeout(total=_TIMEOUT),
+            ) as response,
         ):
             if response.status == 401:
                 raise AuthenticationError("the bridge refused the admin token (401)")
@@ -61,7 +76,9 @@ async def _fetch(args: argparse.Namespace, bridge: str, token: str) -> dict[str,
                 raise RproxyConnectionError(f"the bridge answered HTTP {response.status}")
             data = await response.json(content_type=None)
     except aiohttp.ClientConnectorError as err:
-        raise RproxyConnectionError(f"cannot connect to the bridge at {url.origin()}: {err.os_error.strerror or err}") from None
+        raise RproxyConnectionError(
+            f"cannot connect to the bridge at {url.origin()}: {err.os_error.strerror or err}"
+        ) from None
     except (aiohttp.ClientError, TimeoutError, ValueError) as err:
         what = "timed out" if isinstance(err, TimeoutError) else str(err) or type(err).__name__
         raise RproxyConnectionError(f"status from {url.origin()}: {what}") from None
@@ -91,7 +108,9 @@ def _duration(seconds: float) -> str:
 
 def _table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows)
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
 
 
 def _cell(value: Any) -> str:
@@ -103,29 +122,44 @@ def format_status(status: dict[str, Any], bridge: str) -> str:
     """The status JSON as the terminal shows it: a summary line, tunnels, agents."""
     tunnels = status["tunnels"]
     lines = [
-        f"bridge {bridge} (rproxy {_cell(status.get('version', '?'))}), up {_duration(status.get('uptime_seconds', 0))}, "
+        f"bridge {bridge} (rproxy {_cell(status.get('version', '?'))}), "
+        f"up {_duration(status.get('uptime_seconds', 0))}, "
         f"{status.get('visitor_connections', 0)} visitor connection(s)"
     ]
-    rows: list[tuple[str, ...]] = [("TUNNEL", "AGENTS", "STREAMS", "REQUESTS", "4XX", "5XX", "FROM AGENTS", "TO AGENTS", "RESETS")]
+    rows: list[tuple[str, ...]] = [
+        ("TUNNEL", "AGENTS", "STREAMS", "REQUESTS", "4XX", "5XX", "FROM AGENTS", "TO AGENTS", "RESETS")
+    ]
     for tunnel in tunnels:
         requests = tunnel.get("requests", {})
-        rows.append((
-            _cell(tunnel["name"]), str(len(tunnel["agents"])), str(sum(a.get("streams", 0) for a in tunnel["agents"])),
-            str(sum(requests.values())), str(requests.get("4xx", 0)), str(requests.get("5xx", 0)),
-            _size(tunnel.get("bytes_from_agents", 0)), _size(tunnel.get("bytes_to_agents", 0)),
-            str(tunnel.get("stream_resets", 0)),
-        ))
+        rows.append(
+            (
+                _cell(tunnel["name"]),
+                str(len(tunnel["agents"])),
+                str(sum(a.get("streams", 0) for a in tunnel["agents"])),
+                str(sum(requests.values())),
+                str(requests.get("4xx", 0)),
+                str(requests.get("5xx", 0)),
+                _size(tunnel.get("bytes_from_agents", 0)),
+                _size(tunnel.get("bytes_to_agents", 0)),
+                str(tunnel.get("stream_resets", 0)),
+            )
+        )
     lines += ["", _table(rows) if tunnels else "no tunnels yet"]
     agents: list[tuple[str, ...]] = [("AGENT", "TUNNEL", "ADDRESS", "CONNECTED", "PROTOCOL", "RTT")]
     now = time.time()
     for tunnel in tunnels:
         for agent in tunnel["agents"]:
             rtt = agent.get("rtt_ms")
-            agents.append((
-                _cell(agent.get("id", "")), _cell(tunnel["name"]), _cell(agent.get("address", "")),
-                _duration(now - agent.get("connected_since", now)) + " ago", _cell(agent.get("protocol", "")),
-                f"{rtt:.1f} ms" if isinstance(rtt, (int, float)) else "-",
-            ))
+            agents.append(
+                (
+                    _cell(agent.get("id", "")),
+                    _cell(tunnel["name"]),
+                    _cell(agent.get("address", "")),
+                    _duration(now - agent.get("connected_since", now)) + " ago",
+                    _cell(agent.get("protocol", "")),
+                    f"{rtt:.1f} ms" if isinstance(rtt, (int, float)) else "-",
+                )
+            )
     if len(agents) > 1:
         lines += ["", _table(agents)]
     failures = status.get("handshake_failures") or {}

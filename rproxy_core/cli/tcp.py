@@ -40,33 +40,55 @@ _LOGGER = logging.getLogger("rproxy.tcp")
 
 def add_parser(commands: Any) -> None:
     tcp = commands.add_parser(
-        "tcp", help="reach a TCP service of a tunnel (e.g. ssh) on a local port or on stdin/stdout",
+        "tcp",
+        help="reach a TCP service of a tunnel (e.g. ssh) on a local port or on stdin/stdout",
         description="Carry TCP connections to a service an agent offers (rproxy agent --service NAME=tcp://HOST:PORT) "
-                    "over WebSockets to the bridge: from a local port (--listen), or from stdin/stdout (--stdio, "
-                    "for ssh's ProxyCommand). Needs a credential the bridge accepts for the tunnel.",
+        "over WebSockets to the bridge: from a local port (--listen), or from stdin/stdout (--stdio, "
+        "for ssh's ProxyCommand). Needs a credential the bridge accepts for the tunnel.",
     )
     tcp.add_argument("--bridge", metavar="URL", help="the bridge, e.g. wss://bridge.example.com ($RPROXY_BRIDGE)")
-    tcp.add_argument("--tunnel", metavar="NAME",
-                     help=f"the tunnel whose service to reach (default: {DEFAULT_TUNNEL_NAME}, or with --key the "
-                          "name derived from the key, as for rproxy agent) ($RPROXY_TUNNEL)")
+    tcp.add_argument(
+        "--tunnel",
+        metavar="NAME",
+        help=f"the tunnel whose service to reach (default: {DEFAULT_TUNNEL_NAME}, or with --key the "
+        "name derived from the key, as for rproxy agent) ($RPROXY_TUNNEL)",
+    )
     tcp.add_argument("--service", metavar="NAME", required=True, help="the TCP service's name, e.g. ssh")
     credential = tcp.add_mutually_exclusive_group()
-    credential.add_argument("--token", metavar="T", help="an agent token the bridge accepts for the tunnel "
-                                                        "($RPROXY_TOKEN)")
+    credential.add_argument(
+        "--token", metavar="T", help="an agent token the bridge accepts for the tunnel ($RPROXY_TOKEN)"
+    )
     credential.add_argument("--token-file", metavar="FILE", help="read the token from the first line of FILE")
-    credential.add_argument("--key", metavar="FILE", help="instead of a token: an agent key from rproxy keygen "
-                                                         "($RPROXY_KEY)")
+    credential.add_argument(
+        "--key", metavar="FILE", help="instead of a token: an agent key from rproxy keygen ($RPROXY_KEY)"
+    )
     mode = tcp.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--listen", metavar="[HOST:]PORT", type=_listen_address,
-                      help="accept connections on this local address (host default 127.0.0.1)")
-    mode.add_argument("--stdio", action="store_true",
-                      help="one connection on stdin/stdout, e.g. as ssh -o ProxyCommand='rproxy tcp --stdio ...'")
+    mode.add_argument(
+        "--listen",
+        metavar="[HOST:]PORT",
+        type=_listen_address,
+        help="accept connections on this local address (host default 127.0.0.1)",
+    )
+    mode.add_argument(
+        "--stdio",
+        action="store_true",
+        help="one connection on stdin/stdout, e.g. as ssh -o ProxyCommand='rproxy tcp --stdio ...'",
+    )
     tcp.add_argument("--ca-file", metavar="FILE", help="PEM file of the CAs to trust for a wss:// bridge")
-    tcp.add_argument("--pin-sha256", dest="pin_sha256", action="append", metavar="HEX", default=[],
-                     help="accept the wss:// bridge only with this certificate's SHA-256 fingerprint (repeatable)")
-    tcp.add_argument("--insecure", action="store_true",
-                     help="allow plain ws:// or http:// to a bridge that is not on this machine: the credential "
-                          "and all traffic travel unencrypted")
+    tcp.add_argument(
+        "--pin-sha256",
+        dest="pin_sha256",
+        action="append",
+        metavar="HEX",
+        default=[],
+        help="accept the wss:// bridge only with this certificate's SHA-256 fingerprint (repeatable)",
+    )
+    tcp.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plain ws:// or http:// to a bridge that is not on this machine: the credential "
+        "and all traffic travel unencrypted",
+    )
 
 
 def _listen_address(text: str) -> tuple[str, int]:
@@ -104,8 +126,14 @@ def tcp_config(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
     if not tunnel:
         tunnel = derived_name(key.public_key().public_bytes_raw()) if key is not None else DEFAULT_TUNNEL_NAME
     config = TcpClientConfig(
-        bridge=bridge, service=args.service, tunnel=tunnel, token=token, key=key,
-        ca_file=args.ca_file, pins=tuple(args.pin_sha256), insecure=args.insecure,
+        bridge=bridge,
+        service=args.service,
+        tunnel=tunnel,
+        token=token,
+        key=key,
+        ca_file=args.ca_file,
+        pins=tuple(args.pin_sha256),
+        insecure=args.insecure,
     )
     config.validate()
     return config
@@ -171,11 +199,16 @@ async def _serve(client: TcpClient, host: str, port: int, signals: Signals) -> N
         bound = server.sockets[0].getsockname()
         shown = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
         config = client.config
-        _LOGGER.info("listening on %s -> service %s of tunnel %s via %s", shown, config.service, config.tunnel,
-                     client.origin)
+        _LOGGER.info(
+            "listening on %s -> service %s of tunnel %s via %s", shown, config.service, config.tunnel, client.origin
+        )
         if not _is_loopback(host):
-            _LOGGER.warning("--listen %s is reachable from other machines: whoever connects to it reaches service "
-                            "%s with your credential", shown, config.service)
+            _LOGGER.warning(
+                "--listen %s is reachable from other machines: whoever connects to it reaches service "
+                "%s with your credential",
+                shown,
+                config.service,
+            )
         await signals.stop.wait()
     finally:
         await client.close()

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import functools
+import logging
 import os
 import queue
 import ssl
@@ -360,7 +360,8 @@ async def open_fd_source(fd: int) -> Source:
         return _ThreadSource(fd)
     reader = asyncio.StreamReader(limit=TCP_READ_SIZE)
     await asyncio.get_running_loop().connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), open(fd, "rb", buffering=0)  # noqa: SIM115 (the transport owns it)
+        lambda: asyncio.StreamReaderProtocol(reader),
+        open(fd, "rb", buffering=0),  # noqa: SIM115 (the transport owns it)
     )
     return StreamSource(reader)
 
@@ -370,7 +371,8 @@ async def open_fd_sink(fd: int) -> Sink:
     if not _pollable(fd):
         return _ThreadSink(fd)
     transport, protocol = await asyncio.get_running_loop().connect_write_pipe(
-        _PipeProtocol, open(fd, "wb", buffering=0)  # noqa: SIM115 (the transport owns it)
+        _PipeProtocol,
+        open(fd, "wb", buffering=0),  # noqa: SIM115 (the transport owns it)
     )
     return PipeSink(transport, protocol)
 
@@ -460,7 +462,9 @@ class TcpChannel:
         if code != 1000:
             if code is None or code == 1006:
                 raise ChannelAborted("the connection to the bridge was lost")
-            raise ChannelAborted(f"the bridge aborted the channel ({code}" + (f": {_one_line(reason)})" if reason else ")"))
+            raise ChannelAborted(
+                f"the bridge aborted the channel ({code}" + (f": {_one_line(reason)})" if reason else ")")
+            )
         if not ended:
             await sink.end()
 
@@ -521,8 +525,9 @@ class TcpClient:
             )
         except InvalidStatus as err:
             response = err.response
-            refusal = self._refusal(response.status_code, bytes(response.body or b""),
-                                    response.headers.get("Retry-After"))
+            refusal = self._refusal(
+                response.status_code, bytes(response.body or b""), response.headers.get("Retry-After")
+            )
             raise refusal from None
         except ssl.SSLCertVerificationError as err:
             raise ChannelRefused(self._untrusted(err)) from None
@@ -576,8 +581,12 @@ class TcpClient:
             except OSError as err:
                 _LOGGER.info("connection from %s: dropped (%s)", peer, err.strerror or err)
             else:
-                _LOGGER.debug("connection from %s ended: %d bytes sent, %d received", peer, channel.bytes_sent,
-                              channel.bytes_received)
+                _LOGGER.debug(
+                    "connection from %s ended: %d bytes sent, %d received",
+                    peer,
+                    channel.bytes_sent,
+                    channel.bytes_received,
+                )
         except asyncio.CancelledError:
             # The listener is stopping. Ending quietly: on Python 3.11 start_server reports a
             # handler task that ends cancelled as an error, with a traceback.
@@ -616,8 +625,9 @@ class TcpClient:
                 if response.status == 404:
                     raise ChannelRefused("the bridge does not accept keys (no challenge endpoint): use --token", 404)
                 if response.status != 200:
-                    raise ChannelRefused(f"the bridge answered HTTP {response.status} to the key challenge",
-                                         response.status)
+                    raise ChannelRefused(
+                        f"the bridge answered HTTP {response.status} to the key challenge", response.status
+                    )
                 data = await response.json(content_type=None)
         except aiohttp.ClientConnectorCertificateError as err:
             cause = err.certificate_error
@@ -659,9 +669,11 @@ class TcpClient:
 
     def _untrusted(self, err: ssl.SSLCertVerificationError) -> str:
         if isinstance(err, _PinMismatch):
-            return (f"the bridge's certificate does not match --pin-sha256: it has SHA-256 {err.seen}; if the "
-                    "bridge's certificate was replaced, pin the new one, otherwise someone may be intercepting "
-                    "the connection")
+            return (
+                f"the bridge's certificate does not match --pin-sha256: it has SHA-256 {err.seen}; if the "
+                "bridge's certificate was replaced, pin the new one, otherwise someone may be intercepting "
+                "the connection"
+            )
         reason = err.verify_message or err.reason or str(err)
         if self.config.ca_file:
             hint = f"is it issued by a CA in --ca-file {self.config.ca_file!r}?"

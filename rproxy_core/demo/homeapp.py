@@ -262,7 +262,8 @@ h1{font-size:1.5rem;margin:.5rem 0}h2{font-size:1rem;color:var(--mute);margin:1.
  cursor:pointer;box-shadow:0 1px 3px #0002;-webkit-tap-highlight-color:transparent}
 .dev .name{font-weight:600;font-size:1.1rem}.dev .st{color:var(--mute)}
 .dev[aria-pressed=true][data-kind=light]{border-color:var(--on);background:color-mix(in srgb,var(--on) 18%,var(--card))}
-.dev[aria-pressed=true][data-kind=sprinkler]{border-color:var(--water);background:color-mix(in srgb,var(--water) 18%,var(--card))}
+.dev[aria-pressed=true][data-kind=sprinkler]{border-color:var(--water);
+ background:color-mix(in srgb,var(--water) 18%,var(--card))}
 .dev:active{transform:scale(.97)}
 </style></head><body><main>
 <h1>Home</h1><div id="connection" role="status">reconnecting…</div>

@@ -218,13 +218,40 @@ class ConnectionState:
     """One client connection: where its frames go, its queue and counters (no socket here)."""
 
     __slots__ = (
-        "id", "callback", "address", "frame_url", "disconnect_url", "headers", "since", "last_active",
-        "frames_in", "frames_out", "bytes_in", "bytes_out", "queue", "queued_bytes", "open", "pending_sends",
-        "tokens", "tokens_at", "close_code", "close_reason", "closed_by",
+        "id",
+        "callback",
+        "address",
+        "frame_url",
+        "disconnect_url",
+        "headers",
+        "since",
+        "last_active",
+        "frames_in",
+        "frames_out",
+        "bytes_in",
+        "bytes_out",
+        "queue",
+        "queued_bytes",
+        "open",
+        "pending_sends",
+        "tokens",
+        "tokens_at",
+        "close_code",
+        "close_reason",
+        "closed_by",
     )
 
-    def __init__(self, conn_id: str, callback: str, address: str, frame_url: str, disconnect_url: str | None,
-                 headers: tuple[tuple[str, str], ...], now: float, rate: float) -> None:
+    def __init__(
+        self,
+        conn_id: str,
+        callback: str,
+        address: str,
+        frame_url: str,
+        disconnect_url: str | None,
+        headers: tuple[tuple[str, str], ...],
+        now: float,
+        rate: float,
+    ) -> None:
         self.id = conn_id
         self.callback = callback
         self.address = address
@@ -324,14 +351,23 @@ class ConnectionTable:
             return 429, "too many connections from your address"
         return None
 
-    def add(self, address: str, frame_url: str, disconnect_url: str | None,
-            headers: tuple[tuple[str, str], ...], now: float) -> ConnectionState:
+    def add(
+        self, address: str, frame_url: str, disconnect_url: str | None, headers: tuple[tuple[str, str], ...], now: float
+    ) -> ConnectionState:
         """A new connection under a fresh id of 128 random bits."""
         conn_id = secrets.token_urlsafe(16)
         while conn_id in self._by_id:  # 2**-128: never, but cheap to be sure
             conn_id = secrets.token_urlsafe(16)
-        conn = ConnectionState(conn_id, f"{self.config.callback_base}/{conn_id}", address, frame_url,
-                               disconnect_url, headers, now, self.config.callback_rate)
+        conn = ConnectionState(
+            conn_id,
+            f"{self.config.callback_base}/{conn_id}",
+            address,
+            frame_url,
+            disconnect_url,
+            headers,
+            now,
+            self.config.callback_rate,
+        )
         self._by_id[conn_id] = conn
         self._per_address[address] = self._per_address.get(address, 0) + 1
         return conn

@@ -64,7 +64,9 @@ class _PublicResolver(AbstractResolver):
         self._inner = DefaultResolver()
         self._explicit = explicit
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         results = await self._inner.resolve(host, port, family)
         if host.lower().rstrip(".") not in self._explicit:
             for result in results:
@@ -86,17 +88,21 @@ class HttpDelivery:
 
     def _open(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
-            limit=self._max_connections, resolver=_PublicResolver(self._allowlist.explicit_hosts), ttl_dns_cache=10,
+            limit=self._max_connections,
+            resolver=_PublicResolver(self._allowlist.explicit_hosts),
+            ttl_dns_cache=10,
         )
-        return aiohttp.ClientSession(connector=connector, trust_env=False, auto_decompress=False,
-                                     skip_auto_headers=("User-Agent",))
+        return aiohttp.ClientSession(
+            connector=connector, trust_env=False, auto_decompress=False, skip_auto_headers=("User-Agent",)
+        )
 
     async def post(self, url: str, headers: list[tuple[str, str]], body: bytes, timeout: float) -> int:
         if self._session is None:
             self._session = self._open()
         try:
-            async with self._session.post(url, data=body, headers=headers, allow_redirects=False,
-                                          timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+            async with self._session.post(
+                url, data=body, headers=headers, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as response:
                 if response.content_length is not None and response.content_length <= _ANSWER_READ:
                     await response.read()
                 return response.status
@@ -122,8 +128,17 @@ class Outcome:
     status: int | None = None
 
 
-async def deliver(delivery: Delivery, url: str, headers: list[tuple[str, str]], body: bytes, *, timeout: float,
-                  retries: int, backoff: float, what: str = "frame") -> Outcome:
+async def deliver(
+    delivery: Delivery,
+    url: str,
+    headers: list[tuple[str, str]],
+    body: bytes,
+    *,
+    timeout: float,
+    retries: int,
+    backoff: float,
+    what: str = "frame",
+) -> Outcome:
     """POST with the retry policy; never raises for the backend's doing."""
     pause = backoff
     attempt = 0
@@ -162,4 +177,3 @@ def _error_text(err: BaseException) -> str:
     text = str(err).splitlines()[0] if str(err) else ""
     name = err.__class__.__name__
     return f"{name}: {shown(text, 100)}" if text else name
-

@@ -55,8 +55,9 @@ _SENDABLE = frozenset({1000}) | frozenset(range(3000, 5000))
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     reason = HTTPStatus(status).phrase
-    return web.Response(status=status, text=f"{status} {reason}: {message}\n",
-                        headers={"Cache-Control": "no-store", **(headers or {})})
+    return web.Response(
+        status=status, text=f"{status} {reason}: {message}\n", headers={"Cache-Control": "no-store", **(headers or {})}
+    )
 
 
 def _close_reason(reason: str) -> bytes:
@@ -85,15 +86,21 @@ class Gateway:
     bridge's catch-all handler and the bridge calls ``start()`` and ``stop()``.
     """
 
-    def __init__(self, config: GatewayConfig, *, delivery: Delivery | None = None,
-                 address_of: Callable[[web.BaseRequest], str] | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        delivery: Delivery | None = None,
+        address_of: Callable[[web.BaseRequest], str] | None = None,
+    ) -> None:
         self.config = config
         self.allowlist = Allowlist(config.allowlist)
         self.table = ConnectionTable(config)
         # One POST at most per connection, so the pool never needs more sockets than connections;
         # a smaller one would make frames wait for a slot and time out on a busy gateway.
-        self.delivery: Delivery = delivery if delivery is not None else HttpDelivery(
-            self.allowlist, max_connections=config.max_connections)
+        self.delivery: Delivery = (
+            delivery if delivery is not None else HttpDelivery(self.allowlist, max_connections=config.max_connections)
+        )
         self._address_of = address_of or (lambda request: request.remote or "?")
         self._links: dict[str, _Link] = {}
         self._finishing: set[asyncio.Task[None]] = set()
@@ -103,8 +110,16 @@ class Gateway:
         self._host = config.host.lower().rstrip(".") if config.host else None
         self.stopping = False
         self.port: int | None = None
-        self.stats = {"accepted": 0, "refused": 0, "frames_in": 0, "frames_out": 0, "bytes_in": 0,
-                      "bytes_out": 0, "delivery_failures": 0, "callbacks_refused": 0}
+        self.stats = {
+            "accepted": 0,
+            "refused": 0,
+            "frames_in": 0,
+            "frames_out": 0,
+            "bytes_in": 0,
+            "bytes_out": 0,
+            "delivery_failures": 0,
+            "callbacks_refused": 0,
+        }
 
     # Life cycle.
 
@@ -143,23 +158,26 @@ class Gateway:
         links = list(self._links.values())
         if links:
             _LOGGER.info("gateway stopping: closing %d client connection(s)", len(links))
-        await asyncio.gather(*(self._close(link, 1001, "gateway shutting down", "gateway") for link in links),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(self._close(link, 1001, "gateway shutting down", "gateway") for link in links), return_exceptions=True
+        )
         if self._finishing:
             _, late = await asyncio.wait(set(self._finishing), timeout=self.config.shutdown_grace)
             for task in late:
                 task.cancel()
             if late:
-                _LOGGER.warning("gateway stopping: %d disconnect POST(s) cut off after %gs", len(late),
-                                self.config.shutdown_grace)
+                _LOGGER.warning(
+                    "gateway stopping: %d disconnect POST(s) cut off after %gs", len(late), self.config.shutdown_grace
+                )
                 await asyncio.gather(*late, return_exceptions=True)
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
         await self.delivery.close()
 
-    def front(self, fallback: Callable[[web.Request], Awaitable[web.StreamResponse]]
-              ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    def front(
+        self, fallback: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         """A handler serving the gateway's host name and passing every other host to ``fallback``."""
         host = self._host
 
@@ -182,7 +200,7 @@ class Gateway:
         if path == "/connect" or path == self._callback_path + "connect":
             return await self._connect(request)
         if path.startswith(self._callback_path):
-            conn_id = path[len(self._callback_path):]
+            conn_id = path[len(self._callback_path) :]
             if conn_id and "/" not in conn_id and len(conn_id) <= 64:
                 return await self._callback(request, conn_id)
         return _error(404, "no such gateway endpoint; clients connect to /connect?f=FRAME_URL&d=DISCONNECT_URL")
@@ -206,7 +224,9 @@ class Gateway:
                     return self._refuse(403, f"{key}= is {problem}")
                 targets[key] = values[0]
         if "f" not in targets:
-            return self._refuse(400, "f= (the URL each frame is POSTed to) is required: /connect?f=FRAME_URL&d=DISCONNECT_URL")
+            return self._refuse(
+                400, "f= (the URL each frame is POSTed to) is required: /connect?f=FRAME_URL&d=DISCONNECT_URL"
+            )
         address = self._address_of(request)
         refusal = self.table.refusal(address)
         if refusal is not None:
@@ -244,14 +264,26 @@ class Gateway:
 
     async def _ask_backend(self, conn: ConnectionState, request: web.Request, url: str) -> web.Response | None:
         """The optional connect URL: POST the handshake; a non-2xx answer refuses the upgrade."""
-        body = json.dumps({
-            "id": conn.id, "address": conn.address, "path": request.path_qs,
-            "headers": [[name, value] for name, value in request.headers.items()],
-        }).encode()
+        body = json.dumps(
+            {
+                "id": conn.id,
+                "address": conn.address,
+                "path": request.path_qs,
+                "headers": [[name, value] for name, value in request.headers.items()],
+            }
+        ).encode()
         headers = self._post_headers(conn, "application/json", body)
         config = self.config
-        outcome = await deliver(self.delivery, url, headers, body, timeout=config.post_timeout,
-                                retries=config.retries, backoff=config.retry_backoff, what="connect")
+        outcome = await deliver(
+            self.delivery,
+            url,
+            headers,
+            body,
+            timeout=config.post_timeout,
+            retries=config.retries,
+            backoff=config.retry_backoff,
+            what="connect",
+        )
         if outcome.ok:
             return None
         _LOGGER.info("gateway: connection from %s refused by the connect URL: %s", conn.address, outcome.reason)
@@ -304,14 +336,26 @@ class Gateway:
         try:
             while conn.queue:
                 kind, data = conn.queue[0]
-                outcome = await deliver(self.delivery, conn.frame_url, self._post_headers(conn, _CONTENT_TYPES[kind], data),
-                                        data, timeout=config.post_timeout, retries=config.retries,
-                                        backoff=config.retry_backoff)
+                outcome = await deliver(
+                    self.delivery,
+                    conn.frame_url,
+                    self._post_headers(conn, _CONTENT_TYPES[kind], data),
+                    data,
+                    timeout=config.post_timeout,
+                    retries=config.retries,
+                    backoff=config.retry_backoff,
+                )
                 if not outcome.ok:
                     dropped = conn.drop_queue()
                     self.stats["delivery_failures"] += 1
-                    _LOGGER.warning("gateway: connection %s… from %s: %s; closing it with %d (%d frame(s) dropped)",
-                                    conn.id[:6], conn.address, outcome.reason, outcome.code, dropped)
+                    _LOGGER.warning(
+                        "gateway: connection %s… from %s: %s; closing it with %d (%d frame(s) dropped)",
+                        conn.id[:6],
+                        conn.address,
+                        outcome.reason,
+                        outcome.code,
+                        dropped,
+                    )
                     self._wake(link)
                     await self._close(link, outcome.code, outcome.reason, "backend")
                     return
@@ -349,12 +393,19 @@ class Gateway:
             if link.task is not None:
                 await asyncio.shield(link.task)
             if conn.disconnect_url is not None:
-                body = json.dumps({"id": conn.id, "code": conn.close_code, "reason": conn.close_reason,
-                                   "closed_by": conn.closed_by}).encode()
-                outcome = await deliver(self.delivery, conn.disconnect_url,
-                                        self._post_headers(conn, "application/json", body), body,
-                                        timeout=config.post_timeout, retries=config.retries,
-                                        backoff=config.retry_backoff, what="disconnect")
+                body = json.dumps(
+                    {"id": conn.id, "code": conn.close_code, "reason": conn.close_reason, "closed_by": conn.closed_by}
+                ).encode()
+                outcome = await deliver(
+                    self.delivery,
+                    conn.disconnect_url,
+                    self._post_headers(conn, "application/json", body),
+                    body,
+                    timeout=config.post_timeout,
+                    retries=config.retries,
+                    backoff=config.retry_backoff,
+                    what="disconnect",
+                )
                 if not outcome.ok:
                     _LOGGER.warning("gateway: connection %s… disconnect POST: %s", conn.id[:6], outcome.reason)
         finally:
@@ -364,9 +415,19 @@ class Gateway:
             self._links.pop(conn.id, None)
             if config.access_log:
                 now = asyncio.get_running_loop().time()
-                _ACCESS.info("%s gateway id=%s… %s %s by=%s in=%d/%dB out=%d/%dB %.1fs", conn.address, conn.id[:6],
-                             conn.close_code, shown(conn.close_reason), conn.closed_by or "-", conn.frames_in,
-                             conn.bytes_in, conn.frames_out, conn.bytes_out, now - conn.since)
+                _ACCESS.info(
+                    "%s gateway id=%s… %s %s by=%s in=%d/%dB out=%d/%dB %.1fs",
+                    conn.address,
+                    conn.id[:6],
+                    conn.close_code,
+                    shown(conn.close_reason),
+                    conn.closed_by or "-",
+                    conn.frames_in,
+                    conn.bytes_in,
+                    conn.frames_out,
+                    conn.bytes_out,
+                    now - conn.since,
+                )
 
     async def _callback(self, request: web.Request, conn_id: str) -> web.StreamResponse:
         link = self._links.get(conn_id)
@@ -384,8 +445,11 @@ class Gateway:
             await self._close(link, code, reason, "callback")
             return web.Response(status=204)
         if request.method != "POST":
-            return _error(405, "the callback takes POST (a frame), GET (status) and DELETE (close)",
-                          {"Allow": "GET, HEAD, POST, DELETE"})
+            return _error(
+                405,
+                "the callback takes POST (a frame), GET (status) and DELETE (close)",
+                {"Allow": "GET, HEAD, POST, DELETE"},
+            )
         if not conn.allow_callback(config.callback_rate, loop.time()):
             self.stats["callbacks_refused"] += 1
             return _error(429, f"more than {config.callback_rate:g} callbacks per second", {"Retry-After": "1"})
@@ -451,8 +515,9 @@ class Gateway:
         if expected.startswith("sha256:"):
             given, expected = hashlib.sha256(given.encode()).hexdigest(), expected[7:]
         if not given or not hmac.compare_digest(given.encode(), expected.encode()):
-            _LOGGER.warning("gateway: refused %s from %s: %s admin token", request.path, request.remote,
-                            "wrong" if auth else "no")
+            _LOGGER.warning(
+                "gateway: refused %s from %s: %s admin token", request.path, request.remote, "wrong" if auth else "no"
+            )
             return _error(401, "the admin token is required", {"WWW-Authenticate": 'Bearer realm="rproxy"'})
         snapshot = self.snapshot()
         if as_json:
@@ -460,8 +525,9 @@ class Gateway:
         lines = ["# TYPE rproxy_gateway_connections gauge", f"rproxy_gateway_connections {snapshot.pop('open')}"]
         for key, value in snapshot.items():
             lines += [f"# TYPE rproxy_gateway_{key} counter", f"rproxy_gateway_{key}_total {value}"]
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain",
-                            headers={"Cache-Control": "no-store"})
+        return web.Response(
+            text="\n".join(lines) + "\n", content_type="text/plain", headers={"Cache-Control": "no-store"}
+        )
 
 
 async def _read_bounded(request: web.Request, limit: int) -> bytes | None:

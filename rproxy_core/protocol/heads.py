@@ -75,12 +75,7 @@ def _headers(obj: dict[str, Any]) -> Headers:
         raise RemoteProtocolError("head field 'h' is not a list")
     out: Headers = []
     for item in raw:
-        if (
-            not isinstance(item, list)
-            or len(item) != 2
-            or not isinstance(item[0], str)
-            or not isinstance(item[1], str)
-        ):
+        if not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str) or not isinstance(item[1], str):
             raise RemoteProtocolError("head header is not a [name, value] pair of strings")
         if _TOKEN.fullmatch(item[0]) is None:
             raise RemoteProtocolError(f"head header name {item[0][:64]!r} is not a token")

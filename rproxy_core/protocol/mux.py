@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import enum
 import json
-from itertools import islice
 from collections import deque
 from collections.abc import Iterable, Iterator
+from itertools import islice
 from typing import Any
 
 from ..exceptions import FlowControlError, LocalProtocolError, RemoteProtocolError
@@ -270,9 +270,11 @@ class Multiplexer:
 
     def can_open_stream(self) -> bool:
         """Whether the peer will accept one more stream now."""
-        return not self.closed and self.peer_settings is not None and self.open_stream_count(
-            local=True
-        ) < self.peer_max_streams
+        return (
+            not self.closed
+            and self.peer_settings is not None
+            and self.open_stream_count(local=True) < self.peer_max_streams
+        )
 
     def open_stream(self, head: RequestHead, *, end_stream: bool = False) -> int:
         """Open a stream with ``head``; FIN too when there is no body. Returns the stream id."""
@@ -395,7 +397,9 @@ class Multiplexer:
 
     def _emit(self, frame_type: int, flags: int, stream_id: int, payload: bytes | bytearray | memoryview) -> None:
         size = len(payload)
-        self._out.append((encode_header(frame_type, flags, stream_id, size), payload if size else None, HEADER_SIZE + size))
+        self._out.append(
+            (encode_header(frame_type, flags, stream_id, size), payload if size else None, HEADER_SIZE + size)
+        )
         self._out_bytes += HEADER_SIZE + size
 
     def _reply(self, frame_type: int, stream_id: int, payload: bytes | bytearray | memoryview) -> None:

@@ -89,7 +89,9 @@ class AiohttpFrameSocket:
         # aiohttp's own send is a coroutine (see TunnelConnection.schedule_flush for why that
         # matters). A client's frames must be masked: those always go through aiohttp.
         self._server_transport = (
-            transport if isinstance(ws, web.WebSocketResponse) and isinstance(transport, asyncio.WriteTransport) else None
+            transport
+            if isinstance(ws, web.WebSocketResponse) and isinstance(transport, asyncio.WriteTransport)
+            else None
         )
 
     async def receive(self) -> bytes | bytearray | None:

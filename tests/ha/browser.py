@@ -12,17 +12,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 import itertools
 import json
 import os
-from pathlib import Path
 import shutil
 import signal
 import subprocess
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -211,8 +211,12 @@ class Page:
             details = params["exceptionDetails"]
             exception = details.get("exception", {})
             preview = exception.get("preview", {}).get("properties")
-            shown = json.dumps({p["name"]: p.get("value") for p in preview}) if preview else exception.get("description")
-            self.console_errors.append(f"{details.get('text')}: {shown} ({details.get('url', '')}:{details.get('lineNumber')})")
+            shown = (
+                json.dumps({p["name"]: p.get("value") for p in preview}) if preview else exception.get("description")
+            )
+            self.console_errors.append(
+                f"{details.get('text')}: {shown} ({details.get('url', '')}:{details.get('lineNumber')})"
+            )
 
     async def navigate(self, url: str) -> None:
         result = await self.send("Page.navigate", url=url)
@@ -269,9 +273,7 @@ class Page:
             timeout,
         )
         for event in ("mouseMoved", "mousePressed", "mouseReleased"):
-            await self.send(
-                "Input.dispatchMouseEvent", type=event, x=box["x"], y=box["y"], button="left", clickCount=1
-            )
+            await self.send("Input.dispatchMouseEvent", type=event, x=box["x"], y=box["y"], button="left", clickCount=1)
 
     async def type_text(self, text: str) -> None:
         await self.send("Input.insertText", text=text)
@@ -279,7 +281,11 @@ class Page:
     async def press_enter(self) -> None:
         for event in ("keyDown", "keyUp"):
             await self.send(
-                "Input.dispatchKeyEvent", type=event, key="Enter", code="Enter", windowsVirtualKeyCode=13,
+                "Input.dispatchKeyEvent",
+                type=event,
+                key="Enter",
+                code="Enter",
+                windowsVirtualKeyCode=13,
                 text="\r" if event == "keyDown" else "",
             )
 
@@ -354,9 +360,13 @@ async def chromium(network: VisitorNetwork, profile: Path, log: Path, *flags: st
         deadline = time.monotonic() + 30
         while not (active.exists() and len(active.read_text().splitlines()) >= 2):
             if process.poll() is not None:
-                raise AssertionError(f"chromium exited with {process.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+                raise AssertionError(
+                    f"chromium exited with {process.returncode}:\n{log.read_text(errors='replace')[-3000:]}"
+                )
             if time.monotonic() > deadline:
-                raise AssertionError(f"chromium did not open its DevTools port in 30 s:\n{log.read_text(errors='replace')[-3000:]}")
+                raise AssertionError(
+                    f"chromium did not open its DevTools port in 30 s:\n{log.read_text(errors='replace')[-3000:]}"
+                )
             await asyncio.sleep(0.1)
         port, path = active.read_text().splitlines()[:2]
         sock = await asyncio.to_thread(network.connect, "127.0.0.1", int(port))

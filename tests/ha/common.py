@@ -8,12 +8,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from pytest_homeassistant_custom_component.common import MockConfigEntry
-
 from homeassistant.components.http.ban import KEY_BAN_MANAGER
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import HomeAssistant
 from homeassistant.setup import async_setup_component
+from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.rproxy.const import DOMAIN
 from rproxy_core import Bridge
@@ -37,7 +36,9 @@ def claim(address: str) -> dict[str, str]:
     return {"X-Forwarded-For": address}
 
 
-def entry_data(bridge_url: str, target_url: str | None = None, *, name: str = "home", token: str = TOKEN) -> dict[str, Any]:
+def entry_data(
+    bridge_url: str, target_url: str | None = None, *, name: str = "home", token: str = TOKEN
+) -> dict[str, Any]:
     """Config entry data of a tunnel to ``target_url`` (None: Home Assistant itself)."""
     if target_url is None:
         return {

@@ -11,16 +11,16 @@ WebSocket APIs (``HomeAssistantApi``) as the frontend does.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 import json
 import os
-from pathlib import Path
 import re
 import secrets
 import signal
 import subprocess
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp

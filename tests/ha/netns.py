@@ -11,16 +11,16 @@ Needs root (or CAP_SYS_ADMIN and CAP_NET_ADMIN) and ``ip`` (iproute2).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from ipaddress import IPv4Network, ip_network
 import os
 import random
 import secrets
 import socket
 import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from ipaddress import IPv4Network, ip_network
 
 import pytest
 
@@ -103,7 +103,18 @@ def visitor_network() -> Iterator[VisitorNetwork]:
             ("ip", "link", "set", visitor_side, "netns", name),
             ("ip", "addr", "add", f"{host_address}/{BLOCK_PREFIX}", "dev", host_side),
             ("ip", "link", "set", host_side, "up"),
-            ("ip", "netns", "exec", name, "ip", "addr", "add", f"{visitor_address}/{BLOCK_PREFIX}", "dev", visitor_side),
+            (
+                "ip",
+                "netns",
+                "exec",
+                name,
+                "ip",
+                "addr",
+                "add",
+                f"{visitor_address}/{BLOCK_PREFIX}",
+                "dev",
+                visitor_side,
+            ),
             ("ip", "netns", "exec", name, "ip", "link", "set", visitor_side, "up"),
             ("ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"),
         ]

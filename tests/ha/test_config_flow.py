@@ -10,27 +10,26 @@ from __future__ import annotations
 
 import ast
 import asyncio
-from collections.abc import AsyncIterator
-from ipaddress import ip_address
 import json
-from pathlib import Path
 import re
 import socket
 import subprocess
-from typing import Any
 import uuid
+from collections.abc import AsyncIterator
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Any
 
 import pytest
-from pytest_homeassistant_custom_component.common import MockConfigEntry
 import pytest_socket
-from zeroconf import IPVersion, ServiceStateChange
-from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
-
 from homeassistant.components.zeroconf.models import HaAsyncZeroconf, HaZeroconf
 from homeassistant.config_entries import SOURCE_USER, SOURCE_ZEROCONF, ConfigEntryState
 from homeassistant.core import HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType, InvalidData
 from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
+from pytest_homeassistant_custom_component.common import MockConfigEntry
+from zeroconf import IPVersion, ServiceStateChange
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from custom_components.rproxy.const import (
     CONF_EXPOSED,
@@ -260,8 +259,9 @@ async def test_user_retry_after_error(hass: HomeAssistant, bridge: Bridge, lan_z
 async def test_user_prefills_known_bridge(hass: HomeAssistant) -> None:
     """A second tunnel: the bridge URL of the first is offered; its token is not sent to the
     browser, the field may stay empty to use it."""
-    MockConfigEntry(domain=DOMAIN, data=entry_data("https://bridge.example.com", token="secret-token"),
-                    unique_id="homeassistant").add_to_hass(hass)
+    MockConfigEntry(
+        domain=DOMAIN, data=entry_data("https://bridge.example.com", token="secret-token"), unique_id="homeassistant"
+    ).add_to_hass(hass)
     result = await _start_user(hass)
     assert _defaults(result) == {
         "bridge_url": "https://bridge.example.com",
@@ -297,7 +297,9 @@ async def test_user_password_in_the_bridge_url_is_stored_as_the_token(
     await bridge.set_tokens([TOKEN, "agent:pw-123"])
     url = bridge.url.replace("http://", "ws://agent:pw-123@")
     result = await _start_user(hass)
-    result = await hass.config_entries.flow.async_configure(result["flow_id"], {"bridge_url": url, "tunnel_name": "home"})
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {"bridge_url": url, "tunnel_name": "home"}
+    )
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "target", result["errors"]
     result = await hass.config_entries.flow.async_configure(result["flow_id"], {"target": "homeassistant"})
@@ -390,7 +392,9 @@ async def test_target_url_errors(hass: HomeAssistant, bridge: Bridge, lan_zeroco
 
 # yarl raises ValueError for these; the URL step used to let it out of the form.
 @pytest.mark.parametrize("typed", ["http://127.0.0.1:99999", "http://[::1", "http://host:port/"])
-async def test_target_url_unparsable(hass: HomeAssistant, bridge: Bridge, lan_zeroconf: HaAsyncZeroconf, typed: str) -> None:
+async def test_target_url_unparsable(
+    hass: HomeAssistant, bridge: Bridge, lan_zeroconf: HaAsyncZeroconf, typed: str
+) -> None:
     """URLs yarl cannot even parse are invalid_url too, not an exception."""
     result = await _to_target(hass, bridge)
     result = await hass.config_entries.flow.async_configure(result["flow_id"], {"target": "url"})
@@ -467,7 +471,9 @@ async def test_target_url_not_http(hass: HomeAssistant, bridge: Bridge, lan_zero
     try:
         result = await _to_target(hass, bridge)
         result = await hass.config_entries.flow.async_configure(result["flow_id"], {"target": "url"})
-        result = await hass.config_entries.flow.async_configure(result["flow_id"], {"target_url": f"http://127.0.0.1:{port}"})
+        result = await hass.config_entries.flow.async_configure(
+            result["flow_id"], {"target_url": f"http://127.0.0.1:{port}"}
+        )
         assert result["type"] is FlowResultType.FORM
         assert result["errors"] == {"base": "cannot_connect_target"}
         assert result["description_placeholders"]["error"]
@@ -488,7 +494,9 @@ async def test_target_url_no_answer(hass: HomeAssistant, bridge: Bridge, lan_zer
     try:
         result = await _to_target(hass, bridge)
         result = await hass.config_entries.flow.async_configure(result["flow_id"], {"target": "url"})
-        result = await hass.config_entries.flow.async_configure(result["flow_id"], {"target_url": f"http://127.0.0.1:{port}"})
+        result = await hass.config_entries.flow.async_configure(
+            result["flow_id"], {"target_url": f"http://127.0.0.1:{port}"}
+        )
         assert result["type"] is FlowResultType.FORM
         assert result["errors"] == {"base": "cannot_connect_target"}
         assert result["description_placeholders"] == {"error": "no answer in time"}
@@ -534,9 +542,7 @@ async def test_target_url_creates_entry(
 # The target step: web apps found on the LAN.
 
 
-async def _announce(
-    aiozc: AsyncZeroconf, service_type: str, port: int, properties: dict[str, str]
-) -> AsyncServiceInfo:
+async def _announce(aiozc: AsyncZeroconf, service_type: str, port: int, properties: dict[str, str]) -> AsyncServiceInfo:
     """Register a uniquely named service on 127.0.0.1 (mDNS is shared by the whole host)."""
     name = f"rproxy-test-{uuid.uuid4().hex[:12]}.{service_type}"
     info = AsyncServiceInfo(
@@ -587,7 +593,10 @@ async def test_target_lists_discovered_apps(
     app_id = f"app-{tag}"
     port = int(home_app.url.rsplit(":", 1)[1])
     own = await _announce(
-        loopback_zeroconf, ZEROCONF_TYPE, port, {"name": f"Zeta Wiki {tag}", "id": app_id, "path": "wiki", "scheme": "http"}
+        loopback_zeroconf,
+        ZEROCONF_TYPE,
+        port,
+        {"name": f"Zeta Wiki {tag}", "id": app_id, "path": "wiki", "scheme": "http"},
     )
     marked = await _announce(
         loopback_zeroconf, ZEROCONF_HTTP_TYPE, 8443, {"rproxy": "1", "name": f"Alpha Cams {tag}", "scheme": "HTTPS"}
@@ -638,7 +647,12 @@ async def test_target_lists_discovered_apps(
 
 
 def _cached_service(
-    zc: HaZeroconf, instance: str, addresses: list[str], port: int, properties: dict[str, str | None], *,
+    zc: HaZeroconf,
+    instance: str,
+    addresses: list[str],
+    port: int,
+    properties: dict[str, str | None],
+    *,
     resolved: bool = True,
 ) -> None:
     """Put a service's mDNS records into a (real) zeroconf cache, as answers on the LAN would.
@@ -660,19 +674,24 @@ def _cached_service(
     zc.cache.async_add_records(records)
 
 
-async def test_target_discovered_addresses(
-    hass: HomeAssistant, bridge: Bridge, lan_zeroconf: HaAsyncZeroconf
-) -> None:
+async def test_target_discovered_addresses(hass: HomeAssistant, bridge: Bridge, lan_zeroconf: HaAsyncZeroconf) -> None:
     """IPv4 is preferred when a service has both; an IPv6-only one gets a bracketed URL; a
     pointer without its service records is left out."""
     zc = lan_zeroconf.zeroconf
     suffix = uuid.uuid4().hex[:8]
     _cached_service(
-        zc, f"both-{suffix}", ["fd00::5", "192.168.1.5"], 8080,
+        zc,
+        f"both-{suffix}",
+        ["fd00::5", "192.168.1.5"],
+        8080,
         {"name": f"Both {suffix}", "id": f"both-{suffix}", "beta": None},  # a bare TXT key: no value
     )
-    _cached_service(zc, f"six-{suffix}", ["fd00::6"], 8086, {"name": f"Six {suffix}", "id": f"six-{suffix}", "path": "/app/"})
-    _cached_service(zc, f"gone-{suffix}", ["192.168.1.7"], 8087, {"name": f"Gone {suffix}", "id": f"gone-{suffix}"}, resolved=False)
+    _cached_service(
+        zc, f"six-{suffix}", ["fd00::6"], 8086, {"name": f"Six {suffix}", "id": f"six-{suffix}", "path": "/app/"}
+    )
+    _cached_service(
+        zc, f"gone-{suffix}", ["192.168.1.7"], 8087, {"name": f"Gone {suffix}", "id": f"gone-{suffix}"}, resolved=False
+    )
 
     result = await _to_target(hass, bridge)
     options = _target_options(result)
@@ -710,8 +729,14 @@ async def test_target_app_also_pending_as_discovery(
 # Discovery: Home Assistant's zeroconf browser starts the flow.
 
 
-def _service_info(port: int, *, name: str = "Wiki", app_id: str = "wiki-1", service_type: str = ZEROCONF_TYPE,
-                  properties: dict[str, str] | None = None) -> ZeroconfServiceInfo:
+def _service_info(
+    port: int,
+    *,
+    name: str = "Wiki",
+    app_id: str = "wiki-1",
+    service_type: str = ZEROCONF_TYPE,
+    properties: dict[str, str] | None = None,
+) -> ZeroconfServiceInfo:
     return ZeroconfServiceInfo(
         ip_address=ip_address("127.0.0.1"),
         ip_addresses=[ip_address("127.0.0.1")],
@@ -799,7 +824,9 @@ async def test_zeroconf_http_with_marker(hass: HomeAssistant) -> None:
         DOMAIN,
         context={"source": SOURCE_ZEROCONF},
         data=_service_info(
-            8443, name="Cams", service_type=ZEROCONF_HTTP_TYPE,
+            8443,
+            name="Cams",
+            service_type=ZEROCONF_HTTP_TYPE,
             properties={"rproxy": "", "name": "Cams", "path": "ui", "scheme": "https"},
         ),
     )
@@ -816,7 +843,9 @@ async def test_zeroconf_http_with_marker(hass: HomeAssistant) -> None:
 
 async def test_reauth(hass: HomeAssistant, bridge: Bridge) -> None:
     entry = MockConfigEntry(
-        domain=DOMAIN, title="home: Home Assistant", unique_id="homeassistant",
+        domain=DOMAIN,
+        title="home: Home Assistant",
+        unique_id="homeassistant",
         data=entry_data(bridge.url, token="revoked-token"),
     )
     entry.add_to_hass(hass)
@@ -824,7 +853,12 @@ async def test_reauth(hass: HomeAssistant, bridge: Bridge) -> None:
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "reauth_confirm"
     # (Home Assistant adds the entry's title as "name".)
-    assert result["description_placeholders"] == {"tunnel": "home", "bridge": bridge.url, "error": "", "name": entry.title}
+    assert result["description_placeholders"] == {
+        "tunnel": "home",
+        "bridge": bridge.url,
+        "error": "",
+        "name": entry.title,
+    }
     assert _defaults(result) == {"token": None}  # the refused token is not offered again
 
     result = await hass.config_entries.flow.async_configure(result["flow_id"], {"token": "still-wrong"})
@@ -843,7 +877,9 @@ async def test_reauth(hass: HomeAssistant, bridge: Bridge) -> None:
 async def test_reauth_started_by_refused_token(hass: HomeAssistant, bridge: Bridge) -> None:
     """The bridge refuses the token at setup: Home Assistant starts the reauth flow by itself."""
     entry = await setup_tunnel(hass, bridge.url, token="revoked-token", expect=ConfigEntryState.SETUP_ERROR)
-    flows = [f for f in hass.config_entries.flow.async_progress_by_handler(DOMAIN) if f["context"]["source"] == "reauth"]
+    flows = [
+        f for f in hass.config_entries.flow.async_progress_by_handler(DOMAIN) if f["context"]["source"] == "reauth"
+    ]
     assert len(flows) == 1
     assert flows[0]["context"]["entry_id"] == entry.entry_id
     result = await hass.config_entries.flow.async_configure(flows[0]["flow_id"], {"token": TOKEN})
@@ -886,7 +922,9 @@ async def test_reconfigure_to_a_password_in_the_url(hass: HomeAssistant, bridge:
         assert result["type"] is FlowResultType.FORM
         assert result["errors"] == errors
         assert "pw-123" not in repr(_defaults(result)) or errors == {"bridge_url": "invalid_url"}
-    result = await hass.config_entries.flow.async_configure(flow_id, {"bridge_url": with_password, "tunnel_name": "home"})
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, {"bridge_url": with_password, "tunnel_name": "home"}
+    )
     assert result["type"] is FlowResultType.ABORT
     assert result["reason"] == "reconfigure_successful"
     assert entry.data["token"] == "agent:pw-123"
@@ -920,11 +958,16 @@ async def test_reconfigure(hass: HomeAssistant, bridge: Bridge, home_app: HomeAp
     assert entry.data == entry_data(bridge.url, home_app.url)
 
     result = await hass.config_entries.flow.async_configure(
-        flow_id, {"bridge_url": bridge.url + "/", "tunnel_name": "garage"}  # token left empty: kept
+        flow_id,
+        {"bridge_url": bridge.url + "/", "tunnel_name": "garage"},  # token left empty: kept
     )
     assert result["type"] is FlowResultType.ABORT
     assert result["reason"] == "reconfigure_successful"
-    assert entry.data == {**entry_data(bridge.url, home_app.url), "bridge_url": bridge.url + "/", "tunnel_name": "garage"}
+    assert entry.data == {
+        **entry_data(bridge.url, home_app.url),
+        "bridge_url": bridge.url + "/",
+        "tunnel_name": "garage",
+    }
     # Reloaded: the tunnel is now served under its new name.
     await _wait_loaded(hass, entry.entry_id)
     await wait_for(lambda: bridge.registry.tunnels() == {"garage": 1}, what="the tunnel to move to its new name")
@@ -953,7 +996,11 @@ async def test_options_defaults_and_timeout(hass: HomeAssistant, bridge: Bridge,
         {CONF_REQUEST_TIMEOUT: 45, CONF_VISITOR_AUTH: "none", CONF_FORWARD_HEADERS: ["X-Forwarded-For"]},
     )
     assert result["type"] is FlowResultType.CREATE_ENTRY
-    assert entry.options == {CONF_REQUEST_TIMEOUT: 45, CONF_VISITOR_AUTH: "none", CONF_FORWARD_HEADERS: ["X-Forwarded-For"]}
+    assert entry.options == {
+        CONF_REQUEST_TIMEOUT: 45,
+        CONF_VISITOR_AUTH: "none",
+        CONF_FORWARD_HEADERS: ["X-Forwarded-For"],
+    }
     # New options restart the tunnel with them.
     await _wait_loaded(hass, entry.entry_id)
     assert entry.runtime_data is not coordinator
@@ -1002,7 +1049,9 @@ async def test_options_basic_auth(hass: HomeAssistant, bridge: Bridge, home_app:
 
 # Options keep the switch's ``exposed`` and nothing else of the old options: a field the user
 # emptied (the frontend leaves it out) must not survive, e.g. the visitor password.
-async def test_options_basic_auth_off_forgets_credentials(hass: HomeAssistant, bridge: Bridge, home_app: HomeApp) -> None:
+async def test_options_basic_auth_off_forgets_credentials(
+    hass: HomeAssistant, bridge: Bridge, home_app: HomeApp
+) -> None:
     basic = {
         CONF_REQUEST_TIMEOUT: 30,
         CONF_VISITOR_AUTH: "basic",
@@ -1059,7 +1108,9 @@ async def test_options_for_homeassistant_offer_only_what_applies(hass: HomeAssis
         await hass.http.stop()
 
 
-async def test_options_services_are_checked_line_by_line(hass: HomeAssistant, bridge: Bridge, home_app: HomeApp) -> None:
+async def test_options_services_are_checked_line_by_line(
+    hass: HomeAssistant, bridge: Bridge, home_app: HomeApp
+) -> None:
     """Each NAME=URL the agent would refuse gets its own error naming the line; good lines are
     stored tidied and reach the agent; emptied, they are gone."""
     port = await start_homeassistant_http(hass)
@@ -1159,9 +1210,17 @@ def _flow_keys() -> dict[str, set[str]]:
         where = "options" if top is options_flow else "config"
         for node in ast.walk(top):
             # errors[...] = "key"
-            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            if (
+                isinstance(node, ast.Assign)
+                and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)
+            ):
                 for target in node.targets:
-                    if isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name) and target.value.id == "errors":
+                    if (
+                        isinstance(target, ast.Subscript)
+                        and isinstance(target.value, ast.Name)
+                        and target.value.id == "errors"
+                    ):
                         keys[f"{where}:error"].add(node.value.value)
             # errors = {field: "key"}
             if (
@@ -1184,7 +1243,11 @@ def _flow_keys() -> dict[str, set[str]]:
                     if keyword.arg == "reason" and isinstance(keyword.value, ast.Constant):
                         keys[f"{where}:abort"].add(keyword.value.value)
             # Home Assistant's own abort reasons for the helpers the flow calls.
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "async_set_unique_id":
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "async_set_unique_id"
+            ):
                 raise_on_progress = next((k.value for k in node.keywords if k.arg == "raise_on_progress"), None)
                 if not (isinstance(raise_on_progress, ast.Constant) and raise_on_progress.value is False):
                     keys["config:abort"].add("already_in_progress")
@@ -1253,8 +1316,12 @@ def test_translations_cover_flow() -> None:
     assert set(strings["options"]["step"]) == {"init"}
     # Every placeholder a text names is one the flow passes.
     provided = {
-        "user": {"error"}, "target": {"found"}, "url": {"error"}, "zeroconf_confirm": {"name", "url"},
-        "reauth_confirm": {"tunnel", "bridge", "error"}, "reconfigure": {"error"},
+        "user": {"error"},
+        "target": {"found"},
+        "url": {"error"},
+        "zeroconf_confirm": {"name", "url"},
+        "reauth_confirm": {"tunnel", "bridge", "error"},
+        "reconfigure": {"error"},
     }
     for step, names in provided.items():
         texts = " ".join(str(v) for v in strings["config"]["step"][step].values() if isinstance(v, str))

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 import secrets
 import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp

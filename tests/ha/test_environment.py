@@ -68,8 +68,12 @@ async def test_loopback_zeroconf_registers_and_browses(hass: HomeAssistant, loop
     """A service registered on loopback mDNS is found by a browser and resolved."""
     name = f"rproxy-test-{uuid.uuid4().hex[:12]}.{SERVICE_TYPE}"
     info = AsyncServiceInfo(
-        SERVICE_TYPE, name, addresses=[socket.inet_aton("127.0.0.1")], port=8123,
-        properties={"path": "/"}, server="rproxy-test.local.",
+        SERVICE_TYPE,
+        name,
+        addresses=[socket.inet_aton("127.0.0.1")],
+        port=8123,
+        properties={"path": "/"},
+        server="rproxy-test.local.",
     )
     found = asyncio.Event()
 

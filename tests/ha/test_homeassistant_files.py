@@ -14,15 +14,14 @@ be at the address they claim) and aiohttp visitors. Files live in ``tmp_path``.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 import gzip
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
-
 from homeassistant.components.http import StaticPathConfig
 from homeassistant.core import HomeAssistant
 

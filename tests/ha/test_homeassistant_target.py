@@ -23,17 +23,15 @@ ban the same address in every later test).
 from __future__ import annotations
 
 import hashlib
-from ipaddress import ip_address, ip_network
 import logging
-from pathlib import Path
 import random
+from ipaddress import ip_address, ip_network
+from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 import pytest
-from pytest_homeassistant_custom_component.common import register_auth_provider
-
+from aiohttp import web
 from homeassistant.auth.const import GROUP_ID_USER
 from homeassistant.auth.providers.homeassistant import HassAuthProvider
 from homeassistant.components.http.ban import KEY_BAN_MANAGER, KEY_FAILED_LOGIN_ATTEMPTS
@@ -41,6 +39,7 @@ from homeassistant.core import HomeAssistant
 from homeassistant.helpers import issue_registry as ir
 from homeassistant.helpers.http import HomeAssistantView
 from homeassistant.setup import async_setup_component
+from pytest_homeassistant_custom_component.common import register_auth_provider
 
 from custom_components.rproxy.const import DOMAIN
 from custom_components.rproxy.coordinator import RproxyCoordinator
@@ -132,7 +131,9 @@ async def start_login(
         return response.status, await response.text()
 
 
-async def log_in(session: aiohttp.ClientSession, url: str, address: str, username: str, password: str) -> tuple[int, Any]:
+async def log_in(
+    session: aiohttp.ClientSession, url: str, address: str, username: str, password: str
+) -> tuple[int, Any]:
     """A whole login through the homeassistant provider's flow as the visitor at ``address``."""
     status, flow = await start_login(session, url, claim(address))
     if status != 200:
@@ -172,12 +173,19 @@ async def test_public_visitor_reaches_homeassistant_as_itself(
         # Forwarding headers of any kind stop at the bridge or the agent.
         async with visitor.get(
             f"{url}{WHOAMI_PATH}",
-            headers={**claim(PUBLIC_VISITOR), "Forwarded": "for=10.0.0.1", "X-Real-IP": "10.0.0.1", "X-Forwarded-Host": "x"},
+            headers={
+                **claim(PUBLIC_VISITOR),
+                "Forwarded": "for=10.0.0.1",
+                "X-Real-IP": "10.0.0.1",
+                "X-Forwarded-Host": "x",
+            },
         ) as response:
             assert response.status == 200
             seen = await response.json()
         assert seen["remote"] == PUBLIC_VISITOR
-        assert not {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"} & set(seen["headers"])
+        assert not {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"} & set(
+            seen["headers"]
+        )
         # A second visitor is a second peer: every request carries its own visitor's address.
         async with visitor.get(f"{url}{WHOAMI_PATH}", headers=claim(OTHER_PUBLIC_VISITOR)) as response:
             assert (await response.json())["remote"] == OTHER_PUBLIC_VISITOR
@@ -194,9 +202,7 @@ async def test_bans_land_on_the_visitor(
 ) -> None:
     """Failed logins through the tunnel count against, and ban, the visitor, never 127.0.0.1;
     another visitor still gets in, and logs in."""
-    async with homeassistant_tunnel(
-        hass, proxied_bridge, tmp_path, ip_ban_enabled=True, login_attempts_threshold=2
-    ):
+    async with homeassistant_tunnel(hass, proxied_bridge, tmp_path, ip_ban_enabled=True, login_attempts_threshold=2):
         await add_user(hass, local_auth, "resident", "right password")
         url = proxied_bridge.url
         failed = hass.http.app[KEY_FAILED_LOGIN_ATTEMPTS]
@@ -395,9 +401,7 @@ async def test_websocket_api_through_the_tunnel(
     """Home Assistant's WebSocket API answers a visitor: auth_required, auth_ok, pong."""
     async with homeassistant_tunnel(hass, proxied_bridge, tmp_path):
         assert await async_setup_component(hass, "websocket_api", {})
-        async with visitor.ws_connect(
-            f"{proxied_bridge.url}/api/websocket", headers=claim(PUBLIC_VISITOR)
-        ) as ws:
+        async with visitor.ws_connect(f"{proxied_bridge.url}/api/websocket", headers=claim(PUBLIC_VISITOR)) as ws:
             assert (await ws.receive_json(timeout=10))["type"] == "auth_required"
             await ws.send_json({"type": "auth", "access_token": hass_access_token})
             assert (await ws.receive_json(timeout=10))["type"] == "auth_ok"
@@ -423,7 +427,9 @@ async def test_homeassistant_not_serving_gives_502(
     caplog.set_level(logging.INFO)
     url = proxied_bridge.url
     # http is set up (as at boot) but not started: no server to hand requests to yet.
-    assert await async_setup_component(hass, "http", {"http": {"server_host": ["127.0.0.1"], "server_port": free_port()}})
+    assert await async_setup_component(
+        hass, "http", {"http": {"server_host": ["127.0.0.1"], "server_port": free_port()}}
+    )
     assert await async_setup_component(hass, "api", {})
     assert hass.http.runner is None
     entry = await setup_tunnel(hass, url, None)
@@ -503,7 +509,9 @@ async def test_extra_services_ride_on_the_tunnel_to_homeassistant(
                 seen = await response.json()
             assert seen["remote"] == PUBLIC_VISITOR
             assert "x-forwarded-for" not in seen["headers"]
-            async with visitor.get(f"{bridge.url}/", headers={**headers, "Host": "garden.home.example.test"}) as response:
+            async with visitor.get(
+                f"{bridge.url}/", headers={**headers, "Host": "garden.home.example.test"}
+            ) as response:
                 assert (response.status, await response.text()) == (200, HELLO)
             assert home_app.requests == ["/"]
     finally:

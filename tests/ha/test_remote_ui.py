@@ -24,18 +24,18 @@ Screenshots (1280x900 and 390x844) go to ``test-artifacts/ha-remote-ui/<run>/`` 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 import hashlib
 import json
 import os
-from pathlib import Path
 import re
 import secrets
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -43,8 +43,18 @@ import pytest
 
 from .browser import Browser, Page, Request, chromium
 from .common import free_port
-from .e2e import ROOT, VENV_E2E, HomeAssistantApi, Process, bridge_url_from, ensure_e2e_venv, log_records, processes
-from .e2e import tail, wait_until
+from .e2e import (
+    ROOT,
+    VENV_E2E,
+    HomeAssistantApi,
+    Process,
+    bridge_url_from,
+    ensure_e2e_venv,
+    log_records,
+    processes,
+    tail,
+    wait_until,
+)
 from .netns import VisitorNetwork, visitor_network
 
 if sys.platform != "linux":  # pragma: no cover
@@ -116,7 +126,11 @@ def is_static(key: str) -> bool:
 
 def failed_requests(page: Page) -> str:
     """The page's failed requests, for a failure message."""
-    failed = [f"{r.method} {r.url} -> {r.failed or r.status}" for r in page.requests.values() if r.failed or (r.status or 0) >= 400]
+    failed = [
+        f"{r.method} {r.url} -> {r.failed or r.status}"
+        for r in page.requests.values()
+        if r.failed or (r.status or 0) >= 400
+    ]
     return "\n".join(failed[:30]) or "(none)"
 
 
@@ -149,7 +163,9 @@ async def log_in(browser: Browser, origin: str, password: str) -> tuple[Page, Lo
         page,
         f"the Overview at {origin} after logging in",
         lambda: page.wait_for(
-            "the Overview with its cards", "return location.pathname.startsWith('/lovelace') && !!byText('hui-card', 'Porch light')", 45
+            "the Overview with its cards",
+            "return location.pathname.startsWith('/lovelace') && !!byText('hui-card', 'Porch light')",
+            45,
         ),
     )
     overview = time.monotonic() - started
@@ -178,7 +194,9 @@ def compare(direct: Load, tunnel: Load) -> list[str]:
         seen_directly = {outcome(r) for r in straight.get(key, [])}
         for request in requests:
             if outcome(request) != "200" and outcome(request) not in seen_directly:
-                problems.append(f"{key}: {outcome(request)} through the tunnel, {sorted(seen_directly) or 'not asked'} directly")
+                problems.append(
+                    f"{key}: {outcome(request)} through the tunnel, {sorted(seen_directly) or 'not asked'} directly"
+                )
         if is_static(key) and key in straight:
             sizes = {r.body_bytes for r in requests if outcome(r) == "200"}
             expected = {r.body_bytes for r in straight[key] if outcome(r) == "200"}
@@ -243,8 +261,7 @@ async def test_the_home_assistant_ui_through_the_tunnel(socket_enabled: None, tm
     problems = [
         record
         for record in log_records(hass_output)
-        if "aiohttp.server" in record
-        or ("rproxy" in record and ("Traceback" in record or " ERROR " in record))
+        if "aiohttp.server" in record or ("rproxy" in record and ("Traceback" in record or " ERROR " in record))
     ]
     assert not problems, "\n\n".join(problems)
     assert token not in hass_output
@@ -338,7 +355,9 @@ async def scenario(
     async with chromium(
         network, tmp_path / "profile", tmp_path / "chromium.log", f"--host-resolver-rules={rules}"
     ) as browser:
-        await browse(api, browser, running, network, tmp_path, bridge_port, password, direct_origin, tunnel_origin, artifacts)
+        await browse(
+            api, browser, running, network, tmp_path, bridge_port, password, direct_origin, tunnel_origin, artifacts
+        )
 
 
 async def browse(
@@ -355,7 +374,12 @@ async def browse(
 ) -> None:
     # Cold loads, alternating (Home Assistant's own file lookups warm up on the first).
     loads: dict[str, list[Load]] = {"direct": [], "tunnel": []}
-    for way, origin in (("direct", direct_origin), ("tunnel", tunnel_origin), ("tunnel", tunnel_origin), ("direct", direct_origin)):
+    for way, origin in (
+        ("direct", direct_origin),
+        ("tunnel", tunnel_origin),
+        ("tunnel", tunnel_origin),
+        ("direct", direct_origin),
+    ):
         page, load = await log_in(browser, origin, password)
         loads[way].append(load)
         if way == "tunnel" and len(loads["tunnel"]) == 1:
@@ -364,7 +388,9 @@ async def browse(
             await browser.close_page(page)
     (artifacts / "requests.json").write_text(
         json.dumps(
-            {way: [[vars(r) for r in load.requests] for load in found] for way, found in loads.items()}, indent=1, default=str
+            {way: [[vars(r) for r in load.requests] for load in found] for way, found in loads.items()},
+            indent=1,
+            default=str,
         )
     )
     for way, found in loads.items():
@@ -405,7 +431,11 @@ async def browse(
         lambda: page.wait_for("Porch light in the list", "return !!byText('.mdc-data-table__row', 'Porch light')", 20),
     )
     await page.click("the Porch light row", "return byText('.mdc-data-table__row', 'Porch light')")
-    await page.wait_for("the Porch light dialog", "return !!byText('ha-more-info-dialog', 'Porch light') && deep('ha-control-switch').length > 0", 20)
+    await page.wait_for(
+        "the Porch light dialog",
+        "return !!byText('ha-more-info-dialog', 'Porch light') && deep('ha-control-switch').length > 0",
+        20,
+    )
     await asyncio.sleep(0.5)  # the dialog's opening animation
 
     # The switch in the dialog, clicked: Home Assistant turns the helper on.
@@ -422,15 +452,25 @@ async def browse(
 
     # The bridge restarts (same address): the page notices, reconnects by itself, stays live.
     running["bridge"].stop(timeout=10)
-    await page.wait_for("the page to notice the lost connection", "return document.querySelector('home-assistant').hass.connected === false", 30)
+    await page.wait_for(
+        "the page to notice the lost connection",
+        "return document.querySelector('home-assistant').hass.connected === false",
+        30,
+    )
     restarted = time.monotonic()
     running["bridge"] = start_bridge(tmp_path, network, bridge_port, "bridge-restarted.log")
-    await page.wait_for("the page to reconnect after the bridge restart", "return document.querySelector('home-assistant').hass.connected === true", 60)
+    await page.wait_for(
+        "the page to reconnect after the bridge restart",
+        "return document.querySelector('home-assistant').hass.connected === true",
+        60,
+    )
     print(f"the page reconnected {time.monotonic() - restarted:.2f} s after the bridge restarted")
     await api.request("POST", "/api/services/input_boolean/turn_on", json={"entity_id": HELPER})
     await page.wait_for("the page to show the helper on after the restart", shows_helper("on"), 15)
     await page.click("the Porch light switch after the restart", "return deep('ha-control-switch')[0]")
-    await wait_until("the helper to turn off from the page after the restart", 10, lambda: helper_is(api, "off"), running["hass"])
+    await wait_until(
+        "the helper to turn off from the page after the restart", 10, lambda: helper_is(api, "off"), running["hass"]
+    )
     await page.set_viewport(*SCREEN_SIZES[1])
     await asyncio.sleep(0.5)
     await page.screenshot(artifacts / "after-bridge-restart-390x844.png")
@@ -485,7 +525,9 @@ asyncio.run(main())
 """
 
 
-async def visitor_gets(network: VisitorNetwork, tmp_path: Path, *requests: tuple[str, dict[str, str]]) -> list[dict[str, Any]]:
+async def visitor_gets(
+    network: VisitorNetwork, tmp_path: Path, *requests: tuple[str, dict[str, str]]
+) -> list[dict[str, Any]]:
     """What a visitor in the visitor network gets for each (url, headers)."""
     script = tmp_path / "downloader.py"
     script.write_text(DOWNLOADER)

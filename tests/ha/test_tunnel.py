@@ -9,24 +9,24 @@ the tests wait for what the agent pushes (``wait_for``), never for fixed times.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
-import time
 from typing import Any
 from unittest.mock import patch
 
 import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.resolver import AsyncResolver
-import pytest
-from pytest_homeassistant_custom_component.common import MockConfigEntry
-
 from homeassistant.config_entries import SOURCE_REAUTH, ConfigEntryState
-from homeassistant.const import STATE_OFF, STATE_ON, STATE_UNKNOWN
-from homeassistant.const import EVENT_HOMEASSISTANT_STOP
+from homeassistant.const import EVENT_HOMEASSISTANT_STOP, STATE_OFF, STATE_ON, STATE_UNKNOWN
 from homeassistant.core import HomeAssistant
 from homeassistant.exceptions import ServiceValidationError
-from homeassistant.helpers import device_registry as dr, entity_registry as er, issue_registry as ir
+from homeassistant.helpers import device_registry as dr
+from homeassistant.helpers import entity_registry as er
+from homeassistant.helpers import issue_registry as ir
+from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.rproxy.const import DOMAIN
 from custom_components.rproxy.coordinator import is_local_address, visitor_url
@@ -231,9 +231,18 @@ async def test_public_url_names_what_visitors_open(hass: HomeAssistant, home_app
 @pytest.mark.parametrize(
     ("host", "local"),
     [
-        ("127.0.0.1", True), ("::1", True), ("[::1]", True), ("10.1.2.3", True), ("192.168.1.5", True),
-        ("fe80::1", True), ("localhost", True), ("bridge", True), ("homeassistant.local", True),
-        ("bridge.example.com", False), ("203.0.113.1", False), ("2001:db8::1", False),
+        ("127.0.0.1", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("10.1.2.3", True),
+        ("192.168.1.5", True),
+        ("fe80::1", True),
+        ("localhost", True),
+        ("bridge", True),
+        ("homeassistant.local", True),
+        ("bridge.example.com", False),
+        ("203.0.113.1", False),
+        ("2001:db8::1", False),
     ],
 )
 def test_which_bridge_addresses_visitors_cannot_use(host: str, local: bool) -> None:
@@ -723,17 +732,25 @@ async def test_bridge_url_with_userinfo(hass: HomeAssistant, bridge: Bridge, hom
     assert not bridge.registry.names()
 
 
-async def test_services_stored_by_hand_that_the_agent_refuses(hass: HomeAssistant, bridge: Bridge, home_app: HomeApp) -> None:
+async def test_services_stored_by_hand_that_the_agent_refuses(
+    hass: HomeAssistant, bridge: Bridge, home_app: HomeApp
+) -> None:
     """Options edited by hand (or by a later version) with a service the agent cannot serve end
     setup with the translated "invalid settings" error naming it."""
     entry = await setup_tunnel(
-        hass, bridge.url, home_app.url, options={"services": ["garden=ftp://192.0.2.1"]}, expect=ConfigEntryState.SETUP_ERROR
+        hass,
+        bridge.url,
+        home_app.url,
+        options={"services": ["garden=ftp://192.0.2.1"]},
+        expect=ConfigEntryState.SETUP_ERROR,
     )
     assert entry.reason is not None and "'garden'" in entry.reason
     assert not bridge.registry.names()
 
 
-async def test_home_assistant_stopping_closes_the_tunnel(hass: HomeAssistant, bridge: Bridge, home_app: HomeApp) -> None:
+async def test_home_assistant_stopping_closes_the_tunnel(
+    hass: HomeAssistant, bridge: Bridge, home_app: HomeApp
+) -> None:
     """Home Assistant going down closes the tunnel with a goodbye, before its sessions go."""
     entry = await setup_tunnel(hass, bridge.url, home_app.url)
     assert bridge.registry.names()

@@ -13,7 +13,6 @@ from aiohttp import web
 from playwright.async_api import ConsoleMessage, Page, async_playwright, expect
 
 from tests.conftest import running_agent, running_bridge, start_app, wait_for_tunnel
-
 from tests.core.browser.test_demo_browser import ARTIFACTS, CHROMIUM_ARGS, chromium_path
 
 ADMIN = "admin-token-" + "s" * 24
@@ -110,11 +109,13 @@ async def _fits_sideways(page: Page, width: int) -> None:
             const wide = [];
             if (document.documentElement.scrollWidth > width) wide.push("page " + document.documentElement.scrollWidth);
             for (const box of document.querySelectorAll(".scroll")) {
-                if (box.scrollWidth > box.clientWidth) wide.push("scroll box " + box.scrollWidth + " > " + box.clientWidth);
+                if (box.scrollWidth > box.clientWidth)
+                    wide.push("scroll box " + box.scrollWidth + " > " + box.clientWidth);
             }
             for (const cell of document.querySelectorAll("td, th")) {
                 const r = cell.getBoundingClientRect();
-                if (r.width && (r.right > width || r.left < 0)) wide.push(cell.textContent + " at " + r.left + "-" + r.right);
+                if (r.width && (r.right > width || r.left < 0))
+                    wide.push(cell.textContent + " at " + r.left + "-" + r.right);
             }
             return wide;
         }""",

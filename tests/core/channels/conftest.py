@@ -34,16 +34,26 @@ class Sshd:
     def options(self, proxy_command: str) -> list[str]:
         """ssh/scp options: no user config, only this server's host key trusted, key login, no prompts."""
         return [
-            "-F", "/dev/null",
-            "-o", f"UserKnownHostsFile={self.known_hosts}",
-            "-o", "GlobalKnownHostsFile=/dev/null",
-            "-o", "StrictHostKeyChecking=yes",
-            "-o", f"HostKeyAlias={HOST_ALIAS}",
-            "-o", "BatchMode=yes",
-            "-o", "IdentitiesOnly=yes",
-            "-o", "ConnectTimeout=30",
-            "-i", str(self.user_key),
-            "-o", f"ProxyCommand={proxy_command}",
+            "-F",
+            "/dev/null",
+            "-o",
+            f"UserKnownHostsFile={self.known_hosts}",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"HostKeyAlias={HOST_ALIAS}",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "ConnectTimeout=30",
+            "-i",
+            str(self.user_key),
+            "-o",
+            f"ProxyCommand={proxy_command}",
         ]
 
     @property
@@ -52,8 +62,12 @@ class Sshd:
 
 
 def _keygen(path: Path) -> None:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "rproxy-test", "-f", str(path)],
-                   check=True, capture_output=True, timeout=30)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "rproxy-test", "-f", str(path)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 15) -> None:

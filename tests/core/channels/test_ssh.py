@@ -45,8 +45,9 @@ async def test_ssh_command_and_50_mb_scp_both_ways_through_the_tunnel(
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     bridge = procs("bridge", "--listen", f"127.0.0.1:{port}", "--token", TOKEN)
-    agent = procs("agent", "--bridge", f"ws://127.0.0.1:{port}", "--token", TOKEN,
-                  "--service", f"ssh=tcp://127.0.0.1:{sshd.port}")
+    agent = procs(
+        "agent", "--bridge", f"ws://127.0.0.1:{port}", "--token", TOKEN, "--service", f"ssh=tcp://127.0.0.1:{sshd.port}"
+    )
     await wait_listed(base, "home")
     proxy = shlex.join([RPROXY, "tcp", "--stdio", "--bridge", f"ws://127.0.0.1:{port}", "--service", "ssh"])
     options = sshd.options(proxy)

@@ -52,8 +52,15 @@ def clean_env(**extra: str) -> dict[str, str]:
 async def rproxy(*args: str, stdin: bytes = b"", env: dict[str, str] | None = None, timeout: float = 60) -> Result:
     """Run ``python -m rproxy_core ARGS`` to completion with ``stdin`` as its input."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "rproxy_core", *args, cwd=ROOT, env=env if env is not None else clean_env(),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "rproxy_core",
+        *args,
+        cwd=ROOT,
+        env=env if env is not None else clean_env(),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     communicating = asyncio.ensure_future(proc.communicate(stdin))
     done, _ = await asyncio.wait({communicating}, timeout=timeout)
@@ -72,8 +79,9 @@ def answer_for(data: bytes) -> bytes:
 
 
 @asynccontextmanager
-async def tcp_service(handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-                      ) -> AsyncIterator[int]:
+async def tcp_service(
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[int]:
     """A TCP server on 127.0.0.1; yields its port."""
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     try:
@@ -131,9 +139,20 @@ async def tunnel() -> AsyncIterator[Tunnel]:
         ([*BASE, "--stdio", "--token", "t", "--pin-sha256", "ab"], "--pin-sha256"),
     ],
     ids=[
-        "no-service", "no-mode", "both-modes", "listen-port-range", "listen-port-name", "token-and-key",
-        "token-and-token-file", "no-credential", "no-bridge", "cleartext-remote-bridge", "bad-service",
-        "bad-tunnel", "unreadable-token-file", "pin-without-wss",
+        "no-service",
+        "no-mode",
+        "both-modes",
+        "listen-port-range",
+        "listen-port-name",
+        "token-and-key",
+        "token-and-token-file",
+        "no-credential",
+        "no-bridge",
+        "cleartext-remote-bridge",
+        "bad-service",
+        "bad-tunnel",
+        "unreadable-token-file",
+        "pin-without-wss",
     ],
 )
 async def test_a_bad_flag_exits_2_with_one_line_naming_it(args: list[str], flag: str) -> None:
@@ -154,8 +173,9 @@ async def test_the_environment_or_a_token_file_gives_the_settings(tunnel: Tunnel
     token_file = tmp_path / "token"
     token_file.write_text(f"{TOKEN}\nnot this line\n")
     env["RPROXY_TOKEN"] = "wrong-token-0123456789"
-    result = await rproxy("tcp", "--service", "echo", "--stdio", "--token-file", str(token_file), stdin=b"file",
-                          env=env)
+    result = await rproxy(
+        "tcp", "--service", "echo", "--stdio", "--token-file", str(token_file), stdin=b"file", env=env
+    )
     assert (result.returncode, result.stdout) == (0, answer_for(b"file")), result.stderr
 
 
@@ -174,8 +194,9 @@ async def test_the_environment_or_a_token_file_gives_the_settings(tunnel: Tunnel
 async def test_a_refused_channel_exits_with_one_line(
     tunnel: Tunnel, service: str, token: str, code: int, words: str
 ) -> None:
-    result = await rproxy("tcp", "--bridge", tunnel.ws, "--service", service, "--stdio",
-                          env=clean_env(RPROXY_TOKEN=token))
+    result = await rproxy(
+        "tcp", "--bridge", tunnel.ws, "--service", service, "--stdio", env=clean_env(RPROXY_TOKEN=token)
+    )
     assert result.returncode == code, result
     line = result.one_error_line()
     assert words in line
@@ -198,8 +219,9 @@ async def test_no_agent_or_no_bridge_exits_1() -> None:
 
 def write_key(path: Path) -> Ed25519PrivateKey:
     key = Ed25519PrivateKey.generate()
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return key
 
 
@@ -208,8 +230,10 @@ async def test_an_agent_key_opens_a_channel_to_the_tunnels_it_may_claim(tmp_path
     a key listed only for another tunnel, or not listed at all, is refused (exit 3, one line)."""
     home_key, garage_key = write_key(tmp_path / "home.key"), write_key(tmp_path / "garage.key")
     write_key(tmp_path / "stranger.key")
-    grants = [KeyGrant(home_key.public_key().public_bytes_raw(), frozenset({"home"})),
-              KeyGrant(garage_key.public_key().public_bytes_raw(), frozenset({"garage"}))]
+    grants = [
+        KeyGrant(home_key.public_key().public_bytes_raw(), frozenset({"home"})),
+        KeyGrant(garage_key.public_key().public_bytes_raw(), frozenset({"garage"})),
+    ]
     async with tcp_service(half_close_echo) as port, running_bridge(authorized_keys=grants) as bridge:
         ws = bridge.url.replace("http://", "ws://")
         async with running_agent(ws, "", services={"echo": f"tcp://127.0.0.1:{port}"}):
@@ -228,21 +252,39 @@ async def test_an_agent_key_opens_a_channel_to_the_tunnels_it_may_claim(tmp_path
 async def test_stdio_half_close_gets_the_whole_answer(tunnel: Tunnel) -> None:
     """stdin's end is passed on as a half-close; the answer that follows still arrives whole on stdout."""
     data = os.urandom(300_000)
-    result = await rproxy("tcp", "--bridge", tunnel.ws, "--service", "echo", "--stdio", stdin=data,
-                          env=clean_env(RPROXY_TOKEN=TOKEN))
+    result = await rproxy(
+        "tcp", "--bridge", tunnel.ws, "--service", "echo", "--stdio", stdin=data, env=clean_env(RPROXY_TOKEN=TOKEN)
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == answer_for(data)
     assert result.stderr == ""  # quiet in an ssh session when all is well
 
 
 @asynccontextmanager
-async def listener(ws: str, *extra: str, log_level: str = "info") -> AsyncIterator[tuple[int, asyncio.subprocess.Process]]:
+async def listener(
+    ws: str, *extra: str, log_level: str = "info"
+) -> AsyncIterator[tuple[int, asyncio.subprocess.Process]]:
     """``rproxy tcp --listen`` on a free port, ready; yields the port and the process (its stderr is a pipe)."""
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "rproxy_core", "--log-level", log_level, "tcp", "--bridge", ws, "--service", "echo",
-        "--listen", str(port), *extra, cwd=ROOT, env=clean_env(RPROXY_TOKEN=TOKEN),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "rproxy_core",
+        "--log-level",
+        log_level,
+        "tcp",
+        "--bridge",
+        ws,
+        "--service",
+        "echo",
+        "--listen",
+        str(port),
+        *extra,
+        cwd=ROOT,
+        env=clean_env(RPROXY_TOKEN=TOKEN),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         assert proc.stderr is not None
@@ -260,6 +302,7 @@ async def exchange(port: int, data: bytes) -> bytes:
     """Send ``data``, shut the write side, read the answer to its end."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
+
         async def send() -> None:
             for i in range(0, len(data), 1 << 20):
                 writer.write(data[i : i + (1 << 20)])
@@ -367,9 +410,20 @@ async def test_a_channel_aborted_by_the_tunnel_side_exits_1_with_one_line() -> N
         ws = bridge.url.replace("http://", "ws://")
         async with running_agent(ws, "", services={"quiet": f"tcp://127.0.0.1:{port}"}) as agent:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "rproxy_core", "tcp", "--bridge", ws, "--service", "quiet", "--stdio",
-                cwd=ROOT, env=clean_env(RPROXY_TOKEN=TOKEN),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                sys.executable,
+                "-m",
+                "rproxy_core",
+                "tcp",
+                "--bridge",
+                ws,
+                "--service",
+                "quiet",
+                "--stdio",
+                cwd=ROOT,
+                env=clean_env(RPROXY_TOKEN=TOKEN),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
             )
             try:
                 assert proc.stdin is not None
@@ -405,9 +459,20 @@ async def test_the_service_ending_first_reaches_the_client_while_it_still_sends(
         ws = bridge.url.replace("http://", "ws://")
         async with running_agent(ws, "", services={"echo": f"tcp://127.0.0.1:{port}"}):
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "rproxy_core", "tcp", "--bridge", ws, "--service", "echo", "--stdio",
-                cwd=ROOT, env=clean_env(RPROXY_TOKEN=TOKEN),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                sys.executable,
+                "-m",
+                "rproxy_core",
+                "tcp",
+                "--bridge",
+                ws,
+                "--service",
+                "echo",
+                "--stdio",
+                cwd=ROOT,
+                env=clean_env(RPROXY_TOKEN=TOKEN),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
             )
             try:
                 assert proc.stdin is not None and proc.stdout is not None
@@ -445,8 +510,18 @@ async def test_the_token_is_in_no_output_at_debug_level(tunnel: Tunnel) -> None:
     wrong = "wrong-" + "y" * 20
     outputs = []
     for token in (TOKEN, wrong):
-        result = await rproxy("--log-level", "debug", "tcp", "--bridge", tunnel.ws, "--service", "echo", "--stdio",
-                              stdin=b"x", env=clean_env(RPROXY_TOKEN=token))
+        result = await rproxy(
+            "--log-level",
+            "debug",
+            "tcp",
+            "--bridge",
+            tunnel.ws,
+            "--service",
+            "echo",
+            "--stdio",
+            stdin=b"x",
+            env=clean_env(RPROXY_TOKEN=token),
+        )
         outputs.append(result.stderr)
     assert "Authorization" in outputs[0]  # the handshake was logged, with the credential masked
     async with listener(tunnel.ws, log_level="debug") as (port, proc):

@@ -30,7 +30,17 @@ from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from rproxy_core.agent.discovery import ZEROCONF_HTTP_TYPE, ZEROCONF_TYPE, AppBrowser, DiscoveredApp
 from rproxy_core.exceptions import ConfigError
-from tests.conftest import ROOT, TOKEN, Proc, free_port, running_agent, running_bridge, start_app, wait_http, wait_listed
+from tests.conftest import (
+    ROOT,
+    TOKEN,
+    Proc,
+    free_port,
+    running_agent,
+    running_bridge,
+    start_app,
+    wait_http,
+    wait_listed,
+)
 
 #: Names rproxy reads from the environment: a developer's own settings must not leak in.
 _SETTINGS_PREFIXES = ("RPROXY_",)
@@ -57,8 +67,12 @@ def service(
     """The announcement of a web app at ``address:port``, with a host name of its own."""
     host = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     return AsyncServiceInfo(
-        service_type, f"{name}.{service_type}", addresses=[socket.inet_aton(address)], port=port,
-        properties=properties if properties is not None else {"path": "/"}, server=f"{host}.local.",
+        service_type,
+        f"{name}.{service_type}",
+        addresses=[socket.inet_aton(address)],
+        port=port,
+        properties=properties if properties is not None else {"path": "/"},
+        server=f"{host}.local.",
     )
 
 
@@ -86,8 +100,15 @@ async def rproxy(*args: str, netns: str | None = None, timeout: float = 30) -> t
     """
     prefix = ["ip", "netns", "exec", netns] if netns else []
     process = await asyncio.create_subprocess_exec(
-        *prefix, sys.executable, "-m", "rproxy_core", *args,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=clean_env(),
+        *prefix,
+        sys.executable,
+        "-m",
+        "rproxy_core",
+        *args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=clean_env(),
     )
     try:
         async with asyncio.timeout(timeout):
@@ -104,11 +125,14 @@ def table_row(output: str, name: str) -> list[str]:
     """The cells of the ``--discover`` row of app ``name`` (cells are two or more spaces apart)."""
     rows = [line for line in output.splitlines() if line.startswith(name + "  ")]
     assert len(rows) == 1, output
-    return [name, *re.split(r" {2,}", rows[0][len(name):].strip())]
+    return [name, *re.split(r" {2,}", rows[0][len(name) :].strip())]
 
 
 async def text_at(url: str, host: str | None = None) -> tuple[int, str]:
-    async with aiohttp.ClientSession() as session, session.get(url, headers={"Host": host} if host else None) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(url, headers={"Host": host} if host else None) as response,
+    ):
         return response.status, await response.text()
 
 
@@ -169,8 +193,12 @@ async def test_discover_lists_announced_apps_and_leaves_out_plain_web_servers() 
         await announce(
             aiozc,
             service(lights, lights_port, properties={"path": "/lights", "id": lights + "-id"}),
-            service(unique("blinds-instance"), blinds_port, service_type=ZEROCONF_HTTP_TYPE,
-                    properties={"rproxy": "1", "name": blinds}),
+            service(
+                unique("blinds-instance"),
+                blinds_port,
+                service_type=ZEROCONF_HTTP_TYPE,
+                properties={"rproxy": "1", "name": blinds},
+            ),
             service(printer, printer_port, service_type=ZEROCONF_HTTP_TYPE, properties={"path": "/printer"}),
         )
         code, out, err = await rproxy("agent", "--discover")
@@ -179,7 +207,11 @@ async def test_discover_lists_announced_apps_and_leaves_out_plain_web_servers() 
     assert "Traceback" not in err
     assert out.splitlines()[0].split() == ["NAME", "HOST", "PORT", "PATH", "URL"]
     assert table_row(out, lights) == [
-        lights, "127.0.0.1", str(lights_port), "/lights", f"http://127.0.0.1:{lights_port}/lights",
+        lights,
+        "127.0.0.1",
+        str(lights_port),
+        "/lights",
+        f"http://127.0.0.1:{lights_port}/lights",
     ]
     # Its TXT name, not its instance name, is what lists show.
     assert table_row(out, blinds) == [blinds, "127.0.0.1", str(blinds_port), "/", f"http://127.0.0.1:{blinds_port}/"]
@@ -193,8 +225,10 @@ def netns() -> Iterator[str]:
     name = f"rproxy-mdns-{uuid.uuid4().hex[:8]}"
     made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True, timeout=30)
     if made.returncode != 0:
-        pytest.fail(f"this test needs its own network namespace (root, or CAP_SYS_ADMIN and CAP_NET_ADMIN): "
-                    f"ip netns add: {made.stderr.strip()}")
+        pytest.fail(
+            f"this test needs its own network namespace (root, or CAP_SYS_ADMIN and CAP_NET_ADMIN): "
+            f"ip netns add: {made.stderr.strip()}"
+        )
     try:
         subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True, timeout=30)
         yield name
@@ -214,8 +248,20 @@ async def test_discover_with_nothing_announced_says_so_in_one_line_and_exits_0(n
     assert err == ""
 
     demo = await asyncio.create_subprocess_exec(
-        "ip", "netns", "exec", netns, sys.executable, "-m", "rproxy_core", "demo", "--listen", "127.0.0.1:0",
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT, env=clean_env(),
+        "ip",
+        "netns",
+        "exec",
+        netns,
+        sys.executable,
+        "-m",
+        "rproxy_core",
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=clean_env(),
     )
     try:
         assert demo.stderr is not None
@@ -252,8 +298,9 @@ async def test_agent_follows_an_app_by_name_when_it_moves_without_reconnecting(p
     bridge, base = await start_bridge(procs)
     async with lan() as aiozc, home_app("old place") as old_port, home_app("new place", "127.0.0.2") as new_port:
         await announce(aiozc, service(name, old_port))
-        agent = procs("agent", "--bridge", base, "--token", TOKEN, "--target", f"zeroconf:{name}",
-                      "--agent-id", "follower")
+        agent = procs(
+            "agent", "--bridge", base, "--token", TOKEN, "--target", f"zeroconf:{name}", "--agent-id", "follower"
+        )
         await wait_tunnel(base)
         await wait_for_text(base + "/", "old place")
         await wait_for_output(agent, re.escape(f"found {name!r} on the LAN at http://127.0.0.1:{old_port}/"))
@@ -261,9 +308,9 @@ async def test_agent_follows_an_app_by_name_when_it_moves_without_reconnecting(p
         moved = service(name, new_port, address="127.0.0.2")
         await (await aiozc.async_update_service(moved))
         await wait_for_text(base + "/", "new place")
-        await wait_for_output(agent, re.escape(
-            f"{name!r} moved from http://127.0.0.1:{old_port}/ to http://127.0.0.2:{new_port}/"
-        ))
+        await wait_for_output(
+            agent, re.escape(f"{name!r} moved from http://127.0.0.1:{old_port}/ to http://127.0.0.2:{new_port}/")
+        )
 
         await (await aiozc.async_unregister_service(moved))
         await wait_for_output(agent, re.escape(f"{name!r} is no longer announced on the LAN"))
@@ -330,6 +377,7 @@ async def test_set_target_moves_the_next_requests_and_lets_those_under_way_finis
 
     old = web.Application()
     old.router.add_get("/slow", slow)
+
     async def fast(request: web.Request) -> web.Response:
         return web.Response(text="new app")
 
@@ -338,7 +386,11 @@ async def test_set_target_moves_the_next_requests_and_lets_those_under_way_finis
     old_runner, old_url = await start_app(old)
     new_runner, new_url = await start_app(new)
     try:
-        async with running_bridge() as bridge, running_agent(bridge.url, old_url) as agent, aiohttp.ClientSession() as visitor:
+        async with (
+            running_bridge() as bridge,
+            running_agent(bridge.url, old_url) as agent,
+            aiohttp.ClientSession() as visitor,
+        ):
             connection = agent.connection
             under_way = asyncio.create_task(text_of(visitor, bridge.url + "/slow"))
             async with asyncio.timeout(10):
@@ -381,7 +433,11 @@ async def test_the_demo_announces_its_home_app_and_says_goodbye_when_stopped(pro
     code, out, err = await rproxy("agent", "--discover")
     assert code == 0, err
     assert table_row(out, instance) == [
-        instance, "127.0.0.1", str(home_port), "/", f"http://127.0.0.1:{home_port}/",
+        instance,
+        "127.0.0.1",
+        str(home_port),
+        "/",
+        f"http://127.0.0.1:{home_port}/",
     ]
 
     async with AppBrowser(interfaces=["127.0.0.1"]) as browser:

@@ -88,8 +88,14 @@ async def backend() -> AsyncIterator[Backend]:
 @asynccontextmanager
 async def running_gateway(**overrides: Any) -> AsyncIterator[Gateway]:
     port = free_port()
-    config = GatewayConfig(base_url=f"http://127.0.0.1:{port}", allowlist=(LOCAL,), access_log=False,
-                           retry_backoff=0.02, post_timeout=3, shutdown_grace=3)
+    config = GatewayConfig(
+        base_url=f"http://127.0.0.1:{port}",
+        allowlist=(LOCAL,),
+        access_log=False,
+        retry_backoff=0.02,
+        post_timeout=3,
+        shutdown_grace=3,
+    )
     for key, value in overrides.items():
         setattr(config, key, value)
     gateway = Gateway(config)
@@ -100,8 +106,9 @@ async def running_gateway(**overrides: Any) -> AsyncIterator[Gateway]:
         await gateway.stop()
 
 
-def connect_url(gateway: Gateway, backend: Backend, frame: str = "/frame", disconnect: str | None = "/disconnect",
-                extra: str = "") -> str:
+def connect_url(
+    gateway: Gateway, backend: Backend, frame: str = "/frame", disconnect: str | None = "/disconnect", extra: str = ""
+) -> str:
     url = f"ws://127.0.0.1:{gateway.port}/connect?f={backend.url}{frame}"
     if disconnect is not None:
         url += f"&d={backend.url}{disconnect}"

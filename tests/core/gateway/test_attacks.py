@@ -26,9 +26,15 @@ async def refused_status(url: str) -> tuple[int, str]:
 def test_patterns_match_the_whole_url() -> None:
     allow = Allowlist([r"https://good\.example\.com/.*"])
     assert allow.check("https://good.example.com/frame") is None
-    for bad in ["https://good.example.com.evil.test/", "https://good.example.com.evil.test/frame",
-                "xhttps://good.example.com/", "https://good.example.com@evil.test/",
-                "https://user:pw@good.example.com/x", "ftp://good.example.com/", "https://goodXexample.com/"]:
+    for bad in [
+        "https://good.example.com.evil.test/",
+        "https://good.example.com.evil.test/frame",
+        "xhttps://good.example.com/",
+        "https://good.example.com@evil.test/",
+        "https://user:pw@good.example.com/x",
+        "ftp://good.example.com/",
+        "https://goodXexample.com/",
+    ]:
         assert allow.check(bad) is not None, bad
     assert allow.check("https://good.example.com/" + "a" * 3000) is not None  # too long to try
     bare = Allowlist([r"https://good\.example\.com", r"http://.*\.good\.example"])
@@ -41,8 +47,15 @@ def test_only_hosts_written_in_a_pattern_may_be_private() -> None:
     allow = Allowlist([r"http://127\.0\.0\.1:\d+/.*", r"https?://nas\.lan/.*", r"http://.*"])
     assert allow.explicit_hosts == {"127.0.0.1", "nas.lan"}
     assert allow.check("http://127.0.0.1:8000/f") is None
-    for private in ["http://10.0.0.1/f", "http://[::1]/f", "http://169.254.169.254/latest", "http://0.0.0.0/",
-                    "http://[::ffff:127.0.0.1]/", "http://192.168.1.1/", "http://[fe80::1]/"]:
+    for private in [
+        "http://10.0.0.1/f",
+        "http://[::1]/f",
+        "http://169.254.169.254/latest",
+        "http://0.0.0.0/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://192.168.1.1/",
+        "http://[fe80::1]/",
+    ]:
         assert allow.check(private) == "a private, loopback or link-local address the allowlist does not name", private
     assert allow.check("http://93.184.215.14/f") is None
 
@@ -59,8 +72,12 @@ async def test_a_host_suffix_does_not_slip_through_an_unanchored_pattern(backend
     # 127.0.0.1.nip.io-like names: the pattern's host followed by more labels.
     async with running_gateway(allowlist=(rf"http://127\.0\.0\.1:{port}/frame",)) as gateway:
         base = f"ws://127.0.0.1:{gateway.port}/connect?f="
-        for sneaky in [f"http://127.0.0.1:{port}/frame/../admin", f"http://127.0.0.1:{port}/frameX",
-                       f"http://127.0.0.1:{port}/frame%3Fx", f"http://127.0.0.1:{port}.evil.test/frame"]:
+        for sneaky in [
+            f"http://127.0.0.1:{port}/frame/../admin",
+            f"http://127.0.0.1:{port}/frameX",
+            f"http://127.0.0.1:{port}/frame%3Fx",
+            f"http://127.0.0.1:{port}.evil.test/frame",
+        ]:
             status, _ = await refused_status(base + sneaky)
             assert status == 403, sneaky
         status, body = await refused_status(base + f"http://127.0.0.1:{port}/frame&d=http://evil.test/")
@@ -76,9 +93,16 @@ async def test_ssrf_private_targets_need_to_be_named(backend: Backend) -> None:
     port = backend.url.rsplit(":", 1)[1]
     async with running_gateway(allowlist=(r"http://.*",)) as gateway:
         base = f"ws://127.0.0.1:{gateway.port}/connect?f="
-        for literal in [f"http://127.0.0.1:{port}/frame", f"http://[::1]:{port}/frame", "http://169.254.169.254/",
-                        f"http://0.0.0.0:{port}/frame", "http://10.1.2.3/frame", f"http://2130706433:{port}/frame",
-                        "http://0x7f.1/frame", "http://127.1/"]:
+        for literal in [
+            f"http://127.0.0.1:{port}/frame",
+            f"http://[::1]:{port}/frame",
+            "http://169.254.169.254/",
+            f"http://0.0.0.0:{port}/frame",
+            "http://10.1.2.3/frame",
+            f"http://2130706433:{port}/frame",
+            "http://0x7f.1/frame",
+            "http://127.1/",
+        ]:
             status, body = await refused_status(base + literal)
             assert status == 403 and ("private" in body or "numeric" in body), literal
         # Names are checked where they are resolved (at every resolution: DNS rebinding).
@@ -93,8 +117,11 @@ async def test_ssrf_private_targets_need_to_be_named(backend: Backend) -> None:
 
 
 async def test_a_frame_over_the_limit_closes_with_1009_and_others_go_on(backend: Backend) -> None:
-    async with running_gateway(max_message_size=4096) as gateway, \
-            connect(connect_url(gateway, backend)) as big, connect(connect_url(gateway, backend)) as fine:
+    async with (
+        running_gateway(max_message_size=4096) as gateway,
+        connect(connect_url(gateway, backend)) as big,
+        connect(connect_url(gateway, backend)) as fine,
+    ):
         await big.send(b"x" * 4097)
         with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(big.recv(), 5)

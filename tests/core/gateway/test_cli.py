@@ -21,30 +21,41 @@ from .conftest import LOCAL, Backend
 
 
 def rproxy(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "rproxy_core", *args], capture_output=True, text=True, timeout=60,
-                          cwd=ROOT, env={"PATH": "/usr/bin:/bin", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "rproxy_core", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+    )
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    ([], "--base-url: is required"),
-    (["--base-url", "ftp://gw"], "--base-url: expected a http:// or https:// URL"),
-    (["--base-url", "http://gw", "--allowlist", "https://(a"], "--allowlist: not a regular expression"),
-    (["--base-url", "http://gw", "--address", "nowhere"], "--address: expected HOST:PORT"),
-    (["--base-url", "http://gw", "--listen", "1.2.3.4:99999"], "--address: port 99999 is out of range"),
-    (["--base-url", "http://gw", "--cert", "/nonexistent"], "--cert and --key go together"),
-    (["--base-url", "http://gw", "--cert", "/nonexistent", "--key", "/nonexistent"], "--cert/--key: cannot load"),
-    (["--base-url", "http://gw", "--max-message-size", "lots"], "--max-message-size: expected a size"),
-    (["--base-url", "http://gw", "--idle-timeout", "0"], "--idle-timeout: expected seconds between"),
-    (["--base-url", "http://gw", "--retries", "many"], "--retries: expected a whole number"),
-    (["--base-url", "http://gw", "--forward-header", "Host"], "--forward-header: host is not replayed"),
-    (["--base-url", "http://gw", "--callback-rate", "0"], "--callback-rate: expected callbacks per second"),
-    (["--base-url", "http://gw", "--bogus"], "unrecognized arguments: --bogus"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "--base-url: is required"),
+        (["--base-url", "ftp://gw"], "--base-url: expected a http:// or https:// URL"),
+        (["--base-url", "http://gw", "--allowlist", "https://(a"], "--allowlist: not a regular expression"),
+        (["--base-url", "http://gw", "--address", "nowhere"], "--address: expected HOST:PORT"),
+        (["--base-url", "http://gw", "--listen", "1.2.3.4:99999"], "--address: port 99999 is out of range"),
+        (["--base-url", "http://gw", "--cert", "/nonexistent"], "--cert and --key go together"),
+        (["--base-url", "http://gw", "--cert", "/nonexistent", "--key", "/nonexistent"], "--cert/--key: cannot load"),
+        (["--base-url", "http://gw", "--max-message-size", "lots"], "--max-message-size: expected a size"),
+        (["--base-url", "http://gw", "--idle-timeout", "0"], "--idle-timeout: expected seconds between"),
+        (["--base-url", "http://gw", "--retries", "many"], "--retries: expected a whole number"),
+        (["--base-url", "http://gw", "--forward-header", "Host"], "--forward-header: host is not replayed"),
+        (["--base-url", "http://gw", "--callback-rate", "0"], "--callback-rate: expected callbacks per second"),
+        (["--base-url", "http://gw", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
 def test_bad_flags_get_one_line_and_exit_code_2(args: list[str], message: str) -> None:
     result = rproxy("gateway", *args)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(("rproxy gateway: error: ", "rproxy: error: ")) and message in lines[0], result.stderr
+    assert (
+        len(lines) == 1 and lines[0].startswith(("rproxy gateway: error: ", "rproxy: error: ")) and message in lines[0]
+    ), result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -70,7 +81,8 @@ def test_help_says_the_patterns_match_the_whole_url() -> None:
 
 
 async def test_the_seeds_example_against_a_real_gateway_process(
-        procs: Callable[..., Proc], backend: Backend, tmp_path: Path) -> None:
+    procs: Callable[..., Proc], backend: Backend, tmp_path: Path
+) -> None:
     """The seed's README, unchanged flags, over TLS: frames POSTed with x-ws-proxy-send, then the disconnect."""
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1")
@@ -80,9 +92,20 @@ async def test_the_seeds_example_against_a_real_gateway_process(
     client_ssl = ssl.create_default_context()
     ca.configure_trust(client_ssl)
     port = free_port()
-    gateway = procs("gateway", "--address", f"127.0.0.1:{port}", "--base-url", f"https://127.0.0.1:{port}",
-                    "--cert", str(cert_file), "--key", str(key_file), "--allowlist", LOCAL,
-                    env={"RPROXY_EVENT_LOOP": "asyncio"})
+    gateway = procs(
+        "gateway",
+        "--address",
+        f"127.0.0.1:{port}",
+        "--base-url",
+        f"https://127.0.0.1:{port}",
+        "--cert",
+        str(cert_file),
+        "--key",
+        str(key_file),
+        "--allowlist",
+        LOCAL,
+        env={"RPROXY_EVENT_LOOP": "asyncio"},
+    )
     await wait_http(f"https://127.0.0.1:{port}/connect", status=426, ssl=client_ssl)
     url = f"wss://127.0.0.1:{port}/connect?f={backend.url}/frame&d={backend.url}/disconnect"
     async with connect(url, ssl=client_ssl) as ws:
@@ -91,8 +114,9 @@ async def test_the_seeds_example_against_a_real_gateway_process(
         callback = frame.headers["x-ws-proxy-send"]
         assert callback.startswith(f"https://127.0.0.1:{port}/")
         assert backend.session is not None
-        async with backend.session.post(callback, data="hello back", headers={"Content-Type": "text/plain"},
-                                        ssl=client_ssl) as response:
+        async with backend.session.post(
+            callback, data="hello back", headers={"Content-Type": "text/plain"}, ssl=client_ssl
+        ) as response:
             assert response.status == 204
         assert await ws.recv() == "hello back"
     (gone,) = await backend.wait_posts("/disconnect", 1)

@@ -69,7 +69,8 @@ def test_idle_and_lifetime_expiry() -> None:
     assert connections.expired(10.5) == [(idle, "idle timeout")]
     busy.sent(3, 99)
     assert {(c.id, why) for c, why in connections.expired(100)} == {
-        (c.id, "maximum connection time reached") for c in (idle, busy, waiting)}
+        (c.id, "maximum connection time reached") for c in (idle, busy, waiting)
+    }
     idle.open = False
     assert idle not in [c for c, _ in connections.expired(100)]
 
@@ -114,16 +115,19 @@ def test_status_counts_each_way() -> None:
     assert state["queued"] == {"frames": 1, "bytes": 3} and state["idle_seconds"] == 1
 
 
-@pytest.mark.parametrize(("content_type", "charset", "body", "expected"), [
-    ("text/plain", None, b"hi", (TEXT, b"hi")),
-    ("text/plain", "utf-8", "h\u00e9".encode(), (TEXT, "h\u00e9".encode())),
-    ("text/html", "US-ASCII", b"<b>", (TEXT, b"<b>")),
-    ("text/plain", "latin-1", b"\xe9", (None, "a text/* body must be UTF-8")),
-    ("text/plain", None, b"\xff", (None, "the text/* body is not valid UTF-8")),
-    ("application/octet-stream", None, b"\xff", (BINARY, b"\xff")),
-    ("application/json", None, b"{}", (BINARY, b"{}")),
-    ("application/octet-stream", None, b"", (BINARY, b"")),
-])
+@pytest.mark.parametrize(
+    ("content_type", "charset", "body", "expected"),
+    [
+        ("text/plain", None, b"hi", (TEXT, b"hi")),
+        ("text/plain", "utf-8", "h\u00e9".encode(), (TEXT, "h\u00e9".encode())),
+        ("text/html", "US-ASCII", b"<b>", (TEXT, b"<b>")),
+        ("text/plain", "latin-1", b"\xe9", (None, "a text/* body must be UTF-8")),
+        ("text/plain", None, b"\xff", (None, "the text/* body is not valid UTF-8")),
+        ("application/octet-stream", None, b"\xff", (BINARY, b"\xff")),
+        ("application/json", None, b"{}", (BINARY, b"{}")),
+        ("application/octet-stream", None, b"", (BINARY, b"")),
+    ],
+)
 def test_what_a_callback_body_becomes(content_type: str, charset: str | None, body: bytes, expected: object) -> None:
     assert callback_frame(content_type, charset, body) == expected
 
@@ -142,11 +146,26 @@ def test_log_text_is_escaped_and_cut() -> None:
     assert shown(b"\xff\x00") == repr("\ufffd\x00")
 
 
-@pytest.mark.parametrize(("address", "private"), [
-    ("127.0.0.1", True), ("10.0.0.1", True), ("172.16.0.1", True), ("192.168.0.1", True), ("169.254.169.254", True),
-    ("0.0.0.0", True), ("100.64.0.1", True), ("224.0.0.1", True), ("::1", True), ("fe80::1", True), ("fd00::1", True),
-    ("::ffff:10.0.0.1", True), ("8.8.8.8", False), ("2001:4860:4860::8888", False), ("::ffff:8.8.8.8", False),
-])
+@pytest.mark.parametrize(
+    ("address", "private"),
+    [
+        ("127.0.0.1", True),
+        ("10.0.0.1", True),
+        ("172.16.0.1", True),
+        ("192.168.0.1", True),
+        ("169.254.169.254", True),
+        ("0.0.0.0", True),
+        ("100.64.0.1", True),
+        ("224.0.0.1", True),
+        ("::1", True),
+        ("fe80::1", True),
+        ("fd00::1", True),
+        ("::ffff:10.0.0.1", True),
+        ("8.8.8.8", False),
+        ("2001:4860:4860::8888", False),
+        ("::ffff:8.8.8.8", False),
+    ],
+)
 def test_private_addresses(address: str, private: bool) -> None:
     assert is_private_address(ip_address(address)) is private
 
@@ -178,18 +197,30 @@ def _args(**values: object) -> argparse.Namespace:
 
 
 def test_settings_from_the_environment_and_their_defaults() -> None:
-    settings = gateway_settings(_args(), {"RPROXY_BASE_URL": "https://ws.example.com",
-                                          "RPROXY_ALLOWLIST": r"https://a\.example/.* https://b\.example/.*",
-                                          "RPROXY_GATEWAY_SECRET": "s3cret", "RPROXY_ADDRESS": "127.0.0.1:9443"})
+    settings = gateway_settings(
+        _args(),
+        {
+            "RPROXY_BASE_URL": "https://ws.example.com",
+            "RPROXY_ALLOWLIST": r"https://a\.example/.* https://b\.example/.*",
+            "RPROXY_GATEWAY_SECRET": "s3cret",
+            "RPROXY_ADDRESS": "127.0.0.1:9443",
+        },
+    )
     config = settings.config
     assert config.allowlist == (r"https://a\.example/.*", r"https://b\.example/.*")
     assert config.secret == b"s3cret" and (settings.host, settings.port) == ("127.0.0.1", 9443)
     assert (config.max_message_size, config.idle_timeout, config.max_lifetime) == (128 << 10, 600, 7200)
     assert config.forward_headers == ("origin", "user-agent")
     assert "s3cret" not in repr(config)
-    flags = gateway_settings(_args(base_url="https://ws.example.com", listen="0.0.0.0:1",
-                                   forward_headers=["Cookie", "X-Client"], max_message_size="1M"),
-                             {"RPROXY_LISTEN": "127.0.0.1:2"})
+    flags = gateway_settings(
+        _args(
+            base_url="https://ws.example.com",
+            listen="0.0.0.0:1",
+            forward_headers=["Cookie", "X-Client"],
+            max_message_size="1M",
+        ),
+        {"RPROXY_LISTEN": "127.0.0.1:2"},
+    )
     assert flags.port == 1 and flags.config.forward_headers == ("cookie", "x-client")
     assert flags.config.max_message_size == 1 << 20
     with pytest.raises(ConfigError, match=r"^\$RPROXY_MAX_LIFETIME: expected seconds"):

@@ -50,8 +50,12 @@ async def test_disconnect_post_after_the_client_closes(backend: Backend) -> None
             (frame,) = await backend.wait_posts("/frame", 1)
         (gone,) = await backend.wait_posts("/disconnect", 1)
         assert callback_of(gone) == callback_of(frame)
-        assert json.loads(gone.body) == {"id": frame.headers["x-ws-proxy-id"], "code": 1000, "reason": "",
-                                         "closed_by": "client"}
+        assert json.loads(gone.body) == {
+            "id": frame.headers["x-ws-proxy-id"],
+            "code": 1000,
+            "reason": "",
+            "closed_by": "client",
+        }
         # The callback of a closed connection is gone: 404, never someone else's.
         assert await backend.callback(callback_of(frame), "late") == 404
         async with running_gateway() as other:
@@ -90,6 +94,7 @@ async def _until(check: object) -> None:
 async def test_order_is_kept_for_ten_thousand_frames_over_fifty_connections(backend: Backend) -> None:
     per_connection, connections = 200, 50
     async with running_gateway(queue_frames=8) as gateway:
+
         async def client(index: int) -> None:
             async with connect(connect_url(gateway, backend, disconnect=None, frame=f"/frame{index}")) as ws:
                 for number in range(per_connection):
@@ -110,8 +115,10 @@ async def test_a_slow_backend_backpressures_the_client_and_memory_stays_bounded(
         return None
 
     backend.answer = slow
-    async with running_gateway(queue_frames=4, queue_bytes=64 << 10) as gateway, \
-            connect(connect_url(gateway, backend, disconnect=None), write_limit=1024) as ws:
+    async with (
+        running_gateway(queue_frames=4, queue_bytes=64 << 10) as gateway,
+        connect(connect_url(gateway, backend, disconnect=None), write_limit=1024) as ws,
+    ):
         chunk = b"x" * 8192
         sent = 0
 
@@ -150,7 +157,8 @@ async def test_retries_then_delivered_once_in_order(backend: Backend) -> None:
 
 
 async def test_a_backend_that_keeps_failing_closes_the_client_with_1011_and_the_disconnect_says_why(
-        backend: Backend) -> None:
+    backend: Backend,
+) -> None:
     async def broken(request: web.Request, post: Post) -> web.Response | None:
         return web.Response(status=502) if post.path == "/frame" else None
 
@@ -205,6 +213,7 @@ async def test_a_backend_that_never_answers_is_retried_within_the_timeout_then_1
 
 async def test_a_huge_answer_from_the_backend_is_not_read(backend: Backend) -> None:
     """The backend's answer body is not used: a 1 GB answer does not stall or fill the gateway."""
+
     async def huge(request: web.Request, post: Post) -> web.StreamResponse | None:
         if post.path != "/frame":
             return None
@@ -234,11 +243,13 @@ async def test_signature_checked_by_the_backend_as_the_docs_show(backend: Backen
         (post,) = await backend.wait_posts("/frame", 1)
     # The three lines of docs/GATEWAY.md:
     fields = dict(part.split("=", 1) for part in post.headers["x-ws-proxy-signature"].split(","))
-    expected = hmac.new(secret, f"{fields['t']}.{post.headers['x-ws-proxy-send']}.".encode() + post.body,
-                        hashlib.sha256).hexdigest()
+    expected = hmac.new(
+        secret, f"{fields['t']}.{post.headers['x-ws-proxy-send']}.".encode() + post.body, hashlib.sha256
+    ).hexdigest()
     assert hmac.compare_digest(fields["sha256"], expected) and abs(time.time() - int(fields["t"])) < 300
-    forged = hmac.new(b"wrong", f"{fields['t']}.{post.headers['x-ws-proxy-send']}.".encode() + post.body,
-                      hashlib.sha256).hexdigest()
+    forged = hmac.new(
+        b"wrong", f"{fields['t']}.{post.headers['x-ws-proxy-send']}.".encode() + post.body, hashlib.sha256
+    ).hexdigest()
     assert not hmac.compare_digest(fields["sha256"], forged)
     (gone,) = await backend.wait_posts("/disconnect", 1)
     assert "x-ws-proxy-signature" in gone.headers
@@ -290,8 +301,9 @@ async def test_the_callback_api_status_close_and_bad_input(backend: Backend) -> 
             assert response.status == 405
         async with session.delete(callback + "?code=99") as response:
             assert response.status == 400
-        async with session.post(callback, data="code=4000&reason=bye",
-                                headers={"Content-Type": "application/x-www-form-urlencoded"}) as response:
+        async with session.post(
+            callback, data="code=4000&reason=bye", headers={"Content-Type": "application/x-www-form-urlencoded"}
+        ) as response:
             assert response.status == 204
         with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(ws.recv(), 5)
@@ -315,8 +327,11 @@ async def test_delete_closes_with_1000(backend: Backend) -> None:
 
 
 async def test_a_guessed_or_foreign_id_reaches_nothing(backend: Backend) -> None:
-    async with running_gateway() as gateway, connect(connect_url(gateway, backend)) as one, \
-            connect(connect_url(gateway, backend)) as two:
+    async with (
+        running_gateway() as gateway,
+        connect(connect_url(gateway, backend)) as one,
+        connect(connect_url(gateway, backend)) as two,
+    ):
         await one.send("1")
         await two.send("2")
         posts = await backend.wait_posts("/frame", 2)
@@ -324,8 +339,15 @@ async def test_a_guessed_or_foreign_id_reaches_nothing(backend: Backend) -> None
         assert len(ids) == 2
         base = f"http://127.0.0.1:{gateway.port}/"
         known = next(iter(ids))
-        for guess in ["A" * 22, known[:-1] + ("x" if known[-1] != "x" else "y"), known.swapcase(), "connect2", "",
-                      known + "/", known + "A"]:
+        for guess in [
+            "A" * 22,
+            known[:-1] + ("x" if known[-1] != "x" else "y"),
+            known.swapcase(),
+            "connect2",
+            "",
+            known + "/",
+            known + "A",
+        ]:
             if guess in ids:
                 continue
             assert await backend.callback(base + guess, "hijack") == 404
@@ -407,16 +429,19 @@ async def test_base_url_with_a_path_puts_the_callbacks_under_it(backend: Backend
 
 async def test_a_client_that_does_not_read_gets_callbacks_refused_not_piled_up(backend: Backend) -> None:
     """Callbacks for a client that stops reading: at most eight wait (503 beyond), each at most send_timeout (504)."""
-    async with running_gateway(send_timeout=1.0, callback_rate=10_000) as gateway, \
-            connect(connect_url(gateway, backend), max_queue=1, max_size=None, close_timeout=0.2) as ws:
+    async with (
+        running_gateway(send_timeout=1.0, callback_rate=10_000) as gateway,
+        connect(connect_url(gateway, backend), max_queue=1, max_size=None, close_timeout=0.2) as ws,
+    ):
         await ws.send("hi")
         (frame,) = await backend.wait_posts("/frame", 1)
         callback = callback_of(frame)
         big = b"z" * (128 << 10)
 
         async def burst(count: int) -> list[int]:
-            return await asyncio.gather(*(backend.callback(callback, big, "application/octet-stream")
-                                          for _ in range(count)))
+            return await asyncio.gather(
+                *(backend.callback(callback, big, "application/octet-stream") for _ in range(count))
+            )
 
         statuses = await burst(100)
         assert 503 in statuses, statuses
@@ -439,8 +464,10 @@ async def test_replayed_handshake_fields_are_only_the_chosen_ones(backend: Backe
         (post,) = await backend.wait_posts("/frame", 1)
     assert post.headers["Origin"] == "https://app.example" and "Cookie" not in post.headers
     assert "X-Tenant" not in post.headers
-    async with running_gateway(forward_headers=("cookie", "x-tenant")) as gateway, \
-            connect(connect_url(gateway, backend), additional_headers=headers) as ws:
+    async with (
+        running_gateway(forward_headers=("cookie", "x-tenant")) as gateway,
+        connect(connect_url(gateway, backend), additional_headers=headers) as ws,
+    ):
         await ws.send("chosen")
         posts = await backend.wait_posts("/frame", 2)
     assert posts[1].headers["Cookie"] == "session=1" and posts[1].headers["X-Tenant"] == "garden"
@@ -486,8 +513,11 @@ async def test_metrics_and_status_only_with_the_admin_token(backend: Backend) ->
             assert response.status == 404
     hashed = "sha256:" + hashlib.sha256(b"the-admin-token").hexdigest()
     for round_number, configured in enumerate(("the-admin-token", hashed), 1):
-        async with running_gateway(admin_token=configured) as gateway, aiohttp.ClientSession() as session, \
-                connect(connect_url(gateway, backend)) as ws:
+        async with (
+            running_gateway(admin_token=configured) as gateway,
+            aiohttp.ClientSession() as session,
+            connect(connect_url(gateway, backend)) as ws,
+        ):
             await ws.send("count")
             await backend.wait_posts("/frame", round_number)
             base = f"http://127.0.0.1:{gateway.port}/_rproxy"

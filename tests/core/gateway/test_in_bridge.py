@@ -52,8 +52,11 @@ class HomeApp:
     async def send(self, callback: str, body: bytes) -> int:
         url = URL(callback)
         assert self.session is not None
-        async with self.session.post(f"http://127.0.0.1:{self.bridge_port}{url.raw_path}", data=body,
-                                     headers={"Host": url.raw_authority, "Content-Type": "text/plain"}) as response:
+        async with self.session.post(
+            f"http://127.0.0.1:{self.bridge_port}{url.raw_path}",
+            data=body,
+            headers={"Host": url.raw_authority, "Content-Type": "text/plain"},
+        ) as response:
             return response.status
 
     async def wait(self, path: str, count: int) -> list[Post]:
@@ -65,9 +68,14 @@ class HomeApp:
 @asynccontextmanager
 async def bridge_with_gateway(**gateway: object) -> AsyncIterator[tuple[Bridge, HomeApp]]:
     port = free_port()
-    config = GatewayConfig(host=GATEWAY_HOST, base_url=f"http://{GATEWAY_HOST}:{port}",
-                           allowlist=(rf"http://(home|away)\.{DOMAIN.replace('.', '[.]')}/.*",), access_log=False,
-                           retry_backoff=0.02, post_timeout=3)
+    config = GatewayConfig(
+        host=GATEWAY_HOST,
+        base_url=f"http://{GATEWAY_HOST}:{port}",
+        allowlist=(rf"http://(home|away)\.{DOMAIN.replace('.', '[.]')}/.*",),
+        access_log=False,
+        retry_backoff=0.02,
+        post_timeout=3,
+    )
     policies = gateway.pop("visitor_policies", {})
     admin = gateway.pop("admin_token", None)
     for key, value in gateway.items():
@@ -78,10 +86,13 @@ async def bridge_with_gateway(**gateway: object) -> AsyncIterator[tuple[Bridge, 
     app.router.add_get("/", _page)
     runner, home_url = await start_app(app)
     try:
-        async with aiohttp.ClientSession() as session, \
-                running_bridge(port=port, domain=DOMAIN, gateway=config, visitor_policies=policies,
-                               admin_token=admin) as bridge, \
-                running_agent(bridge.url, home_url):
+        async with (
+            aiohttp.ClientSession() as session,
+            running_bridge(
+                port=port, domain=DOMAIN, gateway=config, visitor_policies=policies, admin_token=admin
+            ) as bridge,
+            running_agent(bridge.url, home_url),
+        ):
             home.session = session
             yield bridge, home
     finally:
@@ -93,8 +104,10 @@ async def _page(request: web.Request) -> web.Response:
 
 
 def client(bridge: Bridge, frame: str = "home", extra: str = "") -> ClientConnection:
-    url = (f"ws://{GATEWAY_HOST}:{bridge.port}/connect?f=http://{frame}.{DOMAIN}/frame"
-           f"&d=http://{frame}.{DOMAIN}/disconnect{extra}")
+    url = (
+        f"ws://{GATEWAY_HOST}:{bridge.port}/connect?f=http://{frame}.{DOMAIN}/frame"
+        f"&d=http://{frame}.{DOMAIN}/disconnect{extra}"
+    )
     return connect(url, host="127.0.0.1", port=bridge.port)  # type: ignore[return-value]
 
 
@@ -113,25 +126,34 @@ async def test_frames_reach_the_home_app_through_the_tunnel_and_it_answers_by_ca
         (gone,) = await home.wait("/disconnect", 1)
         assert json.loads(gone.body)["closed_by"] == "client"
         # Every other host name is still the bridge's: the home app's page as a visitor sees it.
-        async with aiohttp.ClientSession() as session, session.get(
-                f"http://127.0.0.1:{bridge.port}/", headers={"Host": f"home.{DOMAIN}"}) as response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{bridge.port}/", headers={"Host": f"home.{DOMAIN}"}) as response,
+        ):
             assert response.status == 200 and await response.text() == "the home app's page"
         # The gateway's host has only the gateway's paths.
-        async with aiohttp.ClientSession() as session, session.get(
-                f"http://127.0.0.1:{bridge.port}/", headers={"Host": GATEWAY_HOST}) as response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{bridge.port}/", headers={"Host": GATEWAY_HOST}) as response,
+        ):
             assert response.status == 404 and "/connect?f=" in await response.text()
 
 
 async def test_the_bridges_metrics_and_status_count_the_gateway() -> None:
     admin = {"Authorization": "Bearer admin-token-for-the-test"}
-    async with bridge_with_gateway(admin_token="admin-token-for-the-test") as (bridge, _home), client(bridge) as ws, \
-            aiohttp.ClientSession(headers=admin) as session:
+    async with (
+        bridge_with_gateway(admin_token="admin-token-for-the-test") as (bridge, _home),
+        client(bridge) as ws,
+        aiohttp.ClientSession(headers=admin) as session,
+    ):
         await ws.send("count me")
         assert await asyncio.wait_for(ws.recv(), 10) == "echo: count me"
         async with session.get(f"{bridge.url}/_rproxy/status.json") as response:
             gateway = (await response.json())["gateway"]
         assert gateway["open"] == 1 and gateway["accepted"] == 1
-        assert gateway["frames_in"] == 1 and gateway["frames_out"] == 1 and gateway["bytes_out"] == len("echo: count me")
+        assert (
+            gateway["frames_in"] == 1 and gateway["frames_out"] == 1 and gateway["bytes_out"] == len("echo: count me")
+        )
         async with session.get(f"{bridge.url}/_rproxy/metrics") as response:
             text = await response.text()
         assert "rproxy_gateway_connections 1.0" in text and "rproxy_gateway_frames_in_total 1.0" in text
@@ -164,8 +186,12 @@ async def test_a_bridge_restart_closes_clients_with_1001_and_the_disconnects_go_
         assert await asyncio.wait_for(ws.recv(), 10) == "echo: hello"
         await bridge.stop()
         (gone,) = await home.wait("/disconnect", 1)
-        assert json.loads(gone.body) == {"id": gone.headers["x-ws-proxy-id"], "code": 1001,
-                                         "reason": "gateway shutting down", "closed_by": "gateway"}
+        assert json.loads(gone.body) == {
+            "id": gone.headers["x-ws-proxy-id"],
+            "code": 1001,
+            "reason": "gateway shutting down",
+            "closed_by": "gateway",
+        }
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 5)
         assert ws.close_code == 1001
@@ -174,13 +200,21 @@ async def test_a_bridge_restart_closes_clients_with_1001_and_the_disconnects_go_
 def _check_config(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "bridge.yaml"
     path.write_text(text)
-    return subprocess.run([sys.executable, "-m", "rproxy_core", "bridge", "--check-config", str(path)],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT, env={"PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-m", "rproxy_core", "bridge", "--check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin"},
+    )
 
 
 def test_the_bridge_config_takes_a_gateway_section_and_names_its_mistakes(tmp_path: Path) -> None:
-    good = "tokens: [a-token-of-some-length]\ndomain: example.com\ngateway:\n  host: ws.example.com\n" \
-           "  base_url: https://ws.example.com\n  allowlist: ['https://home\\.example\\.com/.*']\n"
+    good = (
+        "tokens: [a-token-of-some-length]\ndomain: example.com\ngateway:\n  host: ws.example.com\n"
+        "  base_url: https://ws.example.com\n  allowlist: ['https://home\\.example\\.com/.*']\n"
+    )
     result = _check_config(tmp_path, good)
     assert result.returncode == 0, result.stderr
     result = _check_config(tmp_path, good.replace("  host: ws.example.com\n", ""))

@@ -25,37 +25,58 @@ LIMIT = 1 << 20
 PING_PAYLOAD = b"\x01\x02\x03\x04\x05\x06\x07\x08"
 GOLDEN = [
     pytest.param(
-        FrameType.PING, 0, 0, PING_PAYLOAD,
+        FrameType.PING,
+        0,
+        0,
+        PING_PAYLOAD,
         b"\x06\x00\x00\x00\x00\x00\x00\x00\x00\x08" + PING_PAYLOAD,
         id="ping",
     ),
     pytest.param(
-        FrameType.DATA, Flags.FIN, 1, b"hi",
+        FrameType.DATA,
+        Flags.FIN,
+        1,
+        b"hi",
         b"\x03\x01\x00\x00\x00\x01\x00\x00\x00\x02hi",
         id="data-fin",
     ),
     pytest.param(
-        FrameType.DATA, Flags.MORE | MessageKind.TEXT.flag_bits, 0x01020304, b"",
+        FrameType.DATA,
+        Flags.MORE | MessageKind.TEXT.flag_bits,
+        0x01020304,
+        b"",
         b"\x03\x12\x01\x02\x03\x04\x00\x00\x00\x00",
         id="data-text-more-empty",
     ),
     pytest.param(
-        FrameType.WINDOW, 0, 3, b"\x00\x01\x00\x00",
+        FrameType.WINDOW,
+        0,
+        3,
+        b"\x00\x01\x00\x00",
         b"\x04\x00\x00\x00\x00\x03\x00\x00\x00\x04\x00\x01\x00\x00",
         id="window",
     ),
     pytest.param(
-        FrameType.RESET, 0, 5, b"\x00\x07x",
+        FrameType.RESET,
+        0,
+        5,
+        b"\x00\x07x",
         b"\x05\x00\x00\x00\x00\x05\x00\x00\x00\x03\x00\x07x",
         id="reset",
     ),
     pytest.param(
-        FrameType.GOAWAY, 0, 0, b"\x00\x01",
+        FrameType.GOAWAY,
+        0,
+        0,
+        b"\x00\x01",
         b"\x08\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x01",
         id="goaway",
     ),
     pytest.param(
-        FrameType.OPEN, 0, 0xFFFFFFFF, b"{}",
+        FrameType.OPEN,
+        0,
+        0xFFFFFFFF,
+        b"{}",
         b"\x01\x00\xff\xff\xff\xff\x00\x00\x00\x02{}",
         id="open-max-stream-id",
     ),
@@ -73,7 +94,10 @@ def test_golden_vectors_decode_back_to_their_fields(frame_type, flags, stream_id
     """iter_frames turns each golden vector back into the frame it encodes."""
     (frame,) = iter_frames(wire, LIMIT)
     assert (frame.type, frame.flags, frame.stream_id, bytes(frame.payload)) == (
-        frame_type, flags, stream_id, payload,
+        frame_type,
+        flags,
+        stream_id,
+        payload,
     )
     assert frame.type is frame_type
 

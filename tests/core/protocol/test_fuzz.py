@@ -32,8 +32,15 @@ WINDOW = 4096  # small, so that fuzzed DATA can overrun it
 stream_ids = st.one_of(st.sampled_from([0, 1, 2, 3, 4, 5, 7, 9, 2**31, 2**32 - 1]), st.integers(0, 2**32 - 1))
 flags = st.one_of(
     st.sampled_from(
-        [0, Flags.FIN, Flags.MORE, Flags.FIN | Flags.MORE, 0x70]
-        + [MessageKind.TEXT.flag_bits, MessageKind.CLOSE.flag_bits | Flags.FIN]
+        [
+            0,
+            Flags.FIN,
+            Flags.MORE,
+            Flags.FIN | Flags.MORE,
+            112,
+            MessageKind.TEXT.flag_bits,
+            MessageKind.CLOSE.flag_bits | Flags.FIN,
+        ]
     ),
     st.integers(0, 255),
 )

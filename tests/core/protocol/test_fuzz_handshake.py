@@ -2,7 +2,8 @@
 
 Over a real socket to a real in-process Bridge: after the upgrade, hypothesis plays the agent
 with arbitrary bytes and arbitrary frames (a valid HELLO among them, so the fuzzing goes on
-past the handshake); text messages, which the tunnel never carries, are tried on their own. Each example must end with the bridge closing the tunnel
+past the handshake); text messages, which the tunnel never carries, are tried on their own.
+Each example must end with the bridge closing the tunnel
 (a GOAWAY naming a protocol error, then the WebSocket close), one logged reason, no exception
 in any log, no task or tunnel left behind, within a few seconds.
 
@@ -31,9 +32,9 @@ from hypothesis import strategies as st
 
 from rproxy_core import Bridge, BridgeConfig
 from rproxy_core.const import CONNECT_PATH, HEADER_PROTOCOL, HEADER_TUNNEL
+from rproxy_core.exceptions import FrameError
 from rproxy_core.protocol import ErrorCode, FrameType, Multiplexer, Role
 from rproxy_core.protocol import events as ev
-from rproxy_core.exceptions import FrameError
 from rproxy_core.protocol.frames import decode_code, encode_code, iter_frames
 from tests.conftest import ROOT, TOKEN
 
@@ -142,8 +143,12 @@ class HandshakeFuzzer:
         assert len(goaways) == 1 and frames[-1] is goaways[0], [f.type for f in frames]
         code, reason = decode_code(goaways[0].payload)
         # The agent's own GOAWAY ends a tunnel cleanly; anything else is the agent's fault.
-        assert code in (ErrorCode.PROTOCOL_ERROR, ErrorCode.FRAME_SIZE_ERROR, ErrorCode.FLOW_CONTROL_ERROR,
-                        ErrorCode.NO_ERROR), code
+        assert code in (
+            ErrorCode.PROTOCOL_ERROR,
+            ErrorCode.FRAME_SIZE_ERROR,
+            ErrorCode.FLOW_CONTROL_ERROR,
+            ErrorCode.NO_ERROR,
+        ), code
         assert reason
         assert close_code in (1000, 1002), close_code
 
@@ -156,7 +161,8 @@ class HandshakeFuzzer:
     def _check_logs(records: list[logging.LogRecord]) -> None:
         assert not [r for r in records if r.exc_info or r.levelno >= logging.ERROR], [r.getMessage() for r in records]
         endings = [
-            r.getMessage() for r in records
+            r.getMessage()
+            for r in records
             if "failed its handshake: " in r.getMessage() or " disconnected: " in r.getMessage()
         ]
         assert len(endings) == 1, [r.getMessage() for r in records]
@@ -246,7 +252,9 @@ def hello_is_valid(body: object) -> bool:
 
 settings_values = st.one_of(
     st.integers(-(2**40), 2**40),
-    st.sampled_from([0, 1, 16 << 10, (16 << 10) - 1, 16 << 20, (16 << 20) + 1, 2**31 - 1, 2**31, 1 << 20, (1 << 20) + 1]),
+    st.sampled_from(
+        [0, 1, 16 << 10, (16 << 10) - 1, 16 << 20, (16 << 20) + 1, 2**31 - 1, 2**31, 1 << 20, (1 << 20) + 1]
+    ),
     st.booleans(),
     st.floats(allow_nan=False, allow_infinity=False),
     json_values,
@@ -341,10 +349,21 @@ def decode_with_a_planted_bug(data: bytes) -> None:
 
 def atheris(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tests.core.protocol.test_fuzz_handshake", *extra,
-         f"-max_total_time={ATHERIS_SECONDS}", f"-artifact_prefix={tmp_path}/", "-rss_limit_mb=2048", "-timeout=10",
-         "-print_final_stats=1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=ATHERIS_SECONDS + 120,
+        [
+            sys.executable,
+            "-m",
+            "tests.core.protocol.test_fuzz_handshake",
+            *extra,
+            f"-max_total_time={ATHERIS_SECONDS}",
+            f"-artifact_prefix={tmp_path}/",
+            "-rss_limit_mb=2048",
+            "-timeout=10",
+            "-print_final_stats=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=ATHERIS_SECONDS + 120,
     )
 
 
@@ -380,6 +399,7 @@ if __name__ == "__main__":
                 if inspect.isfunction(function):
                     _atheris.instrument_func(function)
     planted = "--planted-bug" in sys.argv
-    _atheris.Setup([arg for arg in sys.argv if arg != "--planted-bug"],
-                   decode_with_a_planted_bug if planted else decode_any_bytes)
+    _atheris.Setup(
+        [arg for arg in sys.argv if arg != "--planted-bug"], decode_with_a_planted_bug if planted else decode_any_bytes
+    )
     _atheris.Fuzz()

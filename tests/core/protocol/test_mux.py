@@ -99,12 +99,19 @@ def test_hello_exchange_reports_each_sides_settings():
     (hello_at_bridge,) = at_bridge
     (hello_at_agent,) = at_agent
     assert hello_at_bridge.settings == {
-        "version": 1, "window": 65_536, "max_frame": 32_768, "max_streams": 7,
-        "tunnel": "home", "agent_id": "a1",
+        "version": 1,
+        "window": 65_536,
+        "max_frame": 32_768,
+        "max_streams": 7,
+        "tunnel": "home",
+        "agent_id": "a1",
     }
     assert hello_at_agent.settings == {
-        "version": 1, "window": DEFAULT_STREAM_WINDOW, "max_frame": DEFAULT_MAX_FRAME_SIZE,
-        "max_streams": DEFAULT_MAX_STREAMS, "server": "bridge-1",
+        "version": 1,
+        "window": DEFAULT_STREAM_WINDOW,
+        "max_frame": DEFAULT_MAX_FRAME_SIZE,
+        "max_streams": DEFAULT_MAX_STREAMS,
+        "server": "bridge-1",
     }
     assert pair.bridge.peer_stream_window == 65_536
     assert pair.bridge.peer_max_frame_size == 32_768
@@ -126,7 +133,9 @@ def test_hello_missing_settings_take_the_defaults():
     """A HELLO with only the version leaves the peer's limits at their defaults."""
     mux = ready_mux(Role.BRIDGE)
     assert (mux.peer_stream_window, mux.peer_max_frame_size, mux.peer_max_streams) == (
-        DEFAULT_STREAM_WINDOW, DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_STREAMS,
+        DEFAULT_STREAM_WINDOW,
+        DEFAULT_MAX_FRAME_SIZE,
+        DEFAULT_MAX_STREAMS,
     )
 
 

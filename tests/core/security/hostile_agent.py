@@ -43,7 +43,9 @@ def parse(message: bytes) -> list[tuple[int, int, int, bytes]]:
     return frames
 
 
-def reply(stream: int, status: int, headers: list[list[str]] | None = None, reason: str = "", fin: bool = False) -> bytes:
+def reply(
+    stream: int, status: int, headers: list[list[str]] | None = None, reason: str = "", fin: bool = False
+) -> bytes:
     """A REPLY frame with a response head as the agent would write it (§4)."""
     head = json.dumps({"s": status, "r": reason, "h": headers or []}).encode()
     return frame(REPLY, stream, head, FIN if fin else 0)
@@ -92,7 +94,7 @@ class HostileAgent:
             if message.type is not aiohttp.WSMsgType.BINARY:
                 return
             out = b""
-            for kind, flags, stream, payload in parse(message.data):
+            for kind, _flags, stream, payload in parse(message.data):
                 if kind == OPEN:
                     head = json.loads(payload)
                     self.opened[stream] = head
@@ -110,13 +112,24 @@ class HostileAgent:
 async def hostile_agent(bridge_url: str, answer: Answer, tunnel: str = "home") -> AsyncIterator[HostileAgent]:
     """Connect a HostileAgent for ``tunnel`` to the bridge at ``bridge_url`` (HELLO done)."""
     agent = HostileAgent(answer)
-    headers = {"Authorization": f"Bearer {TOKEN}", "Rproxy-Protocol": "1", "Rproxy-Tunnel": tunnel,
-               "Rproxy-Agent-Id": "hostile"}
+    headers = {
+        "Authorization": f"Bearer {TOKEN}",
+        "Rproxy-Protocol": "1",
+        "Rproxy-Tunnel": tunnel,
+        "Rproxy-Agent-Id": "hostile",
+    }
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(bridge_url.replace("http", "ws", 1) + "/_rproxy/connect", headers=headers) as ws:
             agent.ws = ws
-            hello = {"version": 1, "window": 1 << 20, "max_frame": 256 << 10, "max_streams": 100,
-                     "agent_id": "hostile", "software": "hostile-test", "services": {"": "http"}}
+            hello = {
+                "version": 1,
+                "window": 1 << 20,
+                "max_frame": 256 << 10,
+                "max_streams": 100,
+                "agent_id": "hostile",
+                "software": "hostile-test",
+                "services": {"": "http"},
+            }
             await ws.send_bytes(frame(HELLO, 0, json.dumps(hello).encode()))
             first = await ws.receive(timeout=10)
             assert first.type is aiohttp.WSMsgType.BINARY and parse(first.data)[0][0] == HELLO, first
@@ -147,8 +160,16 @@ class HostileBridge:
     async def _connect(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(autoping=True)
         await ws.prepare(request)
-        settings = {"version": 1, "window": 1 << 20, "max_frame": 256 << 10, "max_streams": 100, "tunnel": "home",
-                    "public_url": "https://home.example.test/", "heartbeat": 10, **self.hello}
+        settings = {
+            "version": 1,
+            "window": 1 << 20,
+            "max_frame": 256 << 10,
+            "max_streams": 100,
+            "tunnel": "home",
+            "public_url": "https://home.example.test/",
+            "heartbeat": 10,
+            **self.hello,
+        }
         await ws.send_bytes(frame(HELLO, 0, json.dumps(settings).encode()))
         self.ws = ws
         first = True

@@ -132,7 +132,9 @@ def test_a_bad_authorized_keys_line_is_named_by_file_and_line(line: str, message
 
 async def test_a_listed_key_serves_its_name_and_a_replayed_registration_is_refused(home: str) -> None:
     key = Ed25519PrivateKey.generate()
-    async with running_bridge(tokens=[], domain=DOMAIN, authorized_keys=[KeyGrant(raw(key), frozenset({"garage"}))]) as bridge:
+    async with running_bridge(
+        tokens=[], domain=DOMAIN, authorized_keys=[KeyGrant(raw(key), frozenset({"garage"}))]
+    ) as bridge:
         config = AgentConfig(bridge=bridge.url, token="", key=key, target=home, name="garage", backoff_initial=0.1)
         async with Agent(config) as agent:
             await agent.wait_connected(timeout=10)
@@ -148,7 +150,10 @@ async def test_a_listed_key_serves_its_name_and_a_replayed_registration_is_refus
 
 async def test_a_signature_for_another_name_or_another_host_is_refused() -> None:
     key = Ed25519PrivateKey.generate()
-    async with running_bridge(tokens=[], authorized_keys=[KeyGrant(raw(key), None)]) as bridge, aiohttp.ClientSession() as session:
+    async with (
+        running_bridge(tokens=[], authorized_keys=[KeyGrant(raw(key), None)]) as bridge,
+        aiohttp.ClientSession() as session,
+    ):
         # The key may claim any name: only the signature can make these fail.
         nonce = await challenge(session, bridge.url)
         signed_for_garage = sign(key, nonce, "garage", "127.0.0.1")
@@ -163,32 +168,52 @@ async def test_a_signature_for_another_name_or_another_host_is_refused() -> None
         assert await try_connect(session, bridge.url, upgrade_headers(" ".join(forged), "garage")) == 401
         # The same, done right, is let in: the refusals above were the signature's.
         nonce = await challenge(session, bridge.url)
-        assert await try_connect(session, bridge.url, upgrade_headers(sign(key, nonce, "garage", "127.0.0.1"), "garage")) == 101
+        assert (
+            await try_connect(session, bridge.url, upgrade_headers(sign(key, nonce, "garage", "127.0.0.1"), "garage"))
+            == 101
+        )
 
 
 async def test_an_unknown_key_is_refused_even_with_a_good_signature() -> None:
     listed, stranger = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
-    async with running_bridge(tokens=[], authorized_keys=[KeyGrant(raw(listed), None)]) as bridge, aiohttp.ClientSession() as session:
+    async with (
+        running_bridge(tokens=[], authorized_keys=[KeyGrant(raw(listed), None)]) as bridge,
+        aiohttp.ClientSession() as session,
+    ):
         nonce = await challenge(session, bridge.url)
-        assert await try_connect(session, bridge.url, upgrade_headers(sign(stranger, nonce, "home", "127.0.0.1"), "home")) == 403
+        assert (
+            await try_connect(session, bridge.url, upgrade_headers(sign(stranger, nonce, "home", "127.0.0.1"), "home"))
+            == 403
+        )
 
 
 async def test_the_challenge_store_stays_bounded_under_a_burst() -> None:
     key = Ed25519PrivateKey.generate()
-    async with running_bridge(tokens=[], authorized_keys=[KeyGrant(raw(key), None)]) as bridge, aiohttp.ClientSession() as session:
+    async with (
+        running_bridge(tokens=[], authorized_keys=[KeyGrant(raw(key), None)]) as bridge,
+        aiohttp.ClientSession() as session,
+    ):
         nonces = await asyncio.gather(*(challenge(session, bridge.url) for _ in range(20 * CHALLENGES_PER_SOURCE)))
         assert len(set(nonces)) == len(nonces)
         assert len(bridge.challenges) <= CHALLENGES_PER_SOURCE
         # The flood pushed out this source's oldest nonces; its newest still works.
         first, last = nonces[0], nonces[-1]
-        assert await try_connect(session, bridge.url, upgrade_headers(sign(key, first, "home", "127.0.0.1"), "home")) == 401
-        assert await try_connect(session, bridge.url, upgrade_headers(sign(key, last, "home", "127.0.0.1"), "home")) == 101
+        assert (
+            await try_connect(session, bridge.url, upgrade_headers(sign(key, first, "home", "127.0.0.1"), "home"))
+            == 401
+        )
+        assert (
+            await try_connect(session, bridge.url, upgrade_headers(sign(key, last, "home", "127.0.0.1"), "home")) == 101
+        )
 
 
 async def test_a_malformed_key_authorization_is_a_clean_401(caplog: pytest.LogCaptureFixture) -> None:
     key = Ed25519PrivateKey.generate()
     public = encode_public_key(key.public_key())
-    async with running_bridge(tokens=[], authorized_keys=[KeyGrant(raw(key), None)]) as bridge, aiohttp.ClientSession() as session:
+    async with (
+        running_bridge(tokens=[], authorized_keys=[KeyGrant(raw(key), None)]) as bridge,
+        aiohttp.ClientSession() as session,
+    ):
         nonce = await challenge(session, bridge.url)
         malformed = [
             "Rproxy-Key",
@@ -319,7 +344,9 @@ async def test_a_challenge_expires_unused() -> None:
     assert len(store) == 0
 
 
-async def test_editing_the_files_revokes_without_a_signal(procs: Callable[..., Proc], home: str, tmp_path: Path) -> None:
+async def test_editing_the_files_revokes_without_a_signal(
+    procs: Callable[..., Proc], home: str, tmp_path: Path
+) -> None:
     key_file, line = keygen(tmp_path, "garage.key", "garage")
     keys = tmp_path / "authorized_keys"
     keys.write_text(f"{line}\n")
@@ -327,8 +354,17 @@ async def test_editing_the_files_revokes_without_a_signal(procs: Callable[..., P
     tokens.write_text(f"{TOKEN} home\n")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    bridge = procs("bridge", "--listen", f"127.0.0.1:{port}", "--authorized-keys", str(keys),
-                   "--token-file", str(tokens), "--domain", DOMAIN)
+    bridge = procs(
+        "bridge",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--authorized-keys",
+        str(keys),
+        "--token-file",
+        str(tokens),
+        "--domain",
+        DOMAIN,
+    )
     await wait_http(base + "/_rproxy/health")
     by_key = procs("agent", "--bridge", base, "--key", str(key_file), "--target", home, "--name", "garage")
     by_token = procs("agent", "--bridge", base, "--token", TOKEN, "--target", home, "--name", "home")
@@ -356,8 +392,9 @@ async def test_a_key_agent_signs_over_either_dialer_through_a_pinned_tls_bridge(
         running_bridge(tokens=[], domain=DOMAIN, ssl_context=server_context, authorized_keys=grants) as bridge,
         aiohttp.ClientSession() as shared,
     ):
-        config = AgentConfig(bridge=bridge.url, token="", key=key, target=home, name="garage", pins=(pin,),
-                             backoff_initial=0.1)
+        config = AgentConfig(
+            bridge=bridge.url, token="", key=key, target=home, name="garage", pins=(pin,), backoff_initial=0.1
+        )
         agent = Agent(config, tunnel_session=shared if dialer == "aiohttp" else None)
         async with agent:
             await agent.wait_connected(timeout=10)

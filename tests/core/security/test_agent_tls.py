@@ -99,8 +99,14 @@ def dialer(request: pytest.FixtureRequest) -> str:
 @asynccontextmanager
 async def agent_for(bridge_url: str, dialer: str, **settings: object) -> AsyncIterator[Agent]:
     """An agent (started, not waited for) dialling with ``dialer``; stopped and closed afterwards."""
-    config = AgentConfig(bridge=bridge_url, token=TOKEN, target="http://127.0.0.1:9", agent_id="tls-test",
-                         backoff_initial=0.1, backoff_max=0.3)
+    config = AgentConfig(
+        bridge=bridge_url,
+        token=TOKEN,
+        target="http://127.0.0.1:9",
+        agent_id="tls-test",
+        backoff_initial=0.1,
+        backoff_max=0.3,
+    )
     for key, value in settings.items():
         setattr(config, key, value)
     session = aiohttp.ClientSession() if dialer == "aiohttp" else None
@@ -228,9 +234,7 @@ async def test_a_ca_file_makes_the_agent_trust_a_private_ca(pki: Pki, dialer: st
             assert await response.text() == "home says /hi"
 
 
-async def test_a_certificate_from_an_untrusted_ca_is_refused_before_the_token_is_sent(
-    pki: Pki, dialer: str
-) -> None:
+async def test_a_certificate_from_an_untrusted_ca_is_refused_before_the_token_is_sent(pki: Pki, dialer: str) -> None:
     """A bridge whose certificate the CA file did not issue gets a TLS handshake and nothing else.
 
     Without verification the impostor would receive the upgrade request with the token.
@@ -341,8 +345,9 @@ async def test_plain_ws_to_another_address_is_refused_without_a_connection() -> 
     with listening_socket(address) as sock:
         port = sock.getsockname()[1]
         for scheme in ("ws", "http"):
-            result = rproxy("agent", "--bridge", f"{scheme}://{address}:{port}", "--token", TOKEN,
-                            "--target", "http://127.0.0.1:9")
+            result = rproxy(
+                "agent", "--bridge", f"{scheme}://{address}:{port}", "--token", TOKEN, "--target", "http://127.0.0.1:9"
+            )
             assert result.returncode == 2, result.stderr
             line = one_error_line(result)
             assert line.startswith(f"rproxy agent: error: --bridge '{scheme}://{address}:{port}': refusing plain ws://")
@@ -368,8 +373,10 @@ async def test_insecure_allows_plain_ws_to_a_lan_bridge(tmp_path: Path, procs: C
         await wait_http(f"http://{address}:{port}/")
         async with aiohttp.ClientSession() as session, session.get(f"http://{address}:{port}/") as response:
             assert await response.text() == "over the lan"
-        assert (f"plain ws:// to ws://{address}:{port} (insecure is on): the token and all traffic cross the network "
-                "unencrypted") in agent.output()
+        assert (
+            f"plain ws:// to ws://{address}:{port} (insecure is on): the token and all traffic cross the network "
+            "unencrypted"
+        ) in agent.output()
         assert TOKEN not in agent.output()
 
 
@@ -379,11 +386,30 @@ async def test_insecure_allows_plain_ws_to_a_lan_bridge(tmp_path: Path, procs: C
 async def test_cli_agent_with_a_ca_file_reaches_a_tls_bridge(pki: Pki, procs: Callable[..., Proc]) -> None:
     """``rproxy agent --ca-file`` against ``rproxy bridge --tls-cert/--tls-key``, end to end."""
     port = free_port()
-    procs("bridge", "--listen", f"127.0.0.1:{port}", "--token", TOKEN,
-          "--tls-cert", str(pki.bridge.cert), "--tls-key", str(pki.bridge.key))
+    procs(
+        "bridge",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--token",
+        TOKEN,
+        "--tls-cert",
+        str(pki.bridge.cert),
+        "--tls-key",
+        str(pki.bridge.key),
+    )
     async with text_app(lambda request: "verified") as home:
-        agent = procs("agent", "--bridge", f"wss://localhost:{port}", "--token", TOKEN, "--target", home,
-                      "--ca-file", str(pki.ca_file), env={"SSL_CERT_FILE": str(pki.other_ca_file)})
+        agent = procs(
+            "agent",
+            "--bridge",
+            f"wss://localhost:{port}",
+            "--token",
+            TOKEN,
+            "--target",
+            home,
+            "--ca-file",
+            str(pki.ca_file),
+            env={"SSL_CERT_FILE": str(pki.other_ca_file)},
+        )
         visitor_tls = ssl.create_default_context(cafile=str(pki.ca_file))
         await wait_http(f"https://localhost:{port}/", ssl=visitor_tls)
         assert f"https://localhost:{port}/" in agent.output()
@@ -395,12 +421,29 @@ async def test_cli_agent_pinned_through_the_environment_reaches_a_self_signed_br
     """$RPROXY_PIN_SHA256 with two pins (comma-separated, one of them stale) against a bridge process
     with a self-signed certificate."""
     port = free_port()
-    procs("bridge", "--listen", f"127.0.0.1:{port}", "--token", TOKEN,
-          "--tls-cert", str(pki.self_signed.cert), "--tls-key", str(pki.self_signed.key))
+    procs(
+        "bridge",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--token",
+        TOKEN,
+        "--tls-cert",
+        str(pki.self_signed.cert),
+        "--tls-key",
+        str(pki.self_signed.key),
+    )
     async with text_app(lambda request: "pinned") as home:
         pins = f"{pki.bridge.pin}, {pki.self_signed.pin}"
-        procs("agent", "--bridge", f"https://127.0.0.1:{port}", "--token", TOKEN, "--target", home,
-              env={"RPROXY_PIN_SHA256": pins})
+        procs(
+            "agent",
+            "--bridge",
+            f"https://127.0.0.1:{port}",
+            "--token",
+            TOKEN,
+            "--target",
+            home,
+            env={"RPROXY_PIN_SHA256": pins},
+        )
         visitor = aiohttp.Fingerprint(hashlib.sha256(pki.self_signed.der).digest())
         async with asyncio.timeout(20), aiohttp.ClientSession() as session:
             while True:
@@ -414,18 +457,37 @@ async def test_cli_agent_pinned_through_the_environment_reaches_a_self_signed_br
                 await asyncio.sleep(0.1)
 
 
-async def test_cli_agent_with_a_wrong_pin_exits_3_naming_the_fingerprint(
-    pki: Pki, procs: Callable[..., Proc]
-) -> None:
+async def test_cli_agent_with_a_wrong_pin_exits_3_naming_the_fingerprint(pki: Pki, procs: Callable[..., Proc]) -> None:
     """A bridge process with a certificate other than the pinned one: the agent stops for good
     with one line giving the certificate's fingerprint, and exit code 3."""
     port = free_port()
-    procs("bridge", "--listen", f"127.0.0.1:{port}", "--token", TOKEN,
-          "--tls-cert", str(pki.impostor.cert), "--tls-key", str(pki.impostor.key))
-    await wait_http(f"https://127.0.0.1:{port}/_rproxy/health", ssl=ssl.create_default_context(
-        cafile=str(pki.other_ca_file)))
-    agent = procs("agent", "--bridge", f"wss://127.0.0.1:{port}", "--token", TOKEN, "--target", "http://127.0.0.1:9",
-                  "--pin-sha256", pki.bridge.pin, "--ca-file", str(pki.other_ca_file))
+    procs(
+        "bridge",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--token",
+        TOKEN,
+        "--tls-cert",
+        str(pki.impostor.cert),
+        "--tls-key",
+        str(pki.impostor.key),
+    )
+    await wait_http(
+        f"https://127.0.0.1:{port}/_rproxy/health", ssl=ssl.create_default_context(cafile=str(pki.other_ca_file))
+    )
+    agent = procs(
+        "agent",
+        "--bridge",
+        f"wss://127.0.0.1:{port}",
+        "--token",
+        TOKEN,
+        "--target",
+        "http://127.0.0.1:9",
+        "--pin-sha256",
+        pki.bridge.pin,
+        "--ca-file",
+        str(pki.other_ca_file),
+    )
     returncode = await asyncio.to_thread(agent.popen.wait, 20)
     assert returncode == EXIT_REFUSED
     errors = [line for line in agent.output().splitlines() if "error" in line.lower()]
@@ -441,13 +503,26 @@ async def test_cli_agent_with_a_wrong_pin_exits_3_naming_the_fingerprint(
     [
         (["--pin-sha256", "sha256:abc"], {}, "rproxy agent: error: --pin-sha256: expected the SHA-256 fingerprint"),
         ([], {"RPROXY_PIN_SHA256": "00" * 31}, "rproxy agent: error: $RPROXY_PIN_SHA256: expected the SHA-256"),
-        (["--ca-file", "/nonexistent/ca.pem"], {}, "rproxy agent: error: --ca-file '/nonexistent/ca.pem': no such file"),
+        (
+            ["--ca-file", "/nonexistent/ca.pem"],
+            {},
+            "rproxy agent: error: --ca-file '/nonexistent/ca.pem': no such file",
+        ),
         ([], {"RPROXY_INSECURE": "perhaps"}, "rproxy agent: error: $RPROXY_INSECURE: expected true or false"),
     ],
     ids=["pin-flag", "pin-env", "ca-file-missing", "insecure-env"],
 )
 def test_cli_tls_setting_mistakes_are_one_line(args: list[str], env: dict[str, str], expected: str) -> None:
-    result = rproxy("agent", "--bridge", "wss://127.0.0.1:1", "--token", TOKEN, "--target", "http://127.0.0.1:9",
-                    *args, env=clean_env(**env))
+    result = rproxy(
+        "agent",
+        "--bridge",
+        "wss://127.0.0.1:1",
+        "--token",
+        TOKEN,
+        "--target",
+        "http://127.0.0.1:9",
+        *args,
+        env=clean_env(**env),
+    )
     assert result.returncode == 2
     assert one_error_line(result).startswith(expected)

@@ -59,8 +59,9 @@ async def test_the_agent_reads_its_token_from_a_file_and_shows_it_nowhere(
 
 
 def _agent(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str]:
-    result = rproxy("agent", "--bridge", "http://127.0.0.1:1", "--target", "http://127.0.0.1:2", *argv,
-                    env=env or clean_env())
+    result = rproxy(
+        "agent", "--bridge", "http://127.0.0.1:1", "--target", "http://127.0.0.1:2", *argv, env=env or clean_env()
+    )
     return result.returncode, one_error_line(result)
 
 
@@ -85,7 +86,10 @@ def test_a_bad_token_file_is_one_line_naming_the_flag_and_exit_code_2(tmp_path: 
         assert line.startswith(f"rproxy agent: error: --token-file {path}: {problem}"), line
         assert leaks([line], [token]) == []
     code, line = _agent(env=clean_env(RPROXY_TOKEN_FILE=str(empty)))
-    assert (code, line.startswith(f"rproxy agent: error: $RPROXY_TOKEN_FILE {empty}: the first line is empty")) == (2, True)
+    assert (code, line.startswith(f"rproxy agent: error: $RPROXY_TOKEN_FILE {empty}: the first line is empty")) == (
+        2,
+        True,
+    )
 
 
 def test_the_token_file_is_one_credential_of_token_token_file_and_key(tmp_path: Path) -> None:

@@ -77,9 +77,16 @@ async def test_one_address_cannot_take_every_websocket_slot_of_a_tunnel() -> Non
                 except aiohttp.WSServerHandshakeError as err:
                     refused.append(err.status)
             assert (opened, refused) == (8, [429] * 8), (opened, refused)
-            status, body = await _status(attacker, bridge.url + "/fast", {"Upgrade": "websocket", "Connection": "Upgrade",
-                                                                          "Sec-WebSocket-Version": "13",
-                                                                          "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+            status, body = await _status(
+                attacker,
+                bridge.url + "/fast",
+                {
+                    "Upgrade": "websocket",
+                    "Connection": "Upgrade",
+                    "Sec-WebSocket-Version": "13",
+                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                },
+            )
             assert status == 429 and "WebSockets" in body and len(body) < 200, body
             # Plain requests from that address are a separate share, and the owner has its own.
             assert await _status(attacker, bridge.url + "/fast") == (200, "fast")
@@ -94,7 +101,7 @@ async def test_one_address_cannot_take_every_websocket_slot_of_a_tunnel() -> Non
 
 
 async def test_one_address_cannot_take_every_request_slot_of_a_tunnel() -> None:
-    """16 hanging requests from one address against a tunnel of 12 streams: 8 in flight, 8 get 429, the owner gets in."""
+    """16 hanging requests from one address, tunnel of 12 streams: 8 in flight, 8 get 429, the owner gets in."""
     async with asyncio.timeout(60), slow_site(max_streams_per_tunnel=12, max_requests_per_visitor=8) as (bridge, app):
         async with visitor_from("127.0.0.2") as attacker, visitor_from("127.0.0.1") as owner:
             hanging = [asyncio.create_task(_status(attacker, bridge.url + "/hang")) for _ in range(16)]
@@ -103,7 +110,9 @@ async def test_one_address_cannot_take_every_request_slot_of_a_tunnel() -> None:
                     while sum(t.done() for t in hanging) < 8:
                         await asyncio.sleep(0.02)
                 refused = [t.result() for t in hanging if t.done()]
-                assert len(refused) == 8 and all(s == 429 and "requests" in b and len(b) < 200 for s, b in refused), refused
+                assert len(refused) == 8 and all(s == 429 and "requests" in b and len(b) < 200 for s, b in refused), (
+                    refused
+                )
                 assert sum(len(c.streams) for c in bridge.registry.connections()) == 8
                 assert await _status(owner, bridge.url + "/fast") == (200, "fast")
             finally:
@@ -114,16 +123,21 @@ async def test_one_address_cannot_take_every_request_slot_of_a_tunnel() -> None:
 
 async def test_an_ipv6_slash_64_is_one_visitor_address() -> None:
     """Behind a trusted proxy: two addresses of one /64 share one cap, another /64 has its own."""
-    async with asyncio.timeout(60), slow_site(
-        max_websockets_per_visitor=2, trusted_proxies=[ip_network("127.0.0.1/32")]
-    ) as (bridge, _):
+    async with (
+        asyncio.timeout(60),
+        slow_site(max_websockets_per_visitor=2, trusted_proxies=[ip_network("127.0.0.1/32")]) as (bridge, _),
+    ):
         async with visitor_from("127.0.0.1") as proxy, AsyncExitStack() as held:
             for address in ("2001:db8:5:6::1", "2001:db8:5:6:ffff::2"):
-                await held.enter_async_context(proxy.ws_connect(bridge.url + "/echo", headers={"X-Forwarded-For": address}))
+                await held.enter_async_context(
+                    proxy.ws_connect(bridge.url + "/echo", headers={"X-Forwarded-For": address})
+                )
             with pytest.raises(aiohttp.WSServerHandshakeError) as over:
                 await proxy.ws_connect(bridge.url + "/echo", headers={"X-Forwarded-For": "2001:db8:5:6::99"})
             assert over.value.status == 429
-            await held.enter_async_context(proxy.ws_connect(bridge.url + "/echo", headers={"X-Forwarded-For": "2001:db8:5:7::1"}))
+            await held.enter_async_context(
+                proxy.ws_connect(bridge.url + "/echo", headers={"X-Forwarded-For": "2001:db8:5:7::1"})
+            )
 
 
 # Agents: pending handshakes per source address and per credential.
@@ -132,14 +146,18 @@ async def test_an_ipv6_slash_64_is_one_visitor_address() -> None:
 async def _hold_silent_handshakes(
     stack: AsyncExitStack, url: str, attempts: list[tuple[str, str]]
 ) -> tuple[int, list[int]]:
-    """Upgrade as an agent (token, source address) and never send HELLO; return how many were let in and the refusals."""
+    """Upgrade as an agent (token, source address), never send HELLO; return how many were let in, and the refusals."""
     ws_url = url.replace("http", "ws", 1) + CONNECT
     opened, refused = 0, []
     for index, (token, source) in enumerate(attempts):
         try:
-            await stack.enter_async_context(ws_connect(
-                ws_url, additional_headers=agent_headers("home", f"mute-{index}", token=token), local_addr=(source, 0)
-            ))
+            await stack.enter_async_context(
+                ws_connect(
+                    ws_url,
+                    additional_headers=agent_headers("home", f"mute-{index}", token=token),
+                    local_addr=(source, 0),
+                )
+            )
             opened += 1
         except InvalidStatus as err:
             refused.append(err.response.status_code)
@@ -169,10 +187,16 @@ async def test_silent_handshakes_of_one_holder_do_not_keep_another_home_out(
     app = SlowApp()
     runner, target = await start_app(app.app)
     try:
-        async with asyncio.timeout(60), running_bridge(
-            tokens=tokens, max_pending_handshakes=8, max_pending_handshakes_per_source=2,
-            max_pending_handshakes_per_credential=2,
-        ) as bridge, AsyncExitStack() as held:
+        async with (
+            asyncio.timeout(60),
+            running_bridge(
+                tokens=tokens,
+                max_pending_handshakes=8,
+                max_pending_handshakes_per_source=2,
+                max_pending_handshakes_per_credential=2,
+            ) as bridge,
+            AsyncExitStack() as held,
+        ):
             opened, refused = await _hold_silent_handshakes(held, bridge.url, attempts)
             assert (opened, refused) == (let_in, [503] * (len(attempts) - let_in)), (opened, refused)
             assert len(bridge._agents.handshaking()) == let_in
@@ -185,9 +209,10 @@ async def test_silent_handshakes_of_one_holder_do_not_keep_another_home_out(
 
 async def test_pending_slots_are_given_back_when_handshakes_end(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bridge_agents, "HANDSHAKE_TIMEOUT", 0.5)
-    async with asyncio.timeout(60), running_bridge(
-        max_pending_handshakes_per_source=2, max_pending_handshakes_per_credential=2
-    ) as bridge:
+    async with (
+        asyncio.timeout(60),
+        running_bridge(max_pending_handshakes_per_source=2, max_pending_handshakes_per_credential=2) as bridge,
+    ):
         for _ in range(3):  # the same holder, again and again: each round gets its two slots back
             async with AsyncExitStack() as held:
                 opened, refused = await _hold_silent_handshakes(held, bridge.url, [(TOKEN, "127.0.0.2")] * 3)
@@ -217,8 +242,16 @@ async def test_the_caps_come_from_flags_environment_and_file(tmp_path: object) -
     defaults = config()
     assert (defaults.max_requests_per_visitor, defaults.max_websockets_per_visitor) == (256, 256)
     assert (defaults.max_pending_handshakes_per_source, defaults.max_pending_handshakes_per_credential) == (8, 8)
-    flags = config("--max-requests-per-visitor", "10", "--max-websockets-per-visitor", "3",
-                   "--max-pending-handshakes-per-source", "4", "--max-pending-handshakes-per-credential", "5")
+    flags = config(
+        "--max-requests-per-visitor",
+        "10",
+        "--max-websockets-per-visitor",
+        "3",
+        "--max-pending-handshakes-per-source",
+        "4",
+        "--max-pending-handshakes-per-credential",
+        "5",
+    )
     assert (flags.max_requests_per_visitor, flags.max_websockets_per_visitor) == (10, 3)
     assert (flags.max_pending_handshakes_per_source, flags.max_pending_handshakes_per_credential) == (4, 5)
     assert config(env={"RPROXY_MAX_WEBSOCKETS_PER_VISITOR": "7"}).max_websockets_per_visitor == 7

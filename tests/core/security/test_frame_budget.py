@@ -21,13 +21,14 @@ from rproxy_core.protocol.frames import ErrorCode, FrameType
 from rproxy_core.protocol.mux import MAX_UNREAD_REPLIES
 from tests.conftest import TOKEN, running_bridge, wait_for_tunnel
 from tests.core.protocol.helpers import raw_frame, ready_mux
-
 from tests.core.security.tunnel_peers import fake_bridge, frame, raw_agent, read_until_goaway, reply
 
 PING_BATCH = b"".join(frame(FrameType.PING, 0, b"p" * (16 << 10)) for _ in range(16))  # 256 KiB of PINGs
 
 
-async def test_an_agent_that_pings_and_never_reads_is_cut_off_with_bounded_memory(caplog: pytest.LogCaptureFixture) -> None:
+async def test_an_agent_that_pings_and_never_reads_is_cut_off_with_bounded_memory(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The PONGs owed to a peer that does not read are capped; past the cap it gets GOAWAY and a log line."""
     caplog.set_level(logging.WARNING, "rproxy.tunnel")
     async with asyncio.timeout(60), running_bridge() as bridge:
@@ -66,8 +67,16 @@ async def test_a_bridge_that_pings_and_never_reads_is_cut_off_by_the_agent(caplo
         seen.append(await read_until_goaway(ws, timeout=10))
 
     async with asyncio.timeout(60), fake_bridge(flood) as fake:
-        agent = Agent(AgentConfig(bridge=fake.url, token=TOKEN, target="http://127.0.0.1:9", agent_id="victim",
-                                  backoff_initial=5, backoff_max=5))
+        agent = Agent(
+            AgentConfig(
+                bridge=fake.url,
+                token=TOKEN,
+                target="http://127.0.0.1:9",
+                agent_id="victim",
+                backoff_initial=5,
+                backoff_max=5,
+            )
+        )
         await agent.start()
         try:
             await asyncio.wait_for(fake.closed.wait(), 30)

@@ -78,7 +78,9 @@ async def _answer_second(agent: RawAgent) -> None:
     """If the bridge relays the visitor's second request, answer it honestly."""
     sid, head = await agent.next_open(timeout=10)
     assert head.target == "/second"
-    await agent.send(reply(sid, 200, [("Content-Length", str(len(SECOND)))]), frame(FrameType.DATA, sid, SECOND, Flags.FIN))
+    await agent.send(
+        reply(sid, 200, [("Content-Length", str(len(SECOND)))]), frame(FrameType.DATA, sid, SECOND, Flags.FIN)
+    )
 
 
 async def _read_to_end(reader: asyncio.StreamReader, timeout: float = 10) -> bytes:
@@ -94,7 +96,9 @@ async def _read_to_end(reader: asyncio.StreamReader, timeout: float = 10) -> byt
 
 @pytest.mark.parametrize("split", [False, True], ids=["with-head", "after-head"])
 @pytest.mark.parametrize("lie", list(LIES.values()), ids=list(LIES))
-async def test_agent_bytes_never_become_the_next_response(lie: Lie, split: bool, caplog: pytest.LogCaptureFixture) -> None:
+async def test_agent_bytes_never_become_the_next_response(
+    lie: Lie, split: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, "rproxy.bridge")
     async with running_bridge() as bridge, raw_agent(bridge, "home") as agent:
         port = urlsplit(bridge.url).port
@@ -127,7 +131,9 @@ async def test_agent_bytes_never_become_the_next_response(lie: Lie, split: bool,
         # Found out before a byte was written: the visitor is told plainly.
         assert first.status == 502, answers
     else:
-        assert first.status in (200, 502) and (first.status == 502 or not first.complete or len(first.body) == 5), answers
+        assert first.status in (200, 502) and (first.status == 502 or not first.complete or len(first.body) == 5), (
+            answers
+        )
     # The bridge said why, on one line of its own.
     warnings = [r.getMessage() for r in caplog.records if r.name == "rproxy.bridge" and r.levelno >= logging.WARNING]
     assert any("agent" in m for m in warnings), warnings

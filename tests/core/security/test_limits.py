@@ -201,7 +201,9 @@ async def test_a_body_announced_over_max_body_size_gets_413_before_it_is_sent() 
             writer.close()
         assert b" 413 " in status_line
         assert t.home.seen == []
-        under = b"POST /upload HTTP/1.1\r\nHost: v.test\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n" + b"u" * 1000
+        under = (
+            b"POST /upload HTTP/1.1\r\nHost: v.test\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n" + b"u" * 1000
+        )
         response = await raw_exchange(t.port, under)
         assert response.status == 200
         assert json.loads(response.body)["size"] == 1000
@@ -252,7 +254,9 @@ async def _wait_seen(t, path: str) -> None:  # type: ignore[no-untyped-def]
 # Concurrent streams: per tunnel, per agent connection.
 
 
-async def test_a_tunnel_at_max_streams_per_tunnel_answers_503_busy_with_retry_after(http: aiohttp.ClientSession) -> None:
+async def test_a_tunnel_at_max_streams_per_tunnel_answers_503_busy_with_retry_after(
+    http: aiohttp.ClientSession,
+) -> None:
     """Two hanging requests fill a tunnel limited to two; the third is told the tunnel is busy."""
     async with home_tunnel(max_streams_per_tunnel=2) as t:
         hanging = [asyncio.create_task(http.get(t.url + "/hang")) for _ in range(2)]
@@ -313,10 +317,16 @@ async def test_agents_over_max_pending_handshakes_get_503_before_the_upgrade_log
         held = [await s.__aenter__() for s in silent]
         try:
             for i in range(3):
-                async with http.get(bridge.url + CONNECT, headers={
-                    **agent_headers("home", f"late-{i}"), "Connection": "Upgrade", "Upgrade": "websocket",
-                    "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-                }) as response:
+                async with http.get(
+                    bridge.url + CONNECT,
+                    headers={
+                        **agent_headers("home", f"late-{i}"),
+                        "Connection": "Upgrade",
+                        "Upgrade": "websocket",
+                        "Sec-WebSocket-Version": "13",
+                        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                    },
+                ) as response:
                     assert response.status == 503
                     assert response.headers["Retry-After"] == "5"
             refusals = [r for r in caplog.records if "in their handshake" in r.getMessage()]
@@ -353,7 +363,9 @@ def _open_frame(stream_id: int) -> bytes:
     ids=["oversized-message", "oversized-frame", "agent-opened-stream"],
 )
 async def test_a_misbehaving_agent_is_cut_off_with_a_logged_reason(
-    attack, logged: str, caplog: pytest.LogCaptureFixture  # type: ignore[no-untyped-def]
+    attack,
+    logged: str,
+    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
 ) -> None:
     caplog.set_level(logging.WARNING, "rproxy")
     async with asyncio.timeout(30), running_bridge() as bridge:
@@ -371,7 +383,11 @@ async def test_a_misbehaving_agent_is_cut_off_with_a_logged_reason(
         await wait_for_tunnel(bridge, "home", 0)
 
         def reasons() -> list[str]:
-            return [r.getMessage() for r in caplog.records if logged in r.getMessage() and "home/raw-agent" in r.getMessage()]
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if logged in r.getMessage() and "home/raw-agent" in r.getMessage()
+            ]
 
         async with asyncio.timeout(5):  # the line comes as the agent's handler ends, just after the tunnel is gone
             while not reasons():
@@ -408,8 +424,18 @@ def test_limit_settings_come_from_flags_environment_and_file_with_sizes_in_k_and
     assert (defaults.max_body_size, defaults.max_streams_per_tunnel) == (None, None)
     assert (defaults.header_timeout, defaults.idle_timeout, defaults.max_pending_handshakes) == (10.0, 75.0, 64)
 
-    config = _settings("--max-body-size", "10M", "--header-timeout", "2.5", "--idle-timeout", "30",
-                       "--max-streams-per-tunnel", "100", "--max-pending-handshakes", "8")
+    config = _settings(
+        "--max-body-size",
+        "10M",
+        "--header-timeout",
+        "2.5",
+        "--idle-timeout",
+        "30",
+        "--max-streams-per-tunnel",
+        "100",
+        "--max-pending-handshakes",
+        "8",
+    )
     assert config.max_body_size == 10 << 20
     assert (config.header_timeout, config.idle_timeout) == (2.5, 30.0)
     assert (config.max_streams_per_tunnel, config.max_pending_handshakes) == (100, 8)
@@ -437,7 +463,9 @@ def test_limit_settings_come_from_flags_environment_and_file_with_sizes_in_k_and
         (["--max-pending-handshakes-per-credential", "-1"], {}, "--max-pending-handshakes-per-credential"),
     ],
 )
-def test_a_bad_limit_is_one_line_naming_its_flag_and_exit_code_2(argv: list[str], env: dict[str, str], named: str) -> None:
+def test_a_bad_limit_is_one_line_naming_its_flag_and_exit_code_2(
+    argv: list[str], env: dict[str, str], named: str
+) -> None:
     result = rproxy("bridge", "--token", TOKEN, "--check-config", "/dev/null", *argv, env=clean_env(**env))
     assert result.returncode == 2
     assert one_error_line(result).startswith(f"rproxy bridge: error: {named}: ")
@@ -447,8 +475,16 @@ def test_every_limit_is_restart_only_on_reload() -> None:
     """A SIGHUP does not apply them (the server was built with them): the reload must say so."""
     from rproxy_core.cli import bridge as bridge_cli
 
-    for key in ("max_body_size", "header_timeout", "idle_timeout", "max_streams_per_tunnel", "max_pending_handshakes",
-                "max_pending_handshakes_per_source", "max_pending_handshakes_per_credential",
-                "max_requests_per_visitor", "max_websockets_per_visitor"):
+    for key in (
+        "max_body_size",
+        "header_timeout",
+        "idle_timeout",
+        "max_streams_per_tunnel",
+        "max_pending_handshakes",
+        "max_pending_handshakes_per_source",
+        "max_pending_handshakes_per_credential",
+        "max_requests_per_visitor",
+        "max_websockets_per_visitor",
+    ):
         assert key in bridge_cli._RESTART_ONLY
         assert key in bridge_cli.BRIDGE_FLAGS and key in bridge_cli.BRIDGE_ENV

@@ -61,9 +61,16 @@ async def wait_output(proc: Proc, text: str, timeout: float = 20) -> None:
 
 
 def write_bridge_config(path: Path, port: int, token_file: Path, tokens: list[Any]) -> None:
-    path.write_text(json.dumps({
-        "listen": f"127.0.0.1:{port}", "domain": "example.test", "token_file": str(token_file), "tokens": tokens,
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "listen": f"127.0.0.1:{port}",
+                "domain": "example.test",
+                "token_file": str(token_file),
+                "tokens": tokens,
+            }
+        )
+    )
 
 
 async def test_no_bridge_or_agent_logs_a_token_at_debug_level(
@@ -80,14 +87,37 @@ async def test_no_bridge_or_agent_logs_a_token_at_debug_level(
     bridge = procs("--log-level", "debug", "bridge", "--config", str(config_file), env=clean_env())
 
     def agent(token: str, name: str, *extra: str) -> Proc:
-        return procs("--log-level", "debug", "agent", "--bridge", base, "--token", token, "--target", home,
-                     "--name", name, *extra, env=clean_env())
+        return procs(
+            "--log-level",
+            "debug",
+            "agent",
+            "--bridge",
+            base,
+            "--token",
+            token,
+            "--target",
+            home,
+            "--name",
+            name,
+            *extra,
+            env=clean_env(),
+        )
 
     await wait_http(base + "/_rproxy/health")
     agents = [agent(bound, "home"), agent(hashed, "shed"), agent(anyname, "printer")]
     # The token in the environment rather than on the command line: the other way users give it.
-    cut_off = procs("--log-level", "debug", "agent", "--bridge", base, "--target", home, "--name", "garage",
-                    env=clean_env(RPROXY_TOKEN=revoked))
+    cut_off = procs(
+        "--log-level",
+        "debug",
+        "agent",
+        "--bridge",
+        base,
+        "--target",
+        home,
+        "--name",
+        "garage",
+        env=clean_env(RPROXY_TOKEN=revoked),
+    )
     for name in ("home", "shed", "printer", "garage"):
         await wait_tunnel(base, name)
         assert await fetch(base, "/x", host=f"{name}.example.test") == (200, "hello from home /x")
@@ -107,8 +137,18 @@ async def test_no_bridge_or_agent_logs_a_token_at_debug_level(
     await wait_output(bridge, "tokens[0]: unknown key in a token entry")
 
     # A bridge that is not there: the agent's retries at debug level.
-    lonely = procs("--log-level", "debug", "agent", "--bridge", f"http://127.0.0.1:{free_port()}", "--token", bound,
-                   "--target", home, env=clean_env())
+    lonely = procs(
+        "--log-level",
+        "debug",
+        "agent",
+        "--bridge",
+        f"http://127.0.0.1:{free_port()}",
+        "--token",
+        bound,
+        "--target",
+        home,
+        env=clean_env(),
+    )
     await wait_output(lonely, "retrying in")
     for proc in [*agents, lonely, bridge]:
         proc.stop()
@@ -116,9 +156,13 @@ async def test_no_bridge_or_agent_logs_a_token_at_debug_level(
     bridge_log = bridge.output()
     # The paths were taken, so their lines were there to be searched (the bridge logs little
     # at debug level; the agent logs its whole handshake).
-    for expected in ("refused agent from 127.0.0.1: invalid token", "may not serve tunnel 'lights'",
-                     "cut off: its token is no longer accepted", "reload failed, the running settings stay",
-                     "agent shed/"):
+    for expected in (
+        "refused agent from 127.0.0.1: invalid token",
+        "may not serve tunnel 'lights'",
+        "cut off: its token is no longer accepted",
+        "reload failed, the running settings stay",
+        "agent shed/",
+    ):
         assert expected in bridge_log, expected
     assert "refused the agent token (401)" in refused[0].output()
     assert "DEBUG" in agents[0].output()
@@ -137,7 +181,9 @@ def test_no_config_error_prints_a_token(tmp_path: Path) -> None:
         "bad-listen.yaml": f"tokens: [{token}]\nlisten: 127.0.0.1:99999\n",
         "broken.yaml": f"tokens: [{token}, {{token: {other}\n",
         "broken.toml": f'tokens = ["{token}", {other}]\n',
-        "agent-unknown-key.yaml": f"bridge: http://127.0.0.1:1\ntarget: http://127.0.0.1:2\ntoken: {token}\ntokne: {other}\n",
+        "agent-unknown-key.yaml": (
+            f"bridge: http://127.0.0.1:1\ntarget: http://127.0.0.1:2\ntoken: {token}\ntokne: {other}\n"
+        ),
         "agent-bad-target.yaml": f"bridge: http://127.0.0.1:1\ntarget: ftp://nas\ntoken: {token}\n",
         "agent-token-list.yaml": f"bridge: http://127.0.0.1:1\ntarget: http://127.0.0.1:2\ntoken: [{token}]\n",
     }
@@ -166,8 +212,9 @@ def test_no_config_error_prints_a_token(tmp_path: Path) -> None:
         agent("--config", str(tmp_path / "agent-token-list.yaml")),
         agent("--bridge", "ftp://bridge", "--token", token, "--target", "http://127.0.0.1:2"),
         agent("--bridge", "http://127.0.0.1:1", "--token", f"{token}\n{other}", "--target", "http://127.0.0.1:2"),
-        agent("--bridge", "http://127.0.0.1:1", "--target", "http://127.0.0.1:2", "--name", "Bad_Name",
-              RPROXY_TOKEN=token),
+        agent(
+            "--bridge", "http://127.0.0.1:1", "--target", "http://127.0.0.1:2", "--name", "Bad_Name", RPROXY_TOKEN=token
+        ),
     ]
     number = bridge("--check-config", str(tmp_path / "number.yaml"))
     assert [r.returncode for r in [*results, number]] == [2] * (len(results) + 1), outputs([*results, number])
@@ -181,8 +228,9 @@ def test_no_config_error_prints_a_token(tmp_path: Path) -> None:
 def test_the_add_on_start_script_prints_no_token(config: dict[str, Any], tmp_path: Path) -> None:
     """The add-on's options file holds the token; a mistake next to it is reported without it."""
     token = new_token()
-    options = write_options(tmp_path / "options.json", config, bridge="ws://127.0.0.1:1", token=token,
-                            log_level="debug")
+    options = write_options(
+        tmp_path / "options.json", config, bridge="ws://127.0.0.1:1", token=token, log_level="debug"
+    )
     values = json.loads(options.read_text())
     values["services"] = [{"name": "printer", "target": "gopher://printer"}]
     options.write_text(json.dumps(values))

@@ -63,8 +63,17 @@ async def test_a_real_second_agent_with_another_policy_learns_why_and_keeps_retr
     async with text_app(lambda request: "home") as target, running_bridge() as bridge:
         async with running_agent(bridge.url, target, **LOGIN), visitor_from("127.0.0.1") as visitor:
             await wait_for_tunnel(bridge)
-            second = Agent(AgentConfig(bridge=bridge.url, token=TOKEN, target=target, agent_id="second",
-                                       visitor_allow=("127.0.0.0/8",), backoff_initial=0.1, backoff_max=0.5))
+            second = Agent(
+                AgentConfig(
+                    bridge=bridge.url,
+                    token=TOKEN,
+                    target=target,
+                    agent_id="second",
+                    visitor_allow=("127.0.0.0/8",),
+                    backoff_initial=0.1,
+                    backoff_max=0.5,
+                )
+            )
             await second.start()
             try:
                 async with asyncio.timeout(10):
@@ -100,12 +109,13 @@ async def test_agents_asking_for_the_same_share_the_tunnel_and_the_policy_leaves
 
 
 async def test_a_stricter_newcomer_is_refused_too_so_the_pool_never_disagrees() -> None:
-    """Refusing every difference (not only a looser one) keeps one answer per tunnel: restart the whole pool to change it."""
+    """Refusing every difference (not only a looser one) keeps one answer per tunnel: restart the pool to change it."""
     async with text_app(lambda request: "home") as target, running_bridge() as bridge:
         async with running_agent(bridge.url, target), visitor_from("127.0.0.1") as visitor:
             await wait_for_tunnel(bridge)
-            goaway = await _fake_agent_asking(bridge.url, "stricter", visitor_basic=[
-                {"user": "family", "password_hash": OWNER_HASH}])
+            goaway = await _fake_agent_asking(
+                bridge.url, "stricter", visitor_basic=[{"user": "family", "password_hash": OWNER_HASH}]
+            )
             assert goaway is not None and "visitor policy" in goaway[1], goaway
             assert (await get(visitor, bridge.url + "/")).status == 200
             assert bridge.registry.tunnels() == {"home": 1}
@@ -113,7 +123,10 @@ async def test_a_stricter_newcomer_is_refused_too_so_the_pool_never_disagrees() 
 
 async def test_the_bridge_config_holds_whatever_any_agent_asks() -> None:
     operator = VisitorPolicy(basic={"operator": parse_password_hash(hash_password("operator pw", n=1 << 10))})
-    async with text_app(lambda request: "home") as target, running_bridge(visitor_policies={"home": operator}) as bridge:
+    async with (
+        text_app(lambda request: "home") as target,
+        running_bridge(visitor_policies={"home": operator}) as bridge,
+    ):
         url = bridge.url + "/"
         async with running_agent(bridge.url, target), visitor_from("127.0.0.1") as visitor:
             await wait_for_tunnel(bridge)

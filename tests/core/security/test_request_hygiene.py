@@ -36,8 +36,20 @@ def get(target: str, *lines: bytes) -> bytes:
     return head + b"".join(line + b"\r\n" for line in lines) + b"\r\n"
 
 
-ESCAPES = ["/../admin", "/%2e%2e/admin", "/%2E%2E/admin", "/.%2e/admin", "/x/../../admin", "/x/%2e%2e/%2e%2e/admin",
-           "/..%2fadmin", "/..%2Fadmin", "/..%5cadmin", "/..\\admin", "/x/..\\..\\admin", "/../admin?x=1"]
+ESCAPES = [
+    "/../admin",
+    "/%2e%2e/admin",
+    "/%2E%2E/admin",
+    "/.%2e/admin",
+    "/x/../../admin",
+    "/x/%2e%2e/%2e%2e/admin",
+    "/..%2fadmin",
+    "/..%2Fadmin",
+    "/..%5cadmin",
+    "/..\\admin",
+    "/x/..\\..\\admin",
+    "/../admin?x=1",
+]
 
 
 async def test_dot_segments_cannot_leave_the_target_path_prefix() -> None:
@@ -49,7 +61,11 @@ async def test_dot_segments_cannot_leave_the_target_path_prefix() -> None:
                 assert response.status == 400, (attack, response)
             assert home.seen == [], [s.raw_path for s in home.seen]
             # Inside the prefix they are removed as RFC 3986 says, and the request goes through.
-            for inside, arrives in [("/x/../y", "/app/y"), ("/a/./b/%2e%2e/c?q=/../", "/app/a/c?q=/../"), ("/x/..", "/app/")]:
+            for inside, arrives in [
+                ("/x/../y", "/app/y"),
+                ("/a/./b/%2e%2e/c?q=/../", "/app/a/c?q=/../"),
+                ("/x/..", "/app/"),
+            ]:
                 response = await raw(bridge.port, get(inside))
                 assert response.status == 200, (inside, response)
                 assert json.loads(response.body)["raw_path"] == arrives
@@ -62,8 +78,15 @@ async def test_header_names_with_underscores_never_reach_the_home_app() -> None:
         async with running_agent(bridge.url, target):
             response = await raw(
                 bridge.port,
-                get("/echo", b"X_Forwarded_For: 6.6.6.6", b"X-Forwarded_For: 6.6.6.6", b"X_Real_IP: 6.6.6.6",
-                    b"x_forwarded_proto: https", b"Some_App_Header: 1", b"X-Fine: kept"),
+                get(
+                    "/echo",
+                    b"X_Forwarded_For: 6.6.6.6",
+                    b"X-Forwarded_For: 6.6.6.6",
+                    b"X_Real_IP: 6.6.6.6",
+                    b"x_forwarded_proto: https",
+                    b"Some_App_Header: 1",
+                    b"X-Fine: kept",
+                ),
             )
     assert response.status == 200
     (seen,) = home.seen
@@ -76,14 +99,32 @@ async def test_header_names_with_underscores_never_reach_the_home_app() -> None:
 BAD_BYTES = {
     "status-json": get("/_rproxy/status.json", b"Authorization: Bearer \xff\xfe\xfd"),
     "metrics": get("/_rproxy/metrics", b"Authorization: Bearer caf\xe9"),
-    "connect": get("/_rproxy/connect", b"Upgrade: websocket", b"Connection: Upgrade", b"Sec-WebSocket-Version: 13",
-                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", b"Rproxy-Protocol: 1", b"Rproxy-Tunnel: home",
-                   b"Authorization: Bearer \xc3\x28"),
-    "tcp-channel": get("/_rproxy/tcp/home/ssh", b"Upgrade: websocket", b"Connection: Upgrade", b"Sec-WebSocket-Version: 13",
-                       b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", b"Authorization: Bearer \xff"),
+    "connect": get(
+        "/_rproxy/connect",
+        b"Upgrade: websocket",
+        b"Connection: Upgrade",
+        b"Sec-WebSocket-Version: 13",
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        b"Rproxy-Protocol: 1",
+        b"Rproxy-Tunnel: home",
+        b"Authorization: Bearer \xc3\x28",
+    ),
+    "tcp-channel": get(
+        "/_rproxy/tcp/home/ssh",
+        b"Upgrade: websocket",
+        b"Connection: Upgrade",
+        b"Sec-WebSocket-Version: 13",
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        b"Authorization: Bearer \xff",
+    ),
     "tunnel-basic": get("/", b"Authorization: Basic \xff\xff\xff"),
-    "websocket-key": get("/ws", b"Upgrade: websocket", b"Connection: Upgrade", b"Sec-WebSocket-Version: 13",
-                         b"Sec-WebSocket-Key: \xe2\x9c\x93\xe2\x9c\x93\xe2\x9c\x93\xe2\x9c\x93\xe2\x9c\x93=="),
+    "websocket-key": get(
+        "/ws",
+        b"Upgrade: websocket",
+        b"Connection: Upgrade",
+        b"Sec-WebSocket-Version: 13",
+        b"Sec-WebSocket-Key: \xe2\x9c\x93\xe2\x9c\x93\xe2\x9c\x93\xe2\x9c\x93\xe2\x9c\x93==",
+    ),
 }
 
 

@@ -37,7 +37,12 @@ def hash_token_command(*args: str, stdin: str = "") -> subprocess.CompletedProce
     """``rproxy hash-token ARGS`` with ``stdin`` piped in (not a terminal)."""
     return subprocess.run(
         [sys.executable, "-m", "rproxy_core", "hash-token", *args],
-        input=stdin, capture_output=True, text=True, timeout=60, cwd=ROOT, env=clean_env(),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=clean_env(),
     )
 
 
@@ -86,7 +91,8 @@ def test_every_entry_is_compared_whichever_matches(monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.parametrize(
-    "entry", ["sha256:", "sha256:abc", "sha256:" + "g" * 64, "sha256:" + "0" * 63, "sha256:" + "0" * 65],
+    "entry",
+    ["sha256:", "sha256:abc", "sha256:" + "g" * 64, "sha256:" + "0" * 63, "sha256:" + "0" * 65],
     ids=["empty", "short", "not-hex", "63", "65"],
 )
 def test_a_malformed_hash_is_refused_without_repeating_it(entry: str, tmp_path: Path) -> None:
@@ -97,7 +103,10 @@ def test_a_malformed_hash_is_refused_without_repeating_it(entry: str, tmp_path: 
     token_file.write_text(f"{TOKEN}\n{entry} garage\n")
     with pytest.raises(ConfigError) as caught:
         read_token_file(token_file)
-    assert str(caught.value) == f"{token_file}: line 2: expected sha256: and 64 hex digits, as rproxy hash-token prints them"
+    assert (
+        str(caught.value)
+        == f"{token_file}: line 2: expected sha256: and 64 hex digits, as rproxy hash-token prints them"
+    )
 
 
 @pytest.mark.parametrize(
@@ -124,17 +133,24 @@ def test_a_number_as_token_is_refused_without_printing_it(tmp_path: Path) -> Non
     config = tmp_path / "bridge.yaml"
     config.write_text(f"tokens: [good-token, {{token: {secret}, name: garage}}]\n")
     result = rproxy("bridge", "--check-config", str(config))
-    assert one_error_line(result) == f"rproxy bridge: error: {config}: tokens[1].token: expected a token (text; quote it in YAML), got int"
+    assert (
+        one_error_line(result)
+        == f"rproxy bridge: error: {config}: tokens[1].token: expected a token (text; quote it in YAML), got int"
+    )
     agent_config = tmp_path / "agent.yaml"
     agent_config.write_text(f"bridge: http://127.0.0.1:1\ntarget: http://127.0.0.1:2\ntoken: {secret}\n")
     result = rproxy("agent", "--config", str(agent_config))
-    assert one_error_line(result) == f"rproxy agent: error: {agent_config}: token: expected a token (text; quote it in YAML), got int"
+    assert (
+        one_error_line(result)
+        == f"rproxy agent: error: {agent_config}: token: expected a token (text; quote it in YAML), got int"
+    )
     assert secret not in result.stderr + result.stdout
 
 
 def test_an_agent_given_a_hash_says_it_needs_the_token_itself() -> None:
-    result = rproxy("agent", "--bridge", "http://127.0.0.1:1", "--target", "http://127.0.0.1:2",
-                    "--token", sha256_line(TOKEN))
+    result = rproxy(
+        "agent", "--bridge", "http://127.0.0.1:1", "--target", "http://127.0.0.1:2", "--token", sha256_line(TOKEN)
+    )
     assert result.returncode == 2
     assert one_error_line(result) == (
         "rproxy agent: error: --token: this is a token's hash, for the bridge's token list; "
@@ -172,7 +188,11 @@ def test_hash_token_new_shows_the_token_once_on_stderr_and_its_hash_on_stdout() 
     [
         ((), "", "no token on standard input (or use --new to make one)"),
         ((), "\n\n", "no token on standard input (or use --new to make one)"),
-        ((), "two words-of-a-long-token\n", "the token must be one word of printable characters (agents send no other)"),
+        (
+            (),
+            "two words-of-a-long-token\n",
+            "the token must be one word of printable characters (agents send no other)",
+        ),
         ((), sha256_line(TOKEN) + "\n", "this is already a token's hash; give the token itself"),
         (("--name", "Bad_Name"), TOKEN, "--name: expected a DNS label (a-z, 0-9, -), got 'Bad_Name'"),
     ],
@@ -245,7 +265,9 @@ async def test_sighup_cuts_off_an_agent_whose_hashed_token_was_removed(
     base = f"http://127.0.0.1:{port}"
     token_file = tmp_path / "tokens"
     token_file.write_text(f"{hash_token(TOKEN)}\n{hash_token(GARAGE_TOKEN)} garage\n")
-    bridge = procs("bridge", "--listen", f"127.0.0.1:{port}", "--token-file", str(token_file), "--domain", "example.test")
+    bridge = procs(
+        "bridge", "--listen", f"127.0.0.1:{port}", "--token-file", str(token_file), "--domain", "example.test"
+    )
     await wait_http(base + "/_rproxy/health")
     stays = procs("agent", "--bridge", base, "--token", TOKEN, "--target", home, "--name", "home")
     goes = procs("agent", "--bridge", base, "--token", GARAGE_TOKEN, "--target", home, "--name", "garage")
@@ -257,7 +279,8 @@ async def test_sighup_cuts_off_an_agent_whose_hashed_token_was_removed(
     assert "token is no longer accepted" in bridge.output()
     assert "refused the agent token (401)" in goes.output()
     assert await fetch(base, "/", host="garage.example.test") == (
-        503, "503 Service Unavailable: no agent is connected for 'garage'\n"
+        503,
+        "503 Service Unavailable: no agent is connected for 'garage'\n",
     )
     assert await fetch(base, "/still", host="home.example.test") == (200, "hello from home /still")
     assert stays.popen.poll() is None

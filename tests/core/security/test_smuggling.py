@@ -18,7 +18,9 @@ HIDDEN = b"GET /smuggled HTTP/1.1\r\nHost: v.test\r\n\r\n"
 
 
 def _post(*header_lines: bytes, body: bytes) -> bytes:
-    return b"POST /outer HTTP/1.1\r\nHost: v.test\r\n" + b"".join(line + b"\r\n" for line in header_lines) + b"\r\n" + body
+    return (
+        b"POST /outer HTTP/1.1\r\nHost: v.test\r\n" + b"".join(line + b"\r\n" for line in header_lines) + b"\r\n" + body
+    )
 
 
 ATTACKS = {
@@ -36,7 +38,9 @@ ATTACKS = {
 
 
 @pytest.mark.parametrize("attack", list(ATTACKS.values()), ids=list(ATTACKS))
-async def test_ambiguous_framing_is_refused_with_400_and_never_relayed(attack: bytes, http: aiohttp.ClientSession) -> None:
+async def test_ambiguous_framing_is_refused_with_400_and_never_relayed(
+    attack: bytes, http: aiohttp.ClientSession
+) -> None:
     async with home_tunnel() as t:
         response = await raw_exchange(t.port, attack)
         assert response.status == 400, response

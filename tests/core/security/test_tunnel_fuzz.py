@@ -58,8 +58,9 @@ def hostile_message(rng: random.Random, stream_ids: list[int]) -> bytes:
     for _ in range(rng.randrange(1, 9)):
         kind = rng.choice([*FrameType, *FrameType, 0x9, 0xFF])
         stream = rng.choice([0, *stream_ids, rng.randrange(1, 64), 2**31 - 1, 2**32 - 1])
-        flags = rng.choice([0, Flags.FIN, Flags.MORE, MessageKind.TEXT.flag_bits, MessageKind.CLOSE.flag_bits,
-                            rng.randrange(256)])
+        flags = rng.choice(
+            [0, Flags.FIN, Flags.MORE, MessageKind.TEXT.flag_bits, MessageKind.CLOSE.flag_bits, rng.randrange(256)]
+        )
         parts.append(frame(kind, stream, _payload(rng, stream_ids), flags))
     if rng.random() < 0.05:  # a torn frame now and then
         return b"".join(parts)[:-3]
@@ -90,8 +91,10 @@ async def test_hostile_frames_from_agents_never_break_the_bridge(
                     name = f"fz{round_}"
                     async with raw_agent(bridge, name) as agent:
                         # Streams the bridge opened to this agent, for the fuzz to hit.
-                        visitors = [asyncio.create_task(http.get(bridge.url + "/", headers={"Host": f"{name}.fz.test"}))
-                                    for _ in range(3)]
+                        visitors = [
+                            asyncio.create_task(http.get(bridge.url + "/", headers={"Host": f"{name}.fz.test"}))
+                            for _ in range(3)
+                        ]
                         ids = [(await agent.next_open())[0] for _ in visitors]
                         for _ in range(rng.randrange(5, 40)):
                             try:
@@ -139,8 +142,11 @@ async def test_hostile_frames_from_a_bridge_never_break_the_agent(caplog: pytest
     runner, target = await start_app(app)
     try:
         async with asyncio.timeout(120), fake_bridge(hostile) as fake:
-            agent = Agent(AgentConfig(bridge=fake.url, token=TOKEN, target=target, agent_id="fz",
-                                      backoff_initial=0.01, backoff_max=0.05))
+            agent = Agent(
+                AgentConfig(
+                    bridge=fake.url, token=TOKEN, target=target, agent_id="fz", backoff_initial=0.01, backoff_max=0.05
+                )
+            )
             await agent.start()
             try:
                 while sessions < ROUNDS:

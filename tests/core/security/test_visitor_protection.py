@@ -23,10 +23,10 @@ from aiohttp import web
 
 from rproxy_core.agent import Agent, AgentConfig
 from rproxy_core.bridge import Bridge
+from rproxy_core.bridge.visitor_policy import LoginDelay, VisitorPolicy, hash_password, parse_password_hash
 from rproxy_core.cli import _build_parser
 from rproxy_core.cli.agent import agent_settings
 from rproxy_core.cli.bridge import bridge_settings
-from rproxy_core.bridge.visitor_policy import LoginDelay, VisitorPolicy, hash_password, parse_password_hash
 from rproxy_core.exceptions import ConfigError
 from tests.conftest import TOKEN, running_agent, running_bridge, start_app, text_app, wait_for_tunnel
 from tests.core.tunnel.test_cli import clean_env, one_error_line, rproxy
@@ -48,7 +48,9 @@ class Site:
 
 
 @asynccontextmanager
-async def protected_site(agent_overrides: dict[str, object] | None = None, **bridge_overrides: object) -> AsyncIterator[Site]:
+async def protected_site(
+    agent_overrides: dict[str, object] | None = None, **bridge_overrides: object
+) -> AsyncIterator[Site]:
     seen: list[str] = []
 
     async def handle(request: web.Request) -> web.Response:
@@ -77,7 +79,9 @@ async def visitor_from(address: str) -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def get(session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+async def get(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
+) -> aiohttp.ClientResponse:
     async with session.get(url, headers=headers) as response:
         await response.read()
         return response
@@ -90,8 +94,12 @@ async def test_basic_auth_is_asked_and_only_the_right_password_passes() -> None:
         response = await get(visitor, url)
         assert response.status == 401
         assert response.headers.getall("WWW-Authenticate") == ['Basic realm="home", charset="UTF-8"']
-        for wrong in (basic("owner", "wrong"), basic("stranger", "correct horse"), {"Authorization": "Basic !!!"},
-                      {"Authorization": "Bearer correct horse"}):
+        for wrong in (
+            basic("owner", "wrong"),
+            basic("stranger", "correct horse"),
+            {"Authorization": "Basic !!!"},
+            {"Authorization": "Bearer correct horse"},
+        ):
             assert (await get(visitor, url, wrong)).status == 401
         assert site.seen == []
         for _ in range(3):  # later requests are answered from the remembered login, same result
@@ -210,17 +218,25 @@ async def test_bridge_config_wins_over_the_agents_hello() -> None:
 
 async def test_memory_for_visitor_addresses_is_bounded() -> None:
     policy = VisitorPolicy(rate=1000, burst=1000)
-    async with protected_site(
-        visitor_policies={"home": policy}, trusted_proxies=[ip_network("127.0.0.1/32")], max_tracked_visitors=50
-    ) as site, visitor_from("127.0.0.1") as proxy:
+    async with (
+        protected_site(
+            visitor_policies={"home": policy}, trusted_proxies=[ip_network("127.0.0.1/32")], max_tracked_visitors=50
+        ) as site,
+        visitor_from("127.0.0.1") as proxy,
+    ):
         for i in range(200):
-            assert (await get(proxy, site.bridge.url + "/", {"X-Forwarded-For": f"10.0.{i // 250}.{i % 250}"})).status == 200
+            assert (
+                await get(proxy, site.bridge.url + "/", {"X-Forwarded-For": f"10.0.{i // 250}.{i % 250}"})
+            ).status == 200
         assert site.bridge.visitor_guard.tracked("home") == 50
         assert len(site.seen) == 200
 
 
 async def test_unprotected_tunnels_keep_no_visitor_state() -> None:
-    async with protected_site(visitor_policies={"other": VisitorPolicy(rate=1)}) as site, visitor_from("127.0.0.1") as v:
+    async with (
+        protected_site(visitor_policies={"other": VisitorPolicy(rate=1)}) as site,
+        visitor_from("127.0.0.1") as v,
+    ):
         for _ in range(5):
             assert (await get(v, site.bridge.url + "/")).status == 200
         assert not site.bridge.visitor_guard.protects("home")
@@ -228,15 +244,17 @@ async def test_unprotected_tunnels_keep_no_visitor_state() -> None:
 
 
 def test_agent_refuses_a_malformed_policy_before_dialling() -> None:
-    config = AgentConfig(bridge="ws://127.0.0.1:1", token=TOKEN, target="http://127.0.0.1:2",
-                         visitor_basic=(("family", "hunter2"),))
+    config = AgentConfig(
+        bridge="ws://127.0.0.1:1", token=TOKEN, target="http://127.0.0.1:2", visitor_basic=(("family", "hunter2"),)
+    )
     with pytest.raises(ConfigError, match="scrypt"):
         config.validate()
     # A hash with a cost that would make the bridge spend gigabytes per login is refused too.
     huge = OWNER_HASH.replace("$1024$", f"${1 << 24}$")
     with pytest.raises(ConfigError, match="cost"):
-        AgentConfig(bridge="ws://127.0.0.1:1", token=TOKEN, target="http://127.0.0.1:2",
-                    visitor_basic=(("family", huge),)).validate()
+        AgentConfig(
+            bridge="ws://127.0.0.1:1", token=TOKEN, target="http://127.0.0.1:2", visitor_basic=(("family", huge),)
+        ).validate()
 
 
 # From the config file and the agent's flags, as users write them.
@@ -248,13 +266,16 @@ def write_bridge_yaml(path: Path, tunnel_lines: str) -> Path:
 
 
 async def test_bridge_yaml_and_agent_flags_set_up_protection(tmp_path: Path) -> None:
-    config_file = write_bridge_yaml(tmp_path / "bridge.yaml", (
-        "  home:\n"
-        "    auth:\n"
-        f"      basic: [{{user: owner, password_hash: '{OWNER_HASH}'}}]\n"
-        "    rate_limit: {per_second: 50, burst: 10}\n"
-        "    failed_logins: {free: 1, first_delay: 30}\n"
-    ))
+    config_file = write_bridge_yaml(
+        tmp_path / "bridge.yaml",
+        (
+            "  home:\n"
+            "    auth:\n"
+            f"      basic: [{{user: owner, password_hash: '{OWNER_HASH}'}}]\n"
+            "    rate_limit: {per_second: 50, burst: 10}\n"
+            "    failed_logins: {free: 1, first_delay: 30}\n"
+        ),
+    )
     bridge_config = bridge_settings(_build_parser().parse_args(["bridge", "--config", str(config_file)]), {}).config
     seen: list[str] = []
 
@@ -268,16 +289,33 @@ async def test_bridge_yaml_and_agent_flags_set_up_protection(tmp_path: Path) -> 
     bridge = Bridge(bridge_config)
     await bridge.start()
     try:
-        flags = ["agent", "--bridge", bridge.url, "--token", TOKEN, "--target", target, "--name", "home",
-                 "--visitor-allow", "127.0.0.2", "--visitor-auth", f"family:{OWNER_HASH}"]
+        flags = [
+            "agent",
+            "--bridge",
+            bridge.url,
+            "--token",
+            TOKEN,
+            "--target",
+            target,
+            "--name",
+            "home",
+            "--visitor-allow",
+            "127.0.0.2",
+            "--visitor-auth",
+            f"family:{OWNER_HASH}",
+        ]
         agent = Agent(agent_settings(_build_parser().parse_args(flags), {}).configs[0])
         await agent.start()
         try:
             await agent.wait_connected(timeout=10)
             url = bridge.url + "/door"
             async with visitor_from("127.0.0.1") as outsider, visitor_from("127.0.0.2") as insider:
-                assert (await get(outsider, url, basic("owner", "correct horse"))).status == 403  # the agent's allowlist
-                assert (await get(insider, url, basic("family", "correct horse"))).status == 401  # the file's login wins
+                assert (
+                    await get(outsider, url, basic("owner", "correct horse"))
+                ).status == 403  # the agent's allowlist
+                assert (
+                    await get(insider, url, basic("family", "correct horse"))
+                ).status == 401  # the file's login wins
                 assert (await get(insider, url, basic("owner", "correct horse"))).status == 200
                 assert (await get(insider, url, basic("owner", "no"))).status == 401  # the one free failure
                 slowed = await get(insider, url, basic("owner", "no"))
@@ -293,7 +331,10 @@ async def test_bridge_yaml_and_agent_flags_set_up_protection(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("tunnel_lines", "where"),
     [
-        ("  home: {auth: {basic: [{user: owner, password_hash: hunter2}]}}\n", "tunnels.home.auth.basic[0].password_hash"),
+        (
+            "  home: {auth: {basic: [{user: owner, password_hash: hunter2}]}}\n",
+            "tunnels.home.auth.basic[0].password_hash",
+        ),
         ("  home: {auth: {bearer: [the-clear-token-itself]}}\n", "tunnels.home.auth.bearer[0]"),
         ("  home: {allow: [10.0.0.300]}\n", "tunnels.home.allow"),
         ("  Home: {allow: [10.0.0.0/8]}\n", "tunnels"),
@@ -301,8 +342,9 @@ async def test_bridge_yaml_and_agent_flags_set_up_protection(tmp_path: Path) -> 
     ],
 )
 def test_a_bad_tunnels_entry_is_one_line_naming_it(tmp_path: Path, tunnel_lines: str, where: str) -> None:
-    result = rproxy("bridge", "--check-config", str(write_bridge_yaml(tmp_path / "bridge.yaml", tunnel_lines)),
-                    env=clean_env())
+    result = rproxy(
+        "bridge", "--check-config", str(write_bridge_yaml(tmp_path / "bridge.yaml", tunnel_lines)), env=clean_env()
+    )
     assert result.returncode == 2
     line = one_error_line(result)
     assert f"bridge.yaml: {where}:" in line
@@ -310,8 +352,18 @@ def test_a_bad_tunnels_entry_is_one_line_naming_it(tmp_path: Path, tunnel_lines:
 
 
 def test_the_agent_flag_refuses_a_clear_password(tmp_path: Path) -> None:
-    result = rproxy("agent", "--bridge", "ws://127.0.0.1:1", "--token", TOKEN, "--target", "http://127.0.0.1:2",
-                    "--visitor-auth", "family:hunter2", env=clean_env())
+    result = rproxy(
+        "agent",
+        "--bridge",
+        "ws://127.0.0.1:1",
+        "--token",
+        TOKEN,
+        "--target",
+        "http://127.0.0.1:2",
+        "--visitor-auth",
+        "family:hunter2",
+        env=clean_env(),
+    )
     assert result.returncode == 2
     line = one_error_line(result)
     assert "--visitor-auth" in line and "hunter2" not in line

@@ -80,7 +80,11 @@ async def test_a_visitor_that_does_not_answer_pings_is_closed_and_one_that_answe
 ) -> None:
     """With websocket_idle_timeout 0.4 s: the bridge pings a silent visitor; no PONG → closed."""
     _, target = home
-    async with asyncio.timeout(30), running_bridge(websocket_idle_timeout=0.4) as bridge, running_agent(bridge.url, target):
+    async with (
+        asyncio.timeout(30),
+        running_bridge(websocket_idle_timeout=0.4) as bridge,
+        running_agent(bridge.url, target),
+    ):
         url = bridge.url.replace("http", "ws", 1) + "/ws"
         # Answers: three pings answered by hand, and the socket still works.
         async with http.ws_connect(url, autoping=False) as ws:
@@ -108,7 +112,11 @@ async def test_a_flood_of_tiny_visitor_messages_is_closed_with_1008_and_the_brid
 ) -> None:
     """Empty messages as fast as a visitor can send them: closed with 1008; /_rproxy/health answers meanwhile."""
     app, target = home
-    async with asyncio.timeout(60), running_bridge(websocket_message_rate=1000) as bridge, running_agent(bridge.url, target):
+    async with (
+        asyncio.timeout(60),
+        running_bridge(websocket_message_rate=1000) as bridge,
+        running_agent(bridge.url, target),
+    ):
         url = bridge.url.replace("http", "ws", 1) + "/ws"
         async with http.ws_connect(url) as ws:
             reader = asyncio.create_task(ws.receive())

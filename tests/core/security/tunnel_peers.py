@@ -77,17 +77,31 @@ class RawAgent:
 
 
 @asynccontextmanager
-async def raw_agent(bridge: Bridge, name: str, *, max_queue: int | None = 16, **connect: object) -> AsyncIterator[RawAgent]:
+async def raw_agent(
+    bridge: Bridge, name: str, *, max_queue: int | None = 16, **connect: object
+) -> AsyncIterator[RawAgent]:
     """Connect a RawAgent as tunnel ``name``, through the HELLO exchange and into the registry.
 
     ``max_queue``: messages websockets buffers before it stops reading the socket (1 makes
     an agent that never reads push back on the bridge within a few hundred kilobytes).
     """
     url = bridge.url.replace("http", "ws", 1) + CONNECT
-    headers = {"Authorization": f"Bearer {TOKEN}", "Rproxy-Protocol": "1", "Rproxy-Tunnel": name,
-               "Rproxy-Agent-Id": f"raw-{name}"}
-    async with ws_connect(url, additional_headers=headers, max_size=None, max_queue=max_queue,
-                          compression=None, ping_interval=None, close_timeout=2, **connect) as ws:  # type: ignore[arg-type]
+    headers = {
+        "Authorization": f"Bearer {TOKEN}",
+        "Rproxy-Protocol": "1",
+        "Rproxy-Tunnel": name,
+        "Rproxy-Agent-Id": f"raw-{name}",
+    }
+    async with ws_connect(
+        url,
+        additional_headers=headers,
+        max_size=None,
+        max_queue=max_queue,
+        compression=None,
+        ping_interval=None,
+        close_timeout=2,
+        **connect,
+    ) as ws:  # type: ignore[arg-type]
         first = frames_of(await ws.recv())
         assert first[0].type is FrameType.HELLO
         await ws.send(hello(agent_id=f"raw-{name}"))

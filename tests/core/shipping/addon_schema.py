@@ -24,12 +24,31 @@ BOOTS = ("auto", "manual", "manual_only")
 STAGES = ("stable", "experimental", "deprecated")
 ROLES = ("default", "homeassistant", "backup", "manager", "admin")
 PRIVILEGES = (
-    "BPF", "CHECKPOINT_RESTORE", "DAC_READ_SEARCH", "IPC_LOCK", "NET_ADMIN", "NET_RAW", "PERFMON",
-    "SYS_ADMIN", "SYS_MODULE", "SYS_NICE", "SYS_PTRACE", "SYS_RAWIO", "SYS_RESOURCE", "SYS_TIME",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+    "DAC_READ_SEARCH",
+    "IPC_LOCK",
+    "NET_ADMIN",
+    "NET_RAW",
+    "PERFMON",
+    "SYS_ADMIN",
+    "SYS_MODULE",
+    "SYS_NICE",
+    "SYS_PTRACE",
+    "SYS_RAWIO",
+    "SYS_RESOURCE",
+    "SYS_TIME",
 )
 MAP_TYPES = (
-    "homeassistant_config", "addon_config", "ssl", "addons", "backup", "share", "media",
-    "all_addon_configs", "data",
+    "homeassistant_config",
+    "addon_config",
+    "ssl",
+    "addons",
+    "backup",
+    "share",
+    "media",
+    "all_addon_configs",
+    "data",
 )
 
 _SLUG = re.compile(r"^[a-z0-9_]+$")
@@ -235,7 +254,12 @@ def _device(value: Any) -> str:
 
 _TYPE = re.compile(r"^(?P<name>[a-z]+)(?:\((?P<arguments>.*)\))?(?P<optional>\?)?$", re.DOTALL)
 _PLAIN: dict[str, Callable[[Any], Any]] = {
-    "bool": bool, "email": email, "url": url, "password": vol.All(str), "port": _port, "device": _device,
+    "bool": bool,
+    "email": email,
+    "url": url,
+    "password": vol.All(str),
+    "port": _port,
+    "device": _device,
 }
 
 

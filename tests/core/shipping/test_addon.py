@@ -158,8 +158,18 @@ def _broken(sample: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[s
         (("url",), "github.com/rproxy-dev"),
         (("name",), ...),
     ],
-    ids=["unknown-arch", "no-arch", "startup", "boot", "slug", "version-number", "init", "unknown-key", "url",
-         "no-name"],
+    ids=[
+        "unknown-arch",
+        "no-arch",
+        "startup",
+        "boot",
+        "slug",
+        "version-number",
+        "init",
+        "unknown-key",
+        "url",
+        "no-name",
+    ],
 )
 def test_the_config_schema_rejects_a_broken_config(config: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     with pytest.raises(vol.Invalid):
@@ -181,11 +191,23 @@ def test_the_config_schema_rejects_a_broken_config(config: dict[str, Any], path:
         (("schema", "target"), "url?", "schema.target: optional ('?') but has a default in options"),
         (("schema", "services"), [[{"name": "str"}]], "schema: options nest at most two levels deep"),
     ],
-    ids=["option-without-schema", "schema-without-option", "bad-choice", "bad-match", "bad-url",
-         "missing-nested-field", "unknown-type", "empty-list-type", "optional-entry-is-fine",
-         "optional-with-default", "too-deep"],
+    ids=[
+        "option-without-schema",
+        "schema-without-option",
+        "bad-choice",
+        "bad-match",
+        "bad-url",
+        "missing-nested-field",
+        "unknown-type",
+        "empty-list-type",
+        "optional-entry-is-fine",
+        "optional-with-default",
+        "too-deep",
+    ],
 )
-def test_option_problems_are_found(config: dict[str, Any], path: tuple[str, ...], value: Any, problem: str | None) -> None:
+def test_option_problems_are_found(
+    config: dict[str, Any], path: tuple[str, ...], value: Any, problem: str | None
+) -> None:
     """Each mismatch between options and schema is reported; an optional-only schema entry is not one."""
     broken = _broken(config, path, value)
     problems = option_problems(broken["options"], broken["schema"])
@@ -199,10 +221,17 @@ def test_option_problems_are_found(config: dict[str, Any], path: tuple[str, ...]
     ("path", "value", "problem"),
     [
         (("configuration", "token"), ..., "option 'token': no name and description"),
-        (("configuration", "colour"), {"name": "Colour", "description": "Paint"}, "translation of 'colour': no such option"),
+        (
+            ("configuration", "colour"),
+            {"name": "Colour", "description": "Paint"},
+            "translation of 'colour': no such option",
+        ),
         (("configuration", "services", "fields", "target"), ..., "option services.target: no name and description"),
-        (("configuration", "services", "fields", "port"), {"name": "P", "description": "Port"},
-         "translation of services.port: no such field"),
+        (
+            ("configuration", "services", "fields", "port"),
+            {"name": "P", "description": "Port"},
+            "translation of services.port: no such field",
+        ),
         (("configuration", "name", "description"), ..., "translations:"),
     ],
     ids=["missing-option", "unknown-option", "missing-field", "unknown-field", "no-description"],
@@ -310,7 +339,9 @@ def test_hadolint_passes_the_dockerfile_and_flags_a_broken_one(tmp_path: Path) -
     result = lint("hadolint", ADDON / "Dockerfile")
     assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr
     broken = tmp_path / "Dockerfile"
-    broken.write_text((ADDON / "Dockerfile").read_text().replace('"rproxy-core[speed]==${RPROXY_VERSION}"', "rproxy-core"))
+    broken.write_text(
+        (ADDON / "Dockerfile").read_text().replace('"rproxy-core[speed]==${RPROXY_VERSION}"', "rproxy-core")
+    )
     result = lint("hadolint", broken)
     assert result.returncode != 0 and "DL3013" in result.stdout, result.stdout
 
@@ -359,8 +390,12 @@ def started_addon(options_file: Path, log: Path) -> Iterator[subprocess.Popen[by
     """The start script running in its own session; killed at the end if still alive."""
     with log.open("wb") as output:
         process = subprocess.Popen(
-            [str(START_SCRIPT)], stdout=output, stderr=subprocess.STDOUT, env=addon_env(options_file),
-            cwd="/", start_new_session=True,
+            [str(START_SCRIPT)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=addon_env(options_file),
+            cwd="/",
+            start_new_session=True,
         )
         try:
             yield process
@@ -390,9 +425,7 @@ async def visit(bridge_url: str, host: str, path: str) -> tuple[int, str]:
         return response.status, await response.text()
 
 
-async def test_the_start_script_publishes_home_assistant_and_a_service(
-    config: dict[str, Any], tmp_path: Path
-) -> None:
+async def test_the_start_script_publishes_home_assistant_and_a_service(config: dict[str, Any], tmp_path: Path) -> None:
     """Options as the Supervisor writes them bring up the tunnel with its service, over one
     connection; no token in the log; SIGTERM exits 0."""
     async with (
@@ -401,8 +434,14 @@ async def test_the_start_script_publishes_home_assistant_and_a_service(
         home_app("printer") as printer_url,
     ):
         options = write_options(
-            tmp_path / "options.json", config, bridge=bridge.url, token=TOKEN, name="house", target=hass_url,
-            services=[{"name": "printer", "target": printer_url}], log_level="debug",
+            tmp_path / "options.json",
+            config,
+            bridge=bridge.url,
+            token=TOKEN,
+            name="house",
+            target=hass_url,
+            services=[{"name": "printer", "target": printer_url}],
+            log_level="debug",
         )
         log = tmp_path / "addon.log"
         with started_addon(options, log) as addon:
@@ -412,7 +451,10 @@ async def test_the_start_script_publishes_home_assistant_and_a_service(
             command_line = Path(f"/proc/{addon.pid}/cmdline").read_bytes().split(b"\0")
             assert b"agent" in command_line and not any(b"run.sh" in part for part in command_line), command_line
 
-            assert await visit(bridge.url, f"house.{DOMAIN}", "/lovelace") == (200, "home assistant /lovelace for 127.0.0.1")
+            assert await visit(bridge.url, f"house.{DOMAIN}", "/lovelace") == (
+                200,
+                "home assistant /lovelace for 127.0.0.1",
+            )
             assert await visit(bridge.url, f"printer.house.{DOMAIN}", "/jobs") == (200, "printer /jobs for 127.0.0.1")
 
             started = time.monotonic()
@@ -444,8 +486,12 @@ def test_an_unreadable_options_file_is_one_line_and_exit_code_2(kind: str, tmp_p
 def test_a_bad_option_value_is_one_line_naming_the_key(config: dict[str, Any], tmp_path: Path) -> None:
     """rproxy itself checks the options: a bad service name gives exit code 2 and one line naming it."""
     options = tmp_path / "options.json"
-    values = {**config["options"], "bridge": "ws://127.0.0.1:1", "token": TOKEN,
-              "services": [{"name": "Bad Name", "target": "http://127.0.0.1:2"}]}
+    values = {
+        **config["options"],
+        "bridge": "ws://127.0.0.1:1",
+        "token": TOKEN,
+        "services": [{"name": "Bad Name", "target": "http://127.0.0.1:2"}],
+    }
     options.write_text(json.dumps(values))
     result = run_addon(options)
     assert result.returncode == 2, result
@@ -460,8 +506,9 @@ async def test_a_token_the_bridge_refuses_is_reported_without_printing_it(
     """A wrong token ends the add-on with exit code 3 and a line saying so; the token is not shown."""
     wrong_token = "wrong-token-" + "y" * 16
     async with running_bridge() as bridge:
-        options = write_options(tmp_path / "options.json", config, bridge=bridge.url, token=wrong_token,
-                                 target="http://127.0.0.1:1")
+        options = write_options(
+            tmp_path / "options.json", config, bridge=bridge.url, token=wrong_token, target="http://127.0.0.1:1"
+        )
         result = await asyncio.to_thread(run_addon, options)
     assert result.returncode == 3, result
     assert "refused the agent token" in result.stderr.strip().splitlines()[-1], result.stderr

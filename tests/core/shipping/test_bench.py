@@ -72,8 +72,10 @@ def test_smoke_run_measures_every_figure_and_draws_the_chart(tmp_path: Path) -> 
     many = memory["concurrent_ws"]
     assert many["attempted"] == data["settings"]["concurrent_ws"] > 0
     assert many["open"] == many["echo_ok"] == many["attempted"] and many["errors"] == 0
-    assert {goal["goal"] for goal in data["goals"]} >= {"bridge memory per idle agent < 64 KiB",
-                                                        "WebSocket round trips/s within 2x of direct"}
+    assert {goal["goal"] for goal in data["goals"]} >= {
+        "bridge memory per idle agent < 64 KiB",
+        "WebSocket round trips/s within 2x of direct",
+    }
 
     machine = data["machine"]
     assert machine["cores"] and machine["cpu_model"] and machine["kernel"] and machine["python_rproxy"]

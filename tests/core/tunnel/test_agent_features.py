@@ -22,7 +22,6 @@ from multidict import CIMultiDictProxy
 
 from rproxy_core import Agent, AgentConfig, AuthenticationError, Bridge, ConfigError, RproxyConnectionError
 from rproxy_core.agent import AgentState, AgentStats
-
 from tests.conftest import TOKEN, free_port, running_agent, running_bridge, start_app, wait_for_tunnel
 
 WRONG = "wrong-token-value-" + "q" * 12

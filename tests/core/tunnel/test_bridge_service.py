@@ -70,17 +70,25 @@ async def wait_output(proc: Proc, text: str, timeout: float = 15) -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("tokens: [a, {token: b, name: Bad_Name}]\n",
-         "tokens[1].name: expected a DNS label (a-z, 0-9, -), got 'Bad_Name'"),
+        (
+            "tokens: [a, {token: b, name: Bad_Name}]\n",
+            "tokens[1].name: expected a DNS label (a-z, 0-9, -), got 'Bad_Name'",
+        ),
         ("tokens: [a, {name: home}]\n", "tokens[1].token: is required (the secret an agent presents)"),
         ("tokens: [a, {token: b, names: []}]\n", "tokens[1].names: expected at least one tunnel name"),
-        ("tokens: [a, {token: b, names: [ok, NO]}]\n", "tokens[1].names[1]: expected a DNS label (a-z, 0-9, -), got 'NO'"),
+        (
+            "tokens: [a, {token: b, names: [ok, NO]}]\n",
+            "tokens[1].names[1]: expected a DNS label (a-z, 0-9, -), got 'NO'",
+        ),
         ("tokens: [a, 42]\n", "tokens[1]: expected a token, or a mapping with token and name, got int"),
         ("tokens: [a]\nlisten: 127.0.0.1:99999\n", "listen: port 99999 is out of range 0-65535"),
         ("tokens: [a]\nrequest_timeout: soon\n", "request_timeout: expected seconds, got 'soon'"),
         ("tokens: [a]\nshutdown_grace: -1\n", "shutdown_grace: expected seconds between 0 and 3600, got -1"),
         ("tokens: [a]\naccess_log: maybe\n", "access_log: expected true or false, got 'maybe'"),
-        ("tokens: [a]\ntrusted_proxies: [10.0.0.0/33]\n", "trusted_proxies: '10.0.0.0/33' is not an IP address or CIDR network"),
+        (
+            "tokens: [a]\ntrusted_proxies: [10.0.0.0/33]\n",
+            "trusted_proxies: '10.0.0.0/33' is not an IP address or CIDR network",
+        ),
         ("tokens: [a]\ndomain: 'exa mple.com'\n", "domain: expected a domain name, got 'exa mple.com'"),
         ("tokens: [a]\nlog_level: loud\n", "log_level: expected one of debug, info, warning, error, got 'loud'"),
         ("tokens: [a]\nlisten_port: 80\n", "listen_port: unknown key"),
@@ -88,8 +96,21 @@ async def wait_output(proc: Proc, text: str, timeout: float = 15) -> None:
         ("- tokens\n", "expected a mapping of settings at the top, got list"),
     ],
     ids=[
-        "token-name", "token-missing", "names-empty", "names-item", "token-type", "listen", "timeout", "grace",
-        "bool", "proxy", "domain", "log-level", "unknown-key", "yaml-syntax", "not-a-mapping",
+        "token-name",
+        "token-missing",
+        "names-empty",
+        "names-item",
+        "token-type",
+        "listen",
+        "timeout",
+        "grace",
+        "bool",
+        "proxy",
+        "domain",
+        "log-level",
+        "unknown-key",
+        "yaml-syntax",
+        "not-a-mapping",
     ],
 )
 def test_each_mistake_in_a_config_file_is_one_exact_line(content: str, message: str, tmp_path: Path) -> None:
@@ -106,7 +127,8 @@ def test_an_unreadable_config_file_and_a_missing_token_are_one_line(tmp_path: Pa
     missing = tmp_path / "nope.yaml"
     result = rproxy("bridge", "--config", str(missing))
     assert (result.returncode, one_error_line(result)) == (
-        2, f"rproxy bridge: error: {missing}: cannot read: No such file or directory"
+        2,
+        f"rproxy bridge: error: {missing}: cannot read: No such file or directory",
     )
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing yet\n")
@@ -142,8 +164,14 @@ def test_check_config_accepts_a_complete_file_and_the_environment_overrides_it(t
     # Environment variables win over the file, flags over both.
     result = rproxy("bridge", "--check-config", str(config), env=clean_env(RPROXY_LISTEN="127.0.0.1:9000"))
     assert "listen 127.0.0.1:9000," in result.stdout
-    result = rproxy("bridge", "--check-config", str(config), "--listen", "127.0.0.1:9001",
-                    env=clean_env(RPROXY_LISTEN="127.0.0.1:9000"))
+    result = rproxy(
+        "bridge",
+        "--check-config",
+        str(config),
+        "--listen",
+        "127.0.0.1:9001",
+        env=clean_env(RPROXY_LISTEN="127.0.0.1:9000"),
+    )
     assert "listen 127.0.0.1:9001," in result.stdout
     # A bad variable is named as the variable, even though the file is fine.
     result = rproxy("bridge", "--check-config", str(config), env=clean_env(RPROXY_SHUTDOWN_GRACE="long"))
@@ -168,7 +196,9 @@ def test_a_bad_line_in_the_token_file_names_the_line_not_the_token(tmp_path: Pat
 # Tokens bound to tunnel names.
 
 
-async def test_a_token_serves_only_the_names_it_is_bound_to(procs: Callable[..., Proc], home: str, tmp_path: Path) -> None:
+async def test_a_token_serves_only_the_names_it_is_bound_to(
+    procs: Callable[..., Proc], home: str, tmp_path: Path
+) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     config = tmp_path / "bridge.yaml"
@@ -204,7 +234,10 @@ async def test_sighup_adds_a_token_without_dropping_a_live_tunnel(
     await wait_tunnel(base, "home")
     # A download running across the reload: the tunnel it uses must survive.
     download = base + "/download"
-    async with aiohttp.ClientSession() as visitor, visitor.get(download, headers={"Host": "home.example.test"}) as response:
+    async with (
+        aiohttp.ClientSession() as visitor,
+        visitor.get(download, headers={"Host": "home.example.test"}) as response,
+    ):
         first = await response.content.readexactly(DOWNLOAD_CHUNK)
         write_config(config, port, [TOKEN, {"token": OTHER_TOKEN, "name": "garage"}], domain="example.test")
         bridge.popen.send_signal(signal.SIGHUP)
@@ -227,7 +260,9 @@ async def test_sighup_cuts_off_an_agent_whose_token_was_removed(
     base = f"http://127.0.0.1:{port}"
     token_file = tmp_path / "tokens"
     token_file.write_text(f"{TOKEN}\n{OTHER_TOKEN} garage\n")
-    bridge = procs("bridge", "--listen", f"127.0.0.1:{port}", "--token-file", str(token_file), "--domain", "example.test")
+    bridge = procs(
+        "bridge", "--listen", f"127.0.0.1:{port}", "--token-file", str(token_file), "--domain", "example.test"
+    )
     await wait_http(base + "/_rproxy/health")
     stays = procs("agent", "--bridge", base, "--token", TOKEN, "--target", home, "--name", "home")
     goes = procs("agent", "--bridge", base, "--token", OTHER_TOKEN, "--target", home, "--name", "garage")
@@ -240,7 +275,10 @@ async def test_sighup_cuts_off_an_agent_whose_token_was_removed(
     assert "token is no longer accepted" in bridge.output()
     assert "refused the agent token (401)" in goes.output()
     assert OTHER_TOKEN not in bridge.output() + goes.output()
-    assert await fetch(base, "/", host="garage.example.test") == (503, "503 Service Unavailable: no agent is connected for 'garage'\n")
+    assert await fetch(base, "/", host="garage.example.test") == (
+        503,
+        "503 Service Unavailable: no agent is connected for 'garage'\n",
+    )
     assert await fetch(base, "/still", host="home.example.test") == (200, "hello from home /still")
     assert stays.popen.poll() is None
 
@@ -279,11 +317,21 @@ async def test_sighup_reloads_the_tls_certificate_for_new_connections(
     first_der = issue()
     port = free_port()
     url = f"https://localhost:{port}"
-    bridge = procs("bridge", "--listen", f"127.0.0.1:{port}", "--token", TOKEN, "--tls-cert", str(cert), "--tls-key", str(key))
+    bridge = procs(
+        "bridge", "--listen", f"127.0.0.1:{port}", "--token", TOKEN, "--tls-cert", str(cert), "--tls-key", str(key)
+    )
     tls = ssl.create_default_context(cafile=str(ca_file))
     await wait_http(url + "/_rproxy/health", ssl=tls)
-    procs("agent", "--bridge", f"wss://localhost:{port}", "--token", TOKEN, "--target", home,
-          env={"SSL_CERT_FILE": str(ca_file)})
+    procs(
+        "agent",
+        "--bridge",
+        f"wss://localhost:{port}",
+        "--token",
+        TOKEN,
+        "--target",
+        home,
+        env={"SSL_CERT_FILE": str(ca_file)},
+    )
     await wait_http(url + "/up", ssl=tls)
 
     async def served_certificate() -> bytes:
@@ -355,7 +403,9 @@ async def test_a_second_sigterm_ends_the_grace_period(procs: Callable[..., Proc]
 # The agent's config file: extra services, each a tunnel of its own.
 
 
-async def test_an_agent_config_file_serves_extra_services(procs: Callable[..., Proc], home: str, tmp_path: Path) -> None:
+async def test_an_agent_config_file_serves_extra_services(
+    procs: Callable[..., Proc], home: str, tmp_path: Path
+) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     procs("bridge", "--listen", f"127.0.0.1:{port}", "--token", TOKEN, "--domain", "example.test")
@@ -379,10 +429,18 @@ async def test_an_agent_config_file_serves_extra_services(procs: Callable[..., P
     ("content", "message"),
     [
         ("services: [{name: garden}]\n", "services[0].target: is required (the service's URL)"),
-        ("services: [{name: garden, target: 'ftp://x'}]\n",
-         "services[0].target: expected an http(s):// URL, zeroconf:NAME or tcp://HOST:PORT, got 'ftp://x'"),
-        ("services: [{name: a, target: 'http://x'}, {name: a, target: 'http://y'}]\n", "services[1].name: 'a' is named twice"),
-        ("services: {ssh: 'tcp://pi'}\n", "services[0].target: 'tcp://pi': expected tcp://HOST:PORT, e.g. tcp://192.168.1.5:22"),
+        (
+            "services: [{name: garden, target: 'ftp://x'}]\n",
+            "services[0].target: expected an http(s):// URL, zeroconf:NAME or tcp://HOST:PORT, got 'ftp://x'",
+        ),
+        (
+            "services: [{name: a, target: 'http://x'}, {name: a, target: 'http://y'}]\n",
+            "services[1].name: 'a' is named twice",
+        ),
+        (
+            "services: {ssh: 'tcp://pi'}\n",
+            "services[0].target: 'tcp://pi': expected tcp://HOST:PORT, e.g. tcp://192.168.1.5:22",
+        ),
         ("services: [{name: a, target: 'http://x', port: 1}]\n", "services[0].port: unknown key"),
         ("target: 'zeroconf:'\n", "target: expected zeroconf:NAME with the name of an announced app, got 'zeroconf:'"),
     ],
@@ -403,10 +461,17 @@ def test_the_installed_rproxy_script_reads_a_json_file_like_the_add_on_options(t
     options.write_text('{"bridge": "http://127.0.0.1:1", "token": "t", "target": "http://127.0.0.1:2", "name": "Nope"}')
     result = subprocess.run(
         [str(Path(sys.executable).parent / "rproxy"), "agent", "--config", str(options)],
-        capture_output=True, text=True, timeout=30, cwd=ROOT, env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env=clean_env(),
     )
     assert result.returncode == 2
-    assert one_error_line(result) == f"rproxy agent: error: {options}: name: expected a DNS label (a-z, 0-9, -), got 'Nope'"
+    assert (
+        one_error_line(result)
+        == f"rproxy agent: error: {options}: name: expected a DNS label (a-z, 0-9, -), got 'Nope'"
+    )
 
 
 async def test_while_draining_a_kept_alive_visitor_gets_503_and_an_agent_is_refused(home: str) -> None:

@@ -31,7 +31,11 @@ def rproxy(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     """Run ``python -m rproxy_core ARGS`` to completion."""
     return subprocess.run(
         [sys.executable, "-m", "rproxy_core", *args],
-        capture_output=True, text=True, timeout=60, cwd=ROOT, env=env if env is not None else clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env if env is not None else clean_env(),
     )
 
 
@@ -84,8 +88,16 @@ def test_help_exits_0_for_every_subcommand(command: list[str]) -> None:
         ([*AGENT_OK, "--name", "My_Home"], "--name"),
     ],
     ids=[
-        "bridge-unknown-flag", "agent-unknown-flag", "listen-port-range", "listen-port-text", "demo-listen",
-        "bridge-scheme", "bridge-no-scheme", "target-scheme", "target-query", "agent-no-token",
+        "bridge-unknown-flag",
+        "agent-unknown-flag",
+        "listen-port-range",
+        "listen-port-text",
+        "demo-listen",
+        "bridge-scheme",
+        "bridge-no-scheme",
+        "target-scheme",
+        "target-query",
+        "agent-no-token",
         "bad-name",
     ],
 )
@@ -132,11 +144,20 @@ async def test_rproxy_environment_variables_configure_an_agent_end_to_end(
     """RPROXY_BRIDGE, RPROXY_TARGET, RPROXY_NAME, RPROXY_AGENT_ID and RPROXY_DOMAIN work like their flags."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    bridge = procs("bridge", env={"RPROXY_LISTEN": f"127.0.0.1:{port}", "RPROXY_TOKEN": TOKEN,
-                                  "RPROXY_DOMAIN": "example.test"})
+    bridge = procs(
+        "bridge", env={"RPROXY_LISTEN": f"127.0.0.1:{port}", "RPROXY_TOKEN": TOKEN, "RPROXY_DOMAIN": "example.test"}
+    )
     await wait_http(base + "/_rproxy/health")
-    procs("agent", env={"RPROXY_BRIDGE": base.replace("http", "ws", 1), "RPROXY_TARGET": home, "RPROXY_NAME": "garage",
-                        "RPROXY_AGENT_ID": "env-agent", "RPROXY_TOKEN": TOKEN})
+    procs(
+        "agent",
+        env={
+            "RPROXY_BRIDGE": base.replace("http", "ws", 1),
+            "RPROXY_TARGET": home,
+            "RPROXY_NAME": "garage",
+            "RPROXY_AGENT_ID": "env-agent",
+            "RPROXY_TOKEN": TOKEN,
+        },
+    )
     await wait_tunnel(base, "garage")
     assert await fetch(base, "/door", host=f"garage.example.test:{port}") == (200, "hello from home /door")
     assert (await fetch(base, "/door", host=f"other.example.test:{port}"))[0] == 503  # no agent for "other"
@@ -158,8 +179,9 @@ async def test_toml_config_files_configure_bridge_and_agent(
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     bridge_toml = tmp_path / "bridge.toml"
-    bridge_toml.write_text(f'listen = "127.0.0.1:{port}"\ntoken = ["{TOKEN}", "another-token"]\nrequest-timeout = 5\n'
-                           "access_log = false\n")
+    bridge_toml.write_text(
+        f'listen = "127.0.0.1:{port}"\ntoken = ["{TOKEN}", "another-token"]\nrequest-timeout = 5\naccess_log = false\n'
+    )
     agent_toml = tmp_path / "agent.toml"
     agent_toml.write_text(
         f'bridge = "{base}"\ntoken = "{TOKEN}"\ntarget = "{home}"\nname = "cabin"\nagent-id = "toml-agent"\n'
@@ -228,7 +250,9 @@ async def test_the_bridge_lifts_its_open_file_limit_to_the_hard_limit(tmp_path: 
     log = (tmp_path / "bridge.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "rproxy_core", "bridge", "--listen", f"127.0.0.1:{port}", "--token", TOKEN],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard)),
     )
     try:

@@ -16,8 +16,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aiohttp
-
 from homeapps import HomeApp, home_tunnel, pattern_chunks, pattern_sha256, serve_home
+
 from tests.conftest import TOKEN, Proc, free_port, running_agent, wait_http
 
 MB = 1 << 20

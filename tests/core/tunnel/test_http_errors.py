@@ -12,10 +12,9 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import aiohttp
 import pytest
+from homeapps import HomeApp, home_tunnel, raw_exchange, serve_home
 
 from rproxy_core import Bridge
-
-from homeapps import HomeApp, home_tunnel, raw_exchange, serve_home
 from tests.conftest import free_port, running_agent, running_bridge, wait_for_tunnel
 
 
@@ -211,7 +210,11 @@ async def test_errors_are_json_when_the_visitor_accepts_json(http: aiohttp.Clien
 async def test_garbage_request_line_gets_400_and_the_bridge_lives_on(http: aiohttp.ClientSession) -> None:
     """A request line that is not HTTP is answered 400; the tunnel keeps serving others."""
     async with home_tunnel() as t:
-        for garbage in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", b"HELLO THERE\r\n\r\n", b"GET\r\n\r\n"):
+        for garbage in (
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+            b"HELLO THERE\r\n\r\n",
+            b"GET\r\n\r\n",
+        ):
             response = await raw_exchange(t.port, garbage)
             assert response.status == 400
         assert t.home.seen == []

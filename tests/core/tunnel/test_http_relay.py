@@ -13,9 +13,8 @@ from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
 import aiohttp
-from yarl import URL
-
 from homeapps import HomeApp, home_tunnel, raw_exchange
+from yarl import URL
 
 
 async def _echo(session: aiohttp.ClientSession, method: str, url: str | URL, **kwargs: object) -> dict:
@@ -171,7 +170,16 @@ async def test_hop_by_hop_headers_from_the_visitor_do_not_reach_the_home_app() -
         assert response.status == 200
         seen = _only_request(t.home)
         names = {name.lower() for name, _ in seen.headers}
-        for dropped in ("connection", "x-custom", "x-other", "keep-alive", "te", "upgrade", "proxy-connection", "trailer"):
+        for dropped in (
+            "connection",
+            "x-custom",
+            "x-other",
+            "keep-alive",
+            "te",
+            "upgrade",
+            "proxy-connection",
+            "trailer",
+        ):
             assert dropped not in names, seen.headers
         assert seen.header_values("X-End-To-End") == ["kept"]
 
@@ -206,7 +214,11 @@ async def test_host_header_is_preserved(http: aiohttp.ClientSession) -> None:
         for host in ("home.example.com", "home.example.com:8080", "[::1]:9"):
             echoed = await _echo(http, "GET", t.url + "/host", headers={"Host": host})
             assert echoed["host"] == host
-        assert [s.header_values("Host") for s in t.home.seen] == [["home.example.com"], ["home.example.com:8080"], ["[::1]:9"]]
+        assert [s.header_values("Host") for s in t.home.seen] == [
+            ["home.example.com"],
+            ["home.example.com:8080"],
+            ["[::1]:9"],
+        ]
 
 
 async def test_gzip_response_passes_through_byte_identical(http: aiohttp.ClientSession) -> None:
@@ -275,8 +287,10 @@ async def test_200_concurrent_requests_are_all_answered_correctly(http: aiohttp.
             if i % 3 == 0:
                 async with http.post(t.url + f"/echo/{i}", data=f"body {i}".encode() * (i + 1)) as response:
                     data = await response.json()
-                    return SimpleNamespace(status=response.status, ok=data["body"] == f"body {i}" * (i + 1)
-                                           and data["raw_path"] == f"/echo/{i}")
+                    return SimpleNamespace(
+                        status=response.status,
+                        ok=data["body"] == f"body {i}" * (i + 1) and data["raw_path"] == f"/echo/{i}",
+                    )
             async with http.get(t.url + f"/id/{i}?q=query-{i}") as response:
                 data = await response.json()
                 return SimpleNamespace(status=response.status, ok=data == {"n": str(i), "q": f"query-{i}"})

@@ -833,16 +833,22 @@ async def test_an_in_process_agent_serves_web_services_on_the_network_through_th
         admitted.append(address)
         return None
 
-    config = AgentConfig(bridge="", token=TOKEN, target="http://homeassistant.inprocess", agent_id="in-process",
-                         services={"garden": garden_url, "ssh": "tcp://127.0.0.1:22"})
+    config = AgentConfig(
+        bridge="",
+        token=TOKEN,
+        target="http://homeassistant.inprocess",
+        agent_id="in-process",
+        services={"garden": garden_url, "ssh": "tcp://127.0.0.1:22"},
+    )
     try:
         async with running_bridge(domain="example.com") as bridge:
             config.bridge = bridge.url
             with pytest.raises(ConfigError, match="web services"):
                 Agent(config, session=served.session, in_process=True)
             async with aiohttp.ClientSession() as service_session, aiohttp.ClientSession() as visitor:
-                agent = Agent(config, session=served.session, in_process=True, admit=admit,
-                              service_session=service_session)
+                agent = Agent(
+                    config, session=served.session, in_process=True, admit=admit, service_session=service_session
+                )
                 await agent.start()
                 try:
                     await wait_for_tunnel(bridge)

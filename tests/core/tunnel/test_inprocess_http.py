@@ -20,8 +20,8 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from datetime import datetime, timedelta, UTC
 from pathlib import Path
 from typing import Any
 
@@ -119,13 +119,22 @@ def home_app(files: Files) -> web.Application:
     async def info(request: web.Request) -> web.Response:
         transport = request.transport
         assert transport is not None
-        extra = {key: repr(transport.get_extra_info(key)) for key in
-                 ("peername", "sockname", "socket", "sslcontext", "ssl_object", "cipher", "peercert")}
-        return web.json_response({
-            "remote": request.remote, "secure": request.secure, "scheme": request.scheme, "host": request.host,
-            "url": str(request.url), "extra": extra, "keep_alive": request.keep_alive,
-            "is_inprocess": isinstance(transport, InProcessTransport),
-        })
+        extra = {
+            key: repr(transport.get_extra_info(key))
+            for key in ("peername", "sockname", "socket", "sslcontext", "ssl_object", "cipher", "peercert")
+        }
+        return web.json_response(
+            {
+                "remote": request.remote,
+                "secure": request.secure,
+                "scheme": request.scheme,
+                "host": request.host,
+                "url": str(request.url),
+                "extra": extra,
+                "keep_alive": request.keep_alive,
+                "is_inprocess": isinstance(transport, InProcessTransport),
+            }
+        )
 
     async def echo(request: web.Request) -> web.StreamResponse:
         digest, size = hashlib.sha256(), 0
@@ -272,6 +281,7 @@ def test_range_requests(run: Run, files: Files, path: str) -> None:
             with files.big.open("rb") as file:
                 file.seek(start)
                 return file.read(end - start)
+
         for header, start, end in [
             ("bytes=0-99", 0, 100),
             ("bytes=-100", size - 100, size),
@@ -322,7 +332,8 @@ def test_head_and_conditional_get(run: Run, files: Files, path: str) -> None:
             assert response.status == 200
             assert await response.read() == files.script + b"//changed\n"
         async with served.session.get(
-            URL + path, headers={**IDENTITY, "If-Modified-Since": format_datetime(later - timedelta(hours=1), usegmt=True)}
+            URL + path,
+            headers={**IDENTITY, "If-Modified-Since": format_datetime(later - timedelta(hours=1), usegmt=True)},
         ) as response:
             assert response.status == 200
             await response.read()
@@ -386,8 +397,13 @@ def test_what_the_app_learns_about_the_connection(run: Run, files: Files) -> Non
         assert (info["secure"], info["scheme"], info["host"]) == (False, "http", "home.example.com")
         assert info["url"] == "http://home.example.com/info"
         assert info["extra"] == {
-            "peername": repr((VISITOR, 0)), "sockname": repr(("127.0.0.1", 0)), "socket": "None",
-            "sslcontext": "None", "ssl_object": "None", "cipher": "None", "peercert": "None",
+            "peername": repr((VISITOR, 0)),
+            "sockname": repr(("127.0.0.1", 0)),
+            "socket": "None",
+            "sslcontext": "None",
+            "ssl_object": "None",
+            "cipher": "None",
+            "peercert": "None",
         }
 
     run(scenario)
@@ -430,14 +446,12 @@ class RawClient(asyncio.Protocol):
 def test_keep_alive_and_pipelining_on_one_connection(run: Run, files: Files) -> None:
     """The session opens a connection per request (each carries one visitor); the server end
     still keeps a connection alive and answers pipelined requests in order, HEAD included."""
+
     async def scenario(served: Served) -> None:
         assert served.runner.server is not None
         client = RawClient()
         client_end, _ = transport_pair(client, served.runner.server(), peer_address=VISITOR)
-        client_end.write(
-            b"HEAD /file/app.js HTTP/1.1\r\nHost: h\r\n\r\n"
-            b"GET /file/app.js HTTP/1.1\r\nHost: h\r\n\r\n"
-        )
+        client_end.write(b"HEAD /file/app.js HTTP/1.1\r\nHost: h\r\n\r\nGET /file/app.js HTTP/1.1\r\nHost: h\r\n\r\n")
         await client.wait_for(b"HTTP/1.1 200 OK", 2)
         head_end = client.data.index(b"\r\n\r\n") + 4
         assert b"Content-Length: %d" % len(files.script) in client.data[:head_end]

@@ -32,7 +32,9 @@ from tests.conftest import (
 )
 
 
-async def test_one_request_id_in_the_bridges_log_the_agents_log_and_the_home_app(caplog: pytest.LogCaptureFixture) -> None:
+async def test_one_request_id_in_the_bridges_log_the_agents_log_and_the_home_app(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The bridge's access-log id reaches the home app as X-Request-Id (a visitor's own value is
     replaced) and names the request in the agent's debug log."""
     seen: list[str] = []
@@ -46,7 +48,11 @@ async def test_one_request_id_in_the_bridges_log_the_agents_log_and_the_home_app
     runner, url = await start_app(app)
     caplog.set_level(logging.DEBUG)
     try:
-        async with running_bridge(access_log=True) as bridge, running_agent(bridge.url, url), aiohttp.ClientSession() as session:
+        async with (
+            running_bridge(access_log=True) as bridge,
+            running_agent(bridge.url, url),
+            aiohttp.ClientSession() as session,
+        ):
             await wait_for_tunnel(bridge)
             async with session.get(bridge.url + "/traced", headers={"X-Request-Id": "forged-by-visitor"}) as response:
                 assert response.status == 200
@@ -65,9 +71,21 @@ def test_log_format_json_writes_one_object_per_line() -> None:
     level, logger and message; a bad ``$RPROXY_LOG_FORMAT`` is one line and exit code 2."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rproxy_core", "--log-format", "json", "bridge", "--listen", f"127.0.0.1:{port}",
-         "--token", TOKEN],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "rproxy_core",
+            "--log-format",
+            "json",
+            "bridge",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--token",
+            TOKEN,
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert proc.stderr is not None
     first = proc.stderr.readline()
@@ -82,10 +100,17 @@ def test_log_format_json_writes_one_object_per_line() -> None:
     assert json.loads(lines[0])["message"].startswith("bridge listening on")
     assert TOKEN not in first + rest
 
-    bad = subprocess.run([sys.executable, "-m", "rproxy_core", "bridge", "--token", TOKEN], cwd=ROOT,
-                         capture_output=True, text=True, timeout=30, env={**os.environ, "RPROXY_LOG_FORMAT": "xml"})
+    bad = subprocess.run(
+        [sys.executable, "-m", "rproxy_core", "bridge", "--token", TOKEN],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "RPROXY_LOG_FORMAT": "xml"},
+    )
     assert bad.returncode == 2 and bad.stderr.strip() == (
-        "rproxy bridge: error: $RPROXY_LOG_FORMAT: expected text or json, got 'xml'"), bad.stderr
+        "rproxy bridge: error: $RPROXY_LOG_FORMAT: expected text or json, got 'xml'"
+    ), bad.stderr
 
 
 async def test_the_agent_says_its_public_url_on_each_connect_and_one_line_per_loss(procs: Callable[..., Proc]) -> None:

@@ -23,7 +23,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rproxy_core import Agent, AgentConfig
 from rproxy_core.bridge.auth import hash_token
-
 from tests.conftest import ROOT, TOKEN, free_port, running_agent, running_bridge, start_app, wait_for_tunnel, wait_http
 
 ADMIN = "admin-token-" + "a" * 24
@@ -65,13 +64,17 @@ async def test_metrics_count_the_traffic_the_test_sent() -> None:
     agent connects across a reconnect, refused agents by reason: all equal what was sent."""
     runner, url = await home_app()
     try:
-        async with running_bridge(admin_token=ADMIN, domain="example.test") as bridge, aiohttp.ClientSession() as session:
+        async with (
+            running_bridge(admin_token=ADMIN, domain="example.test") as bridge,
+            aiohttp.ClientSession() as session,
+        ):
             async with running_agent(bridge.url, url):
                 await wait_for_tunnel(bridge)
                 for path, count in (("/ok", 20), ("/missing", 3), ("/broken", 2)):
                     for _ in range(count):
-                        async with session.post(bridge.url + path, data=b"u" * 5000,
-                                                headers={"Host": "home.example.test"}) as response:
+                        async with session.post(
+                            bridge.url + path, data=b"u" * 5000, headers={"Host": "home.example.test"}
+                        ) as response:
                             await response.read()
                 async with session.get(bridge.url + "/", headers={"Host": "elsewhere.test"}) as response:
                     assert response.status == 404
@@ -98,7 +101,10 @@ async def test_metrics_count_the_traffic_the_test_sent() -> None:
             assert second[("rproxy_agent_connects_total", home)] == 2
             assert second[("rproxy_agent_handshake_failures_total", (("reason", "credential"),))] == 1
             # Bytes of the closed first connection are kept.
-            assert second[("rproxy_tunnel_received_bytes_total", home)] >= first[("rproxy_tunnel_received_bytes_total", home)]
+            assert (
+                second[("rproxy_tunnel_received_bytes_total", home)]
+                >= first[("rproxy_tunnel_received_bytes_total", home)]
+            )
     finally:
         await runner.cleanup()
 
@@ -106,6 +112,7 @@ async def test_metrics_count_the_traffic_the_test_sent() -> None:
 async def test_status_json_lists_tunnels_agents_and_streams() -> None:
     """The status JSON: the tunnel, its agent (id, address, protocol, round-trip time) and a
     visitor WebSocket in flight."""
+
     async def ws_echo(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
@@ -160,8 +167,14 @@ async def test_the_admin_token_is_required_and_never_logged(caplog: pytest.LogCa
 
 
 def run_status(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "rproxy_core", "status", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "rproxy_core", "status", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
 
 
 async def test_rproxy_status_prints_a_live_bridges_tunnels(tmp_path: Path) -> None:
@@ -173,7 +186,10 @@ async def test_rproxy_status_prints_a_live_bridges_tunnels(tmp_path: Path) -> No
     log = (tmp_path / "bridge.log").open("w")
     bridge = subprocess.Popen(
         [sys.executable, "-m", "rproxy_core", "bridge", "--listen", f"127.0.0.1:{port}", "--token", TOKEN],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RPROXY_ADMIN_TOKEN": ADMIN},
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "RPROXY_ADMIN_TOKEN": ADMIN},
     )
     try:
         await wait_http(base + "/_rproxy/health")

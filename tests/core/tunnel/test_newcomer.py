@@ -7,12 +7,10 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import aiohttp
 import pytest
-
-from collections.abc import AsyncIterator, Callable, Iterator
-
 from aiohttp import web
 
 from rproxy_core import Agent, AgentConfig
@@ -49,7 +47,9 @@ async def ws_app() -> AsyncIterator[str]:
 async def _access_lines(caplog: pytest.LogCaptureFixture, path: str, timeout: float = 10) -> list[str]:
     async with asyncio.timeout(timeout):
         while True:
-            lines = [r.getMessage() for r in caplog.records if r.name == "rproxy.access" and f" {path} " in r.getMessage()]
+            lines = [
+                r.getMessage() for r in caplog.records if r.name == "rproxy.access" and f" {path} " in r.getMessage()
+            ]
             if lines:
                 return lines
             await asyncio.sleep(0.02)
@@ -85,8 +85,9 @@ async def test_a_second_tunnel_without_a_domain_is_warned_about_and_told_an_addr
     caplog.set_level(logging.INFO)
     async with running_bridge() as bridge, running_agent(bridge.url, ws_app, name="home") as home:
         assert home.public_url == f"{bridge.url}/"
-        async with running_agent(bridge.url, ws_app, name="echo") as echo, running_agent(
-            bridge.url, ws_app, name="third"
+        async with (
+            running_agent(bridge.url, ws_app, name="echo") as echo,
+            running_agent(bridge.url, ws_app, name="third"),
         ):
             port = bridge.url.rsplit(":", 1)[1]
             assert echo.public_url == f"http://echo.localhost:{port}/"
@@ -94,8 +95,11 @@ async def test_a_second_tunnel_without_a_domain_is_warned_about_and_told_an_addr
             assert len(warnings) == 1, warnings
             assert "'echo'" in warnings[0] and "echo.localhost" in warnings[0]
             async with aiohttp.ClientSession() as session:
-                for host, status in ((f"echo.localhost:{port}", 404), (f"home.localhost:{port}", 404),
-                                     (f"127.0.0.1:{port}", 404)):
+                for host, status in (
+                    (f"echo.localhost:{port}", 404),
+                    (f"home.localhost:{port}", 404),
+                    (f"127.0.0.1:{port}", 404),
+                ):
                     # The app has only /ws/...: 404 from the home app itself tells reaching it
                     # from the bridge's own "no such tunnel" 404 by its body.
                     async with session.get(bridge.url + "/nothing", headers={"Host": host}) as response:
@@ -131,7 +135,11 @@ async def _first_error(agent: Agent, timeout: float = 15) -> str:
     ("scheme", "answer", "hint"),
     [
         ("ws", b"SSH-2.0-OpenSSH_9.2\r\n", "not an rproxy bridge"),
-        ("ws", b"HTTP/1.1 404 Not Found\r\nContent-Length: 20\r\n\r\nno such page\x1b[31m!\r\n", "not an rproxy bridge"),
+        (
+            "ws",
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 20\r\n\r\nno such page\x1b[31m!\r\n",
+            "not an rproxy bridge",
+        ),
         ("wss", b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", "no TLS on that port"),
     ],
     ids=["ssh-server", "web-server-404", "wss-to-plain-port"],
@@ -142,8 +150,15 @@ async def test_an_agent_pointed_at_something_else_says_what_is_likely_wrong_and_
     caplog.set_level(logging.WARNING)
     server = await _garbage_server(answer)
     port = server.sockets[0].getsockname()[1]
-    agent = Agent(AgentConfig(bridge=f"{scheme}://127.0.0.1:{port}", token="t" * 24, target="http://127.0.0.1:9",
-                              backoff_initial=0.05, backoff_max=0.1))
+    agent = Agent(
+        AgentConfig(
+            bridge=f"{scheme}://127.0.0.1:{port}",
+            token="t" * 24,
+            target="http://127.0.0.1:9",
+            backoff_initial=0.05,
+            backoff_max=0.1,
+        )
+    )
     await agent.start()
     try:
         error = await _first_error(agent)
@@ -182,8 +197,10 @@ def test_a_taken_port_names_the_address_and_the_flag_in_one_line(command: str) -
         result = rproxy(command, "--listen", f"127.0.0.1:{port}", *extra)
     assert result.returncode == 1
     line = one_error_line(result)
-    assert line == (f"rproxy {command}: error: cannot listen on 127.0.0.1:{port}: it is already in use (another "
-                    "program, or another rproxy, listens there); pick another with --listen HOST:PORT")
+    assert line == (
+        f"rproxy {command}: error: cannot listen on 127.0.0.1:{port}: it is already in use (another "
+        "program, or another rproxy, listens there); pick another with --listen HOST:PORT"
+    )
 
 
 async def test_the_demo_without_listen_takes_the_next_free_port_when_8080_is_taken(

@@ -16,11 +16,11 @@ from aiohttp import WSMsgType, web
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
-from tests.conftest import TOKEN, Proc, free_port, running_agent, running_bridge, start_app, wait_for_tunnel, wait_http
 from rproxy_core import Agent, AgentConfig
 from rproxy_core.agent.client import AgentState
 from rproxy_core.bridge import agents as bridge_agents
 from rproxy_core.protocol.frames import ErrorCode, FrameType, decode_code, encode_header, iter_frames
+from tests.conftest import TOKEN, Proc, free_port, running_agent, running_bridge, start_app, wait_for_tunnel, wait_http
 
 CONNECT = "/_rproxy/connect"
 
@@ -253,8 +253,14 @@ async def test_an_agent_whose_bridge_goes_silent_declares_it_dead_and_reconnects
     runner, bridge_url = await start_app(app)
     errors: list[str] = []
     config = AgentConfig(
-        bridge=bridge_url, token=TOKEN, target=target, agent_id="hb",
-        heartbeat_interval=0.2, dead_after=1.0, backoff_initial=0.1, backoff_max=0.2,
+        bridge=bridge_url,
+        token=TOKEN,
+        target=target,
+        agent_id="hb",
+        heartbeat_interval=0.2,
+        dead_after=1.0,
+        backoff_initial=0.1,
+        backoff_max=0.2,
     )
     agent = Agent(config)
     agent.add_listener(lambda a: errors.append(a.last_error or "") if a.state is AgentState.WAITING else None)
@@ -276,7 +282,7 @@ async def test_the_bridge_drops_an_agent_that_goes_silent(http: aiohttp.ClientSe
     async with asyncio.timeout(30), running_bridge(heartbeat_interval=0.2, dead_after=1.0) as bridge:
         ws_url = bridge.url.replace("http", "ws", 1) + CONNECT
         async with ws_connect(ws_url, additional_headers=agent_headers("quiet")) as raw:
-            assert list(iter_frames(await raw.recv(), 1 << 20))[0].type is FrameType.HELLO
+            assert next(iter(iter_frames(await raw.recv(), 1 << 20))).type is FrameType.HELLO
             await raw.send(hello_frame(agent_id="quiet"))
             await wait_for_tunnel(bridge, "quiet", 1)
             pings = 0
@@ -399,8 +405,16 @@ async def test_stopping_bridge_and_agent_leaves_no_tasks_and_no_sockets() -> Non
     runner, target = await start_app(slow.app)
     async with asyncio.timeout(30):
         async with running_bridge(shutdown_grace=1.0) as bridge:
-            agent = Agent(AgentConfig(bridge=bridge.url, token=TOKEN, target=target, agent_id="clean",
-                                      backoff_initial=0.1, backoff_max=0.2))
+            agent = Agent(
+                AgentConfig(
+                    bridge=bridge.url,
+                    token=TOKEN,
+                    target=target,
+                    agent_id="clean",
+                    backoff_initial=0.1,
+                    backoff_max=0.2,
+                )
+            )
             await agent.start()
             await agent.wait_connected(timeout=10)
             async with aiohttp.ClientSession() as visitor:
@@ -435,8 +449,16 @@ async def test_stopping_an_agent_while_its_tunnel_is_being_torn_down_returns(slo
     _, target = slow_app
     async with running_bridge() as bridge:
         for turns in range(0, 40, 2):  # stop the agent at a different point of its teardown each time
-            agent = Agent(AgentConfig(bridge=bridge.url, token=TOKEN, target=target, agent_id=f"quick-{turns}",
-                                      backoff_initial=0.1, backoff_max=0.2))
+            agent = Agent(
+                AgentConfig(
+                    bridge=bridge.url,
+                    token=TOKEN,
+                    target=target,
+                    agent_id=f"quick-{turns}",
+                    backoff_initial=0.1,
+                    backoff_max=0.2,
+                )
+            )
             await agent.start()
             await agent.wait_connected(timeout=10)
             await wait_for_tunnel(bridge, "home", 1)
@@ -460,7 +482,7 @@ async def test_an_agent_still_in_its_handshake_when_the_bridge_stops_is_told_goo
     async with running_bridge(shutdown_grace=60) as bridge:
         ws_url = bridge.url.replace("http", "ws", 1) + CONNECT
         async with asyncio.timeout(20) as deadline, ws_connect(ws_url, additional_headers=agent_headers("late")) as raw:
-            assert list(iter_frames(await raw.recv(), 1 << 20))[0].type is FrameType.HELLO
+            assert next(iter(iter_frames(await raw.recv(), 1 << 20))).type is FrameType.HELLO
             stopping = asyncio.create_task(bridge.stop())
             goaway = None
             with pytest.raises(websockets.ConnectionClosed):

@@ -74,9 +74,7 @@ async def visit(base: str) -> tuple[int, str, str]:
     return status, text, echoed
 
 
-async def test_node_rproxys_command_lines_serve_the_home_app(
-    procs: Callable[..., Proc], websocket_app: int
-) -> None:
+async def test_node_rproxys_command_lines_serve_the_home_app(procs: Callable[..., Proc], websocket_app: int) -> None:
     """``rproxy bridge 8080 username:password`` and ``rproxy agent ws://username:password@HOST:8080
     ws://localhost:8080``: a page and a WebSocket reach the home app; the password is in no log."""
     port = free_port()
@@ -140,10 +138,14 @@ async def test_the_bridge_reads_a_basic_credential_strictly(procs: Callable[...,
     ("args", "expected"),
     [
         (["agent", "ws://127.0.0.1:1", "--bridge", "ws://127.0.0.1:1", "--token", "t"], "BRIDGE_URL and --bridge"),
-        (["agent", "ws://127.0.0.1:1", "http://127.0.0.1:2", "--target", "http://127.0.0.1:2", "--token", "t"],
-         "TARGET_URL and --target"),
-        (["agent", f"ws://u:{PASSWORD}@127.0.0.1:1", "http://127.0.0.1:2", "--token", "t"],
-         "--token and user:password@ in --bridge: two credentials"),
+        (
+            ["agent", "ws://127.0.0.1:1", "http://127.0.0.1:2", "--target", "http://127.0.0.1:2", "--token", "t"],
+            "TARGET_URL and --target",
+        ),
+        (
+            ["agent", f"ws://u:{PASSWORD}@127.0.0.1:1", "http://127.0.0.1:2", "--token", "t"],
+            "--token and user:password@ in --bridge: two credentials",
+        ),
         (["bridge", "8080", "--listen", "127.0.0.1:8080"], "PORT and --listen"),
         (["bridge", "8080", f"u:{PASSWORD}", "--token", "t"], "USER:PASS and --token"),
         (["bridge", "8080", PASSWORD], "USER:PASS: expected a user, a colon and a password"),
@@ -151,8 +153,17 @@ async def test_the_bridge_reads_a_basic_credential_strictly(procs: Callable[...,
         (["agent", f"ftp://u:{PASSWORD}@127.0.0.1:1", "http://127.0.0.1:2"], "--bridge: expected"),
         (["agent", f"ws://:{PASSWORD}@127.0.0.1:1", "http://127.0.0.1:2"], "needs a user"),
     ],
-    ids=["bridge-twice", "target-twice", "two-credentials", "port-twice", "userpass-and-token", "userpass-no-colon",
-         "port-not-a-number", "bad-scheme-with-password", "password-without-user"],
+    ids=[
+        "bridge-twice",
+        "target-twice",
+        "two-credentials",
+        "port-twice",
+        "userpass-and-token",
+        "userpass-no-colon",
+        "port-not-a-number",
+        "bad-scheme-with-password",
+        "password-without-user",
+    ],
 )
 def test_a_positional_beside_its_flag_or_a_bad_one_is_a_one_line_error(args: list[str], expected: str) -> None:
     """Mixing a positional and its flag, or a malformed one: exit 2, one line naming both, no password."""
@@ -171,8 +182,12 @@ async def test_the_password_from_the_environment_counts_as_the_credential(
     base = f"http://127.0.0.1:{port}"
     procs("bridge", str(port), f"username:{PASSWORD}", base_env=clean_env())
     await wait_http(base + "/_rproxy/health")
-    procs("agent", base_env=clean_env(REMOTE_URL=f"http://username:{PASSWORD}@127.0.0.1:{port}",
-                                      LOCAL_URL=f"ws://localhost:{websocket_app}"))
+    procs(
+        "agent",
+        base_env=clean_env(
+            REMOTE_URL=f"http://username:{PASSWORD}@127.0.0.1:{port}", LOCAL_URL=f"ws://localhost:{websocket_app}"
+        ),
+    )
     await wait_listed(base, "home")
     assert (await visit(base))[0] == 200
 
@@ -190,7 +205,6 @@ def test_agent_help_shows_the_seed_forms_and_the_warning() -> None:
     assert "BRIDGE_URL [TARGET_URL]" in result.stdout
     assert "rproxy bridge 8080 user:password" in result.stdout
     assert "ps" in result.stdout and ".env" in result.stdout
-
 
 
 # Seed 1: NAT Web Reverse Proxy's client, configured "in a .env file".
@@ -233,9 +247,12 @@ async def test_the_real_environment_wins_over_the_dotenv_file(
     await wait_http(base + "/_rproxy/health")
     env_file = tmp_path / "agent.env"
     env_file.write_text(SEED1_ENV.format(bridge=free_port(), home=1) + TOKEN_LINE.format(token="not-the-token"))
-    procs("agent", "--env-file", str(env_file), base_env=clean_env(
-        REMOTE_URL=base, LOCAL_URL=f"http://127.0.0.1:{websocket_app}", RPROXY_TOKEN=TOKEN
-    ))
+    procs(
+        "agent",
+        "--env-file",
+        str(env_file),
+        base_env=clean_env(REMOTE_URL=base, LOCAL_URL=f"http://127.0.0.1:{websocket_app}", RPROXY_TOKEN=TOKEN),
+    )
     await wait_listed(base, "home")
     assert (await visit(base))[0] == 200
 
@@ -254,7 +271,11 @@ def test_a_malformed_dotenv_file_is_a_one_line_error_naming_the_line(
 ) -> None:
     (tmp_path / ".env").write_bytes(content.encode() if isinstance(content, str) else content)
     result = subprocess.run(
-        [sys.executable, "-m", "rproxy_core", "agent"], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        [sys.executable, "-m", "rproxy_core", "agent"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
         env=clean_env(PYTHONPATH=str(ROOT)),
     )
     assert result.returncode == 2
@@ -269,7 +290,11 @@ def test_a_missing_env_file_given_by_flag_is_an_error_but_no_dotenv_is_fine(tmp_
     assert "--env-file" in one_error_line(missing) and "no such file" in missing.stderr
     # Without a .env and without settings: the usual missing-setting line, nothing about .env.
     result = subprocess.run(
-        [sys.executable, "-m", "rproxy_core", "agent"], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        [sys.executable, "-m", "rproxy_core", "agent"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
         env=clean_env(PYTHONPATH=str(ROOT)),
     )
     assert result.returncode == 2
@@ -309,8 +334,14 @@ async def test_a_bare_bridge_makes_a_token_prints_the_agent_command_once_and_tha
     env = clean_env(RPROXY_STATE_DIRECTORY=str(state), RPROXY_LISTEN=f"127.0.0.1:{port}")
     master, slave = pty.openpty()
     with (tmp_path / "bridge.log").open("w") as log:
-        bridge = subprocess.Popen([sys.executable, "-m", "rproxy_core", "bridge"], stdout=slave, stderr=log,
-                                  cwd=ROOT, env=env, start_new_session=True)
+        bridge = subprocess.Popen(
+            [sys.executable, "-m", "rproxy_core", "bridge"],
+            stdout=slave,
+            stderr=log,
+            cwd=ROOT,
+            env=env,
+            start_new_session=True,
+        )
     os.close(slave)
     try:
         terminal = await asyncio.to_thread(_read_until, master, "rproxy agent ")
@@ -321,8 +352,10 @@ async def test_a_bare_bridge_makes_a_token_prints_the_agent_command_once_and_tha
         assert str(token_file) in terminal
         command = next(line.strip() for line in terminal.splitlines() if line.strip().startswith("rproxy agent "))
         assert command == f"rproxy agent ws://127.0.0.1:{port} http://127.0.0.1:8080 --token {token}"
-        argv = [f"http://127.0.0.1:{websocket_app}" if arg == "http://127.0.0.1:8080" else arg
-                for arg in shlex.split(command)[1:]]
+        argv = [
+            f"http://127.0.0.1:{websocket_app}" if arg == "http://127.0.0.1:8080" else arg
+            for arg in shlex.split(command)[1:]
+        ]
         await wait_http(base + "/_rproxy/health")
         procs(*argv, base_env=clean_env())
         await wait_listed(base, "home")
@@ -375,12 +408,21 @@ def test_a_token_file_that_holds_no_token_is_a_one_line_error(tmp_path: Path) ->
 def test_the_printed_agent_command_fits_the_bridge() -> None:
     """TLS gives wss://; a bridge on every address names this machine and, without TLS, says
     --insecure (the token would cross a network in clear text); loopback needs neither."""
-    host = next((n for n in (socket.getfqdn(), socket.gethostname())
-                 if n and n.lower() not in ("localhost", "localhost.localdomain") and not n.startswith("127.")),
-                PLACEHOLDER_HOST)
-    assert agent_command("0.0.0.0", 8080, "T", tls=False) == (
-        f"rproxy agent ws://{host}:8080 http://127.0.0.1:8080 --token T --insecure", True
+    host = next(
+        (
+            n
+            for n in (socket.getfqdn(), socket.gethostname())
+            if n and n.lower() not in ("localhost", "localhost.localdomain") and not n.startswith("127.")
+        ),
+        PLACEHOLDER_HOST,
     )
-    assert agent_command("0.0.0.0", 443, "T", tls=True) == (f"rproxy agent wss://{host}:443 http://127.0.0.1:8080 --token T", False)
+    assert agent_command("0.0.0.0", 8080, "T", tls=False) == (
+        f"rproxy agent ws://{host}:8080 http://127.0.0.1:8080 --token T --insecure",
+        True,
+    )
+    assert agent_command("0.0.0.0", 443, "T", tls=True) == (
+        f"rproxy agent wss://{host}:443 http://127.0.0.1:8080 --token T",
+        False,
+    )
     assert agent_command("::1", 8080, "T", tls=False)[0].startswith("rproxy agent ws://[::1]:8080 ")
     assert agent_command("127.0.0.1", 8080, "T", tls=False)[1] is False

@@ -32,7 +32,6 @@ from rproxy_core.bridge.visitor_policy import VisitorPolicy
 from rproxy_core.exceptions import StreamResetError
 from rproxy_core.protocol import ErrorCode
 from rproxy_core.protocol.heads import KIND_HTTP, KIND_TCP, KIND_WEBSOCKET, RequestHead
-
 from tests.conftest import TOKEN, running_agent, running_bridge, text_app, wait_for_tunnel
 
 CHANNEL = "/_rproxy/tcp"
@@ -75,8 +74,9 @@ async def digest_service() -> AsyncIterator[TcpServer]:
 
 
 @asynccontextmanager
-async def listening(handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
-                    record: TcpServer) -> AsyncIterator[None]:
+async def listening(
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], record: TcpServer
+) -> AsyncIterator[None]:
     """Serve ``handle`` on a free loopback port, noted in ``record``."""
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     record.port = server.sockets[0].getsockname()[1]
@@ -110,9 +110,10 @@ def expected_digest_reply(data: bytes) -> bytes:
 
 async def channel_exchange(base: str, service: str, payload: bytes, *, tunnel: str = "home") -> bytes:
     """Open a channel, send ``payload`` in 64 KiB messages, half-close, read to the end."""
-    async with aiohttp.ClientSession() as session, session.ws_connect(
-        f"{base}{CHANNEL}/{tunnel}/{service}", headers=BEARER, max_msg_size=0
-    ) as ws:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"{base}{CHANNEL}/{tunnel}/{service}", headers=BEARER, max_msg_size=0) as ws,
+    ):
         for offset in range(0, len(payload), 64 << 10):
             await ws.send_bytes(payload[offset : offset + (64 << 10)])
         await ws.send_bytes(b"")
@@ -130,11 +131,19 @@ async def channel_exchange(base: str, service: str, payload: bytes, *, tunnel: s
 
 async def refusal(base: str, path: str, headers: dict[str, str]) -> tuple[int, str]:
     """The HTTP status and body a channel upgrade is refused with."""
-    async with aiohttp.ClientSession() as session, session.get(
-        base + path,
-        headers={**headers, "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
-                 "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="},
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            base + path,
+            headers={
+                **headers,
+                "Connection": "Upgrade",
+                "Upgrade": "websocket",
+                "Sec-WebSocket-Version": "13",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            },
+        ) as response,
+    ):
         return response.status, await response.text()
 
 
@@ -146,7 +155,9 @@ def test_routes_name_a_tunnel_and_one_of_its_services() -> None:
     assert resolve_route("a.garden.home.example.com", "example.com", ["home"]) is None
     assert resolve_route("example.com", "example.com", ["home"]) is None
     assert resolve_route("garden.example.com", "example.com", ["home"], {"garden.example.com": ("home", "garden")}) == (
-        "home", "garden")
+        "home",
+        "garden",
+    )
     assert resolve_route("garden.home.local", None, ["home"]) == ("home", "garden")
     assert resolve_route("home.local", None, ["home", "cabin"]) == ("home", "")
     assert resolve_route("anything", None, ["home"]) == ("home", "")
@@ -190,13 +201,18 @@ async def test_half_close_both_ways_through_a_channel() -> None:
         digest_service() as digest,
         banner_service() as banner,
         running_bridge() as bridge,
-        serving(bridge.url, bridge, "", {"digest": f"tcp://127.0.0.1:{digest.port}",
-                                                "banner": f"tcp://127.0.0.1:{banner.port}"}),
+        serving(
+            bridge.url,
+            bridge,
+            "",
+            {"digest": f"tcp://127.0.0.1:{digest.port}", "banner": f"tcp://127.0.0.1:{banner.port}"},
+        ),
     ):
         assert await channel_exchange(bridge.url, "digest", b"hello") == expected_digest_reply(b"hello")
-        async with aiohttp.ClientSession() as session, session.ws_connect(
-            f"{bridge.url}{CHANNEL}/home/banner", headers=BEARER
-        ) as ws:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"{bridge.url}{CHANNEL}/home/banner", headers=BEARER) as ws,
+        ):
             first = await ws.receive(timeout=10)
             assert first.data == b"banner then silence"
             assert (await ws.receive(timeout=10)).data == b""  # the service's half-close
@@ -227,7 +243,9 @@ async def test_channel_refusals_are_plain_http_answers(caplog: pytest.LogCapture
         assert (await refusal(bridge.url, f"{CHANNEL}/home/ssh", BEARER))[0] == 503
         async with serving(bridge.url, bridge, web_app, {"ssh": f"tcp://127.0.0.1:{dead_port}"}):
             assert (await refusal(bridge.url, f"{CHANNEL}/home/ssh", {}))[0] == 401
-            assert (await refusal(bridge.url, f"{CHANNEL}/home/ssh", {"Authorization": "Bearer nope-" + "n" * 20}))[0] == 401
+            assert (await refusal(bridge.url, f"{CHANNEL}/home/ssh", {"Authorization": "Bearer nope-" + "n" * 20}))[
+                0
+            ] == 401
             status, body = await refusal(bridge.url, f"{CHANNEL}/home/ssh", {"Authorization": f"Bearer {cabin_only}"})
             assert status == 403 and "may not reach tunnel 'home'" in body
             status, body = await refusal(bridge.url, f"{CHANNEL}/home/mqtt", BEARER)
@@ -313,12 +331,16 @@ async def test_two_services_under_load_at_once(http: aiohttp.ClientSession) -> N
 async def test_an_extra_port_carries_its_service_with_half_close_and_refuses_unlisted_clients() -> None:
     """A ``tcp_ports`` entry: raw TCP in, the service's bytes out, the client's shutdown(SHUT_WR)
     passed on; a port whose allow list leaves out the client never reaches the agent."""
-    async with digest_service() as digest, running_bridge(
-        tcp_ports=[
-            TcpPort("127.0.0.1", 0, "home", "digest", (ip_network("127.0.0.0/8"),)),
-            TcpPort("127.0.0.1", 0, "home", "digest", (ip_network("10.0.0.0/8"),)),
-        ]
-    ) as bridge, serving(bridge.url, bridge, "", {"digest": f"tcp://127.0.0.1:{digest.port}"}):
+    async with (
+        digest_service() as digest,
+        running_bridge(
+            tcp_ports=[
+                TcpPort("127.0.0.1", 0, "home", "digest", (ip_network("127.0.0.0/8"),)),
+                TcpPort("127.0.0.1", 0, "home", "digest", (ip_network("10.0.0.0/8"),)),
+            ]
+        ) as bridge,
+        serving(bridge.url, bridge, "", {"digest": f"tcp://127.0.0.1:{digest.port}"}),
+    ):
         open_port, closed_port = (server.port for server in bridge.tcp_ports)
         payload = os.urandom(2 << 20)
         reader, writer = await asyncio.open_connection("127.0.0.1", open_port)
@@ -372,8 +394,9 @@ async def test_a_tunnels_visitor_allow_list_holds_for_its_tcp_services() -> None
     async with digest_service() as digest:
         for allow, status in [("10.0.0.0/8", 403), ("127.0.0.0/8", None)]:
             policies = {"home": VisitorPolicy(allow=(ip_network(allow),))}
-            async with running_bridge(visitor_policies=policies) as bridge, serving(
-                bridge.url, bridge, "", {"digest": f"tcp://127.0.0.1:{digest.port}"}
+            async with (
+                running_bridge(visitor_policies=policies) as bridge,
+                serving(bridge.url, bridge, "", {"digest": f"tcp://127.0.0.1:{digest.port}"}),
             ):
                 if status is None:
                     assert await channel_exchange(bridge.url, "digest", b"ok") == expected_digest_reply(b"ok")
@@ -383,7 +406,9 @@ async def test_a_tunnels_visitor_allow_list_holds_for_its_tcp_services() -> None
         assert digest.connections == 1
 
 
-async def test_stopping_the_bridge_with_an_extra_port_connection_open_is_quiet(caplog: pytest.LogCaptureFixture) -> None:
+async def test_stopping_the_bridge_with_an_extra_port_connection_open_is_quiet(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """A connection still open on an extra port is cut when the bridge stops, without asyncio's
     'Exception in callback' dump."""
     async with digest_service() as digest:
@@ -417,9 +442,12 @@ async def test_a_channel_whose_client_vanished_is_closed_by_its_heartbeat() -> N
         writer.close()
 
     record = TcpServer()
-    async with listening(service, record), running_bridge(heartbeat_interval=0.2, dead_after=5) as bridge, serving(
-        bridge.url, bridge, "", {"quiet": f"tcp://127.0.0.1:{record.port}"}
-    ), aiohttp.ClientSession() as session:
+    async with (
+        listening(service, record),
+        running_bridge(heartbeat_interval=0.2, dead_after=5) as bridge,
+        serving(bridge.url, bridge, "", {"quiet": f"tcp://127.0.0.1:{record.port}"}),
+        aiohttp.ClientSession() as session,
+    ):
         # autoping off and nothing read: pings from the bridge go unanswered, as from a dead peer.
         ws = await session.ws_connect(f"{bridge.url}{CHANNEL}/home/quiet", headers=BEARER, autoping=False)
         try:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import aiohttp
 import trustme
-
 from homeapps import serve_home
+
 from tests.conftest import TOKEN, Proc, free_port, wait_http
 
 
@@ -24,12 +24,20 @@ async def test_agent_and_visitors_reach_a_tls_bridge_with_verified_certificates(
     server_cert.cert_chain_pems[0].write_to_path(str(cert))
     ca.cert_pem.write_to_path(str(ca_file))
     port = free_port()
-    bridge = procs("bridge", "--listen", f"127.0.0.1:{port}", "--token", TOKEN, "--tls-cert", str(cert), "--tls-key", str(key))
+    bridge = procs(
+        "bridge", "--listen", f"127.0.0.1:{port}", "--token", TOKEN, "--tls-cert", str(cert), "--tls-key", str(key)
+    )
     visitor_tls = ssl.create_default_context(cafile=str(ca_file))
     async with serve_home() as (home, target):
         # The agent verifies the bridge against the system's trust store; point it at the test CA.
         agent = procs(
-            "agent", "--bridge", f"wss://localhost:{port}", "--token", TOKEN, "--target", target,
+            "agent",
+            "--bridge",
+            f"wss://localhost:{port}",
+            "--token",
+            TOKEN,
+            "--target",
+            target,
             env={"SSL_CERT_FILE": str(ca_file)},
         )
         url = f"https://localhost:{port}"

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from homeapps import HomeApp, home_tunnel, serve_home
 
 from rproxy_core import Agent, AgentConfig, ConfigError
 from rproxy_core.cli import _build_parser, bridge_config
-
-from homeapps import HomeApp, home_tunnel, serve_home
 from tests.conftest import ROOT, TOKEN, Proc, free_port, running_bridge, wait_for_tunnel, wait_http
 
 LOOPBACK = [ip_network("127.0.0.0/8")]

@@ -14,7 +14,6 @@ from aiohttp import WSMsgType, web
 
 from rproxy_core import Bridge
 from rproxy_core.demo import create_home_app
-
 from tests.conftest import running_agent, running_bridge, sha256, start_app
 
 
@@ -219,7 +218,9 @@ async def test_a_redirected_upgrade_reaches_the_visitor_and_the_agent_does_not_f
 ) -> None:
     """The agent relays the home app's 302 to an upgrade instead of fetching the new location itself."""
     async with asyncio.timeout(20):
-        async with http.get(tunnel.bridge.url + "/redirect", headers=UPGRADE_HEADERS, allow_redirects=False) as response:
+        async with http.get(
+            tunnel.bridge.url + "/redirect", headers=UPGRADE_HEADERS, allow_redirects=False
+        ) as response:
             assert response.status == 302
             assert response.headers["Location"] == "/login"
     assert tunnel.state.login_hits == 0
