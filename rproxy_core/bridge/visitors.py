@@ -33,6 +33,7 @@ from ..protocol.frames import (
 )
 from ..protocol.heads import KIND_HTTP, KIND_WEBSOCKET, RequestHead, ResponseHead, is_token
 from ..transport import TunnelStream
+from ..transport.ws_pieces import PieceWriter
 from .pages import error_response
 from .registry import NoServiceError, TunnelBusyError
 from .routing import resolve_route
@@ -422,15 +423,21 @@ class VisitorHandler:
         log.status = 101
         to_agent = asyncio.create_task(_pump_visitor_messages(ws, stream, log, config.websocket_message_rate))
         relayed = 0
+        pieces = PieceWriter.of(ws)
         try:
             while True:
-                message = await stream.read_message(MAX_WEBSOCKET_MESSAGE)
-                if message is None:
+                fragment = await stream.read_fragment()
+                if fragment is None:
                     break
                 relayed += 1
                 if relayed % MESSAGES_PER_TURN == 0:
                     await asyncio.sleep(0)  # queued messages are read without waiting: let others run
-                kind, data = message
+                kind, piece, more = fragment
+                if more and pieces is not None and kind in (MessageKind.TEXT, MessageKind.BINARY):
+                    # A message in several pieces goes on piece by piece: never assembled here.
+                    log.bytes += await _relay_pieces(stream, pieces, kind, piece)
+                    continue
+                data = await stream.read_rest(piece, MAX_WEBSOCKET_MESSAGE) if more else bytes(piece)
                 log.bytes += len(data)
                 if kind is MessageKind.TEXT:
                     await ws.send_str(data.decode("utf-8", "replace"))
@@ -460,6 +467,24 @@ class VisitorHandler:
                 with contextlib.suppress(asyncio.CancelledError):
                     await to_agent
         return log.done(ws)
+
+
+async def _relay_pieces(stream: TunnelStream, pieces: PieceWriter, kind: MessageKind, first: memoryview) -> int:
+    """Write a message from the home app to the visitor as its pieces arrive; return its size."""
+    await pieces.send(kind, first, last=False)
+    size = len(first)
+    while True:
+        fragment = await stream.read_fragment()
+        if fragment is None:
+            raise StreamResetError(ErrorCode.PROTOCOL_ERROR, "stream ended inside a message")
+        _, piece, more = fragment
+        size += len(piece)
+        if size > MAX_WEBSOCKET_MESSAGE:
+            stream.reset(ErrorCode.MESSAGE_TOO_BIG, "message too big")
+            raise StreamResetError(ErrorCode.MESSAGE_TOO_BIG, "message too big")
+        await pieces.send(kind, piece, last=not more)
+        if not more:
+            return size
 
 
 def _close(request: web.Request) -> None:
