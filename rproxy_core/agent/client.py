@@ -25,7 +25,7 @@ import aiohttp
 from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 from yarl import URL
 
-from .. import __version__
+from .._version import __version__
 from ..bridge.keys import sign
 from ..const import (
     BACKOFF_RESET_AFTER,

@@ -37,7 +37,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from yarl import URL
 
-from .. import __version__
+from .._version import __version__
 from ..bridge.keys import sign
 from ..const import CHALLENGE_PATH, CONNECT_PATH, DEFAULT_TUNNEL_NAME, HANDSHAKE_TIMEOUT, TCP_PATH, TCP_READ_SIZE
 from ..dial import (
