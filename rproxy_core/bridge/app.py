@@ -58,7 +58,7 @@ from .auth import TokenAuth, TokenGrant
 from .channels import ChannelHandler, TcpPort, TcpPortServer
 from .gateway import bridge_gateway
 from .keys import ChallengeStore, KeyAuth, KeyGrant
-from .limits import BridgeRunner, HeadLimits
+from .limits import BridgeRunner, HeadLimits, answer_expect
 from .metrics import BridgeMetrics
 from .pages import error_response
 from .registry import MemoryRegistry, TunnelRegistry
@@ -226,16 +226,19 @@ class Bridge:
         )
         # Bound ``__call__``s, not the handler objects: aiohttp takes a callable object for a
         # deprecated plain-function handler (DeprecationWarning now, an error in aiohttp 4).
-        app.router.add_get(CONNECT_PATH, self._agents.__call__)
-        app.router.add_get(HEALTH_PATH, self._health)
-        app.router.add_get(CHALLENGE_PATH, self._challenge)
-        app.router.add_get(TCP_PATH + "/{tunnel}/{service}", ChannelHandler(self).__call__)
-        app.router.add_get(METRICS_PATH, self._metrics)
-        app.router.add_get(STATUS_JSON_PATH, self._status_json)
-        app.router.add_get(STATUS_PAGE_PATH, self._status_page)
-        app.router.add_route("*", RESERVED_PREFIX + "{tail:.*}", self._reserved)
+        # Every route answers Expect our way (limits.answer_expect), not with aiohttp's default.
+        get = functools.partial(app.router.add_get, expect_handler=answer_expect)
+        route = functools.partial(app.router.add_route, expect_handler=answer_expect)
+        get(CONNECT_PATH, self._agents.__call__)
+        get(HEALTH_PATH, self._health)
+        get(CHALLENGE_PATH, self._challenge)
+        get(TCP_PATH + "/{tunnel}/{service}", ChannelHandler(self).__call__)
+        get(METRICS_PATH, self._metrics)
+        get(STATUS_JSON_PATH, self._status_json)
+        get(STATUS_PAGE_PATH, self._status_page)
+        route("*", RESERVED_PREFIX + "{tail:.*}", self._reserved)
         visitors = VisitorHandler(self).__call__
-        app.router.add_route("*", "/{tail:.*}", self.gateway.front(visitors) if self.gateway else visitors)
+        route("*", "/{tail:.*}", self.gateway.front(visitors) if self.gateway else visitors)
         app.on_shutdown.append(self._close_tunnels)
         return app
 

@@ -21,7 +21,7 @@ from aiohttp import WSMsgType, hdrs, web
 
 from ..const import BUSY_RETRY_AFTER, MAX_WEBSOCKET_MESSAGE
 from ..exceptions import NoAgentError, StreamResetError
-from ..headers import WEBSOCKET_HOP_HEADERS, strip_hop_by_hop
+from ..headers import WEBSOCKET_HOP_HEADERS, is_websocket_upgrade, strip_hop_by_hop
 from ..logsafe import printable
 from ..protocol.frames import (
     ErrorCode,
@@ -94,7 +94,7 @@ class VisitorHandler:
         started = time.monotonic()
         route = resolve_route(request.host, bridge.config.domain, bridge.registry.names(), bridge.config.aliases)
         name, service = route if route is not None else (None, "")
-        is_websocket = request.headers.get(hdrs.UPGRADE, "").lower() == "websocket" and request.method == "GET"
+        is_websocket = is_websocket_upgrade(request.method, request.headers.items())
         head = RequestHead(
             method=request.method,
             target=_request_target(request),
