@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .agent import Agent, AgentConfig
 from .bridge import Bridge, BridgeConfig, MemoryRegistry, TokenGrant, TunnelRegistry
 from .exceptions import *  # noqa: F403

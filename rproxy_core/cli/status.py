@@ -13,8 +13,8 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from ..agent.client import _bridge_tls_context, check_bridge_access, pinned_sha256
 from ..const import STATUS_JSON_PATH
+from ..dial import bridge_tls_context, check_bridge_access, pinned_sha256
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
 from .common import EXIT_OK, EXIT_RUNTIME
 
@@ -55,7 +55,7 @@ def _status_url(bridge: str) -> URL:
 
 
 async def _fetch(args: argparse.Namespace, bridge: str, token: str) -> dict[str, Any]:
-    tls = _bridge_tls_context(args.ca_file, pinned_sha256(tuple(args.pin_sha256)))
+    tls = bridge_tls_context(args.ca_file, pinned_sha256(tuple(args.pin_sha256)))
     url = _status_url(bridge)
     try:
         async with (

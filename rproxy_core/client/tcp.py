@@ -37,19 +37,19 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from yarl import URL
 
-from .. import __version__
-from ..agent.client import (
-    _bridge_tls_context,
-    _NoRedirects,
-    _NoSecretsFilter,
-    _PinMismatch,
+from .._version import __version__
+from ..bridge.keys import sign
+from ..const import CHALLENGE_PATH, CONNECT_PATH, DEFAULT_TUNNEL_NAME, HANDSHAKE_TIMEOUT, TCP_PATH, TCP_READ_SIZE
+from ..dial import (
+    NoRedirects,
+    NoSecretsFilter,
     bridge_connect_url,
+    bridge_tls_context,
     check_bridge_access,
     check_credential,
     pinned_sha256,
+    untrusted_message,
 )
-from ..bridge.keys import sign
-from ..const import CHALLENGE_PATH, CONNECT_PATH, DEFAULT_TUNNEL_NAME, HANDSHAKE_TIMEOUT, TCP_PATH, TCP_READ_SIZE
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
 from ..headers import is_tunnel_name
 
@@ -75,7 +75,7 @@ _LOGGER = logging.getLogger("rproxy.tcp")
 #: websockets logs handshake headers at DEBUG: the filter masks the Authorization header and
 #: drops frame previews (the service's bytes).
 _CHANNEL_LOGGER = logging.getLogger("rproxy.tcp.websocket")
-_CHANNEL_LOGGER.addFilter(_NoSecretsFilter())
+_CHANNEL_LOGGER.addFilter(NoSecretsFilter())
 
 #: Largest message accepted from the bridge. Its channel messages are one read of the service
 #: (64 KiB); the margin is for a bridge that packs more.
@@ -488,7 +488,7 @@ class TcpClient:
         config.validate()
         self.config = config
         self.url = channel_url(config.bridge, config.tunnel, config.service)
-        self._tls = _bridge_tls_context(config.ca_file.strip() if config.ca_file else None, config.pinned_sha256())
+        self._tls = bridge_tls_context(config.ca_file.strip() if config.ca_file else None, config.pinned_sha256())
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[Any]] = set()
 
@@ -508,7 +508,7 @@ class TcpClient:
         nonce = await self._fetch_nonce() if self.config.key is not None else None
         tls: dict[str, Any] = {"ssl": self._tls} if self._tls is not None else {}
         try:
-            ws = await _NoRedirects(
+            ws = await NoRedirects(
                 self.url,
                 **tls,
                 additional_headers={"Authorization": self._authorization(nonce)},
@@ -668,18 +668,7 @@ class TcpClient:
         return ChannelRefused(f"the bridge answered HTTP {status}{detail}", status)
 
     def _untrusted(self, err: ssl.SSLCertVerificationError) -> str:
-        if isinstance(err, _PinMismatch):
-            return (
-                f"the bridge's certificate does not match --pin-sha256: it has SHA-256 {err.seen}; if the "
-                "bridge's certificate was replaced, pin the new one, otherwise someone may be intercepting "
-                "the connection"
-            )
-        reason = err.verify_message or err.reason or str(err)
-        if self.config.ca_file:
-            hint = f"is it issued by a CA in --ca-file {self.config.ca_file!r}?"
-        else:
-            hint = "for a private CA give --ca-file, for a self-signed certificate --pin-sha256"
-        return f"the bridge's certificate is not trusted: {reason} ({hint})"
+        return untrusted_message(err, self.config.ca_file)
 
 
 def _one_line(text: str, limit: int = 200) -> str:
