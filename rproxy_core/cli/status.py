@@ -13,10 +13,12 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from ..config import CA_FILE_SETTING, INSECURE_SETTING, PIN_SHA256_SETTING
 from ..const import STATUS_JSON_PATH
 from ..dial import bridge_tls_context, check_bridge_access, pinned_sha256
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
 from .common import EXIT_OK, EXIT_RUNTIME
+from .options import add_arguments
 
 __all__ = ["add_parser", "format_status", "main"]
 
@@ -32,20 +34,8 @@ def add_parser(commands: Any) -> None:
     status.add_argument("--bridge", metavar="URL", help="the bridge, e.g. https://bridge.example.com ($RPROXY_BRIDGE)")
     status.add_argument("--admin-token", metavar="T", help="the bridge's admin token ($RPROXY_ADMIN_TOKEN)")
     status.add_argument("--json", action="store_true", help="print the bridge's status JSON instead of tables")
-    status.add_argument("--ca-file", metavar="FILE", help="PEM file of the CAs to trust for an https:// bridge")
-    status.add_argument(
-        "--pin-sha256",
-        dest="pin_sha256",
-        action="append",
-        metavar="HEX",
-        default=[],
-        help="accept the https:// bridge only with this certificate's SHA-256 fingerprint",
-    )
-    status.add_argument(
-        "--insecure",
-        action="store_true",
-        help="allow plain http:// to a bridge that is not on this machine (the token travels unencrypted)",
-    )
+    # Declared once for the agent, rproxy tcp and rproxy status (config.py).
+    add_arguments(status, (CA_FILE_SETTING, PIN_SHA256_SETTING, INSECURE_SETTING), with_env=False)
 
 
 def _status_url(bridge: str) -> URL:
@@ -55,7 +45,7 @@ def _status_url(bridge: str) -> URL:
 
 
 async def _fetch(args: argparse.Namespace, bridge: str, token: str) -> dict[str, Any]:
-    tls = bridge_tls_context(args.ca_file, pinned_sha256(tuple(args.pin_sha256)))
+    tls = bridge_tls_context(args.ca_file, pinned_sha256(tuple(args.pin_sha256 or ())))
     url = _status_url(bridge)
     try:
         async with (
@@ -177,7 +167,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--admin-token: the bridge's admin token is required")
     if URL(bridge.strip()).scheme not in ("http", "https", "ws", "wss"):
         raise ConfigError(f"--bridge {bridge!r}: expected http://, https://, ws:// or wss://")
-    check_bridge_access(bridge, args.ca_file, tuple(args.pin_sha256), args.insecure, "the admin token")
+    check_bridge_access(bridge, args.ca_file, tuple(args.pin_sha256 or ()), bool(args.insecure), "the admin token")
     try:
         status = asyncio.run(_fetch(args, bridge, token))
     except AuthenticationError:
