@@ -26,7 +26,6 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 from yarl import URL
 
 from .._version import __version__
-from ..bridge.keys import sign
 from ..const import (
     BACKOFF_RESET_AFTER,
     CHALLENGE_PATH,
@@ -51,6 +50,7 @@ from ..dial import (
     untrusted_message,
 )
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
+from ..identity import sign
 from ..logsafe import printable
 from ..protocol.frames import ErrorCode
 from ..protocol.heads import KIND_HTTP, KIND_TCP

@@ -38,7 +38,6 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from yarl import URL
 
 from .._version import __version__
-from ..bridge.keys import sign
 from ..const import CHALLENGE_PATH, CONNECT_PATH, DEFAULT_TUNNEL_NAME, HANDSHAKE_TIMEOUT, TCP_PATH, TCP_READ_SIZE
 from ..dial import (
     NoRedirects,
@@ -52,6 +51,7 @@ from ..dial import (
 )
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
 from ..headers import is_tunnel_name
+from ..identity import sign
 
 __all__ = [
     "CHANNEL_MESSAGE_LIMIT",
