@@ -409,7 +409,7 @@ def _token_grant(value: Any) -> TokenGrant:
 
 def _visitor_login(value: Any) -> tuple[str, str]:
     """``USER:HASH``, a visitor login the agent asks the bridge to require."""
-    from .bridge.visitor_policy import parse_password_hash
+    from .policy import parse_password_hash
 
     user, colon, hashed = value.partition(":") if isinstance(value, str) else ("", "", "")
     if not user or not colon:
@@ -422,8 +422,8 @@ def _visitor_login(value: Any) -> tuple[str, str]:
 
 
 def _tunnel_policies(value: Any) -> Any:
-    """``tunnels:``, visitor protection per tunnel (imported here: the bridge package imports this module)."""
-    from .bridge.visitor_policy import parse_tunnel_policies
+    """``tunnels:``, visitor protection per tunnel (imported here, on first use)."""
+    from .policy import parse_tunnel_policies
 
     return parse_tunnel_policies(value)
 

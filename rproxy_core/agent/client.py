@@ -14,7 +14,6 @@ ws:// across a network needs ``insecure``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import ssl
 import time
@@ -26,10 +25,8 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 from yarl import URL
 
 from .._version import __version__
-from ..bridge.keys import sign
 from ..const import (
     BACKOFF_RESET_AFTER,
-    CHALLENGE_PATH,
     CONNECT_PATH,
     HANDSHAKE_TIMEOUT,
     HEADER_AGENT_ID,
@@ -38,14 +35,17 @@ from ..const import (
     TUNNEL_MESSAGE_LIMIT,
 )
 from ..dial import (
+    ChallengeError,
     FatalRefusal,
     NoRedirects,
     NoSecretsFilter,
     OwnedSessionFrameSocket,
     PinMismatch,
+    authorization,
     bridge_connect_url,
     bridge_tls_context,
     describe_error,
+    fetch_nonce,
     is_cleartext_remote,
     refusal_error,
     untrusted_message,
@@ -372,15 +372,15 @@ class Agent:
 
     def _upgrade_headers(self, nonce: str | None) -> dict[str, str]:
         config = self.config
-        if config.key is not None and nonce is not None:
-            host = URL(self.connect_url).host or ""
-            authorization = sign(config.key, nonce, config.name, host)
-        elif config.basic_auth:
-            authorization = "Basic " + base64.b64encode(config.token.encode()).decode("ascii")
-        else:
-            authorization = f"Bearer {config.token}"
         return {
-            "Authorization": authorization,
+            "Authorization": authorization(
+                key=config.key,
+                nonce=nonce,
+                token=config.token,
+                name=config.name,
+                host=URL(self.connect_url).host or "",
+                basic=config.basic_auth,
+            ),
             HEADER_PROTOCOL: ",".join(map(str, sorted(SUPPORTED_VERSIONS))),
             HEADER_TUNNEL: config.name,
             HEADER_AGENT_ID: config.agent_id,
@@ -388,33 +388,13 @@ class Agent:
 
     async def _fetch_nonce(self, session: aiohttp.ClientSession) -> str:
         """A fresh challenge from the bridge, for a key-holding agent to sign."""
-        url = URL(self.connect_url)
-        url = url.with_scheme("https" if url.scheme == "wss" else "http")
-        url = url.with_path(url.path[: -len(CONNECT_PATH)] + CHALLENGE_PATH)
         try:
-            async with session.get(
-                url,
-                allow_redirects=False,
-                proxy=None,
-                ssl=self._tls if self._tls is not None else True,
-                timeout=aiohttp.ClientTimeout(total=HANDSHAKE_TIMEOUT),
-            ) as response:
-                if response.status == 404:
-                    raise FatalRefusal("the bridge does not accept agent keys (no challenge endpoint): use --token")
-                if response.status != 200:
-                    raise RproxyConnectionError(f"the bridge answered HTTP {response.status} to the key challenge")
-                data = await response.json(content_type=None)
-        except aiohttp.ClientConnectorCertificateError as err:
-            cause = err.certificate_error
-            if isinstance(cause, ssl.SSLCertVerificationError):
-                raise self._untrusted(cause) from None
-            raise RproxyConnectionError(describe_error(err)) from None
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as err:
-            raise RproxyConnectionError(f"key challenge: {describe_error(err)}") from None
-        nonce = data.get("nonce") if isinstance(data, dict) else None
-        if not isinstance(nonce, str) or not nonce.isascii() or not nonce.isprintable() or " " in nonce:
-            raise RproxyConnectionError("the bridge's key challenge is malformed")
-        return nonce
+            return await fetch_nonce(session, self.connect_url, CONNECT_PATH, self._tls)
+        except ssl.SSLCertVerificationError as err:
+            raise self._untrusted(err) from None
+        except ChallengeError as err:
+            # No challenge endpoint: a bridge that takes no keys; retrying will not add one.
+            raise (FatalRefusal if err.status == 404 else RproxyConnectionError)(str(err)) from None
 
     async def _dial(self) -> FrameSocket:
         """Open the tunnel WebSocket (no handshake yet); with a key, sign a fresh challenge first."""

@@ -9,7 +9,6 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from yarl import URL
 
-from ..bridge.visitor_policy import parse_agent_policy
 from ..config import ZEROCONF_TARGET_PREFIX, check_agent_id, check_target_url
 from ..const import (
     BACKOFF_INITIAL,
@@ -22,6 +21,7 @@ from ..const import (
 from ..dial import check_bridge_access, check_credential, pinned_sha256
 from ..exceptions import ConfigError
 from ..headers import is_tunnel_name
+from ..policy import parse_agent_policy
 from ..protocol.heads import KIND_HTTP, KIND_TCP
 from .tcp import TCP_SCHEME, parse_tcp_target
 from .upstream import FORWARDED_HEADERS

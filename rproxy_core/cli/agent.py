@@ -34,10 +34,10 @@ from ..agent.discovery import (
     discover,
     zeroconf_target_name,
 )
-from ..bridge.keys import derived_name
 from ..config import AGENT_SCHEMA, AGENT_SETTINGS, agent_token, env_names, flag_names, load_file, merge, validate
 from ..const import DEFAULT_TUNNEL_NAME
 from ..exceptions import ConfigError
+from ..identity import derived_name
 from .common import EXIT_OK, Signals, log_level, read_token_file, run, setup_logging
 from .envfile import read_env_file
 from .keygen import load_private_key

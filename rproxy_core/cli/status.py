@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import ssl
 import sys
 import time
 from typing import Any
@@ -15,7 +16,7 @@ from yarl import URL
 
 from ..config import CA_FILE_SETTING, INSECURE_SETTING, PIN_SHA256_SETTING
 from ..const import STATUS_JSON_PATH
-from ..dial import bridge_tls_context, check_bridge_access, pinned_sha256
+from ..dial import bridge_tls_context, check_bridge_access, get_json, pinned_sha256, untrusted_message
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
 from .common import EXIT_OK, EXIT_RUNTIME
 from .options import add_arguments
@@ -48,30 +49,18 @@ async def _fetch(args: argparse.Namespace, bridge: str, token: str) -> dict[str,
     tls = bridge_tls_context(args.ca_file, pinned_sha256(tuple(args.pin_sha256 or ())))
     url = _status_url(bridge)
     try:
-        async with (
-            aiohttp.ClientSession(trust_env=False, cookie_jar=aiohttp.DummyCookieJar()) as session,
-            session.get(
-                url,
-                headers={"Authorization": f"Bearer {token}"},
-                allow_redirects=False,
-                ssl=tls if tls is not None else True,
-                timeout=aiohttp.ClientTimeout(total=_TIMEOUT),
-            ) as response,
-        ):
-            if response.status == 401:
-                raise AuthenticationError("the bridge refused the admin token (401)")
-            if response.status == 404:
-                raise RproxyConnectionError("the bridge has no status endpoint (404): start it with --admin-token")
-            if response.status != 200:
-                raise RproxyConnectionError(f"the bridge answered HTTP {response.status}")
-            data = await response.json(content_type=None)
-    except aiohttp.ClientConnectorError as err:
-        raise RproxyConnectionError(
-            f"cannot connect to the bridge at {url.origin()}: {err.os_error.strerror or err}"
-        ) from None
-    except (aiohttp.ClientError, TimeoutError, ValueError) as err:
-        what = "timed out" if isinstance(err, TimeoutError) else str(err) or type(err).__name__
-        raise RproxyConnectionError(f"status from {url.origin()}: {what}") from None
+        async with aiohttp.ClientSession(trust_env=False, cookie_jar=aiohttp.DummyCookieJar()) as session:
+            status, data = await get_json(
+                session, url, tls=tls, timeout=_TIMEOUT, what="status", headers={"Authorization": f"Bearer {token}"}
+            )
+    except ssl.SSLCertVerificationError as err:
+        raise RproxyConnectionError(untrusted_message(err, args.ca_file)) from None
+    if status == 401:
+        raise AuthenticationError("the bridge refused the admin token (401)")
+    if status == 404:
+        raise RproxyConnectionError("the bridge has no status endpoint (404): start it with --admin-token")
+    if status != 200:
+        raise RproxyConnectionError(f"the bridge answered HTTP {status}")
     if not isinstance(data, dict) or not isinstance(data.get("tunnels"), list):
         raise RproxyConnectionError("the bridge's status is not what this rproxy understands")
     return data

@@ -25,7 +25,6 @@ from typing import Any
 
 import voluptuous as vol
 
-from ..bridge.keys import derived_name
 from ..client.tcp import TcpClient, TcpClientConfig, open_fd_sink, open_fd_source
 from ..config import (
     CA_FILE_SETTING,
@@ -38,6 +37,7 @@ from ..config import (
 )
 from ..const import DEFAULT_TUNNEL_NAME
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
+from ..identity import derived_name
 from .common import EXIT_OK, EXIT_REFUSED, EXIT_RUNTIME, Signals, log_level, read_token_file, run, setup_logging
 from .keygen import load_private_key
 from .options import add_arguments
