@@ -21,7 +21,9 @@ from typing import Any
 
 import voluptuous as vol
 
+from .exceptions import RemoteProtocolError
 from .headers import is_tunnel_name
+from .protocol.hello import AgentHello
 
 __all__ = [
     "LoginDelay",
@@ -149,16 +151,14 @@ class VisitorPolicy:
         return policy
 
 
-def parse_agent_policy(settings: Mapping[str, Any]) -> VisitorPolicy | None:
-    """The policy an agent asked for in its HELLO, None if none; ValueError if malformed."""
-    allow_items = settings.get("visitor_allow") or []
-    basic_items = settings.get("visitor_basic") or []
-    if (
-        not isinstance(allow_items, list)
-        or not isinstance(basic_items, list)
-        or len(allow_items) + len(basic_items) > 256
-    ):
-        raise ValueError("visitor_allow and visitor_basic must be lists (of at most 256 entries)")
+def parse_agent_policy(hello: AgentHello | Mapping[str, Any]) -> VisitorPolicy | None:
+    """The policy an agent asked for in its HELLO (or in HELLO settings), None if none; ValueError if malformed."""
+    if not isinstance(hello, AgentHello):
+        try:
+            hello = AgentHello.decode(hello)
+        except RemoteProtocolError as err:
+            raise ValueError(str(err)) from None
+    allow_items, basic_items = hello.visitor_allow, hello.visitor_basic
     if not allow_items and not basic_items:
         return None
     try:

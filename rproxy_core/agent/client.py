@@ -54,6 +54,7 @@ from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
 from ..logsafe import printable
 from ..protocol.frames import ErrorCode
 from ..protocol.heads import KIND_HTTP, KIND_TCP
+from ..protocol.hello import BridgeHello
 from ..protocol.mux import SUPPORTED_VERSIONS, Multiplexer, Role
 from ..transport import FrameSocket, HandshakeError, TunnelConnection, TunnelStream, WebsocketsFrameSocket
 from .backoff import Backoff
@@ -276,7 +277,7 @@ class Agent:
         async with asyncio.timeout(timeout):
             connection, settings = await self._open_tunnel()
         await connection.close(ErrorCode.NO_ERROR, "probe done")
-        return str(settings.get("public_url") or "")
+        return BridgeHello.decode(settings).public_url or ""
 
     def add_listener(self, callback: Callable[[Agent], None]) -> Callable[[], None]:
         """Call ``callback(agent)`` on every state change; returns a function that removes it."""
@@ -518,7 +519,8 @@ class Agent:
         config = self.config
         connection, settings = await self._open_tunnel()
         self.connection = connection
-        self.public_url = str(settings.get("public_url") or "") or None
+        hello = BridgeHello.decode(settings)
+        self.public_url = hello.public_url
         self.connected_since = time.time()
         self.last_error = None
         self._connected.set()
@@ -532,7 +534,7 @@ class Agent:
             )
         else:
             _LOGGER.info("tunnel %r is up (no main web app; services only)", config.name)
-        service_url = settings.get("service_url")
+        service_url = hello.service_url
         for service, kind in self._kinds.items():
             if not service:
                 continue
@@ -546,7 +548,7 @@ class Agent:
                     config.name,
                     service,
                 )
-            elif isinstance(service_url, str) and "{service}" in service_url:
+            elif service_url is not None:
                 _LOGGER.info(
                     "service %r is up: %s → %s", service, printable(service_url.replace("{service}", service)), target
                 )
