@@ -14,7 +14,6 @@ ws:// across a network needs ``insecure``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import ssl
 import time
@@ -26,10 +25,8 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 from yarl import URL
 
 from .._version import __version__
-from ..bridge.keys import sign
 from ..const import (
     BACKOFF_RESET_AFTER,
-    CHALLENGE_PATH,
     CONNECT_PATH,
     HANDSHAKE_TIMEOUT,
     HEADER_AGENT_ID,
@@ -38,14 +35,17 @@ from ..const import (
     TUNNEL_MESSAGE_LIMIT,
 )
 from ..dial import (
+    ChallengeError,
     FatalRefusal,
     NoRedirects,
     NoSecretsFilter,
     OwnedSessionFrameSocket,
     PinMismatch,
+    authorization,
     bridge_connect_url,
     bridge_tls_context,
     describe_error,
+    fetch_nonce,
     is_cleartext_remote,
     refusal_error,
     untrusted_message,
@@ -54,6 +54,7 @@ from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
 from ..logsafe import printable
 from ..protocol.frames import ErrorCode
 from ..protocol.heads import KIND_HTTP, KIND_TCP
+from ..protocol.hello import BridgeHello
 from ..protocol.mux import SUPPORTED_VERSIONS, Multiplexer, Role
 from ..transport import FrameSocket, HandshakeError, TunnelConnection, TunnelStream, WebsocketsFrameSocket
 from .backoff import Backoff
@@ -276,7 +277,7 @@ class Agent:
         async with asyncio.timeout(timeout):
             connection, settings = await self._open_tunnel()
         await connection.close(ErrorCode.NO_ERROR, "probe done")
-        return str(settings.get("public_url") or "")
+        return BridgeHello.decode(settings).public_url or ""
 
     def add_listener(self, callback: Callable[[Agent], None]) -> Callable[[], None]:
         """Call ``callback(agent)`` on every state change; returns a function that removes it."""
@@ -372,15 +373,15 @@ class Agent:
 
     def _upgrade_headers(self, nonce: str | None) -> dict[str, str]:
         config = self.config
-        if config.key is not None and nonce is not None:
-            host = URL(self.connect_url).host or ""
-            authorization = sign(config.key, nonce, config.name, host)
-        elif config.basic_auth:
-            authorization = "Basic " + base64.b64encode(config.token.encode()).decode("ascii")
-        else:
-            authorization = f"Bearer {config.token}"
         return {
-            "Authorization": authorization,
+            "Authorization": authorization(
+                key=config.key,
+                nonce=nonce,
+                token=config.token,
+                name=config.name,
+                host=URL(self.connect_url).host or "",
+                basic=config.basic_auth,
+            ),
             HEADER_PROTOCOL: ",".join(map(str, sorted(SUPPORTED_VERSIONS))),
             HEADER_TUNNEL: config.name,
             HEADER_AGENT_ID: config.agent_id,
@@ -388,33 +389,13 @@ class Agent:
 
     async def _fetch_nonce(self, session: aiohttp.ClientSession) -> str:
         """A fresh challenge from the bridge, for a key-holding agent to sign."""
-        url = URL(self.connect_url)
-        url = url.with_scheme("https" if url.scheme == "wss" else "http")
-        url = url.with_path(url.path[: -len(CONNECT_PATH)] + CHALLENGE_PATH)
         try:
-            async with session.get(
-                url,
-                allow_redirects=False,
-                proxy=None,
-                ssl=self._tls if self._tls is not None else True,
-                timeout=aiohttp.ClientTimeout(total=HANDSHAKE_TIMEOUT),
-            ) as response:
-                if response.status == 404:
-                    raise FatalRefusal("the bridge does not accept agent keys (no challenge endpoint): use --token")
-                if response.status != 200:
-                    raise RproxyConnectionError(f"the bridge answered HTTP {response.status} to the key challenge")
-                data = await response.json(content_type=None)
-        except aiohttp.ClientConnectorCertificateError as err:
-            cause = err.certificate_error
-            if isinstance(cause, ssl.SSLCertVerificationError):
-                raise self._untrusted(cause) from None
-            raise RproxyConnectionError(describe_error(err)) from None
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as err:
-            raise RproxyConnectionError(f"key challenge: {describe_error(err)}") from None
-        nonce = data.get("nonce") if isinstance(data, dict) else None
-        if not isinstance(nonce, str) or not nonce.isascii() or not nonce.isprintable() or " " in nonce:
-            raise RproxyConnectionError("the bridge's key challenge is malformed")
-        return nonce
+            return await fetch_nonce(session, self.connect_url, CONNECT_PATH, self._tls)
+        except ssl.SSLCertVerificationError as err:
+            raise self._untrusted(err) from None
+        except ChallengeError as err:
+            # No challenge endpoint: a bridge that takes no keys; retrying will not add one.
+            raise (FatalRefusal if err.status == 404 else RproxyConnectionError)(str(err)) from None
 
     async def _dial(self) -> FrameSocket:
         """Open the tunnel WebSocket (no handshake yet); with a key, sign a fresh challenge first."""
@@ -538,7 +519,8 @@ class Agent:
         config = self.config
         connection, settings = await self._open_tunnel()
         self.connection = connection
-        self.public_url = str(settings.get("public_url") or "") or None
+        hello = BridgeHello.decode(settings)
+        self.public_url = hello.public_url
         self.connected_since = time.time()
         self.last_error = None
         self._connected.set()
@@ -552,7 +534,7 @@ class Agent:
             )
         else:
             _LOGGER.info("tunnel %r is up (no main web app; services only)", config.name)
-        service_url = settings.get("service_url")
+        service_url = hello.service_url
         for service, kind in self._kinds.items():
             if not service:
                 continue
@@ -566,7 +548,7 @@ class Agent:
                     config.name,
                     service,
                 )
-            elif isinstance(service_url, str) and "{service}" in service_url:
+            elif service_url is not None:
                 _LOGGER.info(
                     "service %r is up: %s → %s", service, printable(service_url.replace("{service}", service)), target
                 )

@@ -9,8 +9,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from yarl import URL
 
-from ..bridge.visitor_policy import parse_agent_policy
-from ..config import ZEROCONF_TARGET_PREFIX
+from ..config import ZEROCONF_TARGET_PREFIX, check_agent_id, check_target_url
 from ..const import (
     BACKOFF_INITIAL,
     BACKOFF_MAX,
@@ -22,6 +21,7 @@ from ..const import (
 from ..dial import check_bridge_access, check_credential, pinned_sha256
 from ..exceptions import ConfigError
 from ..headers import is_tunnel_name
+from ..policy import parse_agent_policy
 from ..protocol.heads import KIND_HTTP, KIND_TCP
 from .tcp import TCP_SCHEME, parse_tcp_target
 from .upstream import FORWARDED_HEADERS
@@ -30,16 +30,11 @@ __all__ = ["AgentConfig", "check_service", "check_target", "is_deferred_target"]
 
 
 def check_target(target: str) -> URL:
+    """The home app's URL (``config.check_target_url``'s rule), as a ConfigError naming --target."""
     try:
-        url = URL(target.strip())
-        valid = url.scheme in ("http", "https") and bool(url.host)
-    except (ValueError, TypeError):
-        valid = False
-    if not valid:
-        raise ConfigError(f"--target {target!r}: expected an http:// or https:// URL with a host")
-    if url.query_string or url.fragment:
-        raise ConfigError(f"--target {target!r}: must not have a query or fragment")
-    return url
+        return check_target_url(target)
+    except ValueError as err:
+        raise ConfigError(f"--target: {err}") from None
 
 
 def check_service(name: str, target: str) -> str:
@@ -133,8 +128,10 @@ class AgentConfig:
             raise ConfigError("basic_auth: needs a token written as user:password (and no --key)")
         if not is_tunnel_name(self.name):
             raise ConfigError(f"--name {self.name!r}: use a lower-case DNS label (a-z, 0-9, -)")
-        if not self.agent_id or len(self.agent_id) > 128 or not self.agent_id.isprintable():
-            raise ConfigError(f"--agent-id {self.agent_id!r}: use 1-128 printable characters")
+        try:
+            check_agent_id(self.agent_id)
+        except ValueError as err:
+            raise ConfigError(f"--agent-id: {err}") from None
         if self.request_timeout is not None and not 0 < self.request_timeout <= 86400:
             raise ConfigError(f"request timeout {self.request_timeout!r}: expected seconds between 0 and 86400")
         if self.visitor_credentials is not None:

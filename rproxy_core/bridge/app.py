@@ -23,6 +23,8 @@ from ..const import (
     CHALLENGE_PATH,
     CONNECT_PATH,
     DEAD_AFTER,
+    DEFAULT_BRIDGE_HOST,
+    DEFAULT_BRIDGE_PORT,
     HEADER_TIMEOUT,
     HEALTH_PATH,
     HEARTBEAT_INTERVAL,
@@ -39,6 +41,7 @@ from ..const import (
     METRICS_PATH,
     REQUEST_TIMEOUT,
     RESERVED_PREFIX,
+    SHUTDOWN_GRACE,
     STATUS_JSON_PATH,
     STATUS_PAGE_PATH,
     TCP_PATH,
@@ -101,8 +104,8 @@ _SERVER_LOGGER.addFilter(_MalformedRequestFilter())
 class BridgeConfig:
     """Settings of a bridge; the CLI fills it from flags, environment and config file."""
 
-    host: str = "0.0.0.0"
-    port: int = 8080
+    host: str = DEFAULT_BRIDGE_HOST
+    port: int = DEFAULT_BRIDGE_PORT
     #: Accepted agent tokens: plain strings serve any tunnel name, TokenGrants only theirs.
     tokens: list[str | TokenGrant] = field(default_factory=list)
     domain: str | None = None
@@ -113,7 +116,7 @@ class BridgeConfig:
     dead_after: float = DEAD_AFTER
     #: Seconds a stopping bridge lets visitor requests in flight finish before it closes the
     #: tunnels (new requests meanwhile get 503 with Retry-After).
-    shutdown_grace: float = 5.0
+    shutdown_grace: float = SHUTDOWN_GRACE
     #: Proxies in front of the bridge (a load balancer, nginx, Cloudflare) whose
     #: X-Forwarded-For and X-Forwarded-Proto are believed; from anyone else they are replaced.
     trusted_proxies: list[IPv4Network | IPv6Network] = field(default_factory=list)

@@ -38,15 +38,17 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from yarl import URL
 
 from .._version import __version__
-from ..bridge.keys import sign
-from ..const import CHALLENGE_PATH, CONNECT_PATH, DEFAULT_TUNNEL_NAME, HANDSHAKE_TIMEOUT, TCP_PATH, TCP_READ_SIZE
+from ..const import CONNECT_PATH, DEFAULT_TUNNEL_NAME, TCP_PATH, TCP_READ_SIZE
 from ..dial import (
+    ChallengeError,
     NoRedirects,
     NoSecretsFilter,
+    authorization,
     bridge_connect_url,
     bridge_tls_context,
     check_bridge_access,
     check_credential,
+    fetch_nonce,
     pinned_sha256,
     untrusted_message,
 )
@@ -602,48 +604,21 @@ class TcpClient:
 
     def _authorization(self, nonce: str | None) -> str:
         config = self.config
-        if config.key is not None and nonce is not None:
-            return sign(config.key, nonce, config.tunnel, URL(self.url).host or "")
-        return f"Bearer {config.token}"
+        return authorization(
+            key=config.key, nonce=nonce, token=config.token, name=config.tunnel, host=URL(self.url).host or ""
+        )
 
     async def _fetch_nonce(self) -> str:
         """A fresh challenge from the bridge, for the key to sign."""
-        url = URL(self.url)
-        prefix = url.path[: url.path.rindex(TCP_PATH)]
-        url = url.with_scheme("https" if url.scheme == "wss" else "http").with_path(prefix + CHALLENGE_PATH)
         try:
-            async with (
-                aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False) as session,
-                session.get(
-                    url,
-                    allow_redirects=False,
-                    proxy=None,
-                    ssl=self._tls if self._tls is not None else True,
-                    timeout=aiohttp.ClientTimeout(total=HANDSHAKE_TIMEOUT),
-                ) as response,
-            ):
-                if response.status == 404:
-                    raise ChannelRefused("the bridge does not accept keys (no challenge endpoint): use --token", 404)
-                if response.status != 200:
-                    raise ChannelRefused(
-                        f"the bridge answered HTTP {response.status} to the key challenge", response.status
-                    )
-                data = await response.json(content_type=None)
-        except aiohttp.ClientConnectorCertificateError as err:
-            cause = err.certificate_error
-            if isinstance(cause, ssl.SSLCertVerificationError):
-                raise ChannelRefused(self._untrusted(cause)) from None
-            raise ChannelRefused(f"cannot connect to the bridge at {self.origin}: {cause}") from None
-        except aiohttp.ClientConnectorError as err:
-            reason = err.os_error.strerror or err.os_error
-            raise ChannelRefused(f"cannot connect to the bridge at {self.origin}: {reason}") from None
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as err:
-            what = "timed out" if isinstance(err, TimeoutError) else str(err) or type(err).__name__
-            raise ChannelRefused(f"key challenge at {self.origin}: {what}") from None
-        nonce = data.get("nonce") if isinstance(data, dict) else None
-        if not isinstance(nonce, str) or not nonce.isascii() or not nonce.isprintable() or " " in nonce:
-            raise ChannelRefused("the bridge's key challenge is malformed")
-        return nonce
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False) as session:
+                return await fetch_nonce(session, self.url, TCP_PATH, self._tls)
+        except ssl.SSLCertVerificationError as err:
+            raise ChannelRefused(self._untrusted(err)) from None
+        except ChallengeError as err:
+            raise ChannelRefused(str(err), err.status) from None
+        except RproxyConnectionError as err:
+            raise ChannelRefused(str(err)) from None
 
     def _refusal(self, status: int, raw_body: bytes, retry_after: str | None = None) -> ChannelRefused:
         service, tunnel = self.config.service, self.config.tunnel
