@@ -40,6 +40,8 @@ __all__ = ["TunnelConnection", "HandshakeError"]
 
 _LOGGER = logging.getLogger("rproxy.tunnel")
 _PING = struct.Struct("!d")
+#: Events about one existing stream: _dispatch looks the stream up once for them.
+_STREAM_EVENTS = frozenset({ev.DataReceived, ev.WindowUpdated, ev.StreamEnded, ev.ReplyReceived, ev.StreamReset})
 
 
 class HandshakeError(RemoteProtocolError):
@@ -61,6 +63,9 @@ class TunnelConnection:
             streams are refused and the biggest holders throttled; by default 512 MiB inside
             the process's ``budget.PROCESS_BUDGET``.
     """
+
+    #: Seconds a goodbye waits to send what is queued, and again for the close handshake.
+    goodbye_timeout: float = 2.0
 
     def __init__(
         self,
@@ -173,12 +178,7 @@ class TunnelConnection:
             self._mark_closing()
             self.close_reason = self.close_reason or reason
             self.mux.goaway(code, reason)
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
-                    await self._send_pending()
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
-                    await self.socket.close(1000 if code == ErrorCode.NO_ERROR else 1002, reason[:100])
+            await self._goodbye(1000 if code == ErrorCode.NO_ERROR else 1002, reason)
         if self._writer is not None:  # run() is active: it ends now that the socket is closed
             await self._done.wait()
 
@@ -395,38 +395,44 @@ class TunnelConnection:
 
     async def _flush_before_close(self) -> None:
         """The mux ended the connection: let its GOAWAY out, then close the socket."""
+        await self._goodbye(1000 if self.mux.error is None else 1002, self.close_reason)
+
+    async def _goodbye(self, ws_code: int, reason: str) -> None:
+        """Send what is queued (a GOAWAY above all), then close the socket; never raises.
+
+        Each step waits at most ``goodbye_timeout`` seconds: a peer that stopped reading
+        (full TCP window) cannot hold a closing tunnel, and with it its streams' failures
+        and the registry's view of it, open.
+        """
         with contextlib.suppress(Exception):
-            async with asyncio.timeout(2):
+            async with asyncio.timeout(self.goodbye_timeout):
                 await self._send_pending()
         with contextlib.suppress(Exception):
-            async with asyncio.timeout(2):
-                await self.socket.close(1000 if self.mux.error is None else 1002, self.close_reason[:100])
+            async with asyncio.timeout(self.goodbye_timeout):
+                await self.socket.close(ws_code, reason[:100])
 
     def _dispatch(self, events: list[ev.Event]) -> None:
         streams = self.streams
+        stream_events = _STREAM_EVENTS
         for event in events:
-            if type(event) is ev.DataReceived:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
+            kind = type(event)
+            if kind in stream_events:
+                # One lookup per event; a stream already gone (reset, finished) ignores it.
+                stream = streams.get(event.stream_id)  # type: ignore[union-attr]  # all of _STREAM_EVENTS have one
+                if stream is None:
+                    continue
+                if type(event) is ev.DataReceived:
                     stream._on_data(event.data, event.flags)
-            elif type(event) is ev.WindowUpdated:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
+                elif type(event) is ev.WindowUpdated:
                     stream._on_credit()
-            elif type(event) is ev.StreamEnded:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
+                elif type(event) is ev.StreamEnded:
                     stream._on_end()
-            elif type(event) is ev.ReplyReceived:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
+                elif type(event) is ev.ReplyReceived:
                     stream._on_reply(event.head, event.end_stream)
+                elif type(event) is ev.StreamReset:
+                    stream._fail(StreamResetError(event.code, event.reason or f"reset by peer (code {event.code})"))
             elif type(event) is ev.StreamOpened:
                 self._on_stream_opened(event)
-            elif type(event) is ev.StreamReset:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    stream._fail(StreamResetError(event.code, event.reason or f"reset by peer (code {event.code})"))
             elif type(event) is ev.PongReceived:
                 if len(event.payload) == _PING.size:
                     self.rtt = max(0.0, self.loop.time() - _PING.unpack(event.payload)[0])
@@ -481,12 +487,7 @@ class TunnelConnection:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(2):
-                await self._send_pending()  # a GOAWAY queued by run() or left by the writer
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(2):
-                await self.socket.close(1001, "tunnel closed")
+        await self._goodbye(1001, "tunnel closed")  # sends a GOAWAY queued by run() or left by the writer
         self.socket.abort()
         error = TunnelClosedError(self.close_reason or "tunnel closed")
         for stream in list(self.streams.values()):

@@ -8,6 +8,7 @@ import pytest
 
 from rproxy_core.exceptions import StreamResetError, TunnelClosedError
 from rproxy_core.protocol import Multiplexer, Role
+from rproxy_core.protocol import events as ev
 from rproxy_core.protocol.frames import ErrorCode, MessageKind
 from rproxy_core.protocol.heads import KIND_WEBSOCKET, RequestHead, ResponseHead
 from rproxy_core.transport import HandshakeError, TunnelConnection, TunnelStream
@@ -135,6 +136,51 @@ async def test_closing_fails_open_streams_and_refuses_new_ones() -> None:
         assert closed == [tunnel.bridge, tunnel.bridge]
         assert tunnel.bridge_socket.close_code == 1000
         assert tunnel.agent.close_reason.startswith("peer said goodbye")
+
+
+def _frames_on_the_wire(messages: list[bytes]) -> list[type]:
+    """The kinds of event a peer gets from ``messages`` (the bridge's HELLO first), in order."""
+    reader = Multiplexer(Role.AGENT)
+    kinds: list[type] = []
+    for message in messages:
+        reader.receive_data(message)
+        kinds += [type(event) for event in reader.events_received()]
+    return kinds
+
+
+async def test_a_goodbye_sends_the_queued_frames_before_the_close() -> None:
+    """Frames still queued when close() is called (the socket took nothing at once) go out first, then GOAWAY."""
+    async with running_tunnel() as tunnel, asyncio.timeout(10):
+        # The socket refuses immediate writes, as a full one does: everything stays queued.
+        tunnel.bridge_socket.send_nowait = lambda buffers: False  # type: ignore[method-assign]
+        stream = tunnel.bridge.open_stream(GET)
+        tunnel.bridge.mux.send_data(stream.id, b"queued body", end_stream=True)
+        await tunnel.bridge.close()
+        assert tunnel.bridge_socket.close_code == 1000
+        kinds = _frames_on_the_wire(tunnel.bridge_socket.sent)  # a closed socket delivers nothing more
+        assert kinds[-4:] == [ev.StreamOpened, ev.DataReceived, ev.StreamEnded, ev.ConnectionTerminated]
+
+
+async def test_a_peer_that_never_reads_does_not_hold_the_goodbye() -> None:
+    """When the socket takes nothing (a peer that stopped reading), close() gives up after goodbye_timeout."""
+    async with running_tunnel() as tunnel, asyncio.timeout(10):
+        stuck = asyncio.Event()
+
+        async def send_never(data: bytes) -> None:
+            await stuck.wait()  # never set: the peer's window stays full
+
+        tunnel.bridge_socket.send_nowait = lambda buffers: False  # type: ignore[method-assign]
+        tunnel.bridge_socket.send = send_never  # type: ignore[method-assign]
+        tunnel.bridge.goodbye_timeout = 0.05
+        stream = tunnel.bridge.open_stream(GET)
+        tunnel.bridge.mux.send_data(stream.id, b"never read", end_stream=True)
+        started = asyncio.get_running_loop().time()
+        async with asyncio.timeout(1.5):  # below the 2 s default: the instance's bound is the one used
+            await tunnel.bridge.close()
+        assert asyncio.get_running_loop().time() - started >= 0.05
+        assert tunnel.bridge_socket.close_code == 1000  # closed anyway, after the bounded flush
+        with pytest.raises(TunnelClosedError):
+            await stream.reply()
 
 
 async def test_the_peers_stream_limit_is_kept() -> None:
