@@ -7,7 +7,9 @@
 ``python bench/wsload.py hold URL [--host H]``
     Many idle WebSockets, driven by commands on stdin, one JSON line answered per command:
     ``open N`` opens more until N are open (or have failed), ``echo`` sends one message on
-    each open socket and awaits its echo, ``quit`` closes them all and exits.
+    each open socket and awaits its echo, ``quit`` closes them all and exits. The sockets come
+    from many loopback addresses, SOCKETS_PER_ADDRESS each: a bridge caps what one visitor
+    address may hold (256 WebSockets per tunnel), and the benchmark measures many visitors.
 """
 
 from __future__ import annotations
@@ -26,6 +28,14 @@ from procs import raise_nofile
 
 MESSAGE = "x" * 32
 OPENING_AT_ONCE = 200
+#: Below the bridge's per-address cap (const.MAX_WEBSOCKETS_PER_VISITOR, 256).
+SOCKETS_PER_ADDRESS = 200
+
+
+def visitor_address(index: int) -> str:
+    """The loopback address the index-th socket comes from: 127.0.1.1, then 127.0.1.2, ..."""
+    block = index // SOCKETS_PER_ADDRESS
+    return f"127.0.{1 + block // 250}.{1 + block % 250}"
 
 
 async def rtt(url: str, seconds: float, host: str | None) -> dict[str, Any]:
@@ -58,20 +68,26 @@ async def rtt(url: str, seconds: float, host: str | None) -> dict[str, Any]:
 
 
 class Holder:
-    """Opens and keeps many WebSockets; counts what failed, by kind."""
+    """Opens and keeps many WebSockets, from many visitor addresses; counts what failed, by kind."""
 
-    def __init__(self, session: aiohttp.ClientSession, url: str, host: str | None) -> None:
-        self.session = session
+    def __init__(self, url: str, host: str | None) -> None:
         self.url = url
         self.headers = {"Host": host} if host else {}
+        self.sessions: dict[str, aiohttp.ClientSession] = {}
         self.sockets: list[aiohttp.ClientWebSocketResponse] = []
         self.attempts = 0
         self.errors: Counter[str] = Counter()
 
-    async def _open_one(self, gate: asyncio.Semaphore) -> None:
+    def _session(self, address: str) -> aiohttp.ClientSession:
+        if address not in self.sessions:
+            connector = aiohttp.TCPConnector(limit=0, force_close=True, local_addr=(address, 0))
+            self.sessions[address] = aiohttp.ClientSession(connector=connector)
+        return self.sessions[address]
+
+    async def _open_one(self, gate: asyncio.Semaphore, index: int) -> None:
         async with gate:
             try:
-                ws = await self.session.ws_connect(
+                ws = await self._session(visitor_address(index)).ws_connect(
                     self.url,
                     headers=self.headers,
                     compress=0,
@@ -88,9 +104,9 @@ class Holder:
     async def open(self, total: int) -> dict[str, Any]:
         start = time.perf_counter()
         gate = asyncio.Semaphore(OPENING_AT_ONCE)
-        wanted = total - self.attempts
+        first = self.attempts
         self.attempts = max(self.attempts, total)
-        await asyncio.gather(*(self._open_one(gate) for _ in range(wanted)))
+        await asyncio.gather(*(self._open_one(gate, index) for index in range(first, total)))
         return {
             "open": len(self.sockets),
             "attempts": self.attempts,
@@ -127,28 +143,27 @@ class Holder:
 
     async def close(self) -> None:
         await asyncio.gather(*(ws.close() for ws in self.sockets), return_exceptions=True)
+        await asyncio.gather(*(session.close() for session in self.sessions.values()))
 
 
 async def hold(url: str, host: str | None) -> None:
     loop = asyncio.get_running_loop()
-    connector = aiohttp.TCPConnector(limit=0, force_close=True)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        holder = Holder(session, url, host)
-        try:
-            while True:
-                line = await loop.run_in_executor(None, sys.stdin.readline)
-                words = line.split()
-                if not words or words[0] == "quit":
-                    break
-                if words[0] == "open":
-                    answer = await holder.open(int(words[1]))
-                elif words[0] == "echo":
-                    answer = await holder.echo()
-                else:
-                    answer = {"error": f"unknown command {words[0]!r}"}
-                print(json.dumps(answer), flush=True)
-        finally:
-            await holder.close()
+    holder = Holder(url, host)
+    try:
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            words = line.split()
+            if not words or words[0] == "quit":
+                break
+            if words[0] == "open":
+                answer = await holder.open(int(words[1]))
+            elif words[0] == "echo":
+                answer = await holder.echo()
+            else:
+                answer = {"error": f"unknown command {words[0]!r}"}
+            print(json.dumps(answer), flush=True)
+    finally:
+        await holder.close()
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ expected a DNS label (a-z, 0-9, -), got 'Bad_Name'``, or ``--listen: ...``, or
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import tomllib
@@ -25,11 +26,45 @@ import voluptuous as vol
 import yaml
 from yarl import URL
 
+from .const import (
+    DEFAULT_BRIDGE_HOST,
+    DEFAULT_BRIDGE_PORT,
+    DEFAULT_TUNNEL_NAME,
+    HEADER_TIMEOUT,
+    IDLE_TIMEOUT,
+    MAX_PENDING_HANDSHAKES,
+    MAX_PENDING_HANDSHAKES_PER_CREDENTIAL,
+    MAX_PENDING_HANDSHAKES_PER_SOURCE,
+    MAX_REQUESTS_PER_VISITOR,
+    MAX_WEBSOCKETS_PER_VISITOR,
+    REQUEST_TIMEOUT,
+    SHUTDOWN_GRACE,
+    VISITOR_WEBSOCKET_MESSAGE,
+    WEBSOCKET_IDLE_TIMEOUT,
+    WEBSOCKET_MESSAGE_RATE,
+)
 from .exceptions import ConfigError
 from .headers import is_tunnel_name
+from .transport.budget import DEFAULT_PROCESS_BUDGET, DEFAULT_TUNNEL_BUDGET
 
 __all__ = [
     "AGENT_SCHEMA",
+    "AGENT_SETTINGS",
+    "BRIDGE_SETTINGS",
+    "CA_FILE_SETTING",
+    "INSECURE_SETTING",
+    "KEY_SETTING",
+    "LOG_LEVEL_SETTING",
+    "PIN_SHA256_SETTING",
+    "Setting",
+    "TOKEN_FILE_SETTING",
+    "TOKEN_SETTING",
+    "check_agent_id",
+    "check_target_url",
+    "env_names",
+    "flag_names",
+    "key_aliases",
+    "settings_schema",
     "FileSettings",
     "BRIDGE_SCHEMA",
     "GATEWAY_COMMAND_SCHEMA",
@@ -50,6 +85,82 @@ __all__ = [
 ]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One setting of a command, written once: everything else about it is made from this.
+
+    ``check`` validates a value from any source (flag, variable or file: text, or what YAML
+    made of it) and returns it in the form the command uses; ``default`` goes through it too.
+    ``default=None`` means "not set" (and a key written without a value in a file is accepted).
+    """
+
+    #: The config-file key, and the key of the validated settings.
+    key: str
+    check: Callable[[Any], Any]
+    help: str
+    #: Flags, the first named in messages; none: a config-file-only setting.
+    flags: tuple[str, ...] = ()
+    #: Environment variables, the first one set wins.
+    env: tuple[str, ...] = ()
+    default: Any = None
+    metavar: str | None = None
+    #: The flag may repeat (each adds one value).
+    many: bool = False
+    #: The flag takes no value: it sets this one.
+    const: Any = None
+    #: The value is a credential: never echoed, and the docs say to keep it off command lines.
+    secret: bool = False
+    #: SIGHUP applies a change (others need a restart).
+    reloads: bool = False
+    #: Older spellings of the key in a config file.
+    file_aliases: tuple[str, ...] = ()
+    #: What an unset (None) default means, for the docs and --help.
+    unset: str = ""
+    #: Show the default as a size (1M, 512M, 1G).
+    size: bool = False
+    #: Required: the message when it is missing.
+    required: str = ""
+    #: The flag is ``rproxy``'s own (before the command), shared by every command.
+    root: bool = False
+    #: A valid value other than the default, as text: for the docs and the tests.
+    example: str = ""
+
+    @property
+    def flag(self) -> str | None:
+        return self.flags[0] if self.flags else None
+
+
+def settings_schema(settings: Sequence[Setting]) -> vol.Schema:
+    """The voluptuous schema of a settings table (defaults are validated like given values)."""
+    fields: dict[Any, Any] = {}
+    for setting in settings:
+        marker: Any
+        if setting.required:
+            marker = vol.Required(setting.key, msg=setting.required)
+        elif setting.default is None:
+            marker = vol.Optional(setting.key)
+        else:
+            # A fresh copy each time: a default list must not be shared between validations.
+            marker = vol.Optional(setting.key, default=lambda value=setting.default: copy.deepcopy(value))
+        fields[marker] = setting.check
+    return vol.Schema(fields)
+
+
+def flag_names(settings: Sequence[Setting]) -> dict[str, str]:
+    """Settings key → the flag messages name it by."""
+    return {setting.key: setting.flags[0] for setting in settings if setting.flags}
+
+
+def env_names(settings: Sequence[Setting]) -> dict[str, tuple[str, ...]]:
+    """Settings key → its environment variables."""
+    return {setting.key: setting.env for setting in settings if setting.env}
+
+
+def key_aliases(settings: Sequence[Setting]) -> dict[str, str]:
+    """Older config-file spellings → the key."""
+    return {alias: setting.key for setting in settings for alias in setting.file_aliases}
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +259,26 @@ def parse_tcp_target(target: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def check_target_url(value: Any) -> URL:
+    """A home app's URL: http(s), a host, no query or fragment (a path prefix is kept).
+
+    The one rule, for the CLI's settings and ``AgentConfig.validate``.
+
+    Raises:
+        ValueError: the message quotes the value.
+    """
+    try:
+        url = URL(str(value).strip())
+        valid = url.scheme in ("http", "https") and bool(url.host)
+    except (ValueError, TypeError):
+        valid = False
+    if not valid:
+        raise ValueError(f"expected an http:// or https:// URL with a host, got {value!r}")
+    if url.query_string or url.fragment:
+        raise ValueError(f"expected a URL without a query or fragment, got {value!r}")
+    return url
+
+
 def _target(value: Any) -> str:
     """The home app: an http(s) URL, or ``zeroconf:NAME`` for an app announced over mDNS."""
     text = str(value).strip()
@@ -156,7 +287,11 @@ def _target(value: Any) -> str:
         if not name or not name.isprintable():
             raise vol.Invalid(f"expected zeroconf:NAME with the name of an announced app, got {value!r}")
         return ZEROCONF_TARGET_PREFIX + name
-    return _url(("http", "https"))(value)
+    try:
+        check_target_url(text)
+    except ValueError as err:
+        raise vol.Invalid(str(err)) from None
+    return text
 
 
 def _text(what: str) -> Callable[[Any], str]:
@@ -168,10 +303,22 @@ def _text(what: str) -> Callable[[Any], str]:
     return check
 
 
-def _agent_id(value: Any) -> str:
+def check_agent_id(value: Any) -> str:
+    """An agent's id as it shows in logs: the one rule, for the CLI's settings and ``AgentConfig``.
+
+    Raises:
+        ValueError: not 1-128 printable characters (the message quotes the value).
+    """
     if not isinstance(value, str) or not 1 <= len(value) <= 128 or not value.isprintable():
-        raise vol.Invalid(f"expected 1-128 printable characters, got {value!r}")
+        raise ValueError(f"expected 1-128 printable characters, got {value!r}")
     return value
+
+
+def _agent_id(value: Any) -> str:
+    try:
+        return check_agent_id(value)
+    except ValueError as err:
+        raise vol.Invalid(str(err)) from None
 
 
 def _tunnel_name(value: Any) -> str:
@@ -262,7 +409,7 @@ def _token_grant(value: Any) -> TokenGrant:
 
 def _visitor_login(value: Any) -> tuple[str, str]:
     """``USER:HASH``, a visitor login the agent asks the bridge to require."""
-    from .bridge.visitor_policy import parse_password_hash
+    from .policy import parse_password_hash
 
     user, colon, hashed = value.partition(":") if isinstance(value, str) else ("", "", "")
     if not user or not colon:
@@ -275,8 +422,8 @@ def _visitor_login(value: Any) -> tuple[str, str]:
 
 
 def _tunnel_policies(value: Any) -> Any:
-    """``tunnels:``, visitor protection per tunnel (imported here: the bridge package imports this module)."""
-    from .bridge.visitor_policy import parse_tunnel_policies
+    """``tunnels:``, visitor protection per tunnel (imported here, on first use)."""
+    from .policy import parse_tunnel_policies
 
     return parse_tunnel_policies(value)
 
@@ -368,6 +515,22 @@ def _log_level(value: Any) -> str:
     if text not in LOG_LEVELS:
         raise vol.Invalid(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
     return text
+
+
+#: ``--log-level`` is ``rproxy``'s own flag (before the command); every command reads the
+#: variable and the file key the same way.
+LOG_LEVEL_SETTING = Setting(
+    "log_level",
+    _optional(_log_level),
+    "log verbosity: " + ", ".join(LOG_LEVELS),
+    ("--log-level",),
+    ("RPROXY_LOG_LEVEL",),
+    metavar="LEVEL",
+    reloads=True,
+    unset="info",
+    root=True,
+    example="debug",
+)
 
 
 def _seconds(low: float, high: float) -> Callable[[Any], float]:
@@ -507,42 +670,310 @@ def _gateway_section(value: Any) -> dict[str, Any]:
     return dict(_BRIDGE_GATEWAY({str(k).replace("-", "_"): v for k, v in value.items()}))
 
 
-BRIDGE_SCHEMA = vol.Schema(
-    {
-        vol.Optional("listen", default="0.0.0.0:8080"): parse_listen,
-        vol.Optional("domain"): _optional(_domain),
-        vol.Optional("tokens", default=[]): vol.All(_one_or_many, [_token_grant]),
-        vol.Optional("token_file"): _optional(_text("a file name")),
-        vol.Optional("request_timeout", default=30.0): _seconds(0.1, 86400),
-        vol.Optional("shutdown_grace", default=10.0): _seconds(0, 3600),
-        vol.Optional("tls_cert"): _optional(_text("a file name")),
-        vol.Optional("tls_key"): _optional(_text("a file name")),
-        vol.Optional("access_log", default=True): _boolean,
-        vol.Optional("trusted_proxies", default=[]): _networks,
-        vol.Optional("max_body_size"): _optional(_byte_size),
-        vol.Optional("header_timeout", default=10.0): _seconds(0.5, 3600),
-        vol.Optional("idle_timeout", default=75.0): _seconds(1, 86400),
-        vol.Optional("max_streams_per_tunnel"): _optional(_count(1, 1 << 20)),
-        vol.Optional("max_pending_handshakes", default=64): _count(1, 100_000),
-        vol.Optional("max_pending_handshakes_per_source", default=8): _count(1, 100_000),
-        vol.Optional("max_pending_handshakes_per_credential", default=8): _count(1, 100_000),
-        vol.Optional("max_requests_per_visitor", default=256): _count(1, 1 << 20),
-        vol.Optional("max_websockets_per_visitor", default=256): _count(1, 1 << 20),
-        vol.Optional("max_websocket_message", default=1 << 20): _byte_size,
-        vol.Optional("websocket_idle_timeout", default=120.0): _seconds(1, 86400),
-        vol.Optional("websocket_message_rate", default=20_000): _count(1, 10_000_000),
-        vol.Optional("memory_budget", default=1 << 30): _byte_size,
-        vol.Optional("tunnel_memory_budget", default=512 << 20): _byte_size,
-        vol.Optional("authorized_keys"): _optional(_text("a file name")),
-        vol.Optional("open_registration", default=False): _boolean,
-        vol.Optional("tunnels", default={}): _tunnel_policies,
-        vol.Optional("admin_token"): _optional(_accepted_token),
-        vol.Optional("aliases", default={}): _aliases,
-        vol.Optional("tcp_ports", default=[]): vol.All(_port_list, [_TCP_PORT]),
-        vol.Optional("gateway"): _optional(_gateway_section),
-        vol.Optional("log_level"): _optional(_log_level),
-    }
+#: The bridge's settings, one entry each: its flag, variables, config-file key, check, default
+#: and help. The argparse arguments, the environment mapping, ``BRIDGE_SCHEMA`` and the tables
+#: in docs/CONFIGURATION.md are made from it; the defaults are ``BridgeConfig``'s (both read
+#: const.py), which tests/core/unit/test_settings.py holds them to.
+BRIDGE_SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "listen",
+        parse_listen,
+        "address to listen on (0.0.0.0:$PORT when only $PORT is set)",
+        ("--listen",),
+        ("RPROXY_LISTEN",),
+        default=f"{DEFAULT_BRIDGE_HOST}:{DEFAULT_BRIDGE_PORT}",
+        metavar="HOST:PORT",
+        example="127.0.0.1:9000",
+    ),
+    Setting(
+        "domain",
+        _optional(_domain),
+        "serve tunnel NAME at NAME.D",
+        ("--domain",),
+        ("RPROXY_DOMAIN",),
+        metavar="D",
+        example="example.com",
+    ),
+    Setting(
+        "tokens",
+        vol.All(_one_or_many, [_token_grant]),
+        "an agent token to accept (repeatable); in a file also {token, name} or {token, names}, "
+        "and a sha256: hash from rproxy hash-token",
+        ("--token",),
+        ("RPROXY_TOKEN",),
+        default=[],
+        metavar="T",
+        many=True,
+        secret=True,
+        reloads=True,
+        file_aliases=("token",),
+        example="s3cret-token",
+    ),
+    Setting(
+        "token_file",
+        _optional(_text("a file name")),
+        "file with one accepted agent token per line, optionally followed by the tunnel names it may serve",
+        ("--token-file",),
+        ("RPROXY_TOKEN_FILE",),
+        metavar="F",
+        reloads=True,
+        example="/etc/rproxy/tokens",
+    ),
+    Setting(
+        "request_timeout",
+        _seconds(0.1, 86400),
+        "time the home app has to answer before the visitor gets 504",
+        ("--request-timeout",),
+        ("RPROXY_REQUEST_TIMEOUT",),
+        default=REQUEST_TIMEOUT,
+        metavar="SECONDS",
+        example="20",
+    ),
+    Setting(
+        "shutdown_grace",
+        _seconds(0, 3600),
+        "on SIGTERM, time requests in flight get to finish",
+        ("--shutdown-grace",),
+        ("RPROXY_SHUTDOWN_GRACE",),
+        default=SHUTDOWN_GRACE,
+        metavar="SECONDS",
+        reloads=True,
+        example="3",
+    ),
+    Setting(
+        "tls_cert",
+        _optional(_text("a file name")),
+        "PEM certificate chain: serve HTTPS and WSS",
+        ("--tls-cert",),
+        ("RPROXY_TLS_CERT",),
+        metavar="F",
+        reloads=True,
+        example="/etc/rproxy/cert.pem",
+    ),
+    Setting(
+        "tls_key",
+        _optional(_text("a file name")),
+        "PEM private key for --tls-cert",
+        ("--tls-key",),
+        ("RPROXY_TLS_KEY",),
+        metavar="F",
+        reloads=True,
+        example="/etc/rproxy/key.pem",
+    ),
+    Setting(
+        "access_log",
+        _boolean,
+        "log one line per visitor request (--no-access-log: do not)",
+        ("--no-access-log",),
+        ("RPROXY_ACCESS_LOG",),
+        default=True,
+        const=False,
+        example="false",
+    ),
+    Setting(
+        "trusted_proxies",
+        _networks,
+        "a load balancer or proxy in front of the bridge whose X-Forwarded-For/-Proto the bridge believes "
+        "(repeatable; comma-separated in the variable)",
+        ("--trusted-proxy",),
+        ("RPROXY_TRUSTED_PROXIES",),
+        default=[],
+        metavar="CIDR",
+        many=True,
+        file_aliases=("trusted_proxy",),
+        example="10.0.0.0/8",
+    ),
+    Setting(
+        "max_body_size",
+        _optional(_byte_size),
+        "largest visitor request body, e.g. 10M, 512K or bytes; larger gets 413",
+        ("--max-body-size",),
+        ("RPROXY_MAX_BODY_SIZE",),
+        metavar="SIZE",
+        unset="no limit",
+        example="10M",
+    ),
+    Setting(
+        "header_timeout",
+        _seconds(0.5, 3600),
+        "time a visitor has to send a request head before getting 408",
+        ("--header-timeout",),
+        ("RPROXY_HEADER_TIMEOUT",),
+        default=HEADER_TIMEOUT,
+        metavar="SECONDS",
+        example="5",
+    ),
+    Setting(
+        "idle_timeout",
+        _seconds(1, 86400),
+        "close a kept-alive visitor connection idle this long",
+        ("--idle-timeout",),
+        ("RPROXY_IDLE_TIMEOUT",),
+        default=IDLE_TIMEOUT,
+        metavar="SECONDS",
+        example="30",
+    ),
+    Setting(
+        "max_streams_per_tunnel",
+        _optional(_count(1, 1 << 20)),
+        "requests in flight at once per tunnel, over all its agents; more get 503",
+        ("--max-streams-per-tunnel",),
+        ("RPROXY_MAX_STREAMS_PER_TUNNEL",),
+        metavar="N",
+        unset="each agent's own limit",
+        example="100",
+    ),
+    Setting(
+        "max_pending_handshakes",
+        _count(1, 100_000),
+        "agents connecting but not through their handshake at once; more get 503",
+        ("--max-pending-handshakes",),
+        ("RPROXY_MAX_PENDING_HANDSHAKES",),
+        default=MAX_PENDING_HANDSHAKES,
+        metavar="N",
+        example="32",
+    ),
+    Setting(
+        "max_pending_handshakes_per_source",
+        _count(1, 100_000),
+        "of those, most from one address (an IPv6 /64 counts as one)",
+        ("--max-pending-handshakes-per-source",),
+        ("RPROXY_MAX_PENDING_HANDSHAKES_PER_SOURCE",),
+        default=MAX_PENDING_HANDSHAKES_PER_SOURCE,
+        metavar="N",
+        example="4",
+    ),
+    Setting(
+        "max_pending_handshakes_per_credential",
+        _count(1, 100_000),
+        "of those, most with one agent token or key",
+        ("--max-pending-handshakes-per-credential",),
+        ("RPROXY_MAX_PENDING_HANDSHAKES_PER_CREDENTIAL",),
+        default=MAX_PENDING_HANDSHAKES_PER_CREDENTIAL,
+        metavar="N",
+        example="4",
+    ),
+    Setting(
+        "max_requests_per_visitor",
+        _count(1, 1 << 20),
+        "requests in flight at once from one visitor address (an IPv6 /64 counts as one) to one tunnel; more get 429",
+        ("--max-requests-per-visitor",),
+        ("RPROXY_MAX_REQUESTS_PER_VISITOR",),
+        default=MAX_REQUESTS_PER_VISITOR,
+        metavar="N",
+        example="64",
+    ),
+    Setting(
+        "max_websockets_per_visitor",
+        _count(1, 1 << 20),
+        "WebSockets open at once from one visitor address (an IPv6 /64 counts as one) to one tunnel; more get 429",
+        ("--max-websockets-per-visitor",),
+        ("RPROXY_MAX_WEBSOCKETS_PER_VISITOR",),
+        default=MAX_WEBSOCKETS_PER_VISITOR,
+        metavar="N",
+        example="64",
+    ),
+    Setting(
+        "max_websocket_message",
+        _byte_size,
+        "largest WebSocket message a visitor may send, e.g. 1M; larger closes the socket with 1009",
+        ("--max-websocket-message",),
+        ("RPROXY_MAX_WEBSOCKET_MESSAGE",),
+        default=VISITOR_WEBSOCKET_MESSAGE,
+        metavar="SIZE",
+        size=True,
+        example="4M",
+    ),
+    Setting(
+        "websocket_idle_timeout",
+        _seconds(1, 86400),
+        "ping a visitor WebSocket silent this long; close it if it does not answer within half that again",
+        ("--websocket-idle-timeout",),
+        ("RPROXY_WEBSOCKET_IDLE_TIMEOUT",),
+        default=WEBSOCKET_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        example="60",
+    ),
+    Setting(
+        "websocket_message_rate",
+        _count(1, 10_000_000),
+        "WebSocket messages a visitor may send per second; more closes the socket with 1008",
+        ("--websocket-message-rate",),
+        ("RPROXY_WEBSOCKET_MESSAGE_RATE",),
+        default=WEBSOCKET_MESSAGE_RATE,
+        metavar="N",
+        example="500",
+    ),
+    Setting(
+        "memory_budget",
+        _byte_size,
+        "bytes all tunnels together may hold for visitors who do not read; when spent, new requests get 503",
+        ("--memory-budget",),
+        ("RPROXY_MEMORY_BUDGET",),
+        default=DEFAULT_PROCESS_BUDGET,
+        metavar="SIZE",
+        size=True,
+        example="256M",
+    ),
+    Setting(
+        "tunnel_memory_budget",
+        _byte_size,
+        "the same for each agent's tunnel",
+        ("--tunnel-memory-budget",),
+        ("RPROXY_TUNNEL_MEMORY_BUDGET",),
+        default=DEFAULT_TUNNEL_BUDGET,
+        metavar="SIZE",
+        size=True,
+        example="64M",
+    ),
+    Setting(
+        "authorized_keys",
+        _optional(_text("a file name")),
+        "agent keys accepted: lines 'ed25519 KEY NAME...' as rproxy keygen prints them, NAME * for any name",
+        ("--authorized-keys",),
+        ("RPROXY_AUTHORIZED_KEYS",),
+        metavar="FILE",
+        reloads=True,
+        example="/etc/rproxy/authorized_keys",
+    ),
+    Setting(
+        "open_registration",
+        _boolean,
+        "accept any agent key, serving it under a name derived from the key (needs --domain)",
+        ("--open-registration",),
+        ("RPROXY_OPEN_REGISTRATION",),
+        default=False,
+        const=True,
+        example="true",
+    ),
+    Setting(
+        "admin_token",
+        _optional(_accepted_token),
+        "open /_rproxy/metrics (Prometheus) and /_rproxy/status.json to this bearer token, or its sha256: "
+        "hash from rproxy hash-token; without it they do not exist",
+        ("--admin-token",),
+        ("RPROXY_ADMIN_TOKEN",),
+        metavar="T",
+        secret=True,
+        example="admin-s3cret",
+    ),
+    Setting(
+        "tunnels",
+        _tunnel_policies,
+        "visitor protection per tunnel: allow, auth, rate_limit, failed_logins (docs/BRIDGE.md, Visitor protection)",
+        default={},
+    ),
+    Setting("aliases", _aliases, "more host names, each mapped to TUNNEL or SERVICE.TUNNEL", default={}),
+    Setting(
+        "tcp_ports",
+        vol.All(_port_list, [_TCP_PORT]),
+        "extra public TCP ports, each {listen, tunnel, service, allow}",
+        default=[],
+    ),
+    Setting("gateway", _optional(_gateway_section), "a WebSocket-to-POST gateway on one host name (docs/GATEWAY.md)"),
+    LOG_LEVEL_SETTING,
 )
+BRIDGE_SCHEMA = settings_schema(BRIDGE_SETTINGS)
 
 
 def _service_target(value: Any) -> str:
@@ -600,27 +1031,162 @@ def _unique_names(services: list[dict[str, str]]) -> list[dict[str, str]]:
     return services
 
 
-AGENT_SCHEMA = vol.Schema(
-    {
-        vol.Required("bridge", msg="is required (the bridge's URL)"): _url(("ws", "wss", "http", "https")),
-        # One of token and key is required (checked by the agent's CLI, which names both).
-        vol.Optional("token"): _optional(_agent_token),
-        vol.Optional("token_file"): _optional(_text("a file name")),
-        vol.Optional("key"): _optional(_text("a file name")),
-        # Required unless there are services (checked by the agent's CLI, which names both).
-        vol.Optional("target"): _optional(_target),
-        # No default here: with a key and no name, the agent takes the name derived from the key.
-        vol.Optional("name"): _optional(_tunnel_name),
-        vol.Optional("agent_id"): _optional(_agent_id),
-        vol.Optional("services", default=[]): vol.All(_service_list, [_service_entry], _unique_names),
-        vol.Optional("log_level"): _optional(_log_level),
-        vol.Optional("ca_file"): _optional(_text("a file name")),
-        vol.Optional("pin_sha256", default=[]): vol.All(_pin_list, [parse_sha256_pin]),
-        vol.Optional("insecure", default=False): _boolean,
-        vol.Optional("visitor_allow", default=[]): vol.All(_networks, lambda networks: [str(n) for n in networks]),
-        vol.Optional("visitor_auth", default=[]): vol.All(_pin_list, [_visitor_login]),
-    }
+#: The credential and TLS settings ``rproxy agent``, ``rproxy tcp`` and ``rproxy status`` share:
+#: each declared once, with one action (cli/options.py adds them to each command).
+TOKEN_SETTING = Setting(
+    "token",
+    _optional(_agent_token),
+    "agent token the bridge accepts; every user of this machine can read it in ps, so prefer --token-file",
+    ("--token",),
+    ("RPROXY_TOKEN",),
+    metavar="T",
+    secret=True,
+    example="s3cret-token",
 )
+TOKEN_FILE_SETTING = Setting(
+    "token_file",
+    _optional(_text("a file name")),
+    "read the agent token from the first line of FILE (keep it mode 600)",
+    ("--token-file",),
+    ("RPROXY_TOKEN_FILE",),
+    metavar="FILE",
+    example="/etc/rproxy/agent-token",
+)
+KEY_SETTING = Setting(
+    "key",
+    _optional(_text("a file name")),
+    "instead of --token: the agent's private key from rproxy keygen; without --name the tunnel is named "
+    "after the key, as an --open-registration bridge wants",
+    ("--key",),
+    ("RPROXY_KEY",),
+    metavar="FILE",
+    example="/etc/rproxy/agent.key",
+)
+CA_FILE_SETTING = Setting(
+    "ca_file",
+    _optional(_text("a file name")),
+    "PEM file of the CAs to trust for a wss:// or https:// bridge instead of the system's, e.g. a private CA",
+    ("--ca-file",),
+    ("RPROXY_CA_FILE",),
+    metavar="FILE",
+    example="/etc/rproxy/ca.pem",
+)
+PIN_SHA256_SETTING = Setting(
+    "pin_sha256",
+    vol.All(_pin_list, [parse_sha256_pin]),
+    "accept the wss:// or https:// bridge only with this certificate: its SHA-256 fingerprint (openssl x509 "
+    "-noout -fingerprint -sha256), colons optional; enough on its own, e.g. for a self-signed certificate; "
+    "repeatable, to rotate certificates (comma-separated in the variable)",
+    ("--pin-sha256",),
+    ("RPROXY_PIN_SHA256",),
+    default=[],
+    metavar="HEX",
+    many=True,
+    example="ab" * 32,
+)
+INSECURE_SETTING = Setting(
+    "insecure",
+    _boolean,
+    "allow plain ws:// or http:// to a bridge that is not on this machine (a LAN bridge without TLS): the "
+    "credential and all traffic travel unencrypted; certificates of a wss:// bridge are still checked",
+    ("--insecure",),
+    ("RPROXY_INSECURE",),
+    default=False,
+    const=True,
+    example="true",
+)
+
+#: ``rproxy agent``'s settings (see ``BRIDGE_SETTINGS``); the defaults are ``AgentConfig``'s.
+AGENT_SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "bridge",
+        _url(("ws", "wss", "http", "https")),
+        "the bridge, e.g. wss://bridge.example.com",
+        ("--bridge",),
+        ("RPROXY_BRIDGE", "REMOTE_URL"),
+        metavar="URL",
+        required="is required (the bridge's URL)",
+        example="wss://bridge.example.com",
+    ),
+    # One of token, token file and key is required (checked by the agent's CLI, which names them).
+    TOKEN_SETTING,
+    TOKEN_FILE_SETTING,
+    KEY_SETTING,
+    # Required unless there are services (checked by the agent's CLI, which names both).
+    Setting(
+        "target",
+        _optional(_target),
+        "the home app, e.g. http://127.0.0.1:8123, or zeroconf:NAME for an app announced on the LAN",
+        ("--target",),
+        ("RPROXY_TARGET", "LOCAL_URL"),
+        metavar="URL",
+        example="http://127.0.0.1:8123",
+    ),
+    Setting(
+        "services",
+        vol.All(_service_list, [_service_entry], _unique_names),
+        "one more service over the same tunnel (repeatable): a web app (http://..., zeroconf:NAME), visited as "
+        "NAME.<tunnel>.<domain>, or a TCP service (tcp://192.168.1.5:22) reached with rproxy tcp; the agent "
+        "connects to nothing else (comma-separated in the variable; in a file a list of {name, target} or a "
+        "mapping of name to URL)",
+        ("--service",),
+        ("RPROXY_SERVICES",),
+        default=[],
+        metavar="NAME=URL",
+        many=True,
+        example="ssh=tcp://192.168.1.5:22",
+    ),
+    # No default here: with a key and no name, the agent takes the name derived from the key.
+    Setting(
+        "name",
+        _optional(_tunnel_name),
+        "tunnel name, a DNS label",
+        ("--name",),
+        ("RPROXY_NAME",),
+        metavar="NAME",
+        unset=f"{DEFAULT_TUNNEL_NAME}, or with --key the key's own name",
+        example="cabin",
+    ),
+    Setting(
+        "agent_id",
+        _optional(_agent_id),
+        "this agent's identity in logs, e.g. mac@home",
+        ("--agent-id",),
+        ("RPROXY_AGENT_ID", "AGENT_ID"),
+        metavar="ID",
+        unset="host name",
+        example="mac@home",
+    ),
+    CA_FILE_SETTING,
+    PIN_SHA256_SETTING,
+    INSECURE_SETTING,
+    Setting(
+        "visitor_allow",
+        vol.All(_networks, lambda networks: [str(n) for n in networks]),
+        "ask the bridge to admit visitors only from these addresses (repeatable; the bridge's own tunnels: "
+        "config wins; comma-separated in the variable)",
+        ("--visitor-allow",),
+        ("RPROXY_VISITOR_ALLOW",),
+        default=[],
+        metavar="CIDR",
+        many=True,
+        example="192.0.2.0/24",
+    ),
+    Setting(
+        "visitor_auth",
+        vol.All(_pin_list, [_visitor_login]),
+        "ask the bridge to require HTTP basic auth: a user and the scrypt hash of its password (see "
+        "docs/BRIDGE.md, Visitor protection); repeatable",
+        ("--visitor-auth",),
+        ("RPROXY_VISITOR_AUTH",),
+        default=[],
+        metavar="USER:HASH",
+        many=True,
+        example="",  # a hash is made by the test (scrypt): see tests/core/unit/test_settings.py
+    ),
+    LOG_LEVEL_SETTING,
+)
+AGENT_SCHEMA = settings_schema(AGENT_SETTINGS)
 
 #: Keys of older config files (before the plural keys), still read.
 _KEY_ALIASES = {"token": "tokens", "trusted_proxy": "trusted_proxies"}

@@ -28,6 +28,10 @@ HANDSHAKE_TIMEOUT = 10.0
 
 #: Time the home app has to send its response head before the visitor gets 504.
 REQUEST_TIMEOUT = 30.0
+#: Seconds a stopping bridge (SIGTERM) gives requests in flight before it closes the tunnels:
+#: a download or a slow API call usually ends within it, and systemd's default stop timeout
+#: (90 s) is far off. The same for an embedded Bridge and for ``rproxy bridge``.
+SHUTDOWN_GRACE = 10.0
 
 #: Time a visitor has to send a whole request head, from its first byte (or from connecting),
 #: before the bridge answers 408 and hangs up: ample for a phone on a bad link, short enough
@@ -111,4 +115,6 @@ TCP_READ_SIZE = 64 << 10
 
 #: Default tunnel name for an agent started without --name.
 DEFAULT_TUNNEL_NAME = "home"
+#: Where ``rproxy bridge`` and an embedded Bridge listen by default: every interface.
+DEFAULT_BRIDGE_HOST = "0.0.0.0"
 DEFAULT_BRIDGE_PORT = 8080

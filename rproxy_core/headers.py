@@ -7,7 +7,15 @@ from collections.abc import Iterable, Mapping
 
 from .typing import Headers
 
-__all__ = ["HOP_BY_HOP", "strip_hop_by_hop", "TUNNEL_NAME_RE", "is_tunnel_name", "ASCII_ONLY", "non_ascii_field"]
+__all__ = [
+    "HOP_BY_HOP",
+    "strip_hop_by_hop",
+    "is_websocket_upgrade",
+    "TUNNEL_NAME_RE",
+    "is_tunnel_name",
+    "ASCII_ONLY",
+    "non_ascii_field",
+]
 
 #: Connection-specific fields a proxy must not forward (RFC 9110 §7.6.1), plus ``Trailer``
 #: (trailers are not relayed) and ``Expect`` (each hop answers 100-continue itself).
@@ -39,6 +47,25 @@ def strip_hop_by_hop(headers: Iterable[tuple[str, str]], extra: frozenset[str] =
         if name.lower() == "connection":
             drop.update(token.strip().lower() for token in value.split(","))
     return [(name, value) for name, value in pairs if name.lower() not in drop]
+
+
+def is_websocket_upgrade(method: str, headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> bool:
+    """Whether a request opens a WebSocket: GET, ``Upgrade: websocket`` and ``upgrade`` in ``Connection``.
+
+    ``Upgrade`` alone is not enough (RFC 9110 section 7.8: it is ignored unless ``Connection``
+    names it); a request carrying only that is plain HTTP, and its body is read as such.
+    """
+    if method != "GET":
+        return False
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    upgrade, connection = "", set[str]()
+    for name, value in pairs:
+        lowered = name.lower()
+        if lowered == "upgrade":
+            upgrade = value.strip().lower()
+        elif lowered == "connection":
+            connection.update(token.strip().lower() for token in value.split(","))
+    return upgrade == "websocket" and "upgrade" in connection
 
 
 #: A tunnel name is one DNS label, so that ``<name>.<domain>`` is a valid host name.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from rproxy_core import const as _core
 from rproxy_core.agent import discovery as _discovery
 
 DOMAIN: Final = "rproxy"
@@ -44,8 +45,10 @@ PUBLIC_URL_LOCAL_BRIDGE: Final = "local_bridge"
 #: The bridge named something that is not an http(s) address.
 PUBLIC_URL_INVALID: Final = "invalid"
 
-DEFAULT_REQUEST_TIMEOUT: Final = 30
-DEFAULT_TUNNEL_NAME: Final = "home"
+#: The defaults of ``rproxy agent``, so a tunnel set up here behaves as one started by hand
+#: (the form's number field takes whole seconds).
+DEFAULT_REQUEST_TIMEOUT: Final = int(_core.REQUEST_TIMEOUT)
+DEFAULT_TUNNEL_NAME: Final = _core.DEFAULT_TUNNEL_NAME
 
 #: The project's own mDNS service type, and the TXT property that marks a plain
 #: ``_http._tcp`` service as meant for rproxy: rproxy_core's, which the ``rproxy agent``

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from ipaddress import ip_address
 from typing import Any
@@ -15,9 +16,13 @@ from typing import Any
 import aiohttp
 from homeassistant.config_entries import ConfigEntry
 from homeassistant.const import CONF_TOKEN
-from homeassistant.core import HomeAssistant, callback
-from homeassistant.exceptions import ServiceValidationError
-from homeassistant.helpers import issue_registry as ir
+from homeassistant.core import Event, HomeAssistant, callback
+from homeassistant.exceptions import (
+    ConfigEntryAuthFailed,
+    ConfigEntryError,
+    ConfigEntryNotReady,
+    ServiceValidationError,
+)
 from homeassistant.helpers.aiohttp_client import async_create_clientsession, async_get_clientsession
 from homeassistant.helpers.update_coordinator import DataUpdateCoordinator
 from homeassistant.util.network import is_local
@@ -52,6 +57,12 @@ from .const import (
     VISITOR_AUTH_BASIC,
 )
 from .homeassistant_target import homeassistant_server, trusted_networks_refusal
+from .issues import (
+    async_clear_visitor_refused,
+    async_raise_visitor_refused,
+    async_update_insecure_bridge,
+    visitor_refused_raised,
+)
 from .service_list import ServiceError, is_tcp, parse_services, service_addresses
 
 _LOGGER = logging.getLogger(__package__)
@@ -87,11 +98,6 @@ class TunnelSnapshot:
         return self.state is AgentState.CONNECTED
 
 
-def visitor_refused_issue_id(entry: ConfigEntry) -> str:
-    """Repair issue raised while tunnelled visitors arrive with local addresses."""
-    return f"visitor_local_address_{entry.entry_id}"
-
-
 class RproxyCoordinator(DataUpdateCoordinator[TunnelSnapshot]):
     """Runs the agent of one tunnel and publishes its snapshots."""
 
@@ -112,11 +118,9 @@ class RproxyCoordinator(DataUpdateCoordinator[TunnelSnapshot]):
         self._was_connected = False
         self._reauth_started = False
         # From the registry, not False: a notice raised before a reload must still clear.
-        self._refusing_local_visitors = (
-            ir.async_get(hass).async_get_issue(DOMAIN, visitor_refused_issue_id(entry)) is not None
-        )
+        self._refusing_local_visitors = visitor_refused_raised(hass, entry)
         #: The options the agent was built with, but for the switch's (see async_set_exposed).
-        self.applied_options = {k: v for k, v in entry.options.items() if k != CONF_EXPOSED}
+        self.applied_options = _without_exposed(entry.options)
         public_url, source = self._visitor_url(None)
         self.data = TunnelSnapshot(
             state=AgentState.STOPPED,
@@ -143,6 +147,45 @@ class RproxyCoordinator(DataUpdateCoordinator[TunnelSnapshot]):
         return bool(self.config_entry.options.get(CONF_EXPOSED, True))
 
     # Lifecycle.
+
+    async def async_first_start(self) -> None:
+        """Start the tunnel of a config entry being set up, as Home Assistant wants it told.
+
+        The analogue of ``async_config_entry_first_refresh``: setup waits for the first
+        connection, and a failure becomes the exception that makes Home Assistant retry,
+        ask for a new token, or show why the settings cannot work.
+
+        Raises:
+            ConfigEntryError: the stored settings are refused (written by an older version, or
+                edited by hand).
+            ConfigEntryAuthFailed: the bridge refuses the token (starts the reauth flow).
+            ConfigEntryNotReady: no connection yet (Home Assistant retries later).
+        """
+        bridge_url = self.config_entry.data[CONF_BRIDGE_URL]
+        async_update_insecure_bridge(self.hass, self.config_entry, bridge_url, cleartext_bridge(bridge_url))
+        if not self.exposed:
+            return
+        try:
+            outcome = await self.async_start()
+        except ConfigError as err:
+            raise ConfigEntryError(
+                translation_domain=DOMAIN,
+                translation_key="invalid_settings",
+                translation_placeholders={"error": str(err)},
+            ) from None
+        if outcome is AgentState.CONNECTED:
+            return
+        agent = self.agent
+        failure = agent.failure if agent is not None else None
+        error = (agent.last_error if agent is not None else None) or "no answer from the bridge"
+        await self.async_stop()
+        if isinstance(failure, AuthenticationError):
+            raise ConfigEntryAuthFailed(
+                translation_domain=DOMAIN, translation_key="invalid_auth", translation_placeholders={"error": error}
+            )
+        raise ConfigEntryNotReady(
+            translation_domain=DOMAIN, translation_key="cannot_connect", translation_placeholders={"error": error}
+        )
 
     async def async_start(self) -> AgentState:
         """Start the agent; return the outcome of its first attempt (or its state after SETUP_TIMEOUT)."""
@@ -195,6 +238,15 @@ class RproxyCoordinator(DataUpdateCoordinator[TunnelSnapshot]):
             session.detach()
         self._was_connected = False
         self._publish()
+
+    async def async_on_hass_stop(self, event: Event) -> None:
+        """Home Assistant stops: close with a goodbye while the loop still runs, so the bridge
+        stops routing visitors here at once and nothing logs a lost tunnel."""
+        await self.async_stop()
+
+    def options_need_restart(self) -> bool:
+        """Whether the options changed since the agent was built (the switch's own change needs no restart)."""
+        return self.applied_options != _without_exposed(self.config_entry.options)
 
     async def async_set_exposed(self, exposed: bool) -> None:
         """Start or stop exposing, and remember the choice across restarts."""
@@ -364,19 +416,14 @@ class RproxyCoordinator(DataUpdateCoordinator[TunnelSnapshot]):
         if refusal is not None and not self._refusing_local_visitors:
             self._refusing_local_visitors = True
             _LOGGER.warning("Refusing tunnelled visitors from %s: %s", address, refusal)
-            ir.async_create_issue(
-                self.hass,
-                DOMAIN,
-                visitor_refused_issue_id(entry),
-                is_fixable=False,
-                severity=ir.IssueSeverity.ERROR,
-                translation_key="visitor_local_address",
-                translation_placeholders={"tunnel": entry.data[CONF_TUNNEL_NAME], "address": address},
-                learn_more_url="https://github.com/rproxy-dev/rproxy/blob/main/docs/HOME-ASSISTANT.md#visitors-refused",
-            )
+            async_raise_visitor_refused(self.hass, entry, address)
         elif refusal is None and self._refusing_local_visitors:
             self._refusing_local_visitors = False
-            ir.async_delete_issue(self.hass, DOMAIN, visitor_refused_issue_id(entry))
+            async_clear_visitor_refused(self.hass, entry)
+
+
+def _without_exposed(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k != CONF_EXPOSED}
 
 
 #: Home Assistant's longest state; a URL visitors type is far shorter.

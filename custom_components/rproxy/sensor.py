@@ -23,8 +23,8 @@ PARALLEL_UPDATES = 0  # pushed by the agent; nothing to fetch
 class RproxySensorDescription(SensorEntityDescription):
     """A sensor and how to read it from a snapshot."""
 
-    value: Callable[[TunnelSnapshot], str | int | float | datetime | None]
-    attributes: Callable[[TunnelSnapshot], Mapping[str, Any]] | None = None
+    value_fn: Callable[[TunnelSnapshot], str | int | float | datetime | None]
+    attributes_fn: Callable[[TunnelSnapshot], Mapping[str, Any]] | None = None
 
 
 def _connected_since(data: TunnelSnapshot) -> datetime | None:
@@ -34,19 +34,19 @@ def _connected_since(data: TunnelSnapshot) -> datetime | None:
 SENSORS: tuple[RproxySensorDescription, ...] = (
     RproxySensorDescription(
         key="public_url",
-        value=lambda data: data.public_url,
+        value_fn=lambda data: data.public_url,
         # Why the address is what it is, or unknown; and where the extra services are.
-        attributes=lambda data: {"source": data.public_url_source, "services": data.services},
+        attributes_fn=lambda data: {"source": data.public_url_source, "services": data.services},
     ),
     RproxySensorDescription(
         key="active_connections",
         state_class=SensorStateClass.MEASUREMENT,
-        value=lambda data: data.stats.active_streams,
+        value_fn=lambda data: data.stats.active_streams,
     ),
     RproxySensorDescription(
         key="requests_served",
         state_class=SensorStateClass.TOTAL_INCREASING,
-        value=lambda data: data.stats.requests_served,
+        value_fn=lambda data: data.stats.requests_served,
     ),
     RproxySensorDescription(
         key="bytes_in",
@@ -55,7 +55,7 @@ SENSORS: tuple[RproxySensorDescription, ...] = (
         native_unit_of_measurement=UnitOfInformation.BYTES,
         suggested_unit_of_measurement=UnitOfInformation.MEBIBYTES,
         suggested_display_precision=2,
-        value=lambda data: data.stats.bytes_received,
+        value_fn=lambda data: data.stats.bytes_received,
     ),
     RproxySensorDescription(
         key="bytes_out",
@@ -64,7 +64,7 @@ SENSORS: tuple[RproxySensorDescription, ...] = (
         native_unit_of_measurement=UnitOfInformation.BYTES,
         suggested_unit_of_measurement=UnitOfInformation.MEBIBYTES,
         suggested_display_precision=2,
-        value=lambda data: data.stats.bytes_sent,
+        value_fn=lambda data: data.stats.bytes_sent,
     ),
     RproxySensorDescription(
         key="round_trip_time",
@@ -73,20 +73,20 @@ SENSORS: tuple[RproxySensorDescription, ...] = (
         native_unit_of_measurement=UnitOfTime.MILLISECONDS,
         suggested_display_precision=1,
         entity_category=EntityCategory.DIAGNOSTIC,
-        value=lambda data: round(data.stats.rtt * 1000, 2) if data.stats.rtt is not None else None,
+        value_fn=lambda data: round(data.stats.rtt * 1000, 2) if data.stats.rtt is not None else None,
     ),
     RproxySensorDescription(
         key="connected_since",
         device_class=SensorDeviceClass.TIMESTAMP,
         entity_category=EntityCategory.DIAGNOSTIC,
-        value=_connected_since,
+        value_fn=_connected_since,
     ),
     RproxySensorDescription(
         key="reconnects",
         state_class=SensorStateClass.TOTAL_INCREASING,
         entity_category=EntityCategory.DIAGNOSTIC,
         entity_registry_enabled_default=False,
-        value=lambda data: data.stats.reconnects,
+        value_fn=lambda data: data.stats.reconnects,
     ),
 )
 
@@ -109,9 +109,9 @@ class RproxySensor(RproxyEntity, SensorEntity):
 
     @property
     def native_value(self) -> str | int | float | datetime | None:
-        return self.entity_description.value(self.coordinator.data)
+        return self.entity_description.value_fn(self.coordinator.data)
 
     @property
     def extra_state_attributes(self) -> Mapping[str, Any] | None:
-        attributes = self.entity_description.attributes
-        return None if attributes is None else attributes(self.coordinator.data)
+        attributes_fn = self.entity_description.attributes_fn
+        return None if attributes_fn is None else attributes_fn(self.coordinator.data)

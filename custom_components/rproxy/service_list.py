@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 
 from yarl import URL
 
-from rproxy_core.agent.client import check_service
+from rproxy_core.agent import check_service
 from rproxy_core.const import MAX_SERVICES
 from rproxy_core.exceptions import ConfigError
 from rproxy_core.headers import is_tunnel_name

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import hdrs, web
 
@@ -22,18 +22,17 @@ from ..const import (
     HEADER_AGENT_ID,
     HEADER_PROTOCOL,
     HEADER_TUNNEL,
-    MAX_SERVICES,
     TUNNEL_MESSAGE_LIMIT,
 )
+from ..exceptions import RemoteProtocolError
 from ..headers import is_tunnel_name
 from ..protocol.frames import ErrorCode
-from ..protocol.heads import SERVICE_KINDS
+from ..protocol.hello import AgentHello
 from ..protocol.mux import SUPPORTED_VERSIONS, Multiplexer, Role
 from ..transport import AiohttpFrameSocket, HandshakeError, TunnelConnection
 from ..transport.budget import MemoryBudget
 from .auth import basic_credential
 from .keys import AUTH_SCHEME, decode_public_key, fingerprint, signed_message, verify_signature
-from .registry import MAIN_SERVICE
 from .routing import host_name, is_loopback_host
 from .shares import Shares, address_share
 from .visitor_policy import parse_agent_policy
@@ -41,7 +40,7 @@ from .visitor_policy import parse_agent_policy
 if TYPE_CHECKING:
     from .app import Bridge
 
-__all__ = ["AgentHandler", "Credential", "parse_services"]
+__all__ = ["AgentHandler", "Credential"]
 
 _LOGGER = logging.getLogger("rproxy.bridge")
 
@@ -52,27 +51,6 @@ def _refuse(status: int, message: str) -> web.Response:
 
 #: Whether the credential an agent presented still lets it serve a name (asked again on reload).
 Allows = Callable[[str], bool]
-
-
-def parse_services(settings: Mapping[str, Any]) -> Mapping[str, str]:
-    """The services an agent's HELLO announces (name → kind; "" is its main web app).
-
-    Raises:
-        ValueError: the announcement is malformed (the agent is refused).
-    """
-    services = settings.get("services")
-    if services is None:  # an agent from before services: its main web app only
-        return MAIN_SERVICE
-    if not isinstance(services, dict):
-        raise ValueError("services must be an object")
-    if len(services) > MAX_SERVICES + 1:
-        raise ValueError(f"more than {MAX_SERVICES} services")
-    for service, kind in services.items():
-        if service and not is_tunnel_name(service):
-            raise ValueError(f"service name {service[:64]!r} is not a DNS label")
-        if kind not in SERVICE_KINDS:
-            raise ValueError(f"service {service!r} has unknown kind {str(kind)[:32]!r}")
-    return dict(services)
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,16 +314,16 @@ class AgentHandler:
         if not credential.allows(name):  # revoked by a reload during the handshake
             await connection.close(ErrorCode.NO_ERROR, "agent credential revoked")
             return ws
-        part = "visitor policy"
         try:
-            asked = parse_agent_policy(connection.peer_settings)
-            part = "services"
-            services = parse_services(connection.peer_settings)
-        except ValueError as err:
-            _LOGGER.warning("agent %s refused: bad %s in its HELLO: %s", connection.label, part, err)
+            hello = AgentHello.decode(connection.peer_settings)
+            asked = parse_agent_policy(hello)
+        except (RemoteProtocolError, ValueError) as err:
+            # The message names the field (services.NAME, visitor_basic...), the agent's text in it quoted.
+            _LOGGER.warning("agent %s refused, its HELLO is malformed: %s", connection.label, err)
             bridge.metrics.handshake_failed("hello")
-            await connection.close(ErrorCode.PROTOCOL_ERROR, f"bad {part}: {err}")
+            await connection.close(ErrorCode.PROTOCOL_ERROR, f"malformed HELLO: {err}")
             return ws
+        services = hello.services
         # Set before the tunnel is listed, so no visitor slips in unprotected meanwhile.
         differs = bridge.visitor_guard.agent_joins(name, connection, asked)
         if differs is not None:

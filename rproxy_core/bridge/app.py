@@ -18,11 +18,13 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .. import __version__
+from .._version import __version__
 from ..const import (
     CHALLENGE_PATH,
     CONNECT_PATH,
     DEAD_AFTER,
+    DEFAULT_BRIDGE_HOST,
+    DEFAULT_BRIDGE_PORT,
     HEADER_TIMEOUT,
     HEALTH_PATH,
     HEARTBEAT_INTERVAL,
@@ -39,6 +41,7 @@ from ..const import (
     METRICS_PATH,
     REQUEST_TIMEOUT,
     RESERVED_PREFIX,
+    SHUTDOWN_GRACE,
     STATUS_JSON_PATH,
     STATUS_PAGE_PATH,
     TCP_PATH,
@@ -58,7 +61,7 @@ from .auth import TokenAuth, TokenGrant
 from .channels import ChannelHandler, TcpPort, TcpPortServer
 from .gateway import bridge_gateway
 from .keys import ChallengeStore, KeyAuth, KeyGrant
-from .limits import BridgeRunner, HeadLimits
+from .limits import BridgeRunner, HeadLimits, answer_expect
 from .metrics import BridgeMetrics
 from .pages import error_response
 from .registry import MemoryRegistry, TunnelRegistry
@@ -101,8 +104,8 @@ _SERVER_LOGGER.addFilter(_MalformedRequestFilter())
 class BridgeConfig:
     """Settings of a bridge; the CLI fills it from flags, environment and config file."""
 
-    host: str = "0.0.0.0"
-    port: int = 8080
+    host: str = DEFAULT_BRIDGE_HOST
+    port: int = DEFAULT_BRIDGE_PORT
     #: Accepted agent tokens: plain strings serve any tunnel name, TokenGrants only theirs.
     tokens: list[str | TokenGrant] = field(default_factory=list)
     domain: str | None = None
@@ -113,7 +116,7 @@ class BridgeConfig:
     dead_after: float = DEAD_AFTER
     #: Seconds a stopping bridge lets visitor requests in flight finish before it closes the
     #: tunnels (new requests meanwhile get 503 with Retry-After).
-    shutdown_grace: float = 5.0
+    shutdown_grace: float = SHUTDOWN_GRACE
     #: Proxies in front of the bridge (a load balancer, nginx, Cloudflare) whose
     #: X-Forwarded-For and X-Forwarded-Proto are believed; from anyone else they are replaced.
     trusted_proxies: list[IPv4Network | IPv6Network] = field(default_factory=list)
@@ -226,16 +229,19 @@ class Bridge:
         )
         # Bound ``__call__``s, not the handler objects: aiohttp takes a callable object for a
         # deprecated plain-function handler (DeprecationWarning now, an error in aiohttp 4).
-        app.router.add_get(CONNECT_PATH, self._agents.__call__)
-        app.router.add_get(HEALTH_PATH, self._health)
-        app.router.add_get(CHALLENGE_PATH, self._challenge)
-        app.router.add_get(TCP_PATH + "/{tunnel}/{service}", ChannelHandler(self).__call__)
-        app.router.add_get(METRICS_PATH, self._metrics)
-        app.router.add_get(STATUS_JSON_PATH, self._status_json)
-        app.router.add_get(STATUS_PAGE_PATH, self._status_page)
-        app.router.add_route("*", RESERVED_PREFIX + "{tail:.*}", self._reserved)
+        # Every route answers Expect our way (limits.answer_expect), not with aiohttp's default.
+        get = functools.partial(app.router.add_get, expect_handler=answer_expect)
+        route = functools.partial(app.router.add_route, expect_handler=answer_expect)
+        get(CONNECT_PATH, self._agents.__call__)
+        get(HEALTH_PATH, self._health)
+        get(CHALLENGE_PATH, self._challenge)
+        get(TCP_PATH + "/{tunnel}/{service}", ChannelHandler(self).__call__)
+        get(METRICS_PATH, self._metrics)
+        get(STATUS_JSON_PATH, self._status_json)
+        get(STATUS_PAGE_PATH, self._status_page)
+        route("*", RESERVED_PREFIX + "{tail:.*}", self._reserved)
         visitors = VisitorHandler(self).__call__
-        app.router.add_route("*", "/{tail:.*}", self.gateway.front(visitors) if self.gateway else visitors)
+        route("*", "/{tail:.*}", self.gateway.front(visitors) if self.gateway else visitors)
         app.on_shutdown.append(self._close_tunnels)
         return app
 

@@ -1,26 +1,34 @@
-"""Agent identity by Ed25519 key pair: authorized keys, challenges, and what a signature covers.
+"""Agent identity by Ed25519 key pair, the bridge's half: authorized keys and challenges.
 
-An agent proves it holds a key by signing a nonce the bridge just gave it. The signed message
+The key encoding, derived names and signatures are in :mod:`rproxy_core.identity`. An agent
+proves it holds a key by signing a nonce the bridge just gave it. The signed message
 also names the tunnel and the bridge's host, so a signature is good for one registration of
 one name at one bridge, once: the bridge forgets a nonce as soon as it is presented.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
 from ..exceptions import ConfigError
 from ..headers import is_tunnel_name
+
+# The key pieces live in the neutral identity module (the agent needs them without the bridge);
+# named here too, so ``bridge.keys`` keeps answering for them.
+from ..identity import (
+    AUTH_SCHEME,
+    decode_public_key,
+    derived_name,
+    encode_public_key,
+    fingerprint,
+    sign,
+    signed_message,
+    verify_signature,
+)
 from .auth import credential_lines
 
 __all__ = [
@@ -34,19 +42,12 @@ __all__ = [
     "encode_public_key",
     "fingerprint",
     "read_authorized_keys",
+    "sign",
     "signed_message",
     "verify_signature",
 ]
 
-#: The Authorization scheme of a key-holding agent: ``Rproxy-Key <public key> <nonce> <signature>``.
-AUTH_SCHEME = "Rproxy-Key"
-#: Prefix of every signed message: a signature made for anything else never verifies as this.
-_DOMAIN = b"rproxy-agent-auth-v1\0"
 _KEY_TYPE = "ed25519"
-_RAW_KEY_BYTES = 32
-#: Characters of a derived tunnel name: 16 base32 characters are 80 bits of the key's hash, far
-#: beyond what anyone could grind to land on a name someone else already has.
-_DERIVED_NAME_LENGTH = 16
 #: Outstanding challenges per source address: an agent needs one at a time, a few agents
 #: behind one NAT a few.
 CHALLENGES_PER_SOURCE = 16
@@ -54,54 +55,6 @@ CHALLENGES_PER_SOURCE = 16
 CHALLENGES_TOTAL = 4096
 #: Seconds a challenge stays good: one round trip is enough, a slow link gets plenty.
 CHALLENGE_LIFETIME = 30.0
-
-
-def encode_public_key(key: Ed25519PublicKey) -> str:
-    """The key as standard base64 of its 32 raw bytes (the form in authorized-keys files)."""
-    return base64.b64encode(key.public_bytes_raw()).decode("ascii")
-
-
-def decode_public_key(text: str) -> bytes:
-    """Raw 32 key bytes from base64 (ValueError if it is not exactly that)."""
-    try:
-        raw = base64.b64decode(text.encode("ascii"), validate=True)
-    except (binascii.Error, UnicodeEncodeError):
-        raise ValueError("the public key is not base64") from None
-    if len(raw) != _RAW_KEY_BYTES:
-        raise ValueError(f"an Ed25519 public key has {_RAW_KEY_BYTES} bytes, this one {len(raw)}")
-    return raw
-
-
-def fingerprint(raw_key: bytes) -> str:
-    """``SHA256:<base64>`` of the raw key, the way ssh shows key fingerprints."""
-    return "SHA256:" + base64.b64encode(hashlib.sha256(raw_key).digest()).decode("ascii").rstrip("=")
-
-
-def derived_name(raw_key: bytes) -> str:
-    """The tunnel name an open-registration bridge gives this key: a DNS label from its hash."""
-    digest = hashlib.sha256(raw_key).digest()
-    return base64.b32encode(digest).decode("ascii").lower()[:_DERIVED_NAME_LENGTH]
-
-
-def signed_message(nonce: str, name: str, host: str) -> bytes:
-    """What the agent signs: the nonce, the tunnel name and the bridge's host name (no port)."""
-    return _DOMAIN + nonce.encode() + b"\0" + name.encode() + b"\0" + host.lower().encode()
-
-
-def sign(private_key: Ed25519PrivateKey, nonce: str, name: str, host: str) -> str:
-    """The ``Authorization`` value an agent sends for this nonce, name and bridge host."""
-    signature = private_key.sign(signed_message(nonce, name, host))
-    public = encode_public_key(private_key.public_key())
-    return f"{AUTH_SCHEME} {public} {nonce} {base64.b64encode(signature).decode('ascii')}"
-
-
-def verify_signature(raw_key: bytes, signature_b64: str, message: bytes) -> bool:
-    try:
-        signature = base64.b64decode(signature_b64.encode("ascii"), validate=True)
-        Ed25519PublicKey.from_public_bytes(raw_key).verify(signature, message)
-    except (binascii.Error, UnicodeEncodeError, ValueError, InvalidSignature):
-        return False
-    return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
-__all__ = ["HeadLimits", "GuardedRequestHandler", "GuardedServer", "BridgeRunner"]
+__all__ = ["HeadLimits", "GuardedRequestHandler", "GuardedServer", "BridgeRunner", "answer_expect"]
 
 _LOGGER = logging.getLogger("rproxy.bridge")
 
@@ -63,6 +64,22 @@ def _plain_answer(status: int, message: str) -> bytes:
     return head.encode() + body
 
 
+async def answer_expect(request: web.Request) -> None:
+    """The ``Expect`` answer for every route: 100 Continue, or a 417 that quotes nothing back.
+
+    aiohttp's own handler runs before any middleware and puts the header's value into its 417
+    text, which fails with a 500 (and a traceback) when those bytes are not UTF-8.
+    """
+    if request.version != HttpVersion11:
+        return  # HTTP/1.0 has no expectations to meet (RFC 9110 section 10.1.1)
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if expect.isascii() and expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer's own size starts after the interim one
+        return
+    raise web.HTTPExpectationFailed(text=_short(417, "the only expectation met here is 100-continue"))
+
+
 class GuardedRequestHandler(RequestHandler):
     """aiohttp's connection protocol, plus a deadline and a size bound for each request head."""
 
@@ -92,6 +109,10 @@ class GuardedRequestHandler(RequestHandler):
         # Bytes that end a body (and possibly begin the next head) are not counted as head.
         in_body = self._last_body is not None and not self._last_body.is_eof()
         super().data_received(data)
+        if len(self._messages) > queued:
+            # Before the protocol-switch check: CONNECT and upgrade requests switch the parser too.
+            self._refuse_what_cannot_be_relayed(queued)
+            self._close_after_other_upgrades(queued)
         if self._switched_protocol() or self._payload_parser is not None or self.transport is None:
             self._disarm_head_timer()
             return
@@ -116,6 +137,44 @@ class GuardedRequestHandler(RequestHandler):
     def _switched_protocol(self) -> bool:
         """Whether the connection became a WebSocket (``_upgraded`` from aiohttp 3.12 on, ``_upgrade`` before)."""
         return bool(getattr(self, "_upgraded", None) or getattr(self, "_upgrade", False))
+
+    def _refuse_what_cannot_be_relayed(self, first: int) -> None:
+        """HTTP/1.0 and 1.1 only (the parser lets "HTTP/2.0" through); no CONNECT (no tunnel is a proxy)."""
+        messages = self._messages
+        for index in range(first, len(messages)):
+            message = messages[index][0]
+            if not isinstance(message, RawRequestMessage):
+                continue
+            if tuple(message.version) not in ((1, 0), (1, 1)):
+                major, minor = message.version
+                error = BadHttpMessage(f"HTTP/{major}.{minor}")
+                answer = _ErrInfo(505, error, _short(505, "this server speaks HTTP/1.0 and HTTP/1.1"))
+            elif message.method == "CONNECT":
+                error = BadHttpMessage("CONNECT")
+                answer = _ErrInfo(501, error, _short(501, "CONNECT is not offered: a tunnel is not a proxy"))
+            else:
+                continue
+            messages[index] = (answer, EMPTY_PAYLOAD)
+            # What follows is not HTTP/1.x framing we can trust: the answer closes.
+            while len(messages) > index + 1:
+                messages.pop()
+            return
+
+    def _close_after_other_upgrades(self, first: int) -> None:
+        """A request asking to upgrade to anything but a WebSocket (h2c, say) is answered, then closed.
+
+        The bridge ignores such an upgrade, as RFC 9110 allows, but aiohttp's C parser stops at
+        the head of any upgrade request and drops the rest of that read: a request pipelined
+        behind it would never be answered. Closing after the answer tells the client so.
+        """
+        messages = self._messages
+        for index in range(first, len(messages)):
+            message, payload = messages[index]
+            if not isinstance(message, RawRequestMessage) or not message.upgrade or message.should_close:
+                continue
+            if message.method == "GET" and message.headers.get("Upgrade", "").lower() == "websocket":
+                continue
+            messages[index] = (message._replace(should_close=True), payload)
 
     def _refuse_oversized_heads(self, first: int, *, measure: bool) -> None:
         messages = self._messages

@@ -21,11 +21,12 @@ from aiohttp import hdrs, web
 
 from ..const import BUSY_RETRY_AFTER, MAX_WEBSOCKET_MESSAGE
 from ..exceptions import NoAgentError, StreamResetError
-from ..headers import WEBSOCKET_HOP_HEADERS, strip_hop_by_hop
+from ..headers import WEBSOCKET_HOP_HEADERS, is_websocket_upgrade, strip_hop_by_hop
 from ..logsafe import printable
 from ..protocol.frames import ErrorCode
 from ..protocol.heads import KIND_HTTP, KIND_WEBSOCKET, RequestHead, ResponseHead, is_token
 from ..transport import TunnelStream
+from ..transport.ws_pieces import PieceWriter
 from ..transport.wsrelay import CLOSE_ANSWER_TIMEOUT, WebSocketRelay, aiohttp_message_limit
 from .pages import error_response
 from .registry import NoServiceError, TunnelBusyError
@@ -46,6 +47,7 @@ _FORWARDING_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forw
 
 #: Seconds a visitor may take to accept one chunk of a response before it is cut off.
 VISITOR_SEND_TIMEOUT = 60.0
+
 
 #: Bodies up to this size that arrived whole with their head are sent with the head in one
 #: write; larger or still-arriving bodies are streamed.
@@ -85,7 +87,7 @@ class VisitorHandler:
         started = time.monotonic()
         route = resolve_route(request.host, bridge.config.domain, bridge.registry.names(), bridge.config.aliases)
         name, service = route if route is not None else (None, "")
-        is_websocket = request.headers.get(hdrs.UPGRADE, "").lower() == "websocket" and request.method == "GET"
+        is_websocket = is_websocket_upgrade(request.method, request.headers.items())
         head = RequestHead(
             method=request.method,
             target=_request_target(request),
@@ -395,7 +397,7 @@ class VisitorHandler:
         config = self._bridge.config
         ws = web.WebSocketResponse(
             protocols=(protocol,) if protocol else (),
-            # Pings and closes are the home app's to answer (the relay passes them on).
+            # Pings and closes are the home app's to answer: the relay passes them on.
             autoping=False,
             autoclose=False,
             timeout=CLOSE_ANSWER_TIMEOUT,
@@ -415,11 +417,21 @@ class VisitorHandler:
             return log.done(ws)
         log.status = 101
         relay = WebSocketRelay(
-            ws, stream, max_message=MAX_WEBSOCKET_MESSAGE, message_rate=config.websocket_message_rate, what="visitor"
+            ws,
+            stream,
+            max_message=MAX_WEBSOCKET_MESSAGE,
+            message_rate=config.websocket_message_rate,
+            # Big messages from the home app go on piece by piece, never assembled here.
+            pieces=PieceWriter.of(ws),
+            what="visitor",
         )
-        note = await relay.run()
-        log.bytes += relay.bytes_to_peer
-        log.note = log.note or note
+        try:
+            await relay.run()
+        finally:
+            # Also when the visitor hangs up right after the close handshake (the handler is
+            # then cancelled): the line says how the exchange ended.
+            log.bytes += relay.bytes_to_peer
+            log.note = log.note or relay.note
         return log.done(ws)
 
 

@@ -9,19 +9,34 @@ the agent or ``rproxy tcp`` (token, key or protocol).
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-from .. import __version__
+from .._version import __version__
 from ..config import LOG_LEVELS
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
-from . import agent, bridge, common, demo, gateway, hash_token, keygen, status, tcp
-from .agent import agent_config
-from .bridge import bridge_config
+from . import common
 from .common import EXIT_OK, EXIT_REFUSED, EXIT_RUNTIME, EXIT_USAGE, Parser
 
+if TYPE_CHECKING:
+    from .agent import agent_config
+    from .bridge import bridge_config
+
 __all__ = ["agent_config", "bridge_config", "main"]
+
+
+#: The commands in the order ``--help`` lists them, each a module with ``add_parser`` and ``main``.
+#: Loaded when the parser is built, not when this package is imported: ``rproxy_core.cli.agent``
+#: imported alone (by the add-on, or a test) must not load the bridge through its siblings.
+_COMMAND_MODULES = ("bridge", "agent", "demo", "hash-token", "keygen", "tcp", "status", "gateway")
+
+
+def _command(name: str) -> ModuleType:
+    return importlib.import_module(f".{name.replace('-', '_')}", __name__)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -41,27 +56,17 @@ def _build_parser() -> argparse.ArgumentParser:
         help="text for people (default) or json, one object per line ($RPROXY_LOG_FORMAT)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    bridge.add_parser(commands)
-    agent.add_parser(commands)
-    demo.add_parser(commands)
-    hash_token.add_parser(commands)
-    keygen.add_parser(commands)
-    tcp.add_parser(commands)
-    status.add_parser(commands)
-    gateway.add_parser(commands)
+    for name in _COMMAND_MODULES:
+        _command(name).add_parser(commands)
     return parser
 
 
-_COMMANDS = {
-    "bridge": bridge.main,
-    "agent": agent.main,
-    "demo": demo.main,
-    "hash-token": hash_token.main,
-    "keygen": keygen.main,
-    "tcp": tcp.main,
-    "status": status.main,
-    "gateway": gateway.main,
-}
+def __getattr__(name: str) -> Any:
+    # agent_config and bridge_config, named here for embedders, load their command on first use.
+    if name in ("agent_config", "bridge_config"):
+        value: Callable[..., Any] = getattr(_command(name.removesuffix("_config")), name)
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     common.log_format = chosen
     try:
-        return _COMMANDS[args.command](args)
+        run: Callable[[argparse.Namespace], int] = _command(args.command).main
+        return run(args)
     except ConfigError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -34,13 +34,14 @@ from ..agent.discovery import (
     discover,
     zeroconf_target_name,
 )
-from ..bridge.keys import derived_name
-from ..config import AGENT_SCHEMA, agent_token, load_file, merge, validate
+from ..config import AGENT_SCHEMA, AGENT_SETTINGS, agent_token, env_names, flag_names, load_file, merge, validate
 from ..const import DEFAULT_TUNNEL_NAME
 from ..exceptions import ConfigError
+from ..identity import derived_name
 from .common import EXIT_OK, Signals, log_level, read_token_file, run, setup_logging
 from .envfile import read_env_file
 from .keygen import load_private_key
+from .options import add_arguments, flag_values
 
 __all__ = [
     "AGENT_ENV",
@@ -55,39 +56,10 @@ __all__ = [
 
 _LOGGER = logging.getLogger("rproxy.agent")
 
-AGENT_FLAGS = {
-    "bridge": "--bridge",
-    "token": "--token",
-    "token_file": "--token-file",
-    "key": "--key",
-    "target": "--target",
-    "services": "--service",
-    "name": "--name",
-    "agent_id": "--agent-id",
-    "ca_file": "--ca-file",
-    "pin_sha256": "--pin-sha256",
-    "insecure": "--insecure",
-    "visitor_allow": "--visitor-allow",
-    "visitor_auth": "--visitor-auth",
-    "log_level": "--log-level",
-}
-#: REMOTE_URL, LOCAL_URL and AGENT_ID are the names a seed system used; both spellings work.
-AGENT_ENV = {
-    "bridge": ("RPROXY_BRIDGE", "REMOTE_URL"),
-    "token": ("RPROXY_TOKEN",),
-    "token_file": ("RPROXY_TOKEN_FILE",),
-    "key": ("RPROXY_KEY",),
-    "target": ("RPROXY_TARGET", "LOCAL_URL"),
-    "services": ("RPROXY_SERVICES",),
-    "name": ("RPROXY_NAME",),
-    "agent_id": ("RPROXY_AGENT_ID", "AGENT_ID"),
-    "ca_file": ("RPROXY_CA_FILE",),
-    "pin_sha256": ("RPROXY_PIN_SHA256",),
-    "insecure": ("RPROXY_INSECURE",),
-    "visitor_allow": ("RPROXY_VISITOR_ALLOW",),
-    "visitor_auth": ("RPROXY_VISITOR_AUTH",),
-    "log_level": ("RPROXY_LOG_LEVEL",),
-}
+#: Settings key → its flag, and → its variables (from AGENT_SETTINGS). REMOTE_URL, LOCAL_URL and
+#: AGENT_ID are the names a seed system used; both spellings work.
+AGENT_FLAGS = flag_names(AGENT_SETTINGS)
+AGENT_ENV = env_names(AGENT_SETTINGS)
 
 
 def add_parser(commands: Any) -> None:
@@ -125,88 +97,7 @@ def add_parser(commands: Any) -> None:
         "from FILE, python-dotenv's format (default: ./.env when it exists); the real "
         "environment wins",
     )
-    agent.add_argument(
-        "--bridge", metavar="URL", help="the bridge, e.g. wss://bridge.example.com ($RPROXY_BRIDGE, $REMOTE_URL)"
-    )
-    agent.add_argument(
-        "--token",
-        metavar="T",
-        help="agent token the bridge accepts; every user of this machine can read it in ps, so "
-        "prefer --token-file ($RPROXY_TOKEN)",
-    )
-    agent.add_argument(
-        "--token-file",
-        metavar="FILE",
-        help="read the agent token from the first line of FILE (keep it mode 600) ($RPROXY_TOKEN_FILE)",
-    )
-    agent.add_argument(
-        "--key",
-        metavar="FILE",
-        help="instead of --token: the agent's private key from rproxy keygen; without --name the "
-        "tunnel is named after the key, as an --open-registration bridge wants ($RPROXY_KEY)",
-    )
-    agent.add_argument(
-        "--target",
-        metavar="URL",
-        help="the home app, e.g. http://127.0.0.1:8123, or zeroconf:NAME for an app announced "
-        "on the LAN ($RPROXY_TARGET, $LOCAL_URL)",
-    )
-    agent.add_argument(
-        "--service",
-        dest="services",
-        action="append",
-        metavar="NAME=URL",
-        help="one more service over the same tunnel (repeatable): a web app (http://..., "
-        "zeroconf:NAME), visited as NAME.<tunnel>.<domain>, or a TCP service "
-        "(tcp://192.168.1.5:22) reached with rproxy tcp; the agent connects to nothing "
-        "else ($RPROXY_SERVICES, comma-separated)",
-    )
-    agent.add_argument("--name", metavar="NAME", help="tunnel name, a DNS label (default: home) ($RPROXY_NAME)")
-    agent.add_argument(
-        "--agent-id",
-        metavar="ID",
-        help="this agent's identity in logs, e.g. mac@home (default: host name) ($RPROXY_AGENT_ID, $AGENT_ID)",
-    )
-    agent.add_argument(
-        "--ca-file",
-        metavar="FILE",
-        help="PEM file of the CAs to trust for a wss:// bridge instead of the system's, e.g. a "
-        "private CA ($RPROXY_CA_FILE)",
-    )
-    agent.add_argument(
-        "--pin-sha256",
-        dest="pin_sha256",
-        action="append",
-        metavar="HEX",
-        help="accept the wss:// bridge only with this certificate: its SHA-256 fingerprint "
-        "(openssl x509 -noout -fingerprint -sha256), colons optional; enough on its own, "
-        "e.g. for a self-signed certificate; repeatable, to rotate certificates "
-        "($RPROXY_PIN_SHA256, comma-separated)",
-    )
-    agent.add_argument(
-        "--insecure",
-        action="store_const",
-        const=True,
-        help="allow plain ws:// or http:// to a bridge that is not on this machine (a LAN bridge "
-        "without TLS): the token and all traffic travel unencrypted; certificates of a "
-        "wss:// bridge are still checked ($RPROXY_INSECURE)",
-    )
-    agent.add_argument(
-        "--visitor-allow",
-        dest="visitor_allow",
-        action="append",
-        metavar="CIDR",
-        help="ask the bridge to admit visitors only from these addresses (repeatable; the "
-        "bridge's own tunnels: config wins) ($RPROXY_VISITOR_ALLOW, comma-separated)",
-    )
-    agent.add_argument(
-        "--visitor-auth",
-        dest="visitor_auth",
-        action="append",
-        metavar="USER:HASH",
-        help="ask the bridge to require HTTP basic auth: a user and the scrypt hash of its "
-        "password (see docs/BRIDGE.md, Visitor protection); repeatable ($RPROXY_VISITOR_AUTH)",
-    )
+    add_arguments(agent, AGENT_SETTINGS)
     agent.add_argument(
         "--discover",
         action="store_true",
@@ -279,7 +170,7 @@ def agent_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
     # The real environment wins over the file, as with every dotenv tool.
     environ = {**read_env_file(getattr(args, "env_file", None)), **(os.environ if environ is None else environ)}
     config_file = args.config or environ.get("RPROXY_CONFIG") or None
-    flags = {key: getattr(args, key, None) for key in AGENT_FLAGS if key != "log_level"}
+    flags = flag_values(args, AGENT_SETTINGS)
     _positionals(args, flags)
     values, origin = merge(flags, AGENT_ENV, load_file(config_file), environ, file=config_file, flag_names=AGENT_FLAGS)
     url_credential = None

@@ -18,110 +18,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..agent.client import certificate_sha256
 from ..bridge import Bridge, BridgeConfig
 from ..bridge.auth import TokenGrant, read_token_file
 from ..bridge.channels import TcpPort
 from ..bridge.keys import KeyGrant, read_authorized_keys
-from ..config import BRIDGE_SCHEMA, load_file, merge, validate
+from ..config import BRIDGE_SCHEMA, BRIDGE_SETTINGS, env_names, flag_names, key_aliases, load_file, merge, validate
+from ..dial import certificate_sha256
 from ..exceptions import ConfigError
 from .common import EXIT_OK, Signals, log_level, run, setup_logging
 from .gateway import gateway_config
+from .options import add_arguments, flag_values
 from .state import StateToken, agent_command, state_path, state_token
 
 __all__ = ["BRIDGE_ENV", "BRIDGE_FLAGS", "add_parser", "bridge_config", "bridge_settings", "main"]
 
 _LOGGER = logging.getLogger("rproxy.bridge")
 
-#: Settings key → how the flag is written.
-BRIDGE_FLAGS = {
-    "listen": "--listen",
-    "domain": "--domain",
-    "tokens": "--token",
-    "token_file": "--token-file",
-    "request_timeout": "--request-timeout",
-    "shutdown_grace": "--shutdown-grace",
-    "tls_cert": "--tls-cert",
-    "tls_key": "--tls-key",
-    "access_log": "--no-access-log",
-    "trusted_proxies": "--trusted-proxy",
-    "max_body_size": "--max-body-size",
-    "header_timeout": "--header-timeout",
-    "idle_timeout": "--idle-timeout",
-    "max_streams_per_tunnel": "--max-streams-per-tunnel",
-    "max_pending_handshakes": "--max-pending-handshakes",
-    "max_pending_handshakes_per_source": "--max-pending-handshakes-per-source",
-    "max_pending_handshakes_per_credential": "--max-pending-handshakes-per-credential",
-    "max_requests_per_visitor": "--max-requests-per-visitor",
-    "max_websockets_per_visitor": "--max-websockets-per-visitor",
-    "max_websocket_message": "--max-websocket-message",
-    "websocket_idle_timeout": "--websocket-idle-timeout",
-    "websocket_message_rate": "--websocket-message-rate",
-    "memory_budget": "--memory-budget",
-    "tunnel_memory_budget": "--tunnel-memory-budget",
-    "authorized_keys": "--authorized-keys",
-    "open_registration": "--open-registration",
-    "admin_token": "--admin-token",
-    "log_level": "--log-level",
-}
-BRIDGE_ENV = {
-    "listen": ("RPROXY_LISTEN",),
-    "domain": ("RPROXY_DOMAIN",),
-    "tokens": ("RPROXY_TOKEN",),
-    "token_file": ("RPROXY_TOKEN_FILE",),
-    "request_timeout": ("RPROXY_REQUEST_TIMEOUT",),
-    "shutdown_grace": ("RPROXY_SHUTDOWN_GRACE",),
-    "tls_cert": ("RPROXY_TLS_CERT",),
-    "tls_key": ("RPROXY_TLS_KEY",),
-    "access_log": ("RPROXY_ACCESS_LOG",),
-    "trusted_proxies": ("RPROXY_TRUSTED_PROXIES",),
-    "max_body_size": ("RPROXY_MAX_BODY_SIZE",),
-    "header_timeout": ("RPROXY_HEADER_TIMEOUT",),
-    "idle_timeout": ("RPROXY_IDLE_TIMEOUT",),
-    "max_streams_per_tunnel": ("RPROXY_MAX_STREAMS_PER_TUNNEL",),
-    "max_pending_handshakes": ("RPROXY_MAX_PENDING_HANDSHAKES",),
-    "max_pending_handshakes_per_source": ("RPROXY_MAX_PENDING_HANDSHAKES_PER_SOURCE",),
-    "max_pending_handshakes_per_credential": ("RPROXY_MAX_PENDING_HANDSHAKES_PER_CREDENTIAL",),
-    "max_requests_per_visitor": ("RPROXY_MAX_REQUESTS_PER_VISITOR",),
-    "max_websockets_per_visitor": ("RPROXY_MAX_WEBSOCKETS_PER_VISITOR",),
-    "max_websocket_message": ("RPROXY_MAX_WEBSOCKET_MESSAGE",),
-    "websocket_idle_timeout": ("RPROXY_WEBSOCKET_IDLE_TIMEOUT",),
-    "websocket_message_rate": ("RPROXY_WEBSOCKET_MESSAGE_RATE",),
-    "memory_budget": ("RPROXY_MEMORY_BUDGET",),
-    "tunnel_memory_budget": ("RPROXY_TUNNEL_MEMORY_BUDGET",),
-    "authorized_keys": ("RPROXY_AUTHORIZED_KEYS",),
-    "open_registration": ("RPROXY_OPEN_REGISTRATION",),
-    "admin_token": ("RPROXY_ADMIN_TOKEN",),
-    "log_level": ("RPROXY_LOG_LEVEL",),
-}
+#: Settings key → how the flag is written, and → its variables (both from BRIDGE_SETTINGS).
+BRIDGE_FLAGS = flag_names(BRIDGE_SETTINGS)
+BRIDGE_ENV = env_names(BRIDGE_SETTINGS)
 #: Settings that only a restart changes (a reload logs that they differ).
-_RESTART_ONLY = (
-    "listen",
-    "domain",
-    "request_timeout",
-    "access_log",
-    "trusted_proxies",
-    "max_body_size",
-    "header_timeout",
-    "idle_timeout",
-    "max_streams_per_tunnel",
-    "max_pending_handshakes",
-    "max_pending_handshakes_per_source",
-    "max_pending_handshakes_per_credential",
-    "max_requests_per_visitor",
-    "max_websockets_per_visitor",
-    "max_websocket_message",
-    "websocket_idle_timeout",
-    "websocket_message_rate",
-    "memory_budget",
-    "tunnel_memory_budget",
-    "open_registration",
-    "tunnels",
-    "aliases",
-    "tcp_ports",
-    "admin_token",
-    "gateway",
-)
+_RESTART_ONLY = tuple(setting.key for setting in BRIDGE_SETTINGS if not setting.reloads)
 
 
 def add_parser(commands: Any) -> None:
@@ -156,140 +73,7 @@ def add_parser(commands: Any) -> None:
         metavar="FILE",
         help="validate FILE (with the flags and environment) and exit: 0 if usable, 2 if not",
     )
-    bridge.add_argument(
-        "--listen",
-        metavar="HOST:PORT",
-        help="address to listen on (default 0.0.0.0:8080, or 0.0.0.0:$PORT when $PORT is set)",
-    )
-    bridge.add_argument("--domain", metavar="D", help="serve tunnel NAME at NAME.D")
-    bridge.add_argument(
-        "--token", dest="tokens", action="append", metavar="T", help="an agent token to accept (repeatable)"
-    )
-    bridge.add_argument(
-        "--token-file",
-        metavar="F",
-        help="file with one accepted agent token per line, optionally followed by the tunnel names it may serve",
-    )
-    bridge.add_argument(
-        "--request-timeout",
-        type=str,
-        metavar="SECONDS",
-        help="time the home app has to answer before the visitor gets 504 (default 30)",
-    )
-    bridge.add_argument(
-        "--shutdown-grace",
-        type=str,
-        metavar="SECONDS",
-        help="on SIGTERM, time requests in flight get to finish (default 10)",
-    )
-    bridge.add_argument("--tls-cert", metavar="F", help="PEM certificate chain: serve HTTPS and WSS")
-    bridge.add_argument("--tls-key", metavar="F", help="PEM private key for --tls-cert")
-    bridge.add_argument(
-        "--trusted-proxy",
-        dest="trusted_proxies",
-        action="append",
-        metavar="CIDR",
-        help="a load balancer or proxy in front of the bridge whose X-Forwarded-For/-Proto "
-        "the bridge believes (repeatable; $RPROXY_TRUSTED_PROXIES, comma-separated)",
-    )
-    bridge.add_argument(
-        "--max-body-size",
-        metavar="SIZE",
-        help="largest visitor request body, e.g. 10M, 512K or bytes; larger gets 413 (default: no limit)",
-    )
-    bridge.add_argument(
-        "--header-timeout",
-        metavar="SECONDS",
-        help="time a visitor has to send a request head before getting 408 (default 10)",
-    )
-    bridge.add_argument(
-        "--idle-timeout", metavar="SECONDS", help="close a kept-alive visitor connection idle this long (default 75)"
-    )
-    bridge.add_argument(
-        "--max-streams-per-tunnel",
-        metavar="N",
-        help="requests in flight at once per tunnel, over all its agents; more get 503 "
-        "(default: each agent's own limit)",
-    )
-    bridge.add_argument(
-        "--max-pending-handshakes",
-        metavar="N",
-        help="agents connecting but not through their handshake at once; more get 503 (default 64)",
-    )
-    bridge.add_argument(
-        "--max-pending-handshakes-per-source",
-        metavar="N",
-        help="of those, most from one address (an IPv6 /64 counts as one) (default 8)",
-    )
-    bridge.add_argument(
-        "--max-pending-handshakes-per-credential",
-        metavar="N",
-        help="of those, most with one agent token or key (default 8)",
-    )
-    bridge.add_argument(
-        "--max-requests-per-visitor",
-        metavar="N",
-        help="requests in flight at once from one visitor address (an IPv6 /64 counts as one) "
-        "to one tunnel; more get 429 (default 256)",
-    )
-    bridge.add_argument(
-        "--max-websockets-per-visitor",
-        metavar="N",
-        help="WebSockets open at once from one visitor address (an IPv6 /64 counts as one) "
-        "to one tunnel; more get 429 (default 256)",
-    )
-    bridge.add_argument(
-        "--max-websocket-message",
-        metavar="SIZE",
-        help="largest WebSocket message a visitor may send, e.g. 1M; larger closes the socket with 1009 (default 1M)",
-    )
-    bridge.add_argument(
-        "--websocket-idle-timeout",
-        metavar="SECONDS",
-        help="ping a visitor WebSocket silent this long; close it if it does not answer "
-        "within half that again (default 120)",
-    )
-    bridge.add_argument(
-        "--websocket-message-rate",
-        metavar="N",
-        help="WebSocket messages a visitor may send per second; more closes the socket with 1008 (default 20000)",
-    )
-    bridge.add_argument(
-        "--memory-budget",
-        metavar="SIZE",
-        help="bytes all tunnels together may hold for visitors who do not read; when "
-        "spent, new requests get 503 (default 1G)",
-    )
-    bridge.add_argument(
-        "--tunnel-memory-budget", metavar="SIZE", help="the same for each agent's tunnel (default 512M)"
-    )
-    bridge.add_argument(
-        "--authorized-keys",
-        metavar="FILE",
-        help="agent keys accepted: lines 'ed25519 KEY NAME...' as rproxy keygen prints them, "
-        "NAME * for any name; reloaded on SIGHUP ($RPROXY_AUTHORIZED_KEYS)",
-    )
-    bridge.add_argument(
-        "--open-registration",
-        action="store_const",
-        const=True,
-        help="accept any agent key, serving it under a name derived from the key "
-        "(needs --domain) ($RPROXY_OPEN_REGISTRATION)",
-    )
-    bridge.add_argument(
-        "--admin-token",
-        metavar="T",
-        help="open /_rproxy/metrics (Prometheus) and /_rproxy/status.json to this bearer token, or "
-        "its sha256: hash from rproxy hash-token; without it they do not exist "
-        "($RPROXY_ADMIN_TOKEN)",
-    )
-    bridge.add_argument(
-        "--no-access-log",
-        dest="access_log",
-        action="store_const",
-        const=False,
-        help="do not log one line per visitor request",
-    )
+    add_arguments(bridge, BRIDGE_SETTINGS)
 
 
 @dataclass(slots=True)
@@ -307,11 +91,11 @@ def bridge_settings(args: argparse.Namespace, environ: Mapping[str, str] | None 
     """Flags, environment and config file → validated settings (ConfigError names the culprit)."""
     environ = dict(os.environ if environ is None else environ)
     config_file = getattr(args, "check_config", None) or args.config or environ.get("RPROXY_CONFIG") or None
-    flags = {key: getattr(args, key, None) for key in BRIDGE_FLAGS if key != "log_level"}
+    flags = flag_values(args, BRIDGE_SETTINGS)
     _positionals(args, flags)
     if flags["listen"] is None and not environ.get("RPROXY_LISTEN") and environ.get("PORT"):
         flags["listen"] = f"0.0.0.0:{environ['PORT']}"  # hosts such as Heroku give exactly one port
-    file_values = load_file(config_file, aliases={"token": "tokens", "trusted_proxy": "trusted_proxies"})
+    file_values = load_file(config_file, aliases=key_aliases(BRIDGE_SETTINGS))
     values, origin = merge(flags, BRIDGE_ENV, file_values, environ, file=config_file, flag_names=BRIDGE_FLAGS)
     settings = validate(BRIDGE_SCHEMA, values, origin, BRIDGE_FLAGS)
     tokens: list[str | TokenGrant] = list(settings["tokens"])

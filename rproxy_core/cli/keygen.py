@@ -17,9 +17,9 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ..bridge.keys import derived_name, encode_public_key, fingerprint
 from ..exceptions import ConfigError
 from ..headers import is_tunnel_name
+from ..identity import derived_name, encode_public_key, fingerprint, load_private_key
 from .common import EXIT_OK
 
 __all__ = ["DEFAULT_KEY_FILE", "add_parser", "load_private_key", "main"]
@@ -49,21 +49,6 @@ def add_parser(commands: Any) -> None:
         default=[],
         help="a tunnel name the key may claim, written on the line (repeatable)",
     )
-
-
-def load_private_key(path: str) -> Ed25519PrivateKey:
-    """The agent's key from a PEM file (ConfigError names the file, never its content)."""
-    try:
-        data = Path(path).expanduser().read_bytes()
-    except OSError as err:
-        raise ConfigError(f"--key {path}: cannot read: {err.strerror or err}") from None
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
-        raise ConfigError(f"--key {path}: not an unencrypted PEM private key (rproxy keygen writes one)") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ConfigError(f"--key {path}: expected an Ed25519 key, got {type(key).__name__}")
-    return key
 
 
 def main(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import ssl
 import sys
 import time
 from typing import Any
@@ -13,10 +14,12 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from ..agent.client import _bridge_tls_context, check_bridge_access, pinned_sha256
+from ..config import CA_FILE_SETTING, INSECURE_SETTING, PIN_SHA256_SETTING
 from ..const import STATUS_JSON_PATH
+from ..dial import bridge_tls_context, check_bridge_access, get_json, pinned_sha256, untrusted_message
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
 from .common import EXIT_OK, EXIT_RUNTIME
+from .options import add_arguments
 
 __all__ = ["add_parser", "format_status", "main"]
 
@@ -32,20 +35,8 @@ def add_parser(commands: Any) -> None:
     status.add_argument("--bridge", metavar="URL", help="the bridge, e.g. https://bridge.example.com ($RPROXY_BRIDGE)")
     status.add_argument("--admin-token", metavar="T", help="the bridge's admin token ($RPROXY_ADMIN_TOKEN)")
     status.add_argument("--json", action="store_true", help="print the bridge's status JSON instead of tables")
-    status.add_argument("--ca-file", metavar="FILE", help="PEM file of the CAs to trust for an https:// bridge")
-    status.add_argument(
-        "--pin-sha256",
-        dest="pin_sha256",
-        action="append",
-        metavar="HEX",
-        default=[],
-        help="accept the https:// bridge only with this certificate's SHA-256 fingerprint",
-    )
-    status.add_argument(
-        "--insecure",
-        action="store_true",
-        help="allow plain http:// to a bridge that is not on this machine (the token travels unencrypted)",
-    )
+    # Declared once for the agent, rproxy tcp and rproxy status (config.py).
+    add_arguments(status, (CA_FILE_SETTING, PIN_SHA256_SETTING, INSECURE_SETTING), with_env=False)
 
 
 def _status_url(bridge: str) -> URL:
@@ -55,33 +46,21 @@ def _status_url(bridge: str) -> URL:
 
 
 async def _fetch(args: argparse.Namespace, bridge: str, token: str) -> dict[str, Any]:
-    tls = _bridge_tls_context(args.ca_file, pinned_sha256(tuple(args.pin_sha256)))
+    tls = bridge_tls_context(args.ca_file, pinned_sha256(tuple(args.pin_sha256 or ())))
     url = _status_url(bridge)
     try:
-        async with (
-            aiohttp.ClientSession(trust_env=False, cookie_jar=aiohttp.DummyCookieJar()) as session,
-            session.get(
-                url,
-                headers={"Authorization": f"Bearer {token}"},
-                allow_redirects=False,
-                ssl=tls if tls is not None else True,
-                timeout=aiohttp.ClientTimeout(total=_TIMEOUT),
-            ) as response,
-        ):
-            if response.status == 401:
-                raise AuthenticationError("the bridge refused the admin token (401)")
-            if response.status == 404:
-                raise RproxyConnectionError("the bridge has no status endpoint (404): start it with --admin-token")
-            if response.status != 200:
-                raise RproxyConnectionError(f"the bridge answered HTTP {response.status}")
-            data = await response.json(content_type=None)
-    except aiohttp.ClientConnectorError as err:
-        raise RproxyConnectionError(
-            f"cannot connect to the bridge at {url.origin()}: {err.os_error.strerror or err}"
-        ) from None
-    except (aiohttp.ClientError, TimeoutError, ValueError) as err:
-        what = "timed out" if isinstance(err, TimeoutError) else str(err) or type(err).__name__
-        raise RproxyConnectionError(f"status from {url.origin()}: {what}") from None
+        async with aiohttp.ClientSession(trust_env=False, cookie_jar=aiohttp.DummyCookieJar()) as session:
+            status, data = await get_json(
+                session, url, tls=tls, timeout=_TIMEOUT, what="status", headers={"Authorization": f"Bearer {token}"}
+            )
+    except ssl.SSLCertVerificationError as err:
+        raise RproxyConnectionError(untrusted_message(err, args.ca_file)) from None
+    if status == 401:
+        raise AuthenticationError("the bridge refused the admin token (401)")
+    if status == 404:
+        raise RproxyConnectionError("the bridge has no status endpoint (404): start it with --admin-token")
+    if status != 200:
+        raise RproxyConnectionError(f"the bridge answered HTTP {status}")
     if not isinstance(data, dict) or not isinstance(data.get("tunnels"), list):
         raise RproxyConnectionError("the bridge's status is not what this rproxy understands")
     return data
@@ -177,7 +156,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--admin-token: the bridge's admin token is required")
     if URL(bridge.strip()).scheme not in ("http", "https", "ws", "wss"):
         raise ConfigError(f"--bridge {bridge!r}: expected http://, https://, ws:// or wss://")
-    check_bridge_access(bridge, args.ca_file, tuple(args.pin_sha256), args.insecure, "the admin token")
+    check_bridge_access(bridge, args.ca_file, tuple(args.pin_sha256 or ()), bool(args.insecure), "the admin token")
     try:
         status = asyncio.run(_fetch(args, bridge, token))
     except AuthenticationError:

@@ -25,13 +25,22 @@ from typing import Any
 
 import voluptuous as vol
 
-from ..bridge.keys import derived_name
 from ..client.tcp import TcpClient, TcpClientConfig, open_fd_sink, open_fd_source
-from ..config import parse_listen
+from ..config import (
+    CA_FILE_SETTING,
+    INSECURE_SETTING,
+    KEY_SETTING,
+    PIN_SHA256_SETTING,
+    TOKEN_FILE_SETTING,
+    TOKEN_SETTING,
+    parse_listen,
+)
 from ..const import DEFAULT_TUNNEL_NAME
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
+from ..identity import derived_name
 from .common import EXIT_OK, EXIT_REFUSED, EXIT_RUNTIME, Signals, log_level, read_token_file, run, setup_logging
 from .keygen import load_private_key
+from .options import add_arguments
 
 __all__ = ["add_parser", "main", "tcp_config"]
 
@@ -54,14 +63,8 @@ def add_parser(commands: Any) -> None:
         "name derived from the key, as for rproxy agent) ($RPROXY_TUNNEL)",
     )
     tcp.add_argument("--service", metavar="NAME", required=True, help="the TCP service's name, e.g. ssh")
-    credential = tcp.add_mutually_exclusive_group()
-    credential.add_argument(
-        "--token", metavar="T", help="an agent token the bridge accepts for the tunnel ($RPROXY_TOKEN)"
-    )
-    credential.add_argument("--token-file", metavar="FILE", help="read the token from the first line of FILE")
-    credential.add_argument(
-        "--key", metavar="FILE", help="instead of a token: an agent key from rproxy keygen ($RPROXY_KEY)"
-    )
+    # Declared once for the agent, rproxy tcp and rproxy status (config.py); here one of them.
+    add_arguments(tcp.add_mutually_exclusive_group(), (TOKEN_SETTING, TOKEN_FILE_SETTING, KEY_SETTING), with_env=False)
     mode = tcp.add_mutually_exclusive_group(required=True)
     mode.add_argument(
         "--listen",
@@ -74,21 +77,7 @@ def add_parser(commands: Any) -> None:
         action="store_true",
         help="one connection on stdin/stdout, e.g. as ssh -o ProxyCommand='rproxy tcp --stdio ...'",
     )
-    tcp.add_argument("--ca-file", metavar="FILE", help="PEM file of the CAs to trust for a wss:// bridge")
-    tcp.add_argument(
-        "--pin-sha256",
-        dest="pin_sha256",
-        action="append",
-        metavar="HEX",
-        default=[],
-        help="accept the wss:// bridge only with this certificate's SHA-256 fingerprint (repeatable)",
-    )
-    tcp.add_argument(
-        "--insecure",
-        action="store_true",
-        help="allow plain ws:// or http:// to a bridge that is not on this machine: the credential "
-        "and all traffic travel unencrypted",
-    )
+    add_arguments(tcp, (CA_FILE_SETTING, PIN_SHA256_SETTING, INSECURE_SETTING), with_env=False)
 
 
 def _listen_address(text: str) -> tuple[str, int]:
@@ -132,8 +121,8 @@ def tcp_config(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
         token=token,
         key=key,
         ca_file=args.ca_file,
-        pins=tuple(args.pin_sha256),
-        insecure=args.insecure,
+        pins=tuple(args.pin_sha256 or ()),
+        insecure=bool(args.insecure),
     )
     config.validate()
     return config

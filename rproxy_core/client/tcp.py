@@ -37,19 +37,21 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from yarl import URL
 
-from .. import __version__
-from ..agent.client import (
-    _bridge_tls_context,
-    _NoRedirects,
-    _NoSecretsFilter,
-    _PinMismatch,
+from .._version import __version__
+from ..const import CONNECT_PATH, DEFAULT_TUNNEL_NAME, TCP_PATH, TCP_READ_SIZE
+from ..dial import (
+    ChallengeError,
+    NoRedirects,
+    NoSecretsFilter,
+    authorization,
     bridge_connect_url,
+    bridge_tls_context,
     check_bridge_access,
     check_credential,
+    fetch_nonce,
     pinned_sha256,
+    untrusted_message,
 )
-from ..bridge.keys import sign
-from ..const import CHALLENGE_PATH, CONNECT_PATH, DEFAULT_TUNNEL_NAME, HANDSHAKE_TIMEOUT, TCP_PATH, TCP_READ_SIZE
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
 from ..headers import is_tunnel_name
 
@@ -75,7 +77,7 @@ _LOGGER = logging.getLogger("rproxy.tcp")
 #: websockets logs handshake headers at DEBUG: the filter masks the Authorization header and
 #: drops frame previews (the service's bytes).
 _CHANNEL_LOGGER = logging.getLogger("rproxy.tcp.websocket")
-_CHANNEL_LOGGER.addFilter(_NoSecretsFilter())
+_CHANNEL_LOGGER.addFilter(NoSecretsFilter())
 
 #: Largest message accepted from the bridge. Its channel messages are one read of the service
 #: (64 KiB); the margin is for a bridge that packs more.
@@ -488,7 +490,7 @@ class TcpClient:
         config.validate()
         self.config = config
         self.url = channel_url(config.bridge, config.tunnel, config.service)
-        self._tls = _bridge_tls_context(config.ca_file.strip() if config.ca_file else None, config.pinned_sha256())
+        self._tls = bridge_tls_context(config.ca_file.strip() if config.ca_file else None, config.pinned_sha256())
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[Any]] = set()
 
@@ -508,7 +510,7 @@ class TcpClient:
         nonce = await self._fetch_nonce() if self.config.key is not None else None
         tls: dict[str, Any] = {"ssl": self._tls} if self._tls is not None else {}
         try:
-            ws = await _NoRedirects(
+            ws = await NoRedirects(
                 self.url,
                 **tls,
                 additional_headers={"Authorization": self._authorization(nonce)},
@@ -602,48 +604,21 @@ class TcpClient:
 
     def _authorization(self, nonce: str | None) -> str:
         config = self.config
-        if config.key is not None and nonce is not None:
-            return sign(config.key, nonce, config.tunnel, URL(self.url).host or "")
-        return f"Bearer {config.token}"
+        return authorization(
+            key=config.key, nonce=nonce, token=config.token, name=config.tunnel, host=URL(self.url).host or ""
+        )
 
     async def _fetch_nonce(self) -> str:
         """A fresh challenge from the bridge, for the key to sign."""
-        url = URL(self.url)
-        prefix = url.path[: url.path.rindex(TCP_PATH)]
-        url = url.with_scheme("https" if url.scheme == "wss" else "http").with_path(prefix + CHALLENGE_PATH)
         try:
-            async with (
-                aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False) as session,
-                session.get(
-                    url,
-                    allow_redirects=False,
-                    proxy=None,
-                    ssl=self._tls if self._tls is not None else True,
-                    timeout=aiohttp.ClientTimeout(total=HANDSHAKE_TIMEOUT),
-                ) as response,
-            ):
-                if response.status == 404:
-                    raise ChannelRefused("the bridge does not accept keys (no challenge endpoint): use --token", 404)
-                if response.status != 200:
-                    raise ChannelRefused(
-                        f"the bridge answered HTTP {response.status} to the key challenge", response.status
-                    )
-                data = await response.json(content_type=None)
-        except aiohttp.ClientConnectorCertificateError as err:
-            cause = err.certificate_error
-            if isinstance(cause, ssl.SSLCertVerificationError):
-                raise ChannelRefused(self._untrusted(cause)) from None
-            raise ChannelRefused(f"cannot connect to the bridge at {self.origin}: {cause}") from None
-        except aiohttp.ClientConnectorError as err:
-            reason = err.os_error.strerror or err.os_error
-            raise ChannelRefused(f"cannot connect to the bridge at {self.origin}: {reason}") from None
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as err:
-            what = "timed out" if isinstance(err, TimeoutError) else str(err) or type(err).__name__
-            raise ChannelRefused(f"key challenge at {self.origin}: {what}") from None
-        nonce = data.get("nonce") if isinstance(data, dict) else None
-        if not isinstance(nonce, str) or not nonce.isascii() or not nonce.isprintable() or " " in nonce:
-            raise ChannelRefused("the bridge's key challenge is malformed")
-        return nonce
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False) as session:
+                return await fetch_nonce(session, self.url, TCP_PATH, self._tls)
+        except ssl.SSLCertVerificationError as err:
+            raise ChannelRefused(self._untrusted(err)) from None
+        except ChallengeError as err:
+            raise ChannelRefused(str(err), err.status) from None
+        except RproxyConnectionError as err:
+            raise ChannelRefused(str(err)) from None
 
     def _refusal(self, status: int, raw_body: bytes, retry_after: str | None = None) -> ChannelRefused:
         service, tunnel = self.config.service, self.config.tunnel
@@ -668,18 +643,7 @@ class TcpClient:
         return ChannelRefused(f"the bridge answered HTTP {status}{detail}", status)
 
     def _untrusted(self, err: ssl.SSLCertVerificationError) -> str:
-        if isinstance(err, _PinMismatch):
-            return (
-                f"the bridge's certificate does not match --pin-sha256: it has SHA-256 {err.seen}; if the "
-                "bridge's certificate was replaced, pin the new one, otherwise someone may be intercepting "
-                "the connection"
-            )
-        reason = err.verify_message or err.reason or str(err)
-        if self.config.ca_file:
-            hint = f"is it issued by a CA in --ca-file {self.config.ca_file!r}?"
-        else:
-            hint = "for a private CA give --ca-file, for a self-signed certificate --pin-sha256"
-        return f"the bridge's certificate is not trusted: {reason} ({hint})"
+        return untrusted_message(err, self.config.ca_file)
 
 
 def _one_line(text: str, limit: int = 200) -> str:

@@ -35,6 +35,7 @@ from .frames import (
     iter_frames,
 )
 from .heads import RequestHead, ResponseHead
+from .hello import HelloLimits
 from .stream import StreamInput, StreamState, StreamStateMachine
 from .windows import MAX_WINDOW, ReceiveWindow, SendWindow
 
@@ -507,16 +508,17 @@ class Multiplexer:
             raise RemoteProtocolError("HELLO is not JSON") from None
         if not isinstance(settings, dict):
             raise RemoteProtocolError("HELLO is not a JSON object")
-        version = settings.get("version")
-        if not isinstance(version, int) or isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
-            raise RemoteProtocolError(f"unsupported protocol version {version!r}")
-        window = _int_setting(settings, "window", 1, MAX_WINDOW, DEFAULT_STREAM_WINDOW)
-        max_frame = _int_setting(settings, "max_frame", _MIN_FRAME_SIZE, _MAX_FRAME_SIZE, DEFAULT_MAX_FRAME_SIZE)
-        max_streams = _int_setting(settings, "max_streams", 1, 1 << 20, DEFAULT_MAX_STREAMS)
+        limits = HelloLimits.decode(
+            settings,
+            versions=SUPPORTED_VERSIONS,
+            window=(1, MAX_WINDOW, DEFAULT_STREAM_WINDOW),
+            max_frame=(_MIN_FRAME_SIZE, _MAX_FRAME_SIZE, DEFAULT_MAX_FRAME_SIZE),
+            max_streams=(1, 1 << 20, DEFAULT_MAX_STREAMS),
+        )
         self.peer_settings = settings
-        self.peer_stream_window = window
-        self.peer_max_frame_size = max_frame
-        self.peer_max_streams = max_streams
+        self.peer_stream_window = limits.window
+        self.peer_max_frame_size = limits.max_frame
+        self.peer_max_streams = limits.max_streams
         self._events.append(ev.HelloReceived(settings))
 
     def _receive_open(self, frame: Frame) -> None:
@@ -580,13 +582,6 @@ class Multiplexer:
         self.resets_received += 1
         self._drop(frame.stream_id)
         self._events.append(ev.StreamReset(frame.stream_id, ErrorCode.coerce(code), reason, remote=True))
-
-
-def _int_setting(settings: dict[str, Any], key: str, low: int, high: int, default: int) -> int:
-    value = settings.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise RemoteProtocolError(f"HELLO setting {key!r} out of range: {value!r}")
-    return value
 
 
 _STREAM_FRAMES = {

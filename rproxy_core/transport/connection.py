@@ -118,7 +118,10 @@ class TunnelConnection:
             HandshakeError: the peer closed, sent something else first, or took too long.
         """
         self.mux.send_hello(**settings)
-        await self._send_pending()
+        try:
+            await self._send_pending()
+        except Exception as err:  # the peer hung up before our HELLO went out (aiohttp, websockets)
+            raise HandshakeError(f"closed before HELLO ({type(err).__name__})") from None
         try:
             async with asyncio.timeout(timeout):
                 while self.mux.peer_settings is None:

@@ -110,6 +110,22 @@ class TunnelStream:
             if item[0]:
                 return item[0]
 
+    async def read_fragment(self) -> tuple[MessageKind, memoryview, bool] | None:
+        """Return the next piece of a WebSocket message as it came: (kind, bytes, more follow).
+
+        None once the peer ended. Nothing is assembled: a piece (and its credit) is held only
+        until the next read, so a relay that writes each piece on holds at most the window.
+        The kind is that of the message's first piece.
+
+        Raises:
+            StreamResetError: the stream was reset or the tunnel closed.
+        """
+        item = await self._next_chunk()
+        if item is None:
+            return None
+        chunk, flags = item
+        return MessageKind.from_flags(flags), chunk, bool(flags & Flags.MORE)
+
     async def read_message(self, max_size: int) -> tuple[MessageKind, bytes] | None:
         """Return the next WebSocket message (fragments joined), or None once the peer ended.
 
@@ -124,24 +140,42 @@ class TunnelStream:
         kind = MessageKind.from_flags(flags)
         if not flags & Flags.MORE:
             return kind, bytes(chunk)
-        parts = bytearray(chunk)
+        return kind, await self.read_rest(chunk, max_size)
+
+    async def read_rest(self, first: memoryview, max_size: int) -> bytes:
+        """The rest of a message whose first piece is ``first`` (more follow), joined to it.
+
+        Raises:
+            StreamResetError: as ``read_message``.
+        """
+        parts = bytearray(first)
         # The message being assembled is held too: charged to the budget until it is returned.
         budget = self._conn.budget
-        budget.charge(len(chunk))
+        budget.charge(len(first))
         try:
-            while flags & Flags.MORE:
-                item = await self._next_chunk()
-                if item is None:
-                    raise StreamResetError(ErrorCode.PROTOCOL_ERROR, "stream ended inside a message")
-                chunk, flags = item
-                if len(parts) + len(chunk) > max_size:
-                    self.reset(ErrorCode.MESSAGE_TOO_BIG, "message too big")
-                    raise StreamResetError(ErrorCode.MESSAGE_TOO_BIG, "message too big")
+            more = True
+            while more:
+                chunk, more = await self.read_continuation(len(parts), max_size)
                 parts += chunk
                 budget.charge(len(chunk))
-            return kind, bytes(parts)
+            return bytes(parts)
         finally:
             budget.release(len(parts))
+
+    async def read_continuation(self, received: int, max_size: int) -> tuple[memoryview, bool]:
+        """The next piece of a message of which ``received`` bytes came so far: (bytes, more follow).
+
+        Raises:
+            StreamResetError: as ``read_message``; also when the stream ends inside the message.
+        """
+        item = await self._next_chunk()
+        if item is None:
+            raise StreamResetError(ErrorCode.PROTOCOL_ERROR, "stream ended inside a message")
+        chunk, flags = item
+        if received + len(chunk) > max_size:
+            self.reset(ErrorCode.MESSAGE_TOO_BIG, "message too big")
+            raise StreamResetError(ErrorCode.MESSAGE_TOO_BIG, "message too big")
+        return chunk, bool(flags & Flags.MORE)
 
     async def _next_chunk(self) -> tuple[memoryview, int] | None:
         """The next received (payload, flags), or None once the peer ended its half.

@@ -40,6 +40,7 @@ from ..protocol.closecodes import (
 )
 from ..protocol.frames import ErrorCode, MessageKind
 from .streams import TunnelStream
+from .ws_pieces import PieceWriter
 
 __all__ = ["CLOSE_ANSWER_TIMEOUT", "MESSAGES_PER_TURN", "WebSocketRelay", "aiohttp_message_limit"]
 
@@ -110,6 +111,8 @@ class WebSocketRelay:
         stream: the WebSocket stream.
         max_message: largest message taken from the stream (bigger: the peer gets 1009).
         message_rate: most messages a second taken from the peer (more: 1008); None for no limit.
+        pieces: writes a message from the stream to the peer piece by piece as it arrives
+            (see ``ws_pieces``); without it, messages are assembled up to ``max_message``.
         what: how logs name the peer ("visitor", "home app").
     """
 
@@ -126,6 +129,7 @@ class WebSocketRelay:
         "_closing_peer",
         "_answer_timer",
         "_send_text",
+        "_pieces",
     )
 
     def __init__(
@@ -135,6 +139,7 @@ class WebSocketRelay:
         *,
         max_message: int,
         message_rate: int | None = None,
+        pieces: PieceWriter | None = None,
         what: str = "peer",
     ) -> None:
         self.ws = ws
@@ -153,6 +158,7 @@ class WebSocketRelay:
         #: This side sent the peer a close (the far end closed first).
         self._closing_peer = False
         self._answer_timer: asyncio.TimerHandle | None = None
+        self._pieces = pieces
         send_frame = getattr(ws, "send_frame", None)
         # Text goes out as the far end's UTF-8 bytes, without a decode and encode, where this
         # aiohttp can send a frame of a given type.
@@ -168,6 +174,11 @@ class WebSocketRelay:
         from_peer = asyncio.create_task(self._from_peer())
         try:
             await self._to_peer()
+            if self._closing_peer and not from_peer.done():
+                # Our close went out: what the peer still sends, and then its answer, goes on.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(CLOSE_ANSWER_TIMEOUT):
+                        await asyncio.shield(from_peer)
         finally:
             if self._answer_timer is not None:
                 self._answer_timer.cancel()
@@ -176,6 +187,8 @@ class WebSocketRelay:
                 from_peer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await from_peer
+            if self._closing_peer:
+                _drop(self.ws)
         return self.note
 
     # Peer → stream.
@@ -216,12 +229,15 @@ class WebSocketRelay:
                 elif kind is WSMsgType.PONG:
                     await send(MessageKind.PONG, msg.data)
                 elif kind is WSMsgType.CLOSE:
-                    if not self._closing_peer:  # else: the answer to our close, relayed by _close_peer_first
-                        code = msg.data or None  # aiohttp says 0 for a close frame without a code
-                        if code is not None and not is_valid_close_code(code):
-                            await self._fail_peer(CloseCode.PROTOCOL_ERROR, f"invalid close code {code}")
-                        else:
-                            await self._relay_peer_close(code, msg.extra or "")
+                    code = msg.data or None  # aiohttp says 0 for a close frame without a code
+                    if self._closing_peer:
+                        # The answer to our close: it is the far end's answer, and then the
+                        # exchange is over.
+                        await self._relay_answer(code, msg.extra or "")
+                    elif code is not None and not is_valid_close_code(code):
+                        await self._fail_peer(CloseCode.PROTOCOL_ERROR, f"invalid close code {code}")
+                    else:
+                        await self._relay_peer_close(code, msg.extra or "")
                     return
                 elif kind is WSMsgType.ERROR and isinstance(msg.data, WebSocketError):
                     if not self._closing_peer:
@@ -275,18 +291,26 @@ class WebSocketRelay:
     async def _to_peer(self) -> None:
         ws, stream = self.ws, self.stream
         send_text = self._send_text
-        read = stream.read_message
+        read = stream.read_fragment
+        pieces = self._pieces
         limit = self.max_message
         relayed = 0
         try:
             while True:
-                message = await read(limit)
-                if message is None:
+                fragment = await read()
+                if fragment is None:
                     break
                 relayed += 1
                 if relayed % MESSAGES_PER_TURN == 0:
                     await asyncio.sleep(0)
-                kind, data = message
+                kind, piece, more = fragment
+                if more:
+                    if pieces is not None and (kind is MessageKind.TEXT or kind is MessageKind.BINARY):
+                        self.bytes_to_peer += await self._relay_pieces(pieces, kind, piece)
+                        continue
+                    data = await stream.read_rest(piece, limit)
+                else:
+                    data = bytes(piece)
                 self.bytes_to_peer += len(data)
                 if kind is MessageKind.TEXT:
                     await send_text(data)
@@ -317,6 +341,17 @@ class WebSocketRelay:
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as err:
             self.note = self.note or f"{self.what} gone: {err.__class__.__name__}"
 
+    async def _relay_pieces(self, pieces: PieceWriter, kind: MessageKind, first: memoryview) -> int:
+        """Write a message to the peer as its pieces arrive; return its size."""
+        stream, limit = self.stream, self.max_message
+        await pieces.send(kind, first, last=False)
+        size, more = len(first), True
+        while more:
+            piece, more = await stream.read_continuation(size, limit)
+            size += len(piece)
+            await pieces.send(kind, piece, last=not more)
+        return size
+
     async def _answer_peer(self, code: int | None, reason: str) -> None:
         """Close the peer, whose close (or failure) came first, with the far end's answer."""
         if self._peer_failed is not None:
@@ -327,14 +362,43 @@ class WebSocketRelay:
             await self.ws.close(code=sendable_close_code(code), message=sendable_close_reason(reason))
 
     async def _close_peer_first(self, code: int | None, reason: str) -> None:
-        """The far end closed first: close the peer with its code and relay the peer's answer."""
+        """The far end closed first: close the peer with its code; the peer's answer (and what it
+        sent before it) goes back through the stream."""
         self._closing_peer = True
         self.note = self.note or f"closed with {code or CloseCode.NO_STATUS}"
-        ws, stream = self.ws, self.stream
+        ws = self.ws
+        writer = getattr(ws, "_writer", None)
+        if writer is not None and hasattr(writer, "send_frame") and _can_drop(ws):
+            # Only the close frame: aiohttp's close() would read the peer's last messages away
+            # while it waits for the answer, and they are the far end's to have (an echo server's
+            # answer to what the visitor sent just before it closed). A close without a code
+            # goes on without one.
+            with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
+                await writer.send_frame(
+                    encode_close(sendable_close_code(code) if code else None, reason), WSMsgType.CLOSE
+                )
+            return
         with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
             await ws.close(code=sendable_close_code(code), message=sendable_close_reason(reason))
-        # aiohttp read the peer's answer inside close(); its code is all it keeps of it.
-        answer = ws.close_code or None
+        await self._relay_answer(ws.close_code or None, "")
+
+    async def _relay_answer(self, code: int | None, reason: str) -> None:
         with contextlib.suppress(StreamResetError):
-            await stream.send_message(MessageKind.CLOSE, encode_close(answer, ""))
-            await stream.end()
+            await self.stream.send_message(MessageKind.CLOSE, encode_close(code, reason))
+            await self.stream.end()
+
+
+def _can_drop(ws: AnyWebSocket) -> bool:
+    return hasattr(ws, "_set_closed") and (hasattr(ws, "_close_transport") or hasattr(ws, "_response"))
+
+
+def _drop(ws: AnyWebSocket) -> None:
+    """End the connection of a socket whose close handshake is over (or overdue): no second
+    close frame, as ``close()`` would send."""
+    if ws.closed:
+        return
+    ws._set_closed()
+    if isinstance(ws, web.WebSocketResponse):
+        ws._close_transport()
+    else:
+        ws._response.close()

@@ -22,7 +22,6 @@ import trustme
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from rproxy_core import Agent, AgentConfig
-from rproxy_core.agent.client import certificate_sha256
 from rproxy_core.bridge.keys import (
     CHALLENGES_PER_SOURCE,
     ChallengeStore,
@@ -35,6 +34,7 @@ from rproxy_core.bridge.keys import (
 )
 from rproxy_core.cli.keygen import load_private_key
 from rproxy_core.const import CHALLENGE_PATH, CONNECT_PATH, HEADER_PROTOCOL, HEADER_TUNNEL
+from rproxy_core.dial import certificate_sha256
 from rproxy_core.exceptions import AuthenticationError, ConfigError
 from tests.conftest import TOKEN, Proc, free_port, running_bridge, wait_for_tunnel, wait_http
 from tests.core.tunnel.test_cli import fetch, home, one_error_line, rproxy, wait_tunnel

@@ -10,6 +10,7 @@ hashed once. Real bridge, real agent, real home app; visitors on 127.0.0.x.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import aiohttp
 
@@ -77,3 +78,28 @@ async def test_the_same_credentials_in_parallel_are_hashed_once_and_all_get_in()
         assert site.seen == ["/page"] * 21
         guard = site.bridge.visitor_guard
         assert (guard._queued, guard._checking) == (0, {})
+
+
+async def test_logins_from_many_addresses_queue_at_most_64_checks_and_the_rest_get_503() -> None:
+    """A many-address attack: each address within its allowance, together more than the queue holds.
+
+    14 addresses, 5 guesses each, at once is 70 scrypt checks wanted; 64 may run or wait, the rest are
+    refused at once with 503 and Retry-After (unchecked, so no try is counted against anyone).
+    """
+    policy = VisitorPolicy(basic={"owner": SLOW}, login_delay=LoginDelay(free=FREE, first=1, longest=2))
+    addresses = [f"127.0.1.{i}" for i in range(1, 15)]
+    async with asyncio.timeout(90), protected_site(visitor_policies={"home": policy}) as site:
+        url = site.bridge.url + "/lock"
+        async with contextlib.AsyncExitStack() as stack:
+            visitors = [await stack.enter_async_context(visitor_from(address)) for address in addresses]
+            bursts = await asyncio.gather(
+                *(_burst(visitor, url, [f"{n}-guess-{i}" for i in range(FREE)]) for n, visitor in enumerate(visitors))
+            )
+        statuses = [status for burst in bursts for status in burst]
+        # Exactly 64 on a quiet machine; a check that ends before the last guess arrives frees
+        # its place, so a loaded one may check a few more, never fewer.
+        checked = statuses.count(401)
+        assert 64 <= checked < 70 and statuses.count(503) == 70 - checked, sorted(statuses)
+        guard = site.bridge.visitor_guard
+        assert (guard._queued, guard._checking) == (0, {})
+        assert site.seen == []

@@ -196,3 +196,102 @@ async def test_a_bridges_public_url_is_logged_escaped(caplog: pytest.LogCaptureF
     assert up and "token leaked" in up[0]
     for record in caplog.records:
         assert "\n" not in record.getMessage() and "\x1b" not in record.getMessage(), record.getMessage()
+
+
+@pytest.mark.parametrize(
+    "upgrade",
+    [
+        b"Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA",
+        b"Upgrade: x\r\nConnection: upgrade",
+    ],
+    ids=["h2c", "unknown-protocol"],
+)
+async def test_an_upgrade_the_bridge_ignores_is_answered_then_closed_not_left_hanging(upgrade: bytes) -> None:
+    """curl --http2 on http:// asks for h2c: answered over HTTP/1.1, then the connection closes.
+
+    aiohttp's C parser drops what follows such a head in the same read, so a pipelined request
+    behind it was never answered: the visitor waited for ever (found by test_visitor_http_fuzz).
+    """
+    async with serve_home() as (home, target), running_bridge() as bridge, running_agent(bridge.url, target):
+        assert bridge.port is not None
+        async with asyncio.timeout(10):
+            reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+            writer.write(
+                b"GET /first HTTP/1.1\r\nHost: v.test\r\n"
+                + upgrade
+                + b"\r\n\r\nGET /second HTTP/1.1\r\nHost: v.test\r\n\r\n"
+            )
+            received = await reader.read()  # the bridge closes: no waiting for ever
+            writer.close()
+    first = parse_response(received)
+    assert first.status == 200 and first.header("Connection") == "close"
+    assert [seen.raw_path for seen in home.seen] == ["/first"]
+    assert not any(seen.header_values("Upgrade") for seen in home.seen)  # a hop-by-hop header: not forwarded
+
+
+@pytest.mark.parametrize(
+    ("request_line", "status"),
+    [
+        (b"GET / HTTP/2.0", 505),
+        (b"CONNECT /status/204 HTTP/2.0", 505),
+        (b"CONNECT home.example:443 HTTP/1.1", 501),
+        (b"CONNECT /x HTTP/1.1", 501),
+    ],
+)
+async def test_requests_no_answer_could_relay_are_refused_and_closed(request_line: bytes, status: int) -> None:
+    """HTTP/2.0 over HTTP/1 framing, and CONNECT, get one short refusal; nothing reaches the home app.
+
+    Before: "HTTP/2.0" was answered in a status line no HTTP/1.1 client can read, and CONNECT
+    switched aiohttp's parser to a raw stream that swallowed the next request (found by the fuzz).
+    """
+    async with serve_home() as (home, target), running_bridge() as bridge, running_agent(bridge.url, target):
+        assert bridge.port is not None
+        # After CONNECT, a request that the switched parser used to swallow. (After "HTTP/2.0" the
+        # parser itself refuses more data, with a 400 that would hide the 505.)
+        follow = b"GET /after HTTP/1.1\r\nHost: v.test\r\n\r\n" if status == 501 else b""
+        answer = await raw(bridge.port, request_line + b"\r\nHost: v.test\r\n\r\n" + follow)
+    assert answer.status == status, answer
+    assert home.seen == []
+
+
+@pytest.mark.parametrize(
+    "expect",
+    [b"caf\xe9", b"100-continu\xe9", b"\xff\xfe", b"something-else"],
+    ids=["latin-1", "near", "bytes", "ascii"],
+)
+async def test_an_expectation_not_met_gets_417_without_a_traceback(
+    expect: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp's own Expect handler quoted the value back and broke on non-UTF-8 bytes: a 500 and a traceback.
+
+    Found by test_visitor_http_fuzz; the bridge answers every route's Expect itself now.
+    """
+    async with serve_home() as (home, target), running_bridge() as bridge, running_agent(bridge.url, target):
+        assert bridge.port is not None
+        with caplog.at_level(logging.INFO):
+            for path in (b"/x", b"/_rproxy/health"):
+                request = b"POST " + path + b" HTTP/1.1\r\nHost: v.test\r\nContent-Length: 5\r\nExpect: " + expect
+                answer = await raw(bridge.port, request + b"\r\nConnection: close\r\n\r\nhello")
+                assert answer.status == 417, answer
+                assert expect not in answer.body
+        # 100-continue itself is still met: the body follows, the home app answers.
+        request = b"POST /y HTTP/1.1\r\nHost: v.test\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close"
+        answer = await raw(bridge.port, request + b"\r\n\r\nhello")
+        final = parse_response(answer.body)  # after the interim 100 Continue
+        assert answer.status == 100 and final.status == 200 and json.loads(final.body)["body"] == "hello"
+    assert [seen.raw_path for seen in home.seen] == ["/y"]
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+async def test_upgrade_websocket_without_connection_upgrade_is_plain_http_with_its_body() -> None:
+    """``Upgrade: websocket`` alone (no ``Connection: upgrade``) opens nothing: the body is read as HTTP's.
+
+    Before, the bridge took it for a WebSocket, left the body unread, and the request pipelined
+    behind it was never answered (found by test_visitor_http_fuzz).
+    """
+    async with serve_home() as (home, target), running_bridge() as bridge, running_agent(bridge.url, target):
+        assert bridge.port is not None
+        first = b"GET /first HTTP/1.1\r\nHost: v.test\r\nUpgrade: websocket\r\nContent-Length: 5\r\n\r\nhello"
+        answer = await raw(bridge.port, first + b"GET /second HTTP/1.1\r\nHost: v.test\r\nConnection: close\r\n\r\n")
+    assert answer.status == 200
+    assert [(seen.raw_path, seen.body) for seen in home.seen] == [("/first", b"hello"), ("/second", b"")]

@@ -126,9 +126,9 @@ DISAGREEMENTS: dict[str, tuple[Any, str]] = {
     ),
     "library": (
         lambda root: _edit_text(
-            root / "rproxy_core/__init__.py", f'__version__ = "{VERSION}"', f'__version__ = "{BUMPED}"'
+            root / "rproxy_core/_version.py", f'__version__ = "{VERSION}"', f'__version__ = "{BUMPED}"'
         ),
-        "rproxy_core/__init__.py __version__",
+        "rproxy_core/_version.py __version__",
     ),
     "manifest": (
         lambda root: _edit_json(

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from rproxy_core import Agent, AgentConfig, AuthenticationError
-from rproxy_core.agent.client import AgentState
+from rproxy_core.agent import AgentState
 from tests.conftest import ROOT, TOKEN, Proc, free_port, running_agent, running_bridge, start_app, wait_http
 
 CONNECT = "/_rproxy/connect"

@@ -17,8 +17,8 @@ import pytest
 import trustme
 from aiohttp import web
 
-from rproxy_core.agent.client import certificate_sha256
 from rproxy_core.const import HEADER_PROTOCOL, HEADER_TUNNEL
+from rproxy_core.dial import certificate_sha256
 from tests.conftest import ROOT, TOKEN, Proc, free_port, running_agent, running_bridge, start_app, text_app, wait_http
 from tests.core.tunnel.test_cli import clean_env, fetch, one_error_line, rproxy, wait_tunnel
 

@@ -17,7 +17,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
 from rproxy_core import Agent, AgentConfig
-from rproxy_core.agent.client import AgentState
+from rproxy_core.agent import AgentState
 from rproxy_core.bridge import agents as bridge_agents
 from rproxy_core.protocol.frames import ErrorCode, FrameType, decode_code, encode_header, iter_frames
 from tests.conftest import TOKEN, Proc, free_port, running_agent, running_bridge, start_app, wait_for_tunnel, wait_http

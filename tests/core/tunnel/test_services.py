@@ -382,7 +382,7 @@ async def test_an_agent_announcing_malformed_services_is_refused(caplog: pytest.
         await agent.start()
         try:
             async with asyncio.timeout(10):
-                while "bad services in its HELLO" not in caplog.text:
+                while "its HELLO is malformed: HELLO field 'services.Evil Name'" not in caplog.text:
                     await asyncio.sleep(0.02)
             assert not bridge.registry.connections()
         finally:
