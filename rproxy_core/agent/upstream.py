@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hmac
 import logging
 import re
@@ -22,25 +21,16 @@ from yarl import URL
 from ..const import MAX_WEBSOCKET_MESSAGE, TARGET_CONNECT_TIMEOUT
 from ..exceptions import StreamResetError
 from ..headers import WEBSOCKET_HOP_HEADERS, strip_hop_by_hop
-from ..protocol.frames import (
-    ErrorCode,
-    MessageKind,
-    decode_code,
-    encode_code,
-    sendable_close_code,
-    sendable_close_reason,
-)
+from ..protocol.frames import ErrorCode
 from ..protocol.heads import KIND_WEBSOCKET, ResponseHead, is_token
 from ..protocol.mux import DEFAULT_MAX_STREAMS
 from ..transport import TunnelStream
+from ..transport.wsrelay import CLOSE_ANSWER_TIMEOUT, WebSocketRelay, aiohttp_message_limit
 from .inprocess import VISITOR_ADDRESS
 
 __all__ = ["FORWARDED_HEADERS", "Upstream", "create_upstream_session", "visitor_address"]
 
 _LOGGER = logging.getLogger("rproxy.agent")
-
-#: WebSocket messages relayed in a row before the loop gets a turn.
-MESSAGES_PER_TURN = 64
 
 #: The headers the bridge adds about the visitor; by default all reach the home app.
 FORWARDED_HEADERS = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host")
@@ -352,9 +342,11 @@ class Upstream:
                 url,
                 protocols=offered,
                 headers=headers,
+                # Pings and closes are the visitor's to answer (the relay passes them on).
                 autoping=False,
-                max_msg_size=MAX_WEBSOCKET_MESSAGE,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+                autoclose=False,
+                max_msg_size=aiohttp_message_limit(MAX_WEBSOCKET_MESSAGE),
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_ANSWER_TIMEOUT),
                 compress=0,
             )
         except aiohttp.WSServerHandshakeError as err:
@@ -367,19 +359,7 @@ class Upstream:
         async with ws:
             reply_headers = [("Sec-WebSocket-Protocol", ws.protocol)] if ws.protocol else []
             stream.send_reply(ResponseHead(101, "Switching Protocols", reply_headers))
-            to_target = asyncio.create_task(_pump_to_target(stream, ws))
-            try:
-                await _pump_from_target(ws, stream)
-            finally:
-                if not to_target.done():
-                    with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                        async with asyncio.timeout(2):
-                            await asyncio.shield(to_target)
-                    to_target.cancel()
-                with contextlib.suppress(
-                    asyncio.CancelledError, StreamResetError, aiohttp.ClientError, ConnectionError
-                ):
-                    await to_target
+            await WebSocketRelay(ws, stream, max_message=MAX_WEBSOCKET_MESSAGE, what="home app").run()
 
 
 #: How a dot segment can be spelled (RFC 3986 §2.3: %2E is "." and must be treated as one).
@@ -442,57 +422,3 @@ async def _answer(
 async def _request_body(stream: TunnelStream) -> AsyncIterator[bytes | memoryview]:
     while chunk := await stream.read():
         yield chunk
-
-
-async def _pump_from_target(ws: aiohttp.ClientWebSocketResponse, stream: TunnelStream) -> None:
-    """Home app's messages → stream; its close code travels as a CLOSE message."""
-    count = 0
-    while True:
-        msg = await ws.receive()
-        count += 1
-        if count % MESSAGES_PER_TURN == 0:
-            await asyncio.sleep(0)  # queued messages come without waiting: let other streams run
-        if msg.type is aiohttp.WSMsgType.TEXT:
-            await stream.send_message(MessageKind.TEXT, msg.data.encode())
-        elif msg.type is aiohttp.WSMsgType.BINARY:
-            await stream.send_message(MessageKind.BINARY, msg.data)
-        elif msg.type is aiohttp.WSMsgType.PING:
-            await stream.send_message(MessageKind.PING, msg.data)
-        elif msg.type is aiohttp.WSMsgType.PONG:
-            await stream.send_message(MessageKind.PONG, msg.data)
-        elif msg.type is aiohttp.WSMsgType.CLOSE:
-            await stream.send_message(MessageKind.CLOSE, encode_code(msg.data or 1000, msg.extra or ""))
-            await stream.end()
-            return
-        else:  # CLOSING (we closed it at the visitor's request), CLOSED, ERROR
-            if not stream.closed:
-                code = ws.close_code or (1011 if msg.type is aiohttp.WSMsgType.ERROR else 1000)
-                await stream.send_message(MessageKind.CLOSE, encode_code(code, ""))
-                await stream.end()
-            return
-
-
-async def _pump_to_target(stream: TunnelStream, ws: aiohttp.ClientWebSocketResponse) -> None:
-    """Visitor's messages (from the stream) → home app."""
-    count = 0
-    while True:
-        message = await stream.read_message(MAX_WEBSOCKET_MESSAGE)
-        count += 1
-        if count % MESSAGES_PER_TURN == 0:
-            await asyncio.sleep(0)
-        if message is None:
-            await ws.close()
-            return
-        kind, data = message
-        if kind is MessageKind.TEXT:
-            await ws.send_str(data.decode("utf-8", "replace"))
-        elif kind is MessageKind.BINARY:
-            await ws.send_bytes(data)
-        elif kind is MessageKind.PING:
-            await ws.ping(data)
-        elif kind is MessageKind.PONG:
-            await ws.pong(data)
-        elif kind is MessageKind.CLOSE:
-            code, reason = decode_code(data) if len(data) >= 2 else (1000, "")
-            await ws.close(code=sendable_close_code(code), message=sendable_close_reason(reason))
-            return

@@ -17,23 +17,17 @@ import time
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import TYPE_CHECKING, TypeVar
 
-from aiohttp import WSMsgType, hdrs, web
+from aiohttp import hdrs, web
 
 from ..const import BUSY_RETRY_AFTER, MAX_WEBSOCKET_MESSAGE
 from ..exceptions import NoAgentError, StreamResetError
 from ..headers import WEBSOCKET_HOP_HEADERS, is_websocket_upgrade, strip_hop_by_hop
 from ..logsafe import printable
-from ..protocol.frames import (
-    ErrorCode,
-    MessageKind,
-    decode_code,
-    encode_code,
-    sendable_close_code,
-    sendable_close_reason,
-)
+from ..protocol.frames import ErrorCode
 from ..protocol.heads import KIND_HTTP, KIND_WEBSOCKET, RequestHead, ResponseHead, is_token
 from ..transport import TunnelStream
 from ..transport.ws_pieces import PieceWriter
+from ..transport.wsrelay import CLOSE_ANSWER_TIMEOUT, WebSocketRelay, aiohttp_message_limit
 from .pages import error_response
 from .registry import NoServiceError, TunnelBusyError
 from .routing import resolve_route
@@ -54,8 +48,6 @@ _FORWARDING_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forw
 #: Seconds a visitor may take to accept one chunk of a response before it is cut off.
 VISITOR_SEND_TIMEOUT = 60.0
 
-#: Messages relayed in a row before the loop gets a turn (see _pump_visitor_messages).
-MESSAGES_PER_TURN = 64
 
 #: Bodies up to this size that arrived whole with their head are sent with the head in one
 #: write; larger or still-arriving bodies are streamed.
@@ -405,10 +397,13 @@ class VisitorHandler:
         config = self._bridge.config
         ws = web.WebSocketResponse(
             protocols=(protocol,) if protocol else (),
+            # Pings and closes are the home app's to answer: the relay passes them on.
             autoping=False,
+            autoclose=False,
+            timeout=CLOSE_ANSWER_TIMEOUT,
             # A visitor's message is assembled whole by aiohttp before it can be relayed: the
             # limit bounds that (1009 beyond it), and is small, as what browsers send is.
-            max_msg_size=config.max_websocket_message,
+            max_msg_size=aiohttp_message_limit(config.max_websocket_message),
             # No permessage-deflate with visitors: ~0.5 MB of deflate inflates to 600 MiB
             # (issue 15, finding 10), and each deflating socket costs zlib state on the bridge.
             compress=False,
@@ -421,70 +416,23 @@ class VisitorHandler:
         except (ConnectionError, RuntimeError):
             return log.done(ws)
         log.status = 101
-        to_agent = asyncio.create_task(_pump_visitor_messages(ws, stream, log, config.websocket_message_rate))
-        relayed = 0
-        pieces = PieceWriter.of(ws)
+        relay = WebSocketRelay(
+            ws,
+            stream,
+            max_message=MAX_WEBSOCKET_MESSAGE,
+            message_rate=config.websocket_message_rate,
+            # Big messages from the home app go on piece by piece, never assembled here.
+            pieces=PieceWriter.of(ws),
+            what="visitor",
+        )
         try:
-            while True:
-                fragment = await stream.read_fragment()
-                if fragment is None:
-                    break
-                relayed += 1
-                if relayed % MESSAGES_PER_TURN == 0:
-                    await asyncio.sleep(0)  # queued messages are read without waiting: let others run
-                kind, piece, more = fragment
-                if more and pieces is not None and kind in (MessageKind.TEXT, MessageKind.BINARY):
-                    # A message in several pieces goes on piece by piece: never assembled here.
-                    log.bytes += await _relay_pieces(stream, pieces, kind, piece)
-                    continue
-                data = await stream.read_rest(piece, MAX_WEBSOCKET_MESSAGE) if more else bytes(piece)
-                log.bytes += len(data)
-                if kind is MessageKind.TEXT:
-                    await ws.send_str(data.decode("utf-8", "replace"))
-                elif kind is MessageKind.BINARY:
-                    await ws.send_bytes(data)
-                elif kind is MessageKind.PING:
-                    await ws.ping(data)
-                elif kind is MessageKind.PONG:
-                    await ws.pong(data)
-                elif kind is MessageKind.CLOSE:
-                    code, reason = decode_code(data) if len(data) >= 2 else (1000, "")
-                    log.note = log.note or f"closed with {code}"
-                    await ws.close(code=sendable_close_code(code), message=sendable_close_reason(reason))
-                    break
-        except StreamResetError as err:
-            log.note = f"tunnel side ended: {err}"
-            await ws.close(code=1011 if err.code != ErrorCode.MESSAGE_TOO_BIG else 1009, message=b"tunnel closed")
-        except (ConnectionError, RuntimeError) as err:
-            log.note = f"visitor gone: {err.__class__.__name__}"
+            await relay.run()
         finally:
-            if not to_agent.done():
-                # The home side closed: give the visitor's close handshake a moment to finish.
-                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                    async with asyncio.timeout(2):
-                        await asyncio.shield(to_agent)
-                to_agent.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await to_agent
+            # Also when the visitor hangs up right after the close handshake (the handler is
+            # then cancelled): the line says how the exchange ended.
+            log.bytes += relay.bytes_to_peer
+            log.note = log.note or relay.note
         return log.done(ws)
-
-
-async def _relay_pieces(stream: TunnelStream, pieces: PieceWriter, kind: MessageKind, first: memoryview) -> int:
-    """Write a message from the home app to the visitor as its pieces arrive; return its size."""
-    await pieces.send(kind, first, last=False)
-    size = len(first)
-    while True:
-        fragment = await stream.read_fragment()
-        if fragment is None:
-            raise StreamResetError(ErrorCode.PROTOCOL_ERROR, "stream ended inside a message")
-        _, piece, more = fragment
-        size += len(piece)
-        if size > MAX_WEBSOCKET_MESSAGE:
-            stream.reset(ErrorCode.MESSAGE_TOO_BIG, "message too big")
-            raise StreamResetError(ErrorCode.MESSAGE_TOO_BIG, "message too big")
-        await pieces.send(kind, piece, last=not more)
-        if not more:
-            return size
 
 
 def _close(request: web.Request) -> None:
@@ -612,63 +560,6 @@ def _body_too_large(request: web.Request, limit: int) -> web.Response:
     # sees this answer, not a reset), then closes instead of parsing it as the next request.
     response.force_close()
     return response
-
-
-async def _pump_visitor_messages(ws: web.WebSocketResponse, stream: TunnelStream, log: _Access, rate: int) -> None:
-    """Visitor's WebSocket messages → stream, including pings and the close code (noted for
-    the access log: a normal close reads ``closed with 1000``).
-
-    At most ``rate`` messages a second (any size, empty ones too: each costs the bridge, the
-    agent and the home app a turn): a visitor over it is closed with 1008.
-    """
-    loop = asyncio.get_running_loop()
-    window_start = loop.time()
-    count = 0
-    try:
-        while True:
-            msg = await ws.receive()
-            count += 1
-            if count % MESSAGES_PER_TURN == 0:
-                # aiohttp hands out queued messages without waiting: without this, one visitor
-                # sending tiny frames as fast as it can keeps the loop to itself.
-                await asyncio.sleep(0)
-            if count > rate:
-                now = loop.time()
-                if now - window_start >= 1.0:
-                    window_start, count = now, 1
-                else:
-                    _LOGGER.warning(
-                        "visitor websocket %s: more than %d messages a second, closed", stream.head.request_id, rate
-                    )
-                    log.note = f"closed with 1008: more than {rate} messages a second"
-                    await stream.send_message(MessageKind.CLOSE, encode_code(1008, "too many messages"))
-                    await stream.end()
-                    await ws.close(code=1008, message=b"too many messages")
-                    return
-            if msg.type is WSMsgType.TEXT:
-                await stream.send_message(MessageKind.TEXT, msg.data.encode())
-            elif msg.type is WSMsgType.BINARY:
-                await stream.send_message(MessageKind.BINARY, msg.data)
-            elif msg.type is WSMsgType.PING:
-                await stream.send_message(MessageKind.PING, msg.data)
-            elif msg.type is WSMsgType.PONG:
-                await stream.send_message(MessageKind.PONG, msg.data)
-            elif msg.type is WSMsgType.CLOSE:
-                log.note = log.note or f"closed with {msg.data or 1000}"
-                await stream.send_message(MessageKind.CLOSE, encode_code(msg.data or 1000, msg.extra or ""))
-                await stream.end()
-                return
-            else:  # CLOSING, CLOSED, ERROR: the visitor vanished without a close frame
-                await stream.send_message(
-                    MessageKind.CLOSE, encode_code(1006 if msg.type is WSMsgType.ERROR else 1001, "")
-                )
-                await stream.end()
-                return
-    except StreamResetError:
-        pass
-    except Exception as err:  # visitor's connection broke
-        _LOGGER.debug("visitor websocket %s failed: %r", stream.head.request_id, err)
-        stream.reset(ErrorCode.CANCEL, "visitor gone")
 
 
 _R = TypeVar("_R", bound=web.StreamResponse | None)

@@ -34,8 +34,6 @@ __all__ = [
     "encode_header",
     "encode_code",
     "decode_code",
-    "sendable_close_code",
-    "sendable_close_reason",
 ]
 
 HEADER = struct.Struct("!BBII")
@@ -206,29 +204,3 @@ def decode_u32(payload: memoryview | bytes) -> int:
     if len(payload) != 4:
         raise FrameError("WINDOW payload must be 4 bytes")
     return int(_U32.unpack_from(payload)[0])
-
-
-def sendable_close_code(code: int) -> int:
-    """A WebSocket close code that may go on the wire (RFC 6455 §7.4.1).
-
-    1005, 1006 and 1015 only describe what a receiver observed (no code, abnormal closure,
-    TLS failure); relaying them as-is would be a protocol error, so they become 1000/1001.
-    """
-    if code == 1006 or code == 1015:
-        return 1001
-    if code < 1000 or code == 1005 or code >= 5000 or 1016 <= code < 3000:
-        return 1000
-    return code
-
-
-#: A close frame's payload is at most 125 bytes, two of them the code (RFC 6455 §5.5).
-MAX_CLOSE_REASON = 123
-
-
-def sendable_close_reason(reason: str) -> bytes:
-    """A peer's close reason as it may go on the wire: UTF-8, cut to 123 bytes on a character
-    boundary (a longer one would make the close itself fail)."""
-    data = reason.encode("utf-8", "replace")
-    if len(data) <= MAX_CLOSE_REASON:
-        return data
-    return data[:MAX_CLOSE_REASON].decode("utf-8", "ignore").encode()

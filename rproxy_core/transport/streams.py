@@ -153,20 +153,29 @@ class TunnelStream:
         budget = self._conn.budget
         budget.charge(len(first))
         try:
-            flags: int = Flags.MORE
-            while flags & Flags.MORE:
-                item = await self._next_chunk()
-                if item is None:
-                    raise StreamResetError(ErrorCode.PROTOCOL_ERROR, "stream ended inside a message")
-                chunk, flags = item
-                if len(parts) + len(chunk) > max_size:
-                    self.reset(ErrorCode.MESSAGE_TOO_BIG, "message too big")
-                    raise StreamResetError(ErrorCode.MESSAGE_TOO_BIG, "message too big")
+            more = True
+            while more:
+                chunk, more = await self.read_continuation(len(parts), max_size)
                 parts += chunk
                 budget.charge(len(chunk))
             return bytes(parts)
         finally:
             budget.release(len(parts))
+
+    async def read_continuation(self, received: int, max_size: int) -> tuple[memoryview, bool]:
+        """The next piece of a message of which ``received`` bytes came so far: (bytes, more follow).
+
+        Raises:
+            StreamResetError: as ``read_message``; also when the stream ends inside the message.
+        """
+        item = await self._next_chunk()
+        if item is None:
+            raise StreamResetError(ErrorCode.PROTOCOL_ERROR, "stream ended inside a message")
+        chunk, flags = item
+        if received + len(chunk) > max_size:
+            self.reset(ErrorCode.MESSAGE_TOO_BIG, "message too big")
+            raise StreamResetError(ErrorCode.MESSAGE_TOO_BIG, "message too big")
+        return chunk, bool(flags & Flags.MORE)
 
     async def _next_chunk(self) -> tuple[memoryview, int] | None:
         """The next received (payload, flags), or None once the peer ended its half.
