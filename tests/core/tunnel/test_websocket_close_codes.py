@@ -278,7 +278,20 @@ BAD_FRAMES = {
 }
 
 
-@pytest.mark.parametrize("bad", list(BAD_FRAMES.values()), ids=list(BAD_FRAMES))
+#: aiohttp before 3.14 (seen on 3.11.16, Home Assistant's pin) drops the good message when reserved
+#: bits follow it in the same read: its parser fails the whole read, before the relay sees anything.
+_OLD_AIOHTTP_DROPS_ON_RSV = pytest.mark.xfail(
+    tuple(int(part) for part in aiohttp.__version__.split(".")[:2]) < (3, 14),
+    reason="aiohttp < 3.14 loses the message read together with a frame with reserved bits",
+    strict=True,
+)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [pytest.param(bad, marks=_OLD_AIOHTTP_DROPS_ON_RSV) if "rsv" in bad else bad for bad in BAD_FRAMES.values()],
+    ids=list(BAD_FRAMES),
+)
 async def test_the_answer_to_a_good_message_reaches_the_visitor_before_a_bad_frame_fails_it(
     tunnel: Tunnel, bad: dict[str, object]
 ) -> None:
