@@ -9,13 +9,9 @@ not have one.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from aiohttp import hdrs, web
+from aiohttp import web
 
 from ..const import (
     HANDSHAKE_TIMEOUT,
@@ -31,14 +27,10 @@ from ..protocol.hello import AgentHello
 from ..protocol.mux import SUPPORTED_VERSIONS, Multiplexer, Role
 from ..transport import AiohttpFrameSocket, HandshakeError, TunnelConnection
 from ..transport.budget import MemoryBudget
-from .auth import basic_credential
-from .keys import AUTH_SCHEME, decode_public_key, fingerprint, signed_message, verify_signature
+from .context import BridgeContext, Credential
 from .routing import host_name, is_loopback_host
 from .shares import Shares, address_share
 from .visitor_policy import parse_agent_policy
-
-if TYPE_CHECKING:
-    from .app import Bridge
 
 __all__ = ["AgentHandler", "Credential"]
 
@@ -49,33 +41,11 @@ def _refuse(status: int, message: str) -> web.Response:
     return web.Response(status=status, text=message + "\n")
 
 
-#: Whether the credential an agent presented still lets it serve a name (asked again on reload).
-Allows = Callable[[str], bool]
-
-
-@dataclass(frozen=True, slots=True)
-class Credential:
-    allows: Allows
-    #: How logs name it: ``token``, or ``key SHA256:...`` (a public fingerprint, never a secret).
-    what: str
-    #: What its share of pending handshakes is counted under (a digest or fingerprint, never
-    #: the secret, and never logged).
-    key: str = ""
-
-
-def _request_host(request: web.Request) -> str:
-    """The host name the agent dialled, without port, as the agent signs it."""
-    host = request.host
-    if host.startswith("["):
-        return host[1 : host.find("]")].lower() if "]" in host else host.lower()
-    return host.rsplit(":", 1)[0].lower() if host.count(":") == 1 else host.lower()
-
-
 class AgentHandler:
     """aiohttp handler for agents dialling in."""
 
-    def __init__(self, bridge: Bridge) -> None:
-        self._bridge = bridge
+    def __init__(self, context: BridgeContext) -> None:
+        self._context = context
         self._handshaking: set[TunnelConnection] = set()
         #: What each connected agent presented, and its tunnel name, to cut it off when its
         #: token or key is revoked.
@@ -86,8 +56,8 @@ class AgentHandler:
         #: Pending handshakes (reserved before the upgrade) in all, per source address (an IPv6
         #: /64 counts as one) and per credential: one holder cannot take every slot.
         self._pending_total = 0
-        self._pending_by_source: Shares[str] = Shares(bridge.config.max_pending_handshakes_per_source)
-        self._pending_by_credential: Shares[str] = Shares(bridge.config.max_pending_handshakes_per_credential)
+        self._pending_by_source: Shares[str] = Shares(context.config.max_pending_handshakes_per_source)
+        self._pending_by_credential: Shares[str] = Shares(context.config.max_pending_handshakes_per_credential)
         #: Holders whose refusal was logged in their current burst.
         self._noted: set[str] = set()
         self._cutting_off: set[asyncio.Task[None]] = set()
@@ -106,53 +76,10 @@ class AgentHandler:
         await asyncio.gather(*(c.close(ErrorCode.NO_ERROR, "agent credential revoked") for c in revoked))
         return len(revoked)
 
-    def _key_credential(self, request: web.Request, value: str, name: str) -> Credential | str:
-        """Check a ``Rproxy-Key`` Authorization: the function that says which names its key may
-        serve, or why it is refused (401)."""
-        fields = value.split()
-        if len(fields) != 4:
-            return "malformed key authorization"
-        _, public, nonce, signature = fields
-        try:
-            raw_key = decode_public_key(public)
-        except ValueError:
-            return "malformed key authorization"
-        # Consumed before the signature is checked: a nonce is spent by any attempt at all, so
-        # an observed one can never be tried again.
-        if not self._bridge.challenges.consume(nonce):
-            return f"key {fingerprint(raw_key)}: unknown, expired or reused challenge"
-        if not verify_signature(raw_key, signature, signed_message(nonce, name, _request_host(request))):
-            return f"key {fingerprint(raw_key)}: bad signature"
-        bridge = self._bridge
-        what = f"key {fingerprint(raw_key)}"
-        return Credential(lambda tunnel: bridge.keys.allows(raw_key, tunnel), what, what)
-
-    def credential(self, request: web.Request, name: str) -> Credential | str:
-        """What the request's Authorization proves (a token, or a key signed for tunnel ``name``),
-        or why it proves nothing (the caller answers 401)."""
-        auth = request.headers.get(hdrs.AUTHORIZATION, "")
-        scheme = auth.split(None, 1)[0].lower() if auth.strip() else ""
-        if scheme == AUTH_SCHEME.lower():
-            return self._key_credential(request, auth, name)
-        if scheme == "basic":  # user:password, as node-rproxy's agent sends its credential
-            token = basic_credential(auth[6:])
-            if token is None:
-                return "malformed basic credential"
-        else:
-            token = auth[7:].strip() if scheme == "bearer" else None
-        if not token or self._bridge.auth.match(token) is None:
-            return "invalid token" if token else "no token"
-        bridge = self._bridge
-        return Credential(
-            lambda tunnel: bridge.auth.allows(token, tunnel),
-            "token",
-            "token " + hashlib.sha256(token.encode()).hexdigest(),
-        )
-
     def _take_pending(self, source: str, credential: str) -> str | None:
         """Reserve a pending-handshake slot (before any await, so concurrent upgrades cannot all
         pass the check); None if reserved, else what was full ("from this address", ...)."""
-        config = self._bridge.config
+        config = self._context.config
         if self._pending_total >= config.max_pending_handshakes:
             if not self._refused_backlog:
                 _LOGGER.warning(
@@ -184,7 +111,7 @@ class AgentHandler:
             shares.give_back(key)
             if not shares.held(key):
                 self._noted.discard(key)
-        if self._refused_backlog and self._pending_total <= self._bridge.config.max_pending_handshakes // 2:
+        if self._refused_backlog and self._pending_total <= self._context.config.max_pending_handshakes // 2:
             _LOGGER.warning("handshake backlog cleared; %d agent(s) were refused meanwhile", self._refused_backlog)
             self._refused_backlog = 0
 
@@ -192,7 +119,7 @@ class AgentHandler:
         self, request: web.Request, ws: web.WebSocketResponse, name: str, agent_id: str, remote: str
     ) -> TunnelConnection | None:
         """Upgrade and exchange HELLOs; the connection, or None if it failed (closed and logged)."""
-        bridge = self._bridge
+        context = self._context
         await ws.prepare(request)
         label = f"{name}/{agent_id} from {remote}"
         connection: TunnelConnection = TunnelConnection(
@@ -200,9 +127,9 @@ class AgentHandler:
             Multiplexer(Role.BRIDGE),
             label=label,
             peer_id=agent_id,
-            heartbeat_interval=bridge.config.heartbeat_interval,
-            dead_after=bridge.config.dead_after,
-            budget=MemoryBudget(bridge.config.tunnel_memory_budget, bridge.memory),
+            heartbeat_interval=context.config.heartbeat_interval,
+            dead_after=context.config.dead_after,
+            budget=MemoryBudget(context.config.tunnel_memory_budget, context.memory),
             # The bridge opens every stream; one opened by an agent is an attack or a broken agent.
             on_stream=lambda stream: self._cut_off(connection, "it opened a stream (only the bridge may)"),
         )
@@ -213,16 +140,16 @@ class AgentHandler:
             await connection.handshake(
                 HANDSHAKE_TIMEOUT,
                 tunnel=name,
-                public_url=bridge.public_url(name, request),
-                heartbeat=bridge.config.heartbeat_interval,
-                **bridge.service_url_setting(name, request),
+                public_url=context.public_url(name, request),
+                heartbeat=context.config.heartbeat_interval,
+                **context.service_url_setting(name, request),
             )
         except HandshakeError as err:
-            if bridge.stopping:
+            if context.stopping:
                 _LOGGER.info("agent %s closed during its handshake: bridge shutting down", label)
             else:
                 _LOGGER.warning("agent %s failed its handshake: %s", label, err)
-                bridge.metrics.handshake_failed("hello")
+                context.metrics.handshake_failed("hello")
             await connection.close(err.error_code, str(err))
             return None
         finally:
@@ -232,8 +159,8 @@ class AgentHandler:
     def _warn_second_tunnel(self, name: str, host: str) -> None:
         """Once: a second tunnel on a bridge without a domain means that a bare address (the
         one the first agent was told) reaches no tunnel any more: the Host's first label picks."""
-        names = self._bridge.registry.names()
-        if self._bridge.config.domain is not None or self._warned_no_domain or len(names) < 2:
+        names = self._context.registry.names()
+        if self._context.config.domain is not None or self._warned_no_domain or len(names) < 2:
             return
         self._warned_no_domain = True
         example = (
@@ -258,20 +185,20 @@ class AgentHandler:
         task.add_done_callback(self._cutting_off.discard)
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
-        bridge = self._bridge
+        context = self._context
         remote = request.remote or "?"
         name = request.headers.get(HEADER_TUNNEL, "")
-        credential = self.credential(request, name)
+        credential = self._context.credential(request, name)
         if isinstance(credential, str):
             _LOGGER.warning("refused agent from %s: %s", remote, credential)
-            bridge.metrics.handshake_failed("credential")
+            context.metrics.handshake_failed("credential")
             return _refuse(401, "invalid or missing agent token or key")
         offered = {v.strip() for v in request.headers.get(HEADER_PROTOCOL, "").split(",")}
         common = [v for v in SUPPORTED_VERSIONS if str(v) in offered]
         if not common:
             _LOGGER.warning("refused agent from %s: protocol versions %s not supported", remote, sorted(offered))
             supported = ",".join(map(str, sorted(SUPPORTED_VERSIONS)))
-            bridge.metrics.handshake_failed("protocol_version")
+            context.metrics.handshake_failed("protocol_version")
             return web.Response(
                 status=426,
                 text=f"this bridge speaks rproxy protocol {supported}\n",
@@ -279,26 +206,26 @@ class AgentHandler:
             )
         if not is_tunnel_name(name):
             _LOGGER.warning("refused agent from %s: invalid tunnel name %r", remote, name[:80])
-            bridge.metrics.handshake_failed("tunnel_name")
+            context.metrics.handshake_failed("tunnel_name")
             return _refuse(400, "tunnel name must be a lower-case DNS label (a-z, 0-9, -)")
         if not credential.allows(name):
             _LOGGER.warning("refused agent from %s: its %s may not serve tunnel %r", remote, credential.what, name)
-            bridge.metrics.handshake_failed("name_not_allowed")
+            context.metrics.handshake_failed("name_not_allowed")
             return _refuse(403, f"this agent {credential.what.split()[0]} may not serve tunnel {name!r}")
         agent_id = request.headers.get(HEADER_AGENT_ID, "")[:128] or remote
         if not agent_id.isprintable():
             agent_id = remote
         ws = web.WebSocketResponse(max_msg_size=TUNNEL_MESSAGE_LIMIT, compress=False, autoping=True)
         if not ws.can_prepare(request).ok:
-            bridge.metrics.handshake_failed("not_websocket")
+            context.metrics.handshake_failed("not_websocket")
             return _refuse(400, "this endpoint is for rproxy agents (WebSocket upgrade required)")
-        if bridge.draining:  # on a connection opened before the listener closed
-            bridge.metrics.handshake_failed("draining")
+        if context.draining:  # on a connection opened before the listener closed
+            context.metrics.handshake_failed("draining")
             return web.Response(status=503, text="the bridge is shutting down\n", headers={"Retry-After": "5"})
-        source = address_share(bridge.agent_address(request))
+        source = address_share(context.agent_address(request))
         refused = self._take_pending(source, credential.key)
         if refused is not None:
-            bridge.metrics.handshake_failed("too_many_pending")
+            context.metrics.handshake_failed("too_many_pending")
             return web.Response(
                 status=503, text=f"too many agents connecting {refused}, try again\n", headers={"Retry-After": "5"}
             )
@@ -308,7 +235,7 @@ class AgentHandler:
             self._give_back_pending(source, credential.key)
         if connection is None:
             return ws
-        if bridge.stopping:  # its HELLO came after the tunnels were closed: it would be missed
+        if context.stopping:  # its HELLO came after the tunnels were closed: it would be missed
             await connection.close(ErrorCode.NO_ERROR, "bridge shutting down")
             return ws
         if not credential.allows(name):  # revoked by a reload during the handshake
@@ -320,37 +247,37 @@ class AgentHandler:
         except (RemoteProtocolError, ValueError) as err:
             # The message names the field (services.NAME, visitor_basic...), the agent's text in it quoted.
             _LOGGER.warning("agent %s refused, its HELLO is malformed: %s", connection.label, err)
-            bridge.metrics.handshake_failed("hello")
+            context.metrics.handshake_failed("hello")
             await connection.close(ErrorCode.PROTOCOL_ERROR, f"malformed HELLO: {err}")
             return ws
         services = hello.services
         # Set before the tunnel is listed, so no visitor slips in unprotected meanwhile.
-        differs = bridge.visitor_guard.agent_joins(name, connection, asked)
+        differs = context.visitor_guard.agent_joins(name, connection, asked)
         if differs is not None:
             _LOGGER.warning("agent %s refused: %s", connection.label, differs)
-            bridge.metrics.handshake_failed("visitor_policy")
+            context.metrics.handshake_failed("visitor_policy")
             await connection.close(ErrorCode.PROTOCOL_ERROR, f"refused: {differs}")
             return ws
         # It stops counting as one of the tunnel's agents when it starts closing, as it leaves
         # the registry's pool (the guard ignores a second leave).
-        connection.on_close(lambda closed: bridge.visitor_guard.agent_leaves(name, closed))
+        connection.on_close(lambda closed: context.visitor_guard.agent_leaves(name, closed))
         self._credentials[connection] = (credential, name)
-        await bridge.registry.add(name, connection, services)
-        bridge.metrics.agent_connected(name, connection)
+        await context.registry.add(name, connection, services)
+        context.metrics.agent_connected(name, connection)
         self._warn_second_tunnel(name, request.host)
         _LOGGER.info(
             "agent %s connected (protocol %s, %d agent(s) now serve %r)",
             connection.label,
             connection.peer_settings.get("version"),
-            bridge.registry.tunnels().get(name, 0),
+            context.registry.tunnels().get(name, 0),
             name,
         )
         try:
             await connection.run()
         finally:
             self._credentials.pop(connection, None)
-            await bridge.registry.remove(name, connection)
-            bridge.visitor_guard.agent_leaves(name, connection)
+            await context.registry.remove(name, connection)
+            context.visitor_guard.agent_leaves(name, connection)
             # aiohttp ends the WebSocket itself on a message over max_msg_size (or a broken
             # frame) and the tunnel only sees it closed: the cause is the socket's exception.
             broken = ws.exception()

@@ -7,10 +7,7 @@ import contextlib
 import functools
 import logging
 import secrets
-import ssl
-from dataclasses import dataclass, field
 from importlib import resources
-from ipaddress import IPv4Network, IPv6Network
 from typing import Any, Self
 
 from aiohttp import web
@@ -22,54 +19,38 @@ from .._version import __version__
 from ..const import (
     CHALLENGE_PATH,
     CONNECT_PATH,
-    DEAD_AFTER,
-    DEFAULT_BRIDGE_HOST,
-    DEFAULT_BRIDGE_PORT,
-    HEADER_TIMEOUT,
     HEALTH_PATH,
-    HEARTBEAT_INTERVAL,
-    IDLE_TIMEOUT,
     MAX_HEADER_FIELD,
     MAX_HEADERS,
-    MAX_PENDING_HANDSHAKES,
-    MAX_PENDING_HANDSHAKES_PER_CREDENTIAL,
-    MAX_PENDING_HANDSHAKES_PER_SOURCE,
     MAX_REQUEST_HEAD,
     MAX_REQUEST_LINE,
-    MAX_REQUESTS_PER_VISITOR,
-    MAX_WEBSOCKETS_PER_VISITOR,
     METRICS_PATH,
-    REQUEST_TIMEOUT,
     RESERVED_PREFIX,
-    SHUTDOWN_GRACE,
     STATUS_JSON_PATH,
     STATUS_PAGE_PATH,
     TCP_PATH,
-    VISITOR_WEBSOCKET_MESSAGE,
-    WEBSOCKET_IDLE_TIMEOUT,
-    WEBSOCKET_MESSAGE_RATE,
 )
 from ..exceptions import ConfigError
-from ..gateway import GatewayConfig
 from ..headers import non_ascii_field
 from ..logsafe import printable
 from ..protocol.frames import ErrorCode
 from ..protocol.heads import KIND_WEBSOCKET
-from ..transport.budget import DEFAULT_PROCESS_BUDGET, DEFAULT_TUNNEL_BUDGET, MemoryBudget
-from .agents import AgentHandler, Credential
+from ..transport.budget import MemoryBudget
+from .agents import AgentHandler
 from .auth import TokenAuth, TokenGrant
-from .channels import ChannelHandler, TcpPort, TcpPortServer
+from .channels import ChannelHandler, TcpPortServer
+from .config import BridgeConfig, TcpPort
+from .context import BridgeContext, Credential
 from .gateway import bridge_gateway
 from .keys import ChallengeStore, KeyAuth, KeyGrant
 from .limits import BridgeRunner, HeadLimits, answer_expect
 from .metrics import BridgeMetrics
 from .pages import error_response
 from .registry import MemoryRegistry, TunnelRegistry
-from .routing import host_name, is_loopback_host
-from .visitor_policy import DEFAULT_MAX_TRACKED_VISITORS, VisitorGuard, VisitorPolicy
-from .visitors import VisitorHandler, behind_proxies
+from .visitor_policy import VisitorGuard
+from .visitors import VisitorHandler
 
-__all__ = ["Bridge", "BridgeConfig"]
+__all__ = ["Bridge", "BridgeConfig", "TcpPort"]
 
 _LOGGER = logging.getLogger("rproxy.bridge")
 
@@ -100,76 +81,6 @@ _SERVER_LOGGER = logging.getLogger("rproxy.bridge.http")
 _SERVER_LOGGER.addFilter(_MalformedRequestFilter())
 
 
-@dataclass(slots=True)
-class BridgeConfig:
-    """Settings of a bridge; the CLI fills it from flags, environment and config file."""
-
-    host: str = DEFAULT_BRIDGE_HOST
-    port: int = DEFAULT_BRIDGE_PORT
-    #: Accepted agent tokens: plain strings serve any tunnel name, TokenGrants only theirs.
-    tokens: list[str | TokenGrant] = field(default_factory=list)
-    domain: str | None = None
-    request_timeout: float = REQUEST_TIMEOUT
-    ssl_context: ssl.SSLContext | None = None
-    access_log: bool = True
-    heartbeat_interval: float = HEARTBEAT_INTERVAL
-    dead_after: float = DEAD_AFTER
-    #: Seconds a stopping bridge lets visitor requests in flight finish before it closes the
-    #: tunnels (new requests meanwhile get 503 with Retry-After).
-    shutdown_grace: float = SHUTDOWN_GRACE
-    #: Proxies in front of the bridge (a load balancer, nginx, Cloudflare) whose
-    #: X-Forwarded-For and X-Forwarded-Proto are believed; from anyone else they are replaced.
-    trusted_proxies: list[IPv4Network | IPv6Network] = field(default_factory=list)
-    #: Largest visitor request body in bytes (413 beyond it); None: no limit.
-    max_body_size: int | None = None
-    #: Visitor protection per tunnel name (allowlist, login, rate limit); agents may ask for
-    #: more in their HELLO, but where this sets a part, this wins.
-    visitor_policies: dict[str, VisitorPolicy] = field(default_factory=dict)
-    #: Visitor addresses remembered per protected tunnel (bounded: this faces the internet).
-    max_tracked_visitors: int = DEFAULT_MAX_TRACKED_VISITORS
-    #: Seconds a visitor has to send a request head (408 and hang up after); None: no limit.
-    header_timeout: float | None = HEADER_TIMEOUT
-    #: Seconds a kept-alive visitor connection may sit without a request.
-    idle_timeout: float = IDLE_TIMEOUT
-    #: Streams (requests in flight, WebSockets) at once over all agents of one tunnel; more
-    #: get 503 with Retry-After. None: only each agent's own limit applies.
-    max_streams_per_tunnel: int | None = None
-    #: Agents upgraded but not through HELLO at once; more get 503 before the upgrade.
-    max_pending_handshakes: int = MAX_PENDING_HANDSHAKES
-    #: Of those, most from one source address (IPv6: one /64), and most with one token or key.
-    max_pending_handshakes_per_source: int = MAX_PENDING_HANDSHAKES_PER_SOURCE
-    max_pending_handshakes_per_credential: int = MAX_PENDING_HANDSHAKES_PER_CREDENTIAL
-    #: Requests in flight and WebSockets open at once from one visitor address (IPv6: one
-    #: /64) to one tunnel; more get 429. None: no per-visitor cap.
-    max_requests_per_visitor: int | None = MAX_REQUESTS_PER_VISITOR
-    max_websockets_per_visitor: int | None = MAX_WEBSOCKETS_PER_VISITOR
-    #: Largest WebSocket message a visitor may send (closed with 1009 beyond it).
-    max_websocket_message: int = VISITOR_WEBSOCKET_MESSAGE
-    #: Seconds of silence after which a visitor WebSocket is pinged; one that does not answer
-    #: within half that again is closed.
-    websocket_idle_timeout: float = WEBSOCKET_IDLE_TIMEOUT
-    #: WebSocket messages a visitor may send per second (closed with 1008 beyond it).
-    websocket_message_rate: int = WEBSOCKET_MESSAGE_RATE
-    #: Bytes all tunnels together, and each tunnel connection, may hold received from agents
-    #: and not yet taken by visitors; when spent, new requests get 503 (transport/budget.py).
-    memory_budget: int = DEFAULT_PROCESS_BUDGET
-    tunnel_memory_budget: int = DEFAULT_TUNNEL_BUDGET
-    #: Agent keys accepted (each with the names it may claim), beside or instead of tokens.
-    authorized_keys: list[KeyGrant] = field(default_factory=list)
-    #: Any key may connect, under the name derived from it (``keys.derived_name``).
-    open_registration: bool = False
-    #: Host names the operator maps to a tunnel's service (``garden.example.com`` → service
-    #: ``garden`` of tunnel ``home``: ``("home", "garden")``), beside ``<service>.<tunnel>.<domain>``.
-    aliases: dict[str, tuple[str, str]] = field(default_factory=dict)
-    #: Extra public TCP ports, each carrying its connections to one TCP service.
-    tcp_ports: list[TcpPort] = field(default_factory=list)
-    #: Opens /_rproxy/metrics and /_rproxy/status.json to ``Authorization: Bearer`` with this
-    #: token (or its ``sha256:`` hash); without one they do not exist (404).
-    admin_token: str | None = field(default=None, repr=False)
-    #: A WebSocket-to-POST gateway on one host name of the bridge's port (docs/GATEWAY.md).
-    gateway: GatewayConfig | None = None
-
-
 @functools.cache
 def _status_page_template() -> str:
     return resources.files(__package__).joinpath("status.html").read_text(encoding="utf-8")
@@ -188,31 +99,26 @@ class Bridge:
     """
 
     def __init__(self, config: BridgeConfig, *, registry: TunnelRegistry | None = None) -> None:
-        self.config = config
         if config.domain is not None:
             config.domain = config.domain.strip(".").lower()
-        self.auth = TokenAuth(config.tokens)
-        self.keys = KeyAuth(config.authorized_keys, open_registration=config.open_registration)
-        if not self.auth and not self.keys:
+        auth = TokenAuth(config.tokens)
+        keys = KeyAuth(config.authorized_keys, open_registration=config.open_registration)
+        if not auth and not keys:
             raise ConfigError(_NO_CREDENTIALS)
         if config.open_registration and config.domain is None:
             raise ConfigError("--open-registration: needs --domain (each key's tunnel gets its own host name)")
-        self.challenges = ChallengeStore()
-        #: What all tunnels together may hold for visitors (each tunnel's budget is inside it).
-        self.memory = MemoryBudget(config.memory_budget)
-        self.registry = registry if registry is not None else MemoryRegistry(config.max_streams_per_tunnel)
-        self.visitor_guard = VisitorGuard(config.visitor_policies, config.max_tracked_visitors)
-        self.metrics = BridgeMetrics(self)
+        registry = registry if registry is not None else MemoryRegistry(config.max_streams_per_tunnel)
+        #: All that the handlers see of the bridge.
+        self.context = context = BridgeContext(config, registry, auth, keys)
+        context.metrics.visitor_connections = self.visitor_connections
         self._admin = TokenAuth([config.admin_token]) if config.admin_token else None
-        #: Set once stopping begins: visitors get 503, new agents are refused.
-        self.draining = False
-        #: Set once the tunnels close: one finishing its handshake is closed too.
-        self.stopping = False
         self._hurry = asyncio.Event()
-        self._agents = AgentHandler(self)
-        self.gateway = bridge_gateway(self)
+        self._agents = AgentHandler(context)
+        self.gateway = bridge_gateway(context)
+        if self.gateway is not None:
+            context.metrics.gateway = self.gateway.snapshot
         self.app = self._make_app()
-        self.tcp_ports = [TcpPortServer(self, port) for port in config.tcp_ports]
+        self.tcp_ports = [TcpPortServer(context, port) for port in config.tcp_ports]
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.port: int | None = None
@@ -235,12 +141,12 @@ class Bridge:
         get(CONNECT_PATH, self._agents.__call__)
         get(HEALTH_PATH, self._health)
         get(CHALLENGE_PATH, self._challenge)
-        get(TCP_PATH + "/{tunnel}/{service}", ChannelHandler(self).__call__)
+        get(TCP_PATH + "/{tunnel}/{service}", ChannelHandler(self.context).__call__)
         get(METRICS_PATH, self._metrics)
         get(STATUS_JSON_PATH, self._status_json)
         get(STATUS_PAGE_PATH, self._status_page)
         route("*", RESERVED_PREFIX + "{tail:.*}", self._reserved)
-        visitors = VisitorHandler(self).__call__
+        visitors = VisitorHandler(self.context).__call__
         route("*", "/{tail:.*}", self.gateway.front(visitors) if self.gateway else visitors)
         app.on_shutdown.append(self._close_tunnels)
         return app
@@ -295,7 +201,7 @@ class Bridge:
         if self._runner is None:
             return
         runner, self._runner = self._runner, None
-        self.draining = True
+        self.context.draining = True
         for site in list(runner.sites):
             await site.stop()  # closes the listening socket; open connections stay
         for port in self.tcp_ports:
@@ -336,7 +242,7 @@ class Bridge:
         if not auth and not self.keys:
             raise ConfigError(_NO_CREDENTIALS)
         self.config.tokens = list(tokens)
-        self.auth = auth
+        self.context.auth = auth
         return await self._agents.revoke()
 
     async def set_keys(self, grants: list[KeyGrant]) -> int:
@@ -345,7 +251,7 @@ class Bridge:
         if not self.auth and not keys:
             raise ConfigError(_NO_CREDENTIALS)
         self.config.authorized_keys = list(grants)
-        self.keys = keys
+        self.context.keys = keys
         return await self._agents.revoke()
 
     async def __aenter__(self) -> Self:
@@ -366,53 +272,53 @@ class Bridge:
             host = f"[{host}]"
         return f"{scheme}://{host}:{self.port or self.config.port}"
 
+    # What embedders and tests read of the shared state; the handlers hold the context itself.
+    @property
+    def config(self) -> BridgeConfig:
+        return self.context.config
+
+    @property
+    def registry(self) -> TunnelRegistry:
+        return self.context.registry
+
+    @property
+    def metrics(self) -> BridgeMetrics:
+        return self.context.metrics
+
+    @property
+    def auth(self) -> TokenAuth:
+        return self.context.auth
+
+    @property
+    def keys(self) -> KeyAuth:
+        return self.context.keys
+
+    @property
+    def challenges(self) -> ChallengeStore:
+        return self.context.challenges
+
+    @property
+    def memory(self) -> MemoryBudget:
+        return self.context.memory
+
+    @property
+    def visitor_guard(self) -> VisitorGuard:
+        return self.context.visitor_guard
+
+    @property
+    def draining(self) -> bool:
+        return self.context.draining
+
+    @property
+    def stopping(self) -> bool:
+        return self.context.stopping
+
     def credential(self, request: web.Request, name: str) -> Credential | str:
         """What the request's agent token or key proves for tunnel ``name`` (a str: why nothing)."""
-        return self._agents.credential(request, name)
-
-    def visitor_address(self, request: web.Request) -> tuple[str, str]:
-        """The visitor's address and scheme as the bridge believes them (the forwarded ones
-        from trusted proxies)."""
-        address, scheme = request.remote or "", "https" if request.secure else "http"
-        trusted = self.config.trusted_proxies
-        if trusted:
-            address, scheme = behind_proxies(request, address, scheme, trusted)
-        return address, scheme
-
-    def agent_address(self, request: web.Request) -> str:
-        """Where an agent (or a client asking for a challenge) connects from: behind a trusted
-        proxy, the address it forwards (else every agent would share the proxy's allowance)."""
-        source = request.remote or "?"
-        if self.config.trusted_proxies:
-            source, _ = behind_proxies(request, source, "http", self.config.trusted_proxies)
-        return source
-
-    def service_url_setting(self, name: str, request: web.BaseRequest) -> dict[str, str]:
-        """For an agent's HELLO: its web services' address, ``{service}`` standing for the name.
-
-        Only with a domain: without one, which names reach a service depends on the DNS.
-        """
-        if self.config.domain is None:
-            return {}
-        return {"service_url": self.public_url(name, request).replace("://", "://{service}.", 1)}
-
-    def public_url(self, name: str, request: web.BaseRequest) -> str:
-        """The address visitors use for tunnel ``name``, as seen from the agent's request."""
-        scheme = "https" if request.secure else "http"
-        host = request.host
-        port = ""
-        if not host.startswith("[") and host.count(":") == 1:
-            port = ":" + host.rsplit(":", 1)[1]
-        if self.config.domain is None:
-            # With a second tunnel and no domain, the first label of the Host picks the tunnel
-            # (routing.py): on this machine NAME.localhost reaches it (it resolves to loopback).
-            if any(other != name for other in self.registry.names()) and is_loopback_host(host_name(host)):
-                return f"{scheme}://{name}.localhost{port}/"
-            return f"{scheme}://{host}/"
-        return f"{scheme}://{name}.{self.config.domain}{port}/"
+        return self.context.credential(request, name)
 
     async def _close_tunnels(self, app: web.Application) -> None:
-        self.stopping = True
+        self.context.stopping = True
         connections = self.registry.connections() + self._agents.handshaking()
         if connections:
             _LOGGER.info("closing %d tunnel(s)", len(connections))
@@ -426,7 +332,7 @@ class Bridge:
     async def _challenge(self, request: web.Request) -> web.Response:
         # Per client: behind a trusted proxy, the address it forwards (else every agent would
         # share the proxy's allowance).
-        nonce = self.challenges.issue(self.agent_address(request))
+        nonce = self.challenges.issue(self.context.agent_address(request))
         return web.json_response(
             {"nonce": nonce, "expires_in": self.challenges.lifetime}, headers={"Cache-Control": "no-store"}
         )

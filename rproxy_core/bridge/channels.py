@@ -21,9 +21,6 @@ import contextlib
 import logging
 import secrets
 import socket
-from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network
-from typing import TYPE_CHECKING
 
 from aiohttp import WSMsgType, web
 
@@ -34,11 +31,10 @@ from ..protocol.frames import ErrorCode
 from ..protocol.heads import KIND_TCP, RequestHead
 from ..transport import TunnelStream
 from ..transport.sockets import close_socket, relay_socket
+from .config import TcpPort
+from .context import BridgeContext
 from .registry import NoServiceError, TunnelBusyError
 from .visitor_policy import address_allowed
-
-if TYPE_CHECKING:
-    from .app import Bridge
 
 __all__ = ["ChannelHandler", "ChannelRefused", "TcpPort", "TcpPortServer", "open_channel"]
 
@@ -56,21 +52,6 @@ _REFUSALS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class TcpPort:
-    """An extra public port of the bridge, carrying its connections to one TCP service."""
-
-    host: str
-    port: int
-    tunnel: str
-    service: str
-    #: Client addresses allowed to connect (required: ``0.0.0.0/0`` says "anyone" out loud).
-    allow: tuple[IPv4Network | IPv6Network, ...] = field(default_factory=tuple)
-
-    def admits(self, address: str) -> bool:
-        return address_allowed(address.split("%", 1)[0], self.allow)
-
-
 class ChannelRefused(Exception):
     """The channel cannot be opened; ``status`` is the HTTP status that says why."""
 
@@ -80,13 +61,13 @@ class ChannelRefused(Exception):
         self.retry_after = retry_after
 
 
-async def open_channel(bridge: Bridge, tunnel: str, service: str, visitor: str) -> TunnelStream:
+async def open_channel(context: BridgeContext, tunnel: str, service: str, visitor: str) -> TunnelStream:
     """Open a TCP stream to ``service`` of ``tunnel`` and wait until the agent has connected.
 
     Raises:
         ChannelRefused: no agent, no such service, the agent could not connect, or a timeout.
     """
-    if bridge.draining:
+    if context.draining:
         raise ChannelRefused(503, "the bridge is restarting", 5)
     head = RequestHead(
         method="CONNECT",
@@ -97,7 +78,7 @@ async def open_channel(bridge: Bridge, tunnel: str, service: str, visitor: str) 
         service=service,
     )
     try:
-        stream = await bridge.registry.open_stream(tunnel, head, end_stream=False)
+        stream = await context.registry.open_stream(tunnel, head, end_stream=False)
     except NoAgentError:
         raise ChannelRefused(503, f"no agent is connected for tunnel {tunnel!r}", 5) from None
     except NoServiceError:
@@ -105,7 +86,7 @@ async def open_channel(bridge: Bridge, tunnel: str, service: str, visitor: str) 
     except TunnelBusyError:
         raise ChannelRefused(503, f"tunnel {tunnel!r} is busy, try again shortly", BUSY_RETRY_AFTER) from None
     try:
-        async with asyncio.timeout(bridge.config.request_timeout):
+        async with asyncio.timeout(context.config.request_timeout):
             reply = await stream.reply()
     except TimeoutError:
         stream.reset(ErrorCode.CANCEL, "connect timeout")
@@ -130,16 +111,16 @@ def _plain(status: int, message: str, retry_after: int | None = None) -> web.Res
 class ChannelHandler:
     """aiohttp handler for ``/_rproxy/tcp/{tunnel}/{service}``."""
 
-    def __init__(self, bridge: Bridge) -> None:
-        self._bridge = bridge
+    def __init__(self, context: BridgeContext) -> None:
+        self._context = context
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
-        bridge = self._bridge
+        context = self._context
         tunnel, service = request.match_info["tunnel"], request.match_info["service"]
         remote = request.remote or "?"
         if not is_tunnel_name(tunnel) or not is_tunnel_name(service):
             return _plain(404, "no such tunnel or service (names are lower-case DNS labels)")
-        credential = bridge.credential(request, tunnel)
+        credential = context.credential(request, tunnel)
         if isinstance(credential, str):
             _LOGGER.warning("refused TCP channel from %s to %s/%s: %s", remote, tunnel, service, credential)
             return _plain(401, "a TCP channel needs an agent token or key the bridge accepts")
@@ -154,12 +135,12 @@ class ChannelHandler:
             max_msg_size=_MAX_CHANNEL_MESSAGE,
             compress=False,
             autoping=True,
-            heartbeat=bridge.config.heartbeat_interval * 3,
+            heartbeat=context.config.heartbeat_interval * 3,
         )
         if not ws.can_prepare(request).ok:
             return _plain(400, "this endpoint is for rproxy tcp (WebSocket upgrade required)")
-        visitor, _ = bridge.visitor_address(request)
-        policy = bridge.visitor_guard.policy(tunnel)
+        visitor, _ = context.visitor_address(request)
+        policy = context.visitor_guard.policy(tunnel)
         if policy is not None and policy.allow and not address_allowed(visitor, policy.allow):
             # The tunnel's visitor allowlist holds for its TCP services too (the rest of its
             # policy, logins and rate limits, is about web visitors).
@@ -168,7 +149,7 @@ class ChannelHandler:
             )
             return _plain(403, "this address may not reach this tunnel")
         try:
-            stream = await open_channel(bridge, tunnel, service, visitor)
+            stream = await open_channel(context, tunnel, service, visitor)
         except ChannelRefused as refused:
             _LOGGER.info("TCP channel from %s to %s/%s refused: %s", visitor, tunnel, service, refused)
             return _plain(refused.status, str(refused), refused.retry_after)
@@ -238,8 +219,8 @@ async def _websocket_to_stream(ws: web.WebSocketResponse, stream: TunnelStream) 
 class TcpPortServer:
     """Listens on one extra TCP port and carries each connection to its service."""
 
-    def __init__(self, bridge: Bridge, port: TcpPort) -> None:
-        self._bridge = bridge
+    def __init__(self, context: BridgeContext, port: TcpPort) -> None:
+        self._context = context
         self.config = port
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
@@ -293,7 +274,7 @@ class TcpPortServer:
                 _LOGGER.warning("TCP port %d: refused %s (not in its allow list)", self.port, visitor)
                 return
             try:
-                stream = await open_channel(self._bridge, port.tunnel, port.service, visitor)
+                stream = await open_channel(self._context, port.tunnel, port.service, visitor)
             except ChannelRefused as refused:
                 _LOGGER.info("TCP port %d: connection from %s refused: %s", self.port, visitor, refused)
                 return

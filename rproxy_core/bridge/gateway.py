@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import itertools
 import secrets
-from typing import TYPE_CHECKING
 
 from yarl import URL
 
@@ -20,11 +19,9 @@ from ..gateway import DeliveryRefused, Gateway, HttpDelivery
 from ..gateway.core import CLIENT_HEADER
 from ..protocol.frames import ErrorCode
 from ..protocol.heads import KIND_HTTP, RequestHead
+from .context import BridgeContext
 from .registry import NoServiceError, TunnelBusyError
 from .routing import host_name, resolve_route
-
-if TYPE_CHECKING:
-    from .app import Bridge
 
 __all__ = ["TunnelDelivery", "bridge_gateway"]
 
@@ -35,8 +32,8 @@ _ANSWER_READ = 64 << 10
 class TunnelDelivery:
     """POSTs to a tunnel's host name through the tunnel; others over the internet."""
 
-    def __init__(self, bridge: Bridge, internet: HttpDelivery) -> None:
-        self._bridge = bridge
+    def __init__(self, context: BridgeContext, internet: HttpDelivery) -> None:
+        self._context = context
         self._internet = internet
         self._ids = itertools.count(1)
         self._prefix = "gw" + secrets.token_hex(3)
@@ -48,13 +45,13 @@ class TunnelDelivery:
         or an alias. Without a domain a first label that equals a tunnel's name could be anyone's
         host, so nothing is taken for a tunnel's.
         """
-        config = self._bridge.config
+        config = self._context.config
         name = host_name(url.host or "")
         if name in config.aliases:
             return config.aliases[name]
         if config.domain is None or not name.endswith("." + config.domain):
             return None
-        return resolve_route(name, config.domain, self._bridge.registry.names(), config.aliases)
+        return resolve_route(name, config.domain, self._context.registry.names(), config.aliases)
 
     async def post(self, url: str, headers: list[tuple[str, str]], body: bytes, timeout: float) -> int:
         parsed = URL(url)
@@ -62,8 +59,8 @@ class TunnelDelivery:
         if route is None:
             return await self._internet.post(url, headers, body, timeout)
         name, service = route
-        bridge = self._bridge
-        if bridge.visitor_guard.protects(name):
+        context = self._context
+        if context.visitor_guard.protects(name):
             raise DeliveryRefused(f"tunnel {name!r} is protected by visitor rules")
         client = next((value for key, value in headers if key == CLIENT_HEADER), "")
         head = RequestHead(
@@ -82,7 +79,7 @@ class TunnelDelivery:
             service=service,
         )
         try:
-            stream = await bridge.registry.open_stream(name, head, end_stream=not body)
+            stream = await context.registry.open_stream(name, head, end_stream=not body)
         except NoServiceError:
             raise DeliveryRefused(f"tunnel {name!r} has no web app {service!r}") from None
         except (NoAgentError, TunnelBusyError) as err:  # may come back: retried
@@ -107,11 +104,11 @@ class TunnelDelivery:
         await self._internet.close()
 
 
-def bridge_gateway(bridge: Bridge) -> Gateway | None:
+def bridge_gateway(context: BridgeContext) -> Gateway | None:
     """The bridge's gateway from ``config.gateway``, delivering through tunnels; None without one."""
-    config = bridge.config.gateway
+    config = context.config.gateway
     if config is None:
         return None
-    gateway = Gateway(config, address_of=lambda request: bridge.visitor_address(request)[0])  # type: ignore[arg-type]
-    gateway.delivery = TunnelDelivery(bridge, HttpDelivery(gateway.allowlist, max_connections=config.max_connections))
+    gateway = Gateway(config, address_of=lambda request: context.visitor_address(request)[0])  # type: ignore[arg-type]
+    gateway.delivery = TunnelDelivery(context, HttpDelivery(gateway.allowlist, max_connections=config.max_connections))
     return gateway

@@ -11,18 +11,16 @@ from __future__ import annotations
 import bisect
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ..protocol.heads import KIND_WEBSOCKET
 from ..transport import TunnelConnection
-
-if TYPE_CHECKING:
-    from .app import Bridge
+from .registry import TunnelRegistry
 
 __all__ = ["BridgeMetrics", "LATENCY_BUCKETS", "TunnelCounts"]
 
@@ -57,8 +55,11 @@ class TunnelCounts:
 class BridgeMetrics:
     """The bridge's counts, and their exposition."""
 
-    def __init__(self, bridge: Bridge) -> None:
-        self._bridge = bridge
+    def __init__(self, registry: TunnelRegistry) -> None:
+        self._tunnels = registry
+        #: Read at scrape time; the bridge sets them once its server and gateway exist.
+        self.visitor_connections: Callable[[], int] = lambda: 0
+        self.gateway: Callable[[], dict[str, Any]] | None = None
         self.started = time.time()
         self.tunnels: defaultdict[str, TunnelCounts] = defaultdict(TunnelCounts)
         self.handshake_failures: defaultdict[str, int] = defaultdict(int)
@@ -101,9 +102,8 @@ class BridgeMetrics:
 
     def snapshot(self) -> dict[str, Any]:
         """Everything, as plain data (the status JSON), read now."""
-        bridge = self._bridge
         live: defaultdict[str, list[TunnelConnection]] = defaultdict(list)
-        for name, connections in bridge.registry.connections_by_tunnel().items():
+        for name, connections in self._tunnels.connections_by_tunnel().items():
             live[name].extend(connections)
         names = sorted(set(self.tunnels) | set(live))
         tunnels = []
@@ -143,11 +143,11 @@ class BridgeMetrics:
         return {
             "started": self.started,
             "uptime_seconds": round(now - self.started, 3),
-            "visitor_connections": bridge.visitor_connections(),
+            "visitor_connections": self.visitor_connections(),
             "tunnels": tunnels,
             "unrouted_requests": dict(self.unrouted),
             "handshake_failures": dict(self.handshake_failures),
-            **({"gateway": bridge.gateway.snapshot()} if bridge.gateway is not None else {}),
+            **({"gateway": self.gateway()} if self.gateway is not None else {}),
         }
 
 

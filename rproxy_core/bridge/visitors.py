@@ -14,10 +14,9 @@ import itertools
 import logging
 import secrets
 import time
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
-from aiohttp import hdrs, web
+from aiohttp import web
 
 from ..const import BUSY_RETRY_AFTER, MAX_WEBSOCKET_MESSAGE
 from ..exceptions import NoAgentError, StreamResetError
@@ -28,14 +27,12 @@ from ..protocol.heads import KIND_HTTP, KIND_WEBSOCKET, RequestHead, ResponseHea
 from ..transport import TunnelStream
 from ..transport.ws_pieces import PieceWriter
 from ..transport.wsrelay import CLOSE_ANSWER_TIMEOUT, WebSocketRelay, aiohttp_message_limit
+from .context import BridgeContext
+from .metrics import BridgeMetrics
 from .pages import error_response
 from .registry import NoServiceError, TunnelBusyError
 from .routing import resolve_route
 from .shares import Shares, address_share
-
-if TYPE_CHECKING:
-    from .app import Bridge
-    from .metrics import BridgeMetrics
 
 __all__ = ["VisitorHandler"]
 
@@ -69,23 +66,23 @@ _BODY_TOO_LARGE = "request body over the bridge's max_body_size"
 class VisitorHandler:
     """aiohttp handler for every path outside /_rproxy/."""
 
-    def __init__(self, bridge: Bridge) -> None:
-        self._bridge = bridge
+    def __init__(self, context: BridgeContext) -> None:
+        self._context = context
         # Request ids: a random prefix per bridge run and a counter; unique without a
         # system call per request.
         self._id_prefix = secrets.token_hex(4)
         self._id_counter = itertools.count(1)
         #: Requests in flight and WebSockets open, per (tunnel, visitor address share).
-        self._requests: Shares[tuple[str, str]] = Shares(bridge.config.max_requests_per_visitor)
-        self._websockets: Shares[tuple[str, str]] = Shares(bridge.config.max_websockets_per_visitor)
+        self._requests: Shares[tuple[str, str]] = Shares(context.config.max_requests_per_visitor)
+        self._websockets: Shares[tuple[str, str]] = Shares(context.config.max_websockets_per_visitor)
 
     def _next_request_id(self) -> str:
         return f"{self._id_prefix}{next(self._id_counter):08x}"
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
-        bridge = self._bridge
+        context = self._context
         started = time.monotonic()
-        route = resolve_route(request.host, bridge.config.domain, bridge.registry.names(), bridge.config.aliases)
+        route = resolve_route(request.host, context.config.domain, context.registry.names(), context.config.aliases)
         name, service = route if route is not None else (None, "")
         is_websocket = is_websocket_upgrade(request.method, request.headers.items())
         head = RequestHead(
@@ -101,35 +98,35 @@ class VisitorHandler:
             f"{service}.{name}" if service and name else name,
             head.request_id,
             started,
-            bridge.config.access_log,
-            bridge.metrics,
+            context.config.access_log,
+            context.metrics,
             name,
         )
-        if bridge.draining:
+        if context.draining:
             return log.done(
                 error_response(request, 503, "the bridge is restarting", {"Retry-After": "5", "Connection": "close"})
             )
         if name is None:
-            if bridge.config.domain is None and not bridge.registry.names():
+            if context.config.domain is None and not context.registry.names():
                 # Without a domain any Host reaches the one tunnel, so no tunnel at all means
                 # its agent is away (reconnecting): temporary, not "no such page".
                 return log.done(error_response(request, 503, "no agent is connected", {"Retry-After": "5"}))
             return log.done(error_response(request, 404, f"no tunnel is named by host {request.host!r}"))
-        if service and bridge.registry.service_kind(name, service) not in (KIND_HTTP, None):
+        if service and context.registry.service_kind(name, service) not in (KIND_HTTP, None):
             return log.done(
                 error_response(
                     request, 404, f"{service!r} of tunnel {name!r} is a TCP service: reach it with rproxy tcp"
                 )
             )
-        address = bridge.visitor_address(request)[0]
-        guard = bridge.visitor_guard
+        address = context.visitor_address(request)[0]
+        guard = context.visitor_guard
         if guard.protects(name):
             # Before any stream exists: a refused visitor never reaches the agent or the home app.
             refused = await guard.admit(request, name, address)
             if refused is not None:
                 return log.done(refused)
         has_body = request.body_exists and not is_websocket
-        max_body = bridge.config.max_body_size
+        max_body = context.config.max_body_size
         if max_body is not None and has_body and (request.content_length or 0) > max_body:
             # Refused before anything reaches the agent; the connection closes rather than
             # reading the body it announced.
@@ -164,11 +161,11 @@ class VisitorHandler:
         log: _Access,
     ) -> web.StreamResponse:
         """Open the stream for ``head`` and relay the exchange over it."""
-        bridge = self._bridge
+        context = self._context
         try:
             # A WebSocket's half stays open for the visitor's messages; an HTTP request without
             # a body ends with its OPEN frame.
-            stream = await bridge.registry.open_stream(name, head, end_stream=not (has_body or is_websocket))
+            stream = await context.registry.open_stream(name, head, end_stream=not (has_body or is_websocket))
         except NoAgentError:
             return log.done(error_response(request, 503, f"no agent is connected for {name!r}", {"Retry-After": "5"}))
         except NoServiceError:
@@ -205,7 +202,7 @@ class VisitorHandler:
         # Names with an underscore are dropped, all of them (as nginx does by default): CGI
         # and WSGI apps read "X_Forwarded_For" as HTTP_X_FORWARDED_FOR, the bridge's own field.
         headers = [(n, v) for n, v in strip_hop_by_hop(request.headers.items(), extra) if "_" not in n]
-        address, scheme = self._bridge.visitor_address(request)
+        address, scheme = self._context.visitor_address(request)
         # One address, the visitor's: the agent and the home app never have to pick the
         # right entry out of a chain a visitor could have written half of.
         headers.append(("X-Forwarded-For", address))
@@ -217,14 +214,14 @@ class VisitorHandler:
         self, request: web.Request, stream: TunnelStream, log: _Access
     ) -> ResponseHead | web.StreamResponse:
         try:
-            async with asyncio.timeout(self._bridge.config.request_timeout):
+            async with asyncio.timeout(self._context.config.request_timeout):
                 return await stream.reply()
         except TimeoutError:
             stream.reset(ErrorCode.CANCEL, "request timeout")
             return log.done(error_response(request, 504, "the home app did not answer in time"))
         except StreamResetError as err:
             if str(err) == _BODY_TOO_LARGE:
-                return log.done(_body_too_large(request, self._bridge.config.max_body_size or 0))
+                return log.done(_body_too_large(request, self._context.config.max_body_size or 0))
             if err.code == ErrorCode.PROTOCOL_ERROR:
                 # Most often the agent's response head failed validation (protocol/heads.py).
                 _LOGGER.warning(
@@ -242,7 +239,7 @@ class VisitorHandler:
     ) -> web.StreamResponse:
         upload = None
         if has_body:
-            limit = self._bridge.config.max_body_size
+            limit = self._context.config.max_body_size
             pump = _pump_request_body(request, stream) if limit is None else _pump_bounded_body(request, stream, limit)
             upload = asyncio.create_task(pump)
         try:
@@ -344,7 +341,7 @@ class VisitorHandler:
         """HEAD, 204 and 304: the head alone, once the agent has ended its side without a body."""
         if not stream.at_eof:
             try:
-                async with asyncio.timeout(self._bridge.config.request_timeout):
+                async with asyncio.timeout(self._context.config.request_timeout):
                     extra = await stream.read()
             except TimeoutError:
                 stream.reset(ErrorCode.CANCEL, "request timeout")
@@ -394,7 +391,7 @@ class VisitorHandler:
         if protocol is not None and not is_token(protocol):
             # One subprotocol, a token (RFC 6455 §4.2.2); it goes into the visitor's 101 head.
             return self._agent_broke(request, stream, log, "a subprotocol that is not a token")
-        config = self._bridge.config
+        config = self._context.config
         ws = web.WebSocketResponse(
             protocols=(protocol,) if protocol else (),
             # Pings and closes are the home app's to answer: the relay passes them on.
@@ -460,48 +457,6 @@ def _declared_length(headers: list[tuple[str, str]]) -> int | None:
                 raise ValueError(f"a bad Content-Length {printable(value, 40)!r}")
             length = int(text)
     return length
-
-
-def behind_proxies(
-    request: web.Request, address: str, scheme: str, trusted: list[IPv4Network | IPv6Network]
-) -> tuple[str, str]:
-    """The visitor's address and scheme when the bridge sits behind trusted proxies.
-
-    Walks X-Forwarded-For from the right (the entry our own proxy appended) past every
-    trusted proxy; the first untrusted address is the visitor. Entries left of it were
-    written by the visitor and are ignored, and so is everything from an entry that is not
-    an address on: the last trusted hop is then the best-known visitor (as nginx's realip).
-    """
-    peer = _hop_address(address)
-    if peer is None or not any(peer in network for network in trusted):
-        return address, scheme
-    chain = [hop for value in request.headers.getall(hdrs.X_FORWARDED_FOR, ()) for hop in value.split(",")]
-    visitor = peer
-    for hop in reversed(chain):
-        ip = _hop_address(hop)
-        if ip is None:
-            break
-        visitor = ip
-        if not any(ip in network for network in trusted):
-            break
-    proto = request.headers.get(hdrs.X_FORWARDED_PROTO, "").split(",")[-1].strip().lower()
-    return str(visitor), proto if proto in ("http", "https") else scheme
-
-
-def _hop_address(text: str) -> IPv4Address | IPv6Address | None:
-    """One X-Forwarded-For entry as an address: ``1.2.3.4``, ``1.2.3.4:80``, ``[::1]:443``, ``::1``."""
-    text = text.strip()
-    if text.startswith("["):
-        text = text[1:].partition("]")[0]
-    elif text.count(":") == 1:
-        text = text.partition(":")[0]
-    try:
-        ip = ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 def _request_target(request: web.Request) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..bridge import Bridge, BridgeConfig
 from ..bridge.auth import TokenGrant, read_token_file
-from ..bridge.channels import TcpPort
+from ..bridge.config import TcpPort
 from ..bridge.keys import KeyGrant, read_authorized_keys
 from ..config import BRIDGE_SCHEMA, BRIDGE_SETTINGS, env_names, flag_names, key_aliases, load_file, merge, validate
 from ..dial import certificate_sha256

@@ -26,7 +26,7 @@ from aiohttp import WSMsgType
 
 from rproxy_core import Agent, AgentConfig, ConfigError
 from rproxy_core.bridge.auth import TokenGrant
-from rproxy_core.bridge.channels import TcpPort
+from rproxy_core.bridge.config import TcpPort
 from rproxy_core.bridge.routing import resolve_route
 from rproxy_core.bridge.visitor_policy import VisitorPolicy
 from rproxy_core.exceptions import StreamResetError

@@ -9,7 +9,7 @@ from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
 from rproxy_core.agent.upstream import visitor_address
-from rproxy_core.bridge.visitors import behind_proxies
+from rproxy_core.bridge.forwarded import behind_proxies
 from rproxy_core.headers import strip_hop_by_hop
 
 E2E = [("Host", "home.test"), ("Accept", "*/*"), ("Cookie", "a=1")]
