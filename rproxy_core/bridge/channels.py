@@ -27,6 +27,7 @@ from aiohttp import WSMsgType, web
 from ..const import BUSY_RETRY_AFTER, TCP_READ_SIZE
 from ..exceptions import NoAgentError, StreamResetError
 from ..headers import is_tunnel_name
+from ..protocol.closecodes import CloseCode
 from ..protocol.frames import ErrorCode
 from ..protocol.heads import KIND_TCP, RequestHead
 from ..transport import TunnelStream
@@ -182,11 +183,11 @@ async def _relay_websocket(ws: web.WebSocketResponse, stream: TunnelStream) -> s
         await ws.send_bytes(b"")  # the service's end of data: the client half-closes its side
         if not await to_agent:
             return "client left"
-        await ws.close(code=1000)
+        await ws.close(code=CloseCode.NORMAL)
     except StreamResetError as err:
         note = f"tunnel side ended: {err}"
         if not ws.closed:
-            await ws.close(code=1011, message=str(err)[:120].encode())
+            await ws.close(code=CloseCode.INTERNAL_ERROR, message=str(err)[:120].encode())
     except (ConnectionError, RuntimeError) as err:
         note = f"client gone: {err.__class__.__name__}"
     finally:
@@ -210,7 +211,7 @@ async def _websocket_to_stream(ws: web.WebSocketResponse, stream: TunnelStream) 
             await stream.write(message.data)
             continue
         if message.type is WSMsgType.TEXT:
-            await ws.close(code=1003, message=b"binary messages only")
+            await ws.close(code=CloseCode.UNSUPPORTED_DATA, message=b"binary messages only")
         # The client closed (or broke) the WebSocket: it abandons the connection both ways.
         stream.reset(ErrorCode.CANCEL, "client left")
         return False

@@ -54,6 +54,7 @@ from ..dial import (
 )
 from ..exceptions import AuthenticationError, ConfigError, RproxyConnectionError
 from ..headers import is_tunnel_name
+from ..protocol.closecodes import CloseCode
 
 __all__ = [
     "CHANNEL_MESSAGE_LIMIT",
@@ -424,7 +425,7 @@ class TcpChannel:
     async def abandon(self) -> None:
         """Close the WebSocket, which tells the bridge to drop the connection to the service."""
         with contextlib.suppress(Exception):
-            await self._ws.close(1001, "abandoned")
+            await self._ws.close(CloseCode.GOING_AWAY, "abandoned")
 
     async def _send(self, source: Source) -> None:
         ws = self._ws
@@ -447,11 +448,11 @@ class TcpChannel:
             except ConnectionClosed:
                 break
             if isinstance(message, str):
-                await ws.close(1003, "text messages are not allowed on a TCP channel")
+                await ws.close(CloseCode.UNSUPPORTED_DATA, "text messages are not allowed on a TCP channel")
                 raise ChannelAborted("the bridge sent a text message on the channel")
             if ended:
                 if message:
-                    await ws.close(1002, "bytes after the end of the stream")
+                    await ws.close(CloseCode.PROTOCOL_ERROR, "bytes after the end of the stream")
                     raise ChannelAborted("the bridge sent bytes after ending the stream")
                 continue
             if not message:

@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
+from ..protocol.closecodes import CloseCode
 from .core import Allowlist, is_private_address, shown
 
 __all__ = ["Delivery", "DeliveryRefused", "HttpDelivery", "Outcome", "deliver"]
@@ -25,8 +26,6 @@ __all__ = ["Delivery", "DeliveryRefused", "HttpDelivery", "Outcome", "deliver"]
 _LOGGER = logging.getLogger("rproxy.gateway")
 
 #: Close codes (RFC 6455 §7.4.1).
-POLICY_VIOLATION = 1008
-INTERNAL_ERROR = 1011
 
 #: The backend's answer body is not used; up to this much is read so the connection can be
 #: kept alive, a longer one is dropped with its connection.
@@ -122,7 +121,7 @@ class Outcome:
     """How a POST ended after its retries: ok, or the close code and reason for the client."""
 
     ok: bool
-    code: int = 1000
+    code: int = CloseCode.NORMAL
     reason: str = ""
     #: The backend's last answer, if there was one.
     status: int | None = None
@@ -149,9 +148,9 @@ async def deliver(
         try:
             status = await delivery.post(url, headers, body, timeout)
         except DeliveryRefused as err:
-            return Outcome(False, POLICY_VIOLATION, f"{what} target refused: {err}")
+            return Outcome(False, CloseCode.POLICY_VIOLATION, f"{what} target refused: {err}")
         except aiohttp.InvalidURL:
-            return Outcome(False, POLICY_VIOLATION, f"{what} target is not a URL aiohttp can reach")
+            return Outcome(False, CloseCode.POLICY_VIOLATION, f"{what} target is not a URL aiohttp can reach")
         except TimeoutError:
             problem = f"no answer in {timeout:g}s"
         except (OSError, aiohttp.ClientError) as err:
@@ -161,11 +160,13 @@ async def deliver(
                 return Outcome(True, status=status)
             if status < 500:
                 # 3xx is never followed (it could point anywhere); 4xx is the backend saying no.
-                return Outcome(False, POLICY_VIOLATION, f"backend answered the {what} with HTTP {status}", status)
+                return Outcome(
+                    False, CloseCode.POLICY_VIOLATION, f"backend answered the {what} with HTTP {status}", status
+                )
             problem = f"HTTP {status}"
         if attempt >= retries:
             tries = f" after {attempt + 1} attempts" if attempt else ""
-            return Outcome(False, INTERNAL_ERROR, f"{what} delivery failed{tries}: {problem}", status)
+            return Outcome(False, CloseCode.INTERNAL_ERROR, f"{what} delivery failed{tries}: {problem}", status)
         attempt += 1
         _LOGGER.debug("%s POST failed (%s), retry %d of %d in %gs", what, problem, attempt, retries, pause)
         await asyncio.sleep(pause)

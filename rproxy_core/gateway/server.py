@@ -21,8 +21,8 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import WSMsgType, web
-from aiohttp.http_websocket import WSCloseCode
 
+from ..protocol.closecodes import CloseCode
 from .core import (
     BINARY,
     CLIENT_HEADER,
@@ -50,7 +50,7 @@ _CLOSE_FORM = "application/x-www-form-urlencoded"
 #: A client may name these three targets in the connect URL's query.
 _TARGET_KEYS = ("f", "d", "c")
 #: Close codes an application may send (RFC 6455 §7.4.2).
-_SENDABLE = frozenset({1000}) | frozenset(range(3000, 5000))
+_SENDABLE = frozenset({int(CloseCode.NORMAL)}) | frozenset(range(3000, 5000))
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -159,7 +159,8 @@ class Gateway:
         if links:
             _LOGGER.info("gateway stopping: closing %d client connection(s)", len(links))
         await asyncio.gather(
-            *(self._close(link, 1001, "gateway shutting down", "gateway") for link in links), return_exceptions=True
+            *(self._close(link, CloseCode.GOING_AWAY, "gateway shutting down", "gateway") for link in links),
+            return_exceptions=True,
         )
         if self._finishing:
             _, late = await asyncio.wait(set(self._finishing), timeout=self.config.shutdown_grace)
@@ -310,16 +311,20 @@ class Gateway:
             elif msg.type is WSMsgType.BINARY:
                 data, kind = msg.data, BINARY
             elif msg.type is WSMsgType.CLOSE:
-                conn.ended(int(msg.data or 1005), str(msg.extra or ""), "client")
+                conn.ended(int(msg.data or CloseCode.NO_STATUS), str(msg.extra or ""), "client")
                 return
             elif msg.type is WSMsgType.ERROR:
                 error = ws.exception()
-                too_big = getattr(error, "code", None) == WSCloseCode.MESSAGE_TOO_BIG
-                conn.ended(1009 if too_big else 1002, "message too big" if too_big else "protocol error", "gateway")
+                too_big = getattr(error, "code", None) == CloseCode.MESSAGE_TOO_BIG
+                conn.ended(
+                    CloseCode.MESSAGE_TOO_BIG if too_big else CloseCode.PROTOCOL_ERROR,
+                    "message too big" if too_big else "protocol error",
+                    "gateway",
+                )
                 _LOGGER.info("gateway: client %s: %s", conn.address, shown(str(error)))
                 return
             elif msg.type in (WSMsgType.CLOSING, WSMsgType.CLOSED):
-                conn.ended(1006, "connection lost", "client")
+                conn.ended(CloseCode.ABNORMAL, "connection lost", "client")
                 return
             else:
                 continue
@@ -389,7 +394,9 @@ class Gateway:
         try:
             if not link.ws.closed:
                 with contextlib.suppress(Exception):
-                    await link.ws.close(code=conn.close_code or 1000, message=_close_reason(conn.close_reason))
+                    await link.ws.close(
+                        code=conn.close_code or CloseCode.NORMAL, message=_close_reason(conn.close_reason)
+                    )
             if link.task is not None:
                 await asyncio.shield(link.task)
             if conn.disconnect_url is not None:
@@ -498,7 +505,7 @@ class Gateway:
                 link = self._links.get(conn.id)
                 if link is not None:
                     conn.open = False
-                    task = loop.create_task(self._close(link, 1001, reason, "gateway"))
+                    task = loop.create_task(self._close(link, CloseCode.GOING_AWAY, reason, "gateway"))
                     self._finishing.add(task)
                     task.add_done_callback(self._finishing.discard)
 
@@ -555,7 +562,7 @@ def _parse_form(body: bytes) -> dict[str, str]:
 
 def _close_args(code_text: str | None, reason: str | None) -> tuple[int | None, str]:
     """A close code and reason from a callback; (None, why) for a bad one."""
-    code = 1000
+    code: int = CloseCode.NORMAL
     if code_text is not None:
         if not code_text.isdigit() or int(code_text) not in _SENDABLE:
             return None, "code must be 1000 or 3000-4999"

@@ -29,6 +29,7 @@ from ..const import (
 from ..exceptions import RemoteProtocolError, StreamResetError, TunnelClosedError
 from ..logsafe import printable
 from ..protocol import events as ev
+from ..protocol.closecodes import CloseCode
 from ..protocol.frames import ErrorCode
 from ..protocol.heads import RequestHead
 from ..protocol.mux import Multiplexer
@@ -315,7 +316,7 @@ class TunnelConnection:
             _LOGGER.debug("tunnel %s: write failed: %r", self.label, err)
             self.close_reason = self.close_reason or f"write failed: {err!r}"
             with contextlib.suppress(Exception):
-                await self.socket.close(1011, "write failed")
+                await self.socket.close(CloseCode.INTERNAL_ERROR, "write failed")
         finally:
             self._wake_drainers()
 
