@@ -15,16 +15,55 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..exceptions import StreamResetError, TunnelClosedError
 from ..protocol.frames import ErrorCode, Flags, MessageKind
 from ..protocol.heads import KIND_WEBSOCKET, RequestHead, ResponseHead
+from ..protocol.mux import Multiplexer
+from .budget import MemoryBudget
 
-if TYPE_CHECKING:
-    from .connection import TunnelConnection
+__all__ = ["StreamCarrier", "TunnelStream"]
 
-__all__ = ["TunnelStream"]
+
+class StreamCarrier(Protocol):
+    """What a :class:`TunnelStream` uses of the connection that carries it.
+
+    :class:`~rproxy_core.transport.connection.TunnelConnection` is the one carrier today; a
+    link between bridge nodes that splices streams onto another node's tunnel would be the
+    next. Writing the seam down keeps a stream from reaching for more of its connection.
+    """
+
+    loop: asyncio.AbstractEventLoop
+    mux: Multiplexer
+    budget: MemoryBudget
+    #: Backlog from which a stream is throttled while the budget is spent.
+    quarter_window: int
+    #: Queued output above which writers wait in :meth:`drain`.
+    write_high_water: int
+    close_reason: str
+
+    @property
+    def writing(self) -> bool:
+        """Whether output is being written, so that :meth:`drain` can end."""
+        ...
+
+    def schedule_flush(self) -> None:
+        """Send what the mux has queued, now or soon."""
+        ...
+
+    def acknowledge(self, stream_id: int, size: int) -> None:
+        """The stream's reader consumed ``size`` bytes: return credit when due."""
+        ...
+
+    def forget(self, stream_id: int) -> None:
+        """The stream has finished: drop it from the carrier's table."""
+        ...
+
+    async def drain(self) -> None:
+        """Wait until queued output falls below :attr:`write_high_water`."""
+        ...
+
 
 _EMPTY = memoryview(b"")
 #: Shared by streams that have received nothing yet: an empty deque still costs about 600
@@ -58,7 +97,7 @@ class TunnelStream:
         "on_abandoned",
     )
 
-    def __init__(self, conn: TunnelConnection, stream_id: int, head: RequestHead, *, remote_done: bool) -> None:
+    def __init__(self, conn: StreamCarrier, stream_id: int, head: RequestHead, *, remote_done: bool) -> None:
         self.id = stream_id
         self.head = head
         self._conn = conn
