@@ -275,6 +275,26 @@ class Page:
         for event in ("mouseMoved", "mousePressed", "mouseReleased"):
             await self.send("Input.dispatchMouseEvent", type=event, x=box["x"], y=box["y"], button="left", clickCount=1)
 
+    async def click_until(
+        self, what: str, script: str, outcome: str, outcome_script: str, timeout: float = 30, tries: int = 3
+    ) -> Any:
+        """Click as :meth:`click` does until ``outcome_script`` holds, clicking again if it does not soon.
+
+        A page that is still settling (translations arriving, a panel's layout changing) can move
+        the element between locating it and the click, which then lands elsewhere: a person
+        would click again, and so does this, at most ``tries`` times within ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        for attempt in range(1, tries + 1):
+            await self.click(what, script, max(1.0, deadline - time.monotonic()))
+            wait = (deadline - time.monotonic()) / (tries - attempt + 1)
+            try:
+                return await self.wait_for(outcome, outcome_script, max(1.0, wait))
+            except AssertionError:
+                if attempt == tries:
+                    raise
+        raise AssertionError("unreachable")
+
     async def type_text(self, text: str) -> None:
         await self.send("Input.insertText", text=text)
 

@@ -425,29 +425,46 @@ async def browse(
     await page.set_viewport(*SCREEN_SIZES[0])
 
     # Settings → Devices & services: the integrations, rproxy among them; then Helpers.
-    await page.click("Settings in the sidebar", "return deep('a[href=\"/config\"]')[0]")
-    await page.click("Devices & services", "return byText('ha-list-item', 'Devices & services')")
+    await step(
+        page,
+        "Settings",
+        lambda: page.click_until(
+            "Settings in the sidebar",
+            "return deep('a[href=\"/config\"]')[0]",
+            "the Settings page with Devices & services",
+            "return location.pathname.startsWith('/config') && !!byText('ha-list-item', 'Devices & services')",
+        ),
+    )
     await step(
         page,
         "Settings → Devices & services",
-        lambda: page.wait_for(
+        lambda: page.click_until(
+            "Devices & services",
+            "return byText('ha-list-item', 'Devices & services')",
             "the rproxy integration card",
             "return location.pathname.startsWith('/config/integrations') && !!byText('ha-integration-card', 'rproxy')",
-            20,
         ),
     )
     await page.screenshot(artifacts / "devices-and-services-1280x900.png")
-    await page.click("the Helpers tab", "return byText('ha-tab', 'Helpers')")
     await step(
         page,
         "the Helpers tab",
-        lambda: page.wait_for("Porch light in the list", "return !!byText('.mdc-data-table__row', 'Porch light')", 20),
+        lambda: page.click_until(
+            "the Helpers tab",
+            "return byText('ha-tab', 'Helpers')",
+            "Porch light in the list",
+            "return !!byText('.mdc-data-table__row', 'Porch light')",
+        ),
     )
-    await page.click("the Porch light row", "return byText('.mdc-data-table__row', 'Porch light')")
-    await page.wait_for(
-        "the Porch light dialog",
-        "return !!byText('ha-more-info-dialog', 'Porch light') && deep('ha-control-switch').length > 0",
-        20,
+    await step(
+        page,
+        "the Porch light row",
+        lambda: page.click_until(
+            "the Porch light row",
+            "return byText('.mdc-data-table__row', 'Porch light')",
+            "the Porch light dialog",
+            "return !!byText('ha-more-info-dialog', 'Porch light') && deep('ha-control-switch').length > 0",
+        ),
     )
     await asyncio.sleep(0.5)  # the dialog's opening animation
 
