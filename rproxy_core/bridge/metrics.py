@@ -125,6 +125,10 @@ class BridgeMetrics:
                             "protocol": c.peer_settings.get("version"),
                             "software": str(c.peer_settings.get("software", ""))[:64],
                             "rtt_ms": round(c.rtt * 1000, 3) if c.rtt is not None else None,
+                            # The least lately (what windows tune by) and the credit granted beyond the
+                            # fixed windows: docs/PROTOCOL.md §5.
+                            "link_rtt_ms": round(c.mux.link_rtt * 1000, 3) if c.mux.link_rtt is not None else None,
+                            "tuned_window_bytes": c.mux.tuned_bytes,
                             "streams": len(c.streams),
                             "websockets": sum(1 for s in c.streams.values() if s.head.kind == KIND_WEBSOCKET),
                         }

@@ -56,6 +56,12 @@ SUPPORTED_VERSIONS = frozenset({1})
 #: 100 Mbit/s home uplink busy across 80 ms of internet, and bounds what one stream can make the
 #: receiver buffer.
 DEFAULT_STREAM_WINDOW = 1 << 20
+#: How far a stream's window may grow while tuning to the link (ReceiveWindow.tune): 16 MiB
+#: carries 1 Gbit/s across 130 ms. The memory budget of the transport bounds the sum.
+DEFAULT_MAX_STREAM_WINDOW = 16 << 20
+#: How long a round-trip sample counts towards the link's least RTT: a changed route is seen
+#: within one to two of these.
+RTT_MEMORY = 60.0
 #: Largest frame payload. Big enough that bulk transfers cost few frames, small enough that one
 #: stream's frame never delays the others' by more than a few hundred microseconds on a LAN.
 DEFAULT_MAX_FRAME_SIZE = 256 << 10
@@ -106,6 +112,8 @@ class Multiplexer:
     Args:
         role: BRIDGE or AGENT.
         stream_window: credit this side grants the peer per stream.
+        max_stream_window: largest window a stream may tune up to (``stream_window`` turns
+            tuning off); see :meth:`acknowledge_received_data`.
         max_frame_size: largest frame payload this side accepts.
         max_streams: streams the peer may have open at once; more are refused.
     """
@@ -115,15 +123,27 @@ class Multiplexer:
         role: Role,
         *,
         stream_window: int = DEFAULT_STREAM_WINDOW,
+        max_stream_window: int = DEFAULT_MAX_STREAM_WINDOW,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_streams: int = DEFAULT_MAX_STREAMS,
     ) -> None:
         if not 0 < stream_window <= MAX_WINDOW:
             raise ValueError("stream_window out of range")
+        max_stream_window = max(max_stream_window, stream_window)
+        if max_stream_window > MAX_WINDOW:
+            raise ValueError("max_stream_window out of range")
         if not _MIN_FRAME_SIZE <= max_frame_size <= _MAX_FRAME_SIZE:
             raise ValueError("max_frame_size out of range")
         self.role = role
         self.stream_window = stream_window
+        self.max_stream_window = max_stream_window
+        #: The link's least round-trip time lately, in seconds (see observe_rtt); None until known.
+        self.link_rtt: float | None = None
+        self._rtt_now = self._rtt_before = float("inf")
+        self._rtt_since = float("-inf")
+        #: Credit granted beyond ``stream_window``, summed over the streams alive: what tuning
+        #: lets peers have in flight on top of the fixed windows (the transport budgets it).
+        self.tuned_bytes = 0
         self.max_frame_size = max_frame_size
         self.max_streams = max_streams
         self.peer_settings: dict[str, Any] | None = None
@@ -300,6 +320,11 @@ class Multiplexer:
         if end_stream:
             self._advance(stream_id, stream, IN.SEND_FIN)
 
+    def receive_window(self, stream_id: int) -> int:
+        """Credit the peer may have outstanding on the stream: its window now (0 for one that is gone)."""
+        stream = self._streams.get(stream_id)
+        return stream.recv.size + stream.recv.debt if stream is not None else 0
+
     def send_window(self, stream_id: int) -> int:
         """Credit left to send on the stream (0 for a stream that is gone)."""
         stream = self._streams.get(stream_id)
@@ -354,14 +379,44 @@ class Multiplexer:
         self.cheap_frames_received += 1
         self._reply(FrameType.RESET, stream_id, encode_code(code, reason))
 
-    def acknowledge_received_data(self, stream_id: int, size: int) -> None:
-        """Tell the mux the application consumed ``size`` bytes; may queue a WINDOW frame."""
+    def acknowledge_received_data(
+        self, stream_id: int, size: int, *, now: float | None = None, growth_room: int | None = None
+    ) -> None:
+        """Tell the mux the application consumed ``size`` bytes; may queue a WINDOW frame.
+
+        Given the time ``now`` (seconds, any monotonic clock) and once :meth:`observe_rtt` has
+        a round-trip time, the stream's window tunes itself to the link between
+        ``stream_window`` and ``max_stream_window`` (docs/PROTOCOL.md §5). ``growth_room``
+        bounds how many bytes of credit it may add now (the receiver's memory; None: no bound).
+        """
         stream = self._streams.get(stream_id)
         if stream is None or self.closed or stream.machine.state is StreamState.HALF_CLOSED_REMOTE:
             return  # no more data can come: returning credit is pointless
-        increment = stream.recv.acknowledge(size)
+        window = stream.recv
+        outstanding = window.size + window.debt
+        increment = window.acknowledge(size)
         if increment:
+            rtt = self.link_rtt
+            if rtt is not None and now is not None and self.max_stream_window > self.stream_window:
+                increment += window.tune(
+                    now, rtt, floor=self.stream_window, ceiling=self.max_stream_window, room=growth_room
+                )
             self._emit(FrameType.WINDOW, 0, stream_id, encode_u32(increment))
+        self.tuned_bytes += window.size + window.debt - outstanding
+
+    def observe_rtt(self, sample: float, now: float) -> None:
+        """Note a measured round-trip time (seconds) at time ``now``.
+
+        :attr:`link_rtt` keeps the least of the samples of the last one to two ``RTT_MEMORY``
+        periods: the link's own delay, not the queueing a busy stream adds to it.
+        """
+        if not sample > 0:
+            return
+        if now - self._rtt_since >= RTT_MEMORY:
+            self._rtt_before, self._rtt_now, self._rtt_since = self._rtt_now, sample, now
+        elif sample < self._rtt_now:
+            self._rtt_now = sample
+        self.link_rtt = min(self._rtt_now, self._rtt_before)
 
     def ping(self, payload: bytes) -> None:
         """Queue a PING; the answer arrives as PongReceived with the same payload."""
@@ -388,6 +443,7 @@ class Multiplexer:
         stream = self._streams.pop(stream_id, None)
         if stream is not None:
             self._open_counts[stream_id % 2 == self._peer_parity] -= 1
+            self.tuned_bytes -= stream.recv.size + stream.recv.debt - self.stream_window
         return stream
 
     def stream_ids(self) -> list[int]:

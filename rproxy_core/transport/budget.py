@@ -23,11 +23,14 @@ DEFAULT_PROCESS_BUDGET = 1 << 30
 class MemoryBudget:
     """Bytes held against a limit, optionally inside a parent budget (tunnel → process)."""
 
-    __slots__ = ("limit", "used", "parent")
+    __slots__ = ("limit", "used", "reserved", "parent")
 
     def __init__(self, limit: int, parent: MemoryBudget | None = None) -> None:
         self.limit = limit
         self.used = 0
+        #: Credit granted beyond the fixed stream windows (tuned windows): not held yet, but
+        #: peers may send that much more (see growth_room).
+        self.reserved = 0
         self.parent = parent
 
     def charge(self, size: int) -> None:
@@ -39,6 +42,22 @@ class MemoryBudget:
         self.used -= size
         if self.parent is not None:
             self.parent.release(size)
+
+    def reserve(self, size: int) -> None:
+        """Count ``size`` more (or, negative, fewer) bytes of tuned credit granted."""
+        self.reserved += size
+        if self.parent is not None:
+            self.parent.reserve(size)
+
+    def growth_room(self) -> int:
+        """How much more tuned credit windows may be granted now, here and in the parent.
+
+        Tuned credit stays within an eighth of the budget, and grows only while what is held
+        and reserved fills less than half of it: a stalled visitor or a lying peer can make
+        this side hold at most that much beyond the fixed windows.
+        """
+        room = max(0, min(self.limit // 8 - self.reserved, self.limit // 2 - self.used - self.reserved))
+        return room if self.parent is None else min(room, self.parent.growth_room())
 
     @property
     def exhausted(self) -> bool:

@@ -114,6 +114,8 @@ class TunnelConnection:
         self.cheap_frame_rate = CHEAP_FRAME_RATE
         self._budget_since = self.loop.time()
         self._budget_mark = 0
+        #: Tuned credit of this tunnel counted in the budget (see _reserve_tuned).
+        self._reserved = 0
 
     # Lifecycle.
 
@@ -236,13 +238,23 @@ class TunnelConnection:
         """A stream's reader consumed ``size`` bytes: return credit when due."""
         mux = self.mux
         before = mux.pending_bytes
-        mux.acknowledge_received_data(stream_id, size)
+        mux.acknowledge_received_data(stream_id, size, now=self.loop.time(), growth_room=self.budget.growth_room())
+        if mux.tuned_bytes != self._reserved:
+            self._reserve_tuned()
         if mux.pending_bytes != before:
             self.schedule_flush()
 
     def forget(self, stream_id: int) -> None:
         """Drop a finished stream from the table."""
         self.streams.pop(stream_id, None)
+        if self.mux.tuned_bytes != self._reserved:
+            self._reserve_tuned()
+
+    def _reserve_tuned(self) -> None:
+        """Keep the budget's count of tuned credit (beyond the fixed windows) equal to the mux's."""
+        tuned = 0 if self._done.is_set() else self.mux.tuned_bytes
+        self.budget.reserve(tuned - self._reserved)
+        self._reserved = tuned
 
     # Output.
 
@@ -436,7 +448,9 @@ class TunnelConnection:
                 self._on_stream_opened(event)
             elif type(event) is ev.PongReceived:
                 if len(event.payload) == _PING.size:
-                    self.rtt = max(0.0, self.loop.time() - _PING.unpack(event.payload)[0])
+                    now = self.loop.time()
+                    self.rtt = max(0.0, now - _PING.unpack(event.payload)[0])
+                    self.mux.observe_rtt(self.rtt, now)
             elif type(event) is ev.ConnectionTerminated:
                 if event.remote:
                     # The reason is the peer's text: escaped before it can reach a log line.
@@ -496,3 +510,4 @@ class TunnelConnection:
         self.streams.clear()
         self._wake_drainers()
         self._done.set()
+        self._reserve_tuned()  # nothing more can arrive: the tunnel's tuned credit leaves the budget

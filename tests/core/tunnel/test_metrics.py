@@ -141,6 +141,8 @@ async def test_status_json_lists_tunnels_agents_and_streams() -> None:
             assert tunnel["name"] == "home" and agent["id"] == "test-agent" and agent["address"] == "127.0.0.1"
             assert agent["protocol"] == 1 and agent["websockets"] == 1 and agent["streams"] == 1
             assert agent["rtt_ms"] is not None and agent["rtt_ms"] > 0
+            # On loopback no window needs more than its fixed credit.
+            assert 0 < agent["link_rtt_ms"] <= agent["rtt_ms"] and agent["tuned_window_bytes"] == 0
             assert status["visitor_connections"] >= 1
     finally:
         await runner.cleanup()
