@@ -107,3 +107,23 @@ def test_abuse_smoke_run_measures_every_attack(tmp_path: Path) -> None:
         assert r["probe"]["count"] > 0 and r["probe"]["p50_ms"] is not None, r
     assert data["command"].startswith("scripts/bench abuse --smoke")
     assert "| stalled |" in result.stdout
+
+
+def test_longlink_smoke_run_measures_both_ways_across_the_emulated_link(tmp_path: Path) -> None:
+    """scripts/bench longlink --smoke: plain TCP and rproxy measured across the emulated link, every figure there."""
+    out = tmp_path / "results"
+    result = run_bench("longlink", "--smoke", "--out", str(out), "--work", str(tmp_path / "work"), timeout=200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data: dict[str, Any] = json.loads((out / "longlink-latest.json").read_text())
+    assert data["link"] == {"rtt_ms": 40.0, "rate_mbit": 100.0, "queue_ms": 50.0}
+    [variant] = data["results"]
+    for way in ("plain", "rproxy"):
+        figures = variant[way]
+        assert figures["one_download_MBps"] > 0 and figures["parallel_downloads_MBps"] > 0, figures
+        # Across a 40 ms link no request can be answered in less than one round trip.
+        assert figures["small_request"]["p50_ms"] >= 40, figures
+    assert data["command"].startswith("scripts/bench longlink --smoke")
+    assert "| 0% | one download, MB/s |" in result.stdout
+    # Everything it made is gone: the namespace, and the device on this side.
+    assert "rpxll-home" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert subprocess.run(["ip", "link", "show", "rpxll-vps"], capture_output=True).returncode != 0
