@@ -391,8 +391,24 @@ class Bench:
             "rproxy", base, base + "/sink", f"ws://127.0.0.1:{port}/ws", APP_HOST, ["rproxy-bridge", "rproxy-agent"]
         )
 
+    def compile_rproxy(self) -> None:
+        """Byte-compile the rproxy_core the measured command imports, as an installed package is.
+
+        Compiling modules from source at start-up leaves a few MiB of freed heap in the bridge
+        that the first agents and WebSockets fill without growing RSS: memory per idle agent
+        then reads about 26 KiB instead of 35 (measured on issue 16's code), depending only on
+        whether __pycache__ happened to exist. pip compiles on install, so users see the latter.
+        """
+        script = (
+            "import compileall, os, rproxy_core; compileall.compile_dir(os.path.dirname(rproxy_core.__file__), quiet=1)"
+        )
+        # -P: the package found as the rproxy command finds it, not one in the working directory.
+        subprocess.run([self.rproxy_python, "-P", "-c", script], check=True, timeout=120)
+
     def setup(self) -> None:
         self.prepare_files()
+        if "rproxy" in self.s.configs:
+            self.compile_rproxy()
         self.start_backends()
         starters = {"nginx": self.start_nginx_proxy, "snitun": self.start_snitun, "rproxy": self.start_rproxy}
         for config in self.s.configs:
