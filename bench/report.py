@@ -62,6 +62,18 @@ def summarise(
         if loads.get("ws"):
             s["ws_rtt_per_s"] = median(r.get("per_s") for r in loads["ws"])
             s["ws_p50_ms"] = median(r.get("p50_ms") for r in loads["ws"])
+        # CPU per small request, per relay process, from /proc: where the time of a request goes.
+        per_request: dict[str, dict[str, float | None]] = {}
+        for load in ("c64", "c1"):
+            for role in roles[config]:
+                value = median(
+                    r["resources"][role]["cpu_s"] * 1e6 / r["requests"]
+                    for r in loads.get(load, [])
+                    if r.get("requests") and r.get("resources", {}).get(role, {}).get("cpu_s") is not None
+                )
+                per_request.setdefault(load, {})[role] = round(value, 1) if value is not None else None
+        if per_request:
+            s["cpu_us_per_request"] = per_request
         resources: dict[str, dict[str, dict[str, float | None]]] = {}
         for load, rounds in loads.items():
             for role in [*roles[config], "backend"]:
@@ -200,7 +212,7 @@ def table(result: dict[str, Any]) -> str:
     }
     if errors:
         lines.append("wrk errors (64 conns, 1 conn): " + ", ".join(f"{c} {a}/{b}" for c, (a, b) in errors.items()))
-    lines += ["", "relay processes, CPU seconds / peak RSS MiB per load (medians):"]
+    lines += ["", "relay processes, CPU seconds / peak RSS MiB per load, and CPU per small request (medians):"]
     for config in configs:
         for role in result["roles"][config]:
             cells = []
@@ -208,6 +220,11 @@ def table(result: dict[str, Any]) -> str:
                 usage = summary[config]["resources"].get(load, {}).get(role)
                 if usage and usage["cpu_s"] is not None:
                     cells.append(f"{load} {usage['cpu_s']:.2f}s/{(usage['peak_rss_kib'] or 0) / 1024:.0f}")
+            per_request = summary[config].get("cpu_us_per_request", {})
+            for load in ("c64", "c1"):
+                value = per_request.get(load, {}).get(role)
+                if value is not None:
+                    cells.append(f"{load} {value:.0f} µs/request")
             lines.append(f"  {config:7s} {role:15s} " + "  ".join(cells))
     memory = result.get("memory", {})
     if memory:
