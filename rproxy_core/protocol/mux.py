@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import json
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from typing import Any
 
@@ -380,14 +380,20 @@ class Multiplexer:
         self._reply(FrameType.RESET, stream_id, encode_code(code, reason))
 
     def acknowledge_received_data(
-        self, stream_id: int, size: int, *, now: float | None = None, growth_room: int | None = None
+        self,
+        stream_id: int,
+        size: int,
+        *,
+        now: float | None = None,
+        growth_room: Callable[[], int] | None = None,
     ) -> None:
         """Tell the mux the application consumed ``size`` bytes; may queue a WINDOW frame.
 
         Given the time ``now`` (seconds, any monotonic clock) and once :meth:`observe_rtt` has
         a round-trip time, the stream's window tunes itself to the link between
         ``stream_window`` and ``max_stream_window`` (docs/PROTOCOL.md §5). ``growth_room``
-        bounds how many bytes of credit it may add now (the receiver's memory; None: no bound).
+        says how many bytes of credit it may add now (the receiver's memory; None: no bound);
+        it is asked only when a window is about to tune, not for every acknowledgement.
         """
         stream = self._streams.get(stream_id)
         if stream is None or self.closed or stream.machine.state is StreamState.HALF_CLOSED_REMOTE:
@@ -398,9 +404,8 @@ class Multiplexer:
         if increment:
             rtt = self.link_rtt
             if rtt is not None and now is not None and self.max_stream_window > self.stream_window:
-                increment += window.tune(
-                    now, rtt, floor=self.stream_window, ceiling=self.max_stream_window, room=growth_room
-                )
+                room = growth_room() if growth_room is not None else None
+                increment += window.tune(now, rtt, floor=self.stream_window, ceiling=self.max_stream_window, room=room)
             self._emit(FrameType.WINDOW, 0, stream_id, encode_u32(increment))
         self.tuned_bytes += window.size + window.debt - outstanding
 

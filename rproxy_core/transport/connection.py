@@ -238,7 +238,7 @@ class TunnelConnection:
         """A stream's reader consumed ``size`` bytes: return credit when due."""
         mux = self.mux
         before = mux.pending_bytes
-        mux.acknowledge_received_data(stream_id, size, now=self.loop.time(), growth_room=self.budget.growth_room())
+        mux.acknowledge_received_data(stream_id, size, now=self.loop.time(), growth_room=self.budget.growth_room)
         if mux.tuned_bytes != self._reserved:
             self._reserve_tuned()
         if mux.pending_bytes != before:

@@ -194,9 +194,10 @@ def compare(directs: list[Load], tunnels: list[Load]) -> list[str]:
             keyed.setdefault(request_key(request, load.origin), []).append(request)
         return keyed
 
+    every_direct = [by_key(load) for load in directs]
     straight: dict[str, list[Request]] = {}
-    for load in directs:
-        for key, requests in by_key(load).items():
+    for keyed in every_direct:
+        for key, requests in keyed.items():
             straight.setdefault(key, []).extend(requests)
     throughs = [by_key(load) for load in tunnels]
     problems: list[str] = []
@@ -213,7 +214,6 @@ def compare(directs: list[Load], tunnels: list[Load]) -> list[str]:
                 expected = {r.body_bytes for r in straight[key] if outcome(r) == "200"}
                 if sizes - expected:
                     problems.append(f"{key}: {sorted(expected)} bytes directly, {sorted(sizes)} through the tunnel")
-    every_direct = [by_key(load) for load in directs]
     for key in every_direct[0]:
         loaded = [any(outcome(r) == "200" for r in keyed.get(key, [])) for keyed in every_direct]
         if is_static(key) and all(loaded) and not any(key in through for through in throughs):
