@@ -183,6 +183,10 @@ class Proc:
             os.kill(self.pid, sig)
             self.popen.wait(timeout=15)
 
+    def exit_code(self, timeout: float = 15) -> int:
+        """The exit code of a process already told to stop (a second SIGTERM would hurry it)."""
+        return self.popen.wait(timeout=timeout)
+
     def stop(self) -> int:
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)

@@ -4,6 +4,15 @@ Per connection: one task reads the client (the aiohttp handler), at most one tas
 queued frames (started when a frame arrives, gone when the queue is empty), so an idle
 connection costs its socket and a few small objects. The reader stops reading while the queue
 is full: a slow backend slows the client down through TCP, never grows memory.
+
+Frames from callbacks reach the client through one writer per connection, the only coroutine
+that waits for the client's socket to drain. aiohttp keeps one drain future per socket and
+hands it to every writer that waits; a callback that timed out inside it would cancel that
+future for all the others (they would see CancelledError and drop their HTTP connections) and
+leave it cancelled for the next. And a frame is written before the drain is awaited, so
+callbacks that each wrote and then gave up would pile frames into the socket buffer without
+bound. With one writer, a callback that times out while its frame still waits in the outbox
+takes it back unsent.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import json
 import logging
 import ssl
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
@@ -68,7 +78,7 @@ def _close_reason(reason: str) -> bytes:
 class _Link:
     """A connection's live parts beside its state: the socket and the tasks that serve it."""
 
-    __slots__ = ("conn", "ws", "room", "task")
+    __slots__ = ("conn", "ws", "room", "task", "outbox", "writer")
 
     def __init__(self, conn: ConnectionState, ws: web.WebSocketResponse) -> None:
         self.conn = conn
@@ -77,6 +87,10 @@ class _Link:
         self.room: asyncio.Future[None] | None = None
         #: The delivery task while frames are queued.
         self.task: asyncio.Task[None] | None = None
+        #: Callback frames waiting for the writer, each with the future its callback awaits.
+        self.outbox: deque[tuple[bytes, WSMsgType, asyncio.Future[None]]] = deque()
+        #: The writer task while the outbox has frames.
+        self.writer: asyncio.Task[None] | None = None
 
 
 class Gateway:
@@ -371,6 +385,30 @@ class Gateway:
             link.task = None
 
     @staticmethod
+    async def _write(link: _Link) -> None:
+        """The outbox's frames → the client, one at a time, until the outbox is empty."""
+        outbox = link.outbox
+        try:
+            while outbox:
+                payload, msg_type, sent = outbox.popleft()
+                if sent.done():
+                    continue  # its callback went away
+                try:
+                    await link.ws.send_frame(payload, msg_type)
+                except (ConnectionError, RuntimeError) as error:
+                    if not sent.done():
+                        sent.set_exception(error)
+                    while outbox:
+                        _, _, waiting = outbox.popleft()
+                        if not waiting.done():
+                            waiting.set_exception(ConnectionResetError("the client's connection closed"))
+                    return
+                if not sent.done():
+                    sent.set_result(None)
+        finally:
+            link.writer = None
+
+    @staticmethod
     def _wake(link: _Link) -> None:
         if link.room is not None and not link.room.done():
             link.room.set_result(None)
@@ -418,6 +456,8 @@ class Gateway:
         finally:
             if link.task is not None:
                 link.task.cancel()
+            if link.writer is not None:
+                link.writer.cancel()  # the socket is closed by now: nobody else waits on its drain
             self.table.remove(conn)
             self._links.pop(conn.id, None)
             if config.access_log:
@@ -479,11 +519,18 @@ class Gateway:
         if kind is None:
             return _error(400, str(payload))
         assert isinstance(payload, bytes)
+        sent = loop.create_future()
+        entry = (payload, WSMsgType.TEXT if kind == TEXT else WSMsgType.BINARY, sent)
+        link.outbox.append(entry)
+        if link.writer is None:
+            link.writer = loop.create_task(self._write(link))
         conn.pending_sends += 1
         try:
             async with asyncio.timeout(config.send_timeout):
-                await link.ws.send_frame(payload, WSMsgType.TEXT if kind == TEXT else WSMsgType.BINARY)
+                await sent
         except TimeoutError:
+            with contextlib.suppress(ValueError):
+                link.outbox.remove(entry)  # still waiting: it is never sent
             return _error(504, "the client did not take the frame in time")
         except (ConnectionError, RuntimeError):
             return _error(404, "no such connection (it closed, or never existed)")

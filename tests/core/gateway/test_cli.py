@@ -130,5 +130,5 @@ async def test_the_seeds_example_against_a_real_gateway_process(
         assert ws.close_code == 1001
     await backend.wait_posts("/disconnect", 2)
     assert json.loads(backend.on("/disconnect")[1].body)["reason"] == "gateway shutting down"
-    assert gateway.stop() == 0
+    assert gateway.exit_code() == 0
     assert "Traceback" not in gateway.output()
