@@ -11,6 +11,7 @@ import asyncio
 import base64
 import hmac
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Callable, Iterable
 
@@ -26,6 +27,8 @@ from ..protocol.heads import KIND_WEBSOCKET, ResponseHead, is_token
 from ..protocol.mux import DEFAULT_MAX_STREAMS
 from ..transport import TunnelStream
 from ..transport.wsrelay import CLOSE_ANSWER_TIMEOUT, WebSocketRelay, aiohttp_message_limit
+from . import homehttp
+from .homehttp import HomeClient, HomeError, HomeUnreachable
 from .inprocess import VISITOR_ADDRESS
 
 __all__ = ["FORWARDED_HEADERS", "Upstream", "create_upstream_session", "visitor_address"]
@@ -96,6 +99,9 @@ class Upstream:
             visitor's address becomes the connection's peer, so forwarding headers are dropped.
         admit: called with the visitor's address; a string it returns refuses the request
             with 403 and that text.
+        lean: serve plain requests to an ``http://`` target with the agent's own keep-alive
+            client (``homehttp``) when ``httptools`` is installed; False keeps aiohttp for all.
+            None (the default): lean unless ``$RPROXY_HOME_CLIENT`` is ``aiohttp``.
     """
 
     def __init__(
@@ -108,7 +114,12 @@ class Upstream:
         visitor_credentials: tuple[str, str] | None = None,
         in_process: bool = False,
         admit: Callable[[str], str | None] | None = None,
+        lean: bool | None = None,
     ) -> None:
+        if lean is None:
+            lean = os.environ.get("RPROXY_HOME_CLIENT", "") != "aiohttp"
+        self._lean = lean and homehttp.available() and not in_process
+        self._home: HomeClient | None = None
         self.target: URL | None = None
         self._origin: URL | None = None
         self._prefix = ""
@@ -138,6 +149,9 @@ class Upstream:
         None: no home app for now, each visitor gets 502 (the home app cannot be reached).
         """
         # Derived once here, not per request.
+        if self._home is not None:
+            self._home.close_idle()  # requests under way finish on their connections
+            self._home = None
         self.target = None if target is None else URL(target)
         self._origin = None if self.target is None else self.target.origin()
         self._prefix = "" if self.target is None else self.target.raw_path.rstrip("/")
@@ -162,8 +176,26 @@ class Upstream:
             )
         return self._ws_session
 
+    def _home_client(self) -> HomeClient | None:
+        """The lean client for a plain ``http://`` target; None when aiohttp serves."""
+        client = self._home
+        origin = self._origin
+        if client is None and self._lean and origin is not None and origin.scheme == "http" and origin.raw_host:
+            host, port = origin.raw_host, origin.port or 80
+            authority = f"[{host}]" if ":" in host else host
+            client = self._home = HomeClient(
+                host,
+                port,
+                host_header=authority if port == 80 else f"{authority}:{port}",
+                connect_timeout=TARGET_CONNECT_TIMEOUT,
+            )
+        return client
+
     async def close(self) -> None:
-        """Release the upgrade session (the main session belongs to the caller)."""
+        """Release the upgrade session and the lean client (the main session belongs to the caller)."""
+        if self._home is not None:
+            self._home.close()
+            self._home = None
         if self._ws_session is not None:
             await self._ws_session.close()
             self._ws_session = None
@@ -211,10 +243,18 @@ class Upstream:
                 return
             if stream.head.kind == KIND_WEBSOCKET:
                 await self._serve_websocket(stream, url)
+            elif stream.head.method != "HEAD" and (home := self._home_client()) is not None:
+                await self._serve_http_lean(stream, url, home)
             else:
                 await self._serve_http(stream, url)
         except StreamResetError:
             pass  # the bridge cancelled (visitor gone, timeout) or the tunnel dropped
+        except HomeUnreachable as err:
+            _LOGGER.warning("cannot reach %s: %s", url.origin(), err.os_error or err)
+            stream.reset(ErrorCode.TARGET_UNREACHABLE, "target unreachable")
+        except HomeError as err:
+            _LOGGER.info("request %s to the home app failed: %s", stream.head.request_id, err)
+            stream.reset(ErrorCode.TARGET_ERROR, "target failed")
         except aiohttp.ClientConnectorError as err:
             _LOGGER.warning("cannot reach %s: %s", url.origin(), err.os_error or err)
             stream.reset(ErrorCode.TARGET_UNREACHABLE, "target unreachable")
@@ -322,6 +362,43 @@ class Upstream:
                 if last:
                     break
             await stream.end()
+
+    async def _serve_http_lean(self, stream: TunnelStream, url: URL, client: HomeClient) -> None:
+        head = stream.head
+        request_id = head.request_id
+        headers = [
+            (n, v)
+            for n, v in strip_hop_by_hop(head.headers, self._drop)
+            if "_" not in n and not (request_id and n.lower() == "x-request-id")
+        ]
+        if request_id:
+            headers.append(("X-Request-Id", request_id))  # as in _request_headers
+        body = None if stream.at_eof else _request_body(stream)
+        sending = client.request(head.method, url.raw_path_qs, headers, body)
+        if self._request_timeout is None:
+            response = await sending
+        else:
+            async with asyncio.timeout(self._request_timeout):
+                response = await sending
+        try:
+            if _LOGGER.isEnabledFor(logging.DEBUG):
+                _LOGGER.debug("request %s: %s %s → %d", request_id, head.method, url.path, response.status)
+            reply = ResponseHead(response.status, response.reason, strip_hop_by_hop(response.headers))
+            if response.at_eof:
+                stream.send_reply(reply, end_stream=True)
+                return
+            stream.send_reply(reply, flush=response.buffered == 0)
+            while True:
+                chunk = await response.read(await stream.wait_for_credit())
+                if not chunk:
+                    break
+                last = response.at_eof
+                await stream.write(chunk, end_stream=last)
+                if last:
+                    break
+            await stream.end()
+        finally:
+            response.close()
 
     async def _serve_websocket(self, stream: TunnelStream, url: URL) -> None:
         headers, _ = self._request_headers(stream, WEBSOCKET_HOP_HEADERS | {"sec-websocket-protocol"})
