@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+from multidict import CIMultiDict, CIMultiDictProxy
+
 from .typing import Headers
 
 __all__ = [
@@ -42,10 +44,15 @@ WEBSOCKET_HOP_HEADERS = frozenset(
 def strip_hop_by_hop(headers: Iterable[tuple[str, str]], extra: frozenset[str] = frozenset()) -> Headers:
     """Return ``headers`` without hop-by-hop fields, including those named in ``Connection``."""
     pairs = list(headers)
-    drop = set(HOP_BY_HOP) | extra
+    drop = HOP_BY_HOP | extra if extra else HOP_BY_HOP
+    named: set[str] | None = None  # the fields Connection names, rarely more than keep-alive
     for name, value in pairs:
         if name.lower() == "connection":
-            drop.update(token.strip().lower() for token in value.split(","))
+            if named is None:
+                named = set()
+            named.update(token.strip().lower() for token in value.split(","))
+    if named is not None and not named <= drop:
+        drop = drop | named
     return [(name, value) for name, value in pairs if name.lower() not in drop]
 
 
@@ -57,7 +64,14 @@ def is_websocket_upgrade(method: str, headers: Mapping[str, str] | Iterable[tupl
     """
     if method != "GET":
         return False
-    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    if isinstance(headers, (CIMultiDict, CIMultiDictProxy)):
+        if "upgrade" not in headers:  # case-insensitive: the usual request needs no walk
+            return False
+        pairs: Iterable[tuple[str, str]] = headers.items()
+    elif isinstance(headers, Mapping):
+        pairs = headers.items()
+    else:
+        pairs = headers
     upgrade, connection = "", set[str]()
     for name, value in pairs:
         lowered = name.lower()

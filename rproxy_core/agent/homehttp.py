@@ -232,6 +232,7 @@ class _HomeConnection(asyncio.Protocol):
             return
         except httptools.HttpParserUpgrade:
             self._fail(HomeProtocolError("the home app switched protocols on a plain request"))
+            return
         except httptools.HttpParserError as error:
             self._fail(HomeProtocolError(f"the home app's answer is not HTTP/1.1: {error}"))
             return

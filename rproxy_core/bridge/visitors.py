@@ -84,7 +84,7 @@ class VisitorHandler:
         started = time.monotonic()
         route = resolve_route(request.host, context.config.domain, context.registry.names(), context.config.aliases)
         name, service = route if route is not None else (None, "")
-        is_websocket = is_websocket_upgrade(request.method, request.headers.items())
+        is_websocket = is_websocket_upgrade(request.method, request.headers)
         head = RequestHead(
             method=request.method,
             target=_request_target(request),

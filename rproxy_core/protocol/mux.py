@@ -87,7 +87,9 @@ _MAX_FRAME_SIZE = 16 << 20
 IN = StreamInput
 #: Mask clearing FIN. (``~Flags.FIN`` would not do: inverting an IntFlag keeps only its
 #: defined members and would drop the MessageKind bits.)
-_NOT_FIN = 0xFF ^ Flags.FIN
+_NOT_FIN = 0xFF ^ int(Flags.FIN)
+#: FIN as a plain int: ``int & IntFlag`` runs enum's Python-level operator, per frame.
+_FIN = int(Flags.FIN)
 
 
 class Role(enum.IntEnum):
@@ -306,7 +308,7 @@ class Multiplexer:
         stream.machine.process(IN.SEND_OPEN)
         self._streams[stream_id] = stream
         self._open_counts[0] += 1
-        self._emit(FrameType.OPEN, Flags.FIN if end_stream else 0, stream_id, head.encode())
+        self._emit(FrameType.OPEN, _FIN if end_stream else 0, stream_id, head.encode())
         if end_stream:
             self._advance(stream_id, stream, IN.SEND_FIN)
         return stream_id
@@ -316,7 +318,7 @@ class Multiplexer:
         self._check_ready()
         stream = self._local_stream(stream_id)
         stream.machine.process(IN.SEND_REPLY)
-        self._emit(FrameType.REPLY, Flags.FIN if end_stream else 0, stream_id, head.encode())
+        self._emit(FrameType.REPLY, _FIN if end_stream else 0, stream_id, head.encode())
         if end_stream:
             self._advance(stream_id, stream, IN.SEND_FIN)
 
@@ -351,7 +353,7 @@ class Multiplexer:
         stream.machine.process(IN.SEND_DATA)
         stream.send.consume(size)
         # FIN only through end_stream, so the state machine always knows the half is over.
-        flags = flags & _NOT_FIN | (Flags.FIN if end_stream else 0)
+        flags = flags & _NOT_FIN | (_FIN if end_stream else 0)
         self._emit(FrameType.DATA, flags, stream_id, data)
         if end_stream:
             self._advance(stream_id, stream, IN.SEND_FIN)
@@ -601,7 +603,7 @@ class Multiplexer:
             return
         stream = _Stream(self.peer_stream_window, self.stream_window)
         stream.machine.process(IN.RECV_OPEN)
-        end_stream = bool(frame.flags & Flags.FIN)
+        end_stream = bool(frame.flags & _FIN)
         if end_stream:
             stream.machine.process(IN.RECV_FIN)
         self._streams[stream_id] = stream
@@ -611,7 +613,7 @@ class Multiplexer:
     def _receive_reply(self, frame: Frame, stream: _Stream) -> None:
         stream.machine.process(IN.RECV_REPLY)
         head = ResponseHead.decode(frame.payload)
-        end_stream = bool(frame.flags & Flags.FIN)
+        end_stream = bool(frame.flags & _FIN)
         self._events.append(ev.ReplyReceived(frame.stream_id, head, end_stream))
         if end_stream:
             self._advance(frame.stream_id, stream, IN.RECV_FIN)
@@ -621,13 +623,13 @@ class Multiplexer:
         payload = frame.payload
         size = len(payload)
         stream.recv.receive(size)
-        if size < TINY_PAYLOAD and not frame.flags & Flags.FIN:
+        if size < TINY_PAYLOAD and not frame.flags & _FIN:
             self.cheap_frames_received += 1
         # An empty DATA frame with FIN only ends the stream; without FIN it is an empty
         # WebSocket message and must reach the application.
-        if size or not frame.flags & Flags.FIN:
+        if size or not frame.flags & _FIN:
             self._events.append(ev.DataReceived(frame.stream_id, payload, frame.flags & _NOT_FIN))
-        if frame.flags & Flags.FIN:
+        if frame.flags & _FIN:
             self._advance(frame.stream_id, stream, IN.RECV_FIN)
             self._events.append(ev.StreamEnded(frame.stream_id))
 

@@ -26,6 +26,10 @@ from .budget import MemoryBudget
 __all__ = ["StreamCarrier", "TunnelStream"]
 
 
+#: MORE as a plain int: ``int & IntFlag`` runs enum's Python-level operator, per fragment.
+_MORE = int(Flags.MORE)
+
+
 class StreamCarrier(Protocol):
     """What a :class:`TunnelStream` uses of the connection that carries it.
 
@@ -163,7 +167,7 @@ class TunnelStream:
         if item is None:
             return None
         chunk, flags = item
-        return MessageKind.from_flags(flags), chunk, bool(flags & Flags.MORE)
+        return MessageKind.from_flags(flags), chunk, bool(flags & _MORE)
 
     async def read_message(self, max_size: int) -> tuple[MessageKind, bytes] | None:
         """Return the next WebSocket message (fragments joined), or None once the peer ended.
@@ -177,7 +181,7 @@ class TunnelStream:
             return None
         chunk, flags = item
         kind = MessageKind.from_flags(flags)
-        if not flags & Flags.MORE:
+        if not flags & _MORE:
             return kind, bytes(chunk)
         return kind, await self.read_rest(chunk, max_size)
 
@@ -214,7 +218,7 @@ class TunnelStream:
         if received + len(chunk) > max_size:
             self.reset(ErrorCode.MESSAGE_TOO_BIG, "message too big")
             raise StreamResetError(ErrorCode.MESSAGE_TOO_BIG, "message too big")
-        return chunk, bool(flags & Flags.MORE)
+        return chunk, bool(flags & _MORE)
 
     async def _next_chunk(self) -> tuple[memoryview, int] | None:
         """The next received (payload, flags), or None once the peer ended its half.
