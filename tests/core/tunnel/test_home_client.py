@@ -312,3 +312,28 @@ async def test_a_reader_that_stops_leaves_the_body_in_the_home_apps_socket() -> 
         assert len(await response.read(1 << 20)) > 0
         response.close()
         client.close()
+
+
+async def test_a_visitor_who_hangs_up_closes_the_request_to_the_home_app(http: aiohttp.ClientSession) -> None:
+    """The home app thinks; the visitor leaves: its connection to the home app closes, and is never reused."""
+    hung_up = asyncio.Event()
+
+    def script(home: RawHome) -> Handler:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await read_head(reader, home)
+            if b" /slow " in head:
+                if not await reader.read(1):  # nothing more comes: the agent closed it
+                    hung_up.set()
+                return
+            writer.write(ok())
+            await writer.drain()
+
+        return handle
+
+    async with raw_home(script) as home, tunnel_to(home) as base:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5), http.get(base + "/slow"):
+                pass
+        await asyncio.wait_for(hung_up.wait(), 10)
+        assert await get(http, base + "/next") == (200, b"fine")
+    assert home.connections == 2
