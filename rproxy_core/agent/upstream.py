@@ -13,7 +13,8 @@ import hmac
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import TypeVar
 
 import aiohttp
 from multidict import CIMultiDict
@@ -27,6 +28,7 @@ from ..protocol.heads import KIND_WEBSOCKET, ResponseHead, is_token
 from ..protocol.mux import DEFAULT_MAX_STREAMS
 from ..transport import TunnelStream
 from ..transport.wsrelay import CLOSE_ANSWER_TIMEOUT, WebSocketRelay, aiohttp_message_limit
+from ..typing import Headers
 from . import homehttp
 from .homehttp import HomeClient, HomeError, HomeUnreachable
 from .inprocess import VISITOR_ADDRESS
@@ -34,6 +36,8 @@ from .inprocess import VISITOR_ADDRESS
 __all__ = ["FORWARDED_HEADERS", "Upstream", "create_upstream_session", "visitor_address"]
 
 _LOGGER = logging.getLogger("rproxy.agent")
+
+_R = TypeVar("_R")
 
 #: The headers the bridge adds about the visitor; by default all reach the home app.
 FORWARDED_HEADERS = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host")
@@ -308,19 +312,37 @@ class Upstream:
                 return False
         return True
 
+    def _forwarded_headers(self, stream: TunnelStream, extra_drop: frozenset[str] = frozenset()) -> Headers:
+        """The visitor's headers as the home app gets them (both clients send these)."""
+        drop = extra_drop | self._drop if extra_drop else self._drop  # no new set per plain request
+        request_id = stream.head.request_id
+        # Names with an underscore never reach the home app (the bridge drops them too; this
+        # holds for an older or a hostile bridge): a WSGI app would read X_Real_IP as X-Real-IP.
+        headers = [
+            (n, v)
+            for n, v in strip_hop_by_hop(stream.head.headers, drop)
+            if "_" not in n and not (request_id and n.lower() == "x-request-id")
+        ]
+        if request_id:
+            # The bridge's id (replacing any the visitor sent), so that the home app's log, the
+            # agent's and the bridge's access log name the same request the same way.
+            headers.append(("X-Request-Id", request_id))
+        return headers
+
     def _request_headers(
         self, stream: TunnelStream, extra_drop: frozenset[str] = frozenset()
     ) -> tuple[CIMultiDict[str], list[str]]:
-        drop = extra_drop | self._drop if extra_drop else self._drop  # no new set per plain request
-        # Names with an underscore never reach the home app (the bridge drops them too; this
-        # holds for an older or a hostile bridge): a WSGI app would read X_Real_IP as X-Real-IP.
-        headers = CIMultiDict((n, v) for n, v in strip_hop_by_hop(stream.head.headers, drop) if "_" not in n)
-        if stream.head.request_id:
-            # The bridge's id (replacing any the visitor sent), so that the home app's log, the
-            # agent's and the bridge's access log name the same request the same way.
-            headers["X-Request-Id"] = stream.head.request_id
+        """``_forwarded_headers`` for aiohttp's client, with the headers it must not add itself."""
+        headers = CIMultiDict(self._forwarded_headers(stream, extra_drop))
         skip = [name for name in _AUTO_HEADERS if name not in headers]
         return headers, skip
+
+    async def _answer_head(self, sending: Awaitable[_R]) -> _R:
+        """The home app's answer head, within ``request_timeout`` when one is set."""
+        if self._request_timeout is None:  # the common case pays for no timer
+            return await sending
+        async with asyncio.timeout(self._request_timeout):
+            return await sending
 
     async def _serve_http(self, stream: TunnelStream, url: URL) -> None:
         head = stream.head
@@ -335,68 +357,24 @@ class Upstream:
             allow_redirects=False,
             timeout=self._timeout,
         )
-        if self._request_timeout is None:  # the common case pays for no timer
-            response = await sending
-        else:
-            async with asyncio.timeout(self._request_timeout):
-                response = await sending
+        response = await self._answer_head(sending)
         async with response:
             if _LOGGER.isEnabledFor(logging.DEBUG):
                 _LOGGER.debug("request %s: %s %s → %d", head.request_id, head.method, url.path, response.status)
             content = response.content
             reply = ResponseHead(response.status, response.reason or "", strip_hop_by_hop(response.headers.items()))
-            if content.at_eof():
-                stream.send_reply(reply, end_stream=True)
-                return
-            # When body bytes came with the head, the first write below carries the head too.
-            stream.send_reply(reply, flush=content.total_bytes == 0)
-            while True:
-                # Read only what the credit lets out at once: a visitor who stops reading then
-                # leaves the body in the home app's socket, not in the agent's memory.
-                chunk = await content.read(await stream.wait_for_credit())
-                if not chunk:
-                    break
-                # FIN rides on the last chunk: small responses cross the tunnel as one message.
-                last = content.at_eof()
-                await stream.write(chunk, end_stream=last)
-                if last:
-                    break
-            await stream.end()
+            await _relay_answer(stream, reply, content.read, content.at_eof, content.total_bytes)
 
     async def _serve_http_lean(self, stream: TunnelStream, url: URL, client: HomeClient) -> None:
         head = stream.head
-        request_id = head.request_id
-        headers = [
-            (n, v)
-            for n, v in strip_hop_by_hop(head.headers, self._drop)
-            if "_" not in n and not (request_id and n.lower() == "x-request-id")
-        ]
-        if request_id:
-            headers.append(("X-Request-Id", request_id))  # as in _request_headers
         body = None if stream.at_eof else _request_body(stream)
-        sending = client.request(head.method, url.raw_path_qs, headers, body)
-        if self._request_timeout is None:
-            response = await sending
-        else:
-            async with asyncio.timeout(self._request_timeout):
-                response = await sending
+        sending = client.request(head.method, url.raw_path_qs, self._forwarded_headers(stream), body)
+        response = await self._answer_head(sending)
         try:
             if _LOGGER.isEnabledFor(logging.DEBUG):
-                _LOGGER.debug("request %s: %s %s → %d", request_id, head.method, url.path, response.status)
+                _LOGGER.debug("request %s: %s %s → %d", head.request_id, head.method, url.path, response.status)
             reply = ResponseHead(response.status, response.reason, strip_hop_by_hop(response.headers))
-            if response.at_eof:
-                stream.send_reply(reply, end_stream=True)
-                return
-            stream.send_reply(reply, flush=response.buffered == 0)
-            while True:
-                chunk = await response.read(await stream.wait_for_credit())
-                if not chunk:
-                    break
-                last = response.at_eof
-                await stream.write(chunk, end_stream=last)
-                if last:
-                    break
-            await stream.end()
+            await _relay_answer(stream, reply, response.read, lambda: response.at_eof, response.buffered)
         finally:
             response.close()
 
@@ -494,6 +472,33 @@ async def _answer(
     head_headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), *headers]
     stream.send_reply(ResponseHead(status, reason, head_headers), flush=False)
     await stream.write(body, end_stream=True)
+
+
+async def _relay_answer(
+    stream: TunnelStream,
+    reply: ResponseHead,
+    read: Callable[[int], Awaitable[bytes]],
+    at_eof: Callable[[], bool],
+    buffered: int,
+) -> None:
+    """The home app's answer to the visitor: ``reply``, then the body as ``read`` gives it."""
+    if at_eof():
+        stream.send_reply(reply, end_stream=True)
+        return
+    # When body bytes came with the head (``buffered``), the first write carries the head too.
+    stream.send_reply(reply, flush=buffered == 0)
+    while True:
+        # Read only what the credit lets out at once: a visitor who stops reading then leaves
+        # the body in the home app's socket, not in the agent's memory.
+        chunk = await read(await stream.wait_for_credit())
+        if not chunk:
+            break
+        # FIN rides on the last chunk: small responses cross the tunnel as one message.
+        last = at_eof()
+        await stream.write(chunk, end_stream=last)
+        if last:
+            break
+    await stream.end()
 
 
 async def _request_body(stream: TunnelStream) -> AsyncIterator[bytes | memoryview]:
